@@ -1,0 +1,153 @@
+//! Local inference: the `Engine` trait the rest of llmesh talks to, and the candle-backed
+//! `LocalEngine` that implements it.
+//!
+//! The engine knows nothing of HTTP or networking. It takes typed requests (a chat or a plain
+//! prompt plus sampling parameters, or texts to embed) and answers with typed events. Heavy
+//! compute runs on one dedicated OS thread per model (see `scheduler` and `embedding`), never on
+//! tokio worker threads.
+
+mod chat_template;
+// mod detokenize;
+// mod embedding;
+mod gguf_tokenizer;
+// mod local;
+// mod models;
+mod sampling;
+// mod scheduler;
+// mod source;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+pub use chat_template::ChatTemplate;
+
+pub use gguf_tokenizer::tokenizer_from_gguf;
+
+pub use sampling::{Sampler, SamplingParams};
+
+
+
+/// What a model is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Chat,
+    Embeddings,
+}
+
+/// A model as the engine describes it to the API (and, later, to the cluster).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The name clients use.
+    pub id: String,
+    pub kind: ModelKind,
+    /// e.g. "llama", "gemma3", "bert".
+    pub architecture: String,
+    /// e.g. "Q4_1", "Q4_K_M", "f32".
+    pub quantization: String,
+    /// Maximum tokens of prompt plus completion.
+    pub context_length: usize,
+    /// Unix seconds when the model was loaded.
+    pub created: u64,
+}
+
+/// One message of a chat conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// The input of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Used as it is (legacy completions).
+    Text(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+}
+
+/// Why a generation ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An eos token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the context window was reached.
+    Length,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What a generation sends back, in order: any number of `Text`, then one `Done` or one `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// The next piece of text: always whole UTF-8 characters, never part of a stop sequence.
+    Text(String),
+    Done { finish_reason: FinishReason, usage: Usage },
+    Error(EngineError),
+}
+
+/// The receiving end of a generation. Dropping it cancels the generation.
+pub type GenerationStream = mpsc::Receiver<GenerationEvent>;
+
+#[derive(Debug, Clone)]
+pub struct EmbedRequest {
+    pub model: String,
+    pub inputs: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// One L2-normalised vector per input, in input order.
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("model '{0}' does not exist")]
+    UnknownModel(String),
+    #[error("model '{model}' does not support {operation}")]
+    WrongKind { model: String, operation: &'static str },
+    #[error("model '{0}' is busy: its queue is full")]
+    QueueFull(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the prompt has {prompt_tokens} tokens but model '{model}' takes at most {context_length}")]
+    ContextLength { model: String, prompt_tokens: usize, context_length: usize },
+    #[error("model '{0}' is shutting down")]
+    ShuttingDown(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// Local inference as the API and the router see it. Held as `Arc<dyn Engine>` so tests can put a
+/// fake in its place.
+pub trait Engine: Send + Sync + 'static {
+    /// Every model this engine serves.
+    fn models(&self) -> Vec<ModelInfo>;
+
+    /// Queue a generation. Fails at once when the model is unknown, of the wrong kind or its queue
+    /// is full; otherwise the answer arrives on the returned stream.
+    fn generate(&self, request: GenerateRequest) -> Result<GenerationStream, EngineError>;
+
+    /// Embed a batch of texts.
+    fn embed(&self, request: EmbedRequest) -> BoxFuture<'static, Result<Embeddings, EngineError>>;
+}
+
+pub type SharedEngine = Arc<dyn Engine>;

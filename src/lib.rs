@@ -1,0 +1,10 @@
+//! llmesh: pool a team's machines into one OpenAI-compatible AI cluster.
+//!
+//! The binary (`src/main.rs`) only parses the command line; everything lives here so tests can
+//! start nodes in-process. Start at [`node::Node::spawn`].
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod node;
+pub mod router;
