@@ -1,1 +1,141 @@
-//! TODO
+//! The node's configuration: one documented serde tree, read from a TOML file (`--config`), with
+//! command-line flags and environment variables laid over it. `Config::default()` runs on a
+//! laptop: loopback only, no key, no models.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::QueueLimits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid llmesh config: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("--model must look like ID=PATH (got '{0}')")]
+    ModelFlag(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the HTTP API listens. Loopback by default: exposing the port is an explicit choice.
+    pub listen: SocketAddr,
+    /// When set, every /v1 route requires `Authorization: Bearer <api_key>`.
+    pub api_key: Option<String>,
+    /// The models this node hosts.
+    pub models: Vec<ModelEntry>,
+    pub limits: Limits,
+}
+
+/// One hosted model: `id` is the name clients use; `path` a .gguf file, a folder with
+/// model.safetensors + config.json + tokenizer.json, or `hf:owner/repo/file.gguf`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub id: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Generations of one model run at once (interleaved token by token).
+    pub max_active_per_model: usize,
+    /// Requests of one model that wait for a place; one more gets 429 with Retry-After.
+    pub max_queued_per_model: usize,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_key: None,
+            models: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let queue = QueueLimits::default();
+        Self {
+            max_active_per_model: queue.max_active,
+            max_queued_per_model: queue.max_queued,
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    pub fn queue(&self) -> QueueLimits {
+        QueueLimits { max_active: self.max_active_per_model, max_queued: self.max_queued_per_model }
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(source) })
+    }
+
+    /// Add a model given as `ID=PATH` on the command line; it replaces a file entry with the same id.
+    pub fn add_model_flag(&mut self, flag: &str) -> Result<(), ConfigError> {
+        let (id, path) = flag
+            .split_once('=')
+            .filter(|(id, path)| !id.is_empty() && !path.is_empty())
+            .ok_or_else(|| ConfigError::ModelFlag(flag.to_string()))?;
+        self.models.retain(|model| model.id != id);
+        self.models.push(ModelEntry { id: id.to_string(), path: path.to_string() });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_settings_parse_and_defaults_fill_the_rest() {
+        let config: Config = toml::from_str(
+            r#"
+            listen = "0.0.0.0:9000"
+            [[models]]
+            id = "chat"
+            path = "models/chat.gguf"
+            [limits]
+            max_queued_per_model = 3
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.models, vec![ModelEntry { id: "chat".into(), path: "models/chat.gguf".into() }]);
+        assert_eq!(config.limits.max_queued_per_model, 3);
+        assert_eq!(config.limits.max_body_bytes, Limits::default().max_body_bytes);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<Config>("lisen = \"127.0.0.1:1\"").is_err());
+    }
+
+    #[test]
+    fn model_flags_override_file_entries() {
+        let mut config = Config::default();
+        config.models.push(ModelEntry { id: "chat".into(), path: "old.gguf".into() });
+        config.add_model_flag("chat=new.gguf").unwrap();
+        config.add_model_flag("embed=dir=with=equals").unwrap();
+        assert_eq!(config.models[0], ModelEntry { id: "chat".into(), path: "new.gguf".into() });
+        assert_eq!(config.models[1].path, "dir=with=equals");
+        assert!(config.add_model_flag("no-equals").is_err());
+        assert!(config.add_model_flag("=path").is_err());
+    }
+}

@@ -4,7 +4,7 @@
 //! start nodes in-process. Start at [`node::Node::spawn`].
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod node;
-pub mod router;

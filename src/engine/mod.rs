@@ -7,14 +7,14 @@
 //! tokio worker threads.
 
 mod chat_template;
-// mod detokenize;
-// mod embedding;
+mod detokenize;
+mod embedding;
 mod gguf_tokenizer;
-// mod local;
-// mod models;
+mod local;
+mod models;
 mod sampling;
-// mod scheduler;
-// mod source;
+mod scheduler;
+mod source;
 
 use std::sync::Arc;
 
@@ -24,11 +24,13 @@ use tokio::sync::mpsc;
 
 pub use chat_template::ChatTemplate;
 
-pub use gguf_tokenizer::tokenizer_from_gguf;
+pub use gguf_tokenizer::{GgufTokenizer, tokenizer_from_gguf, tokenizer_from_metadata};
 
+pub use detokenize::{IncrementalDecoder, StopMatcher};
+pub use local::{LocalEngine, ModelSpec, default_device};
 pub use sampling::{Sampler, SamplingParams};
-
-
+pub use scheduler::QueueLimits;
+pub use source::resolve_model_path;
 
 /// What a model is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,9 +144,14 @@ pub trait Engine: Send + Sync + 'static {
     /// Every model this engine serves.
     fn models(&self) -> Vec<ModelInfo>;
 
-    /// Queue a generation. Fails at once when the model is unknown, of the wrong kind or its queue
-    /// is full; otherwise the answer arrives on the returned stream.
-    fn generate(&self, request: GenerateRequest) -> Result<GenerationStream, EngineError>;
+    /// Queue a generation. Fails before anything is generated when the model is unknown, of the
+    /// wrong kind, the prompt does not fit or the queue is full; otherwise the answer arrives on
+    /// the returned stream. (Async because rendering and tokenizing a large prompt is real work
+    /// that must not run on a tokio worker.)
+    fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> BoxFuture<'static, Result<GenerationStream, EngineError>>;
 
     /// Embed a batch of texts.
     fn embed(&self, request: EmbedRequest) -> BoxFuture<'static, Result<Embeddings, EngineError>>;

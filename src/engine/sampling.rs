@@ -24,6 +24,8 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Subtracted from a token's logit once if it occurred in the completion at all.
     pub presence_penalty: f32,
+    /// Keep generating past the model's end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -37,6 +39,7 @@ impl Default for SamplingParams {
             seed: None,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            ignore_eos: false,
         }
     }
 }

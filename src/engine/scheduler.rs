@@ -1,1 +1,269 @@
-//! TODO
+//! The generation worker: one dedicated OS thread per chat model that runs every active
+//! generation of that model, interleaved token by token.
+//!
+//! Interleaving keeps one long generation from starving the others, and long prompts are
+//! prefilled in chunks for the same reason. Jobs wait in a bounded queue; a full queue is refused
+//! at once (`EngineError::QueueFull`). A generation whose receiver is dropped (the client went
+//! away) is abandoned at its next step. Events go out through `try_reserve`, so a slow reader
+//! pauses only its own generation, never the thread.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::time::Duration;
+
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc;
+
+use super::detokenize::{IncrementalDecoder, StopMatcher};
+use super::models::{LanguageModel, Sequence};
+use super::sampling::{Sampler, SamplingParams};
+use super::{EngineError, FinishReason, GenerationEvent, Usage};
+
+/// Prompt tokens run in one forward pass before the other generations get their turn.
+const PREFILL_CHUNK: usize = 128;
+
+/// How much work one chat model accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueLimits {
+    /// Generations run at the same time (interleaved).
+    pub max_active: usize,
+    /// Generations waiting for a place; one more is refused.
+    pub max_queued: usize,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        Self { max_active: 8, max_queued: 32 }
+    }
+}
+
+/// A generation handed to the worker, its prompt already tokenized and checked against the
+/// context window.
+pub struct Job {
+    pub prompt_tokens: Vec<u32>,
+    pub params: SamplingParams,
+    pub events: mpsc::Sender<GenerationEvent>,
+    pub span: tracing::Span,
+}
+
+/// What every generation of one model shares.
+pub struct ModelRuntime {
+    pub model_id: String,
+    pub model: Box<dyn LanguageModel>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// The handle to a model's worker thread. Dropping it lets the thread finish what it holds and
+/// exit.
+pub struct GenerationWorker {
+    model_id: String,
+    jobs: SyncSender<Job>,
+}
+
+impl GenerationWorker {
+    pub fn spawn(runtime: ModelRuntime, limits: QueueLimits) -> std::io::Result<Self> {
+        let (jobs, queue) = std::sync::mpsc::sync_channel(limits.max_queued);
+        let model_id = runtime.model_id.clone();
+        std::thread::Builder::new()
+            .name(format!("generate-{model_id}"))
+            .spawn(move || run_worker(runtime, queue, limits.max_active.max(1)))?;
+        Ok(Self { model_id, jobs })
+    }
+
+    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        self.jobs.try_send(job).map_err(|error| match error {
+            TrySendError::Full(_) => EngineError::QueueFull(self.model_id.clone()),
+            TrySendError::Disconnected(_) => EngineError::ShuttingDown(self.model_id.clone()),
+        })
+    }
+}
+
+fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, max_active: usize) {
+    let mut active: Vec<Generation> = Vec::new();
+    let mut queue_open = true;
+    loop {
+        while queue_open && active.len() < max_active {
+            let next = if active.is_empty() {
+                queue.recv().map_err(|_| TryRecvError::Disconnected)
+            } else {
+                queue.try_recv()
+            };
+            match next {
+                Ok(job) => active.push(Generation::new(&runtime, job)),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => queue_open = false,
+            }
+        }
+        if active.is_empty() {
+            if queue_open {
+                continue;
+            }
+            return;
+        }
+        let mut progressed = false;
+        active.retain_mut(|generation| match generation.step(&runtime) {
+            Step::Progressed => {
+                progressed = true;
+                true
+            }
+            Step::Waiting => true,
+            Step::Ended => {
+                progressed = true;
+                false
+            }
+        });
+        if !progressed {
+            // Every generation waits on a slow reader: sleep a little, but wake for new work.
+            match queue.recv_timeout(Duration::from_millis(2)) {
+                Ok(job) => active.push(Generation::new(&runtime, job)),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => queue_open = false,
+            }
+        }
+    }
+}
+
+enum Step {
+    Progressed,
+    /// The reader has not taken the previous events yet.
+    Waiting,
+    /// Finished, failed or cancelled: drop it.
+    Ended,
+}
+
+struct Generation {
+    sequence: Box<dyn Sequence>,
+    prompt_tokens: Vec<u32>,
+    prefilled: usize,
+    /// The last sampled token, fed to the model next.
+    last_token: Option<u32>,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    completion_tokens: usize,
+    max_tokens: usize,
+    ignore_eos: bool,
+    outbox: VecDeque<GenerationEvent>,
+    finished: bool,
+    events: mpsc::Sender<GenerationEvent>,
+    span: tracing::Span,
+}
+
+impl Generation {
+    fn new(runtime: &ModelRuntime, job: Job) -> Self {
+        Self {
+            sequence: runtime.model.new_sequence(),
+            prompt_tokens: job.prompt_tokens,
+            prefilled: 0,
+            last_token: None,
+            max_tokens: job.params.max_tokens,
+            ignore_eos: job.params.ignore_eos,
+            stops: StopMatcher::new(job.params.stop.clone()),
+            sampler: Sampler::new(job.params),
+            decoder: IncrementalDecoder::new(runtime.tokenizer.clone()),
+            completion_tokens: 0,
+            outbox: VecDeque::new(),
+            finished: false,
+            events: job.events,
+            span: job.span,
+        }
+    }
+
+    fn step(&mut self, runtime: &ModelRuntime) -> Step {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        while let Some(event) = self.outbox.pop_front() {
+            let sent = match self.events.try_reserve() {
+                Ok(permit) => {
+                    permit.send(event);
+                    continue;
+                }
+                Err(error) => {
+                    self.outbox.push_front(event);
+                    error
+                }
+            };
+            return match sent {
+                mpsc::error::TrySendError::Full(()) => Step::Waiting,
+                mpsc::error::TrySendError::Closed(()) => self.cancelled(),
+            };
+        }
+        if self.finished {
+            return Step::Ended;
+        }
+        if self.events.is_closed() {
+            return self.cancelled();
+        }
+        match self.advance(runtime) {
+            Ok(()) => {}
+            Err(error) => {
+                tracing::error!(%error, "generation failed");
+                self.outbox.push_back(GenerationEvent::Error(EngineError::Inference(error.to_string())));
+                self.finished = true;
+            }
+        }
+        Step::Progressed
+    }
+
+    fn cancelled(&mut self) -> Step {
+        tracing::debug!(completion_tokens = self.completion_tokens, "generation cancelled by its reader");
+        Step::Ended
+    }
+
+    /// One forward pass: a chunk of the prompt, or one new token.
+    fn advance(&mut self, runtime: &ModelRuntime) -> candle_core::Result<()> {
+        let logits = match self.last_token {
+            None => {
+                let end = (self.prefilled + PREFILL_CHUNK).min(self.prompt_tokens.len());
+                let logits = self.sequence.forward(&self.prompt_tokens[self.prefilled..end], self.prefilled)?;
+                self.prefilled = end;
+                if end < self.prompt_tokens.len() {
+                    return Ok(());
+                }
+                logits
+            }
+            Some(token) => {
+                let position = self.prompt_tokens.len() + self.completion_tokens - 1;
+                self.sequence.forward(&[token], position)?
+            }
+        };
+        let mut logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let token = self.sampler.sample(&mut logits);
+        self.last_token = Some(token);
+        if !self.ignore_eos && runtime.eos_token_ids.contains(&token) {
+            self.finish(FinishReason::Stop);
+            return Ok(());
+        }
+        self.completion_tokens += 1;
+        if let Some(piece) = self.decoder.push(token) {
+            let check = self.stops.push(&piece);
+            self.send_text(check.text);
+            if check.stopped {
+                self.finish(FinishReason::Stop);
+                return Ok(());
+            }
+        }
+        if self.completion_tokens >= self.max_tokens {
+            self.finish(FinishReason::Length);
+        }
+        Ok(())
+    }
+
+    fn send_text(&mut self, text: String) {
+        if !text.is_empty() {
+            self.outbox.push_back(GenerationEvent::Text(text));
+        }
+    }
+
+    fn finish(&mut self, finish_reason: FinishReason) {
+        // Text held back as a possible stop sequence turned out not to be one.
+        let held = self.stops.finish();
+        self.send_text(held);
+        let usage = Usage { prompt_tokens: self.prompt_tokens.len(), completion_tokens: self.completion_tokens };
+        tracing::debug!(?finish_reason, completion_tokens = usage.completion_tokens, "generation finished");
+        self.outbox.push_back(GenerationEvent::Done { finish_reason, usage });
+        self.finished = true;
+    }
+}
