@@ -15,7 +15,7 @@ use super::chat_template::ChatTemplate;
 use super::embedding::EmbeddingWorker;
 use super::gguf_tokenizer::tokenizer_from_metadata;
 use super::models::load_language_model;
-use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits};
+use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, WorkerLoad};
 use super::{
     EmbedRequest, Embeddings, Engine, EngineError, GenerateRequest, GenerationStream, ModelInfo,
     ModelKind, Prompt,
@@ -93,6 +93,14 @@ impl LocalEngine {
             models.insert(spec.id.clone(), model);
         }
         Ok(Self { models })
+    }
+
+    /// The live counts of a chat model's worker.
+    pub fn load_of(&self, id: &str) -> Option<WorkerLoad> {
+        match &self.models.get(id)?.runner {
+            Runner::Chat(runner) => Some(runner.worker.load()),
+            Runner::Embeddings(_) => None,
+        }
     }
 
     fn model(&self, id: &str) -> Result<&LocalModel, EngineError> {
@@ -189,6 +197,13 @@ impl ChatRunner {
             });
         }
         let mut params = request.params;
+        if params.max_tokens > self.context_length {
+            return Err(EngineError::InvalidRequest(format!(
+                "max_tokens is too large: {}. Model '{}' has a context window of {} tokens",
+                params.max_tokens, self.model_id, self.context_length
+            )));
+        }
+        // Within the window but too long for this prompt: generate what fits (finish_reason length).
         params.max_tokens = params.max_tokens.min(self.context_length - prompt_tokens.len());
         let (events, stream) = mpsc::channel(EVENTS_PER_GENERATION);
         tracing::debug!(parent: &span, prompt_tokens = prompt_tokens.len(), max_tokens = params.max_tokens, "queued");

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: fetch the demo models, lint, run the Rust tests, then the
+# official openai Python client against a real node.
+#
+#   scripts/test.sh
+#
+# Caches live outside the repo (CARGO_TARGET_DIR, the Python venv, pip's cache) so reruns are fast;
+# override them with the same variables.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/llmesh-target}
+export LLMESH_MODELS_DIR=${LLMESH_MODELS_DIR:-$PWD/models}
+venv=${LLMESH_VENV:-/var/tmp/llmesh-venv}
+
+LLMESH_FETCH_GEMMA=1 scripts/fetch-models.sh "$LLMESH_MODELS_DIR"
+
+cargo clippy --all-targets --locked -- -D warnings
+cargo build --locked
+cargo test --locked
+
+if [ ! -x "$venv/bin/pytest" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" install --quiet -r tests/python/requirements.txt
+fi
+LLMESH_BIN="$CARGO_TARGET_DIR/debug/llmesh" "$venv/bin/pytest" -q tests/python

@@ -1,0 +1,200 @@
+//! The real engine (tokenizer, template, worker thread, sampling, stops, cancellation) on a tiny
+//! model written by the test itself.
+
+#[path = "support/tiny_model.rs"]
+mod tiny_model;
+
+use std::time::Duration;
+
+use llmesh::engine::{
+    ChatMessage, Engine, EngineError, FinishReason, GenerateRequest, GenerationEvent, GenerationStream,
+    LocalEngine, ModelSpec, Prompt, QueueLimits, SamplingParams,
+};
+
+struct Answer {
+    text: String,
+    finish_reason: FinishReason,
+    completion_tokens: usize,
+    prompt_tokens: usize,
+}
+
+fn tiny_engine(limits: QueueLimits) -> (LocalEngine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    tiny_model::write_tiny_llama(&path);
+    let engine = LocalEngine::load(&[ModelSpec { id: "tiny".into(), path }], limits, &candle_core::Device::Cpu)
+        .expect("load the tiny model");
+    (engine, dir)
+}
+
+fn request(prompt: &str, params: SamplingParams) -> GenerateRequest {
+    GenerateRequest { model: "tiny".into(), prompt: Prompt::Text(prompt.into()), params }
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() }
+}
+
+async fn collect(mut stream: GenerationStream) -> Answer {
+    let mut text = String::new();
+    while let Some(event) = stream.recv().await {
+        match event {
+            GenerationEvent::Text(piece) => text.push_str(&piece),
+            GenerationEvent::Done { finish_reason, usage } => {
+                return Answer {
+                    text,
+                    finish_reason,
+                    completion_tokens: usage.completion_tokens,
+                    prompt_tokens: usage.prompt_tokens,
+                };
+            }
+            GenerationEvent::Error(error) => panic!("generation failed: {error}"),
+        }
+    }
+    panic!("stream closed without Done");
+}
+
+async fn run(engine: &LocalEngine, prompt: &str, params: SamplingParams) -> Answer {
+    collect(engine.generate(request(prompt, params)).await.expect("accepted")).await
+}
+
+#[tokio::test]
+async fn greedy_is_deterministic_and_stops_at_max_tokens() {
+    let (engine, _dir) = tiny_engine(QueueLimits::default());
+    let first = run(&engine, "the cat sat", greedy(12)).await;
+    let second = run(&engine, "the cat sat", greedy(12)).await;
+    assert_eq!(first.text, second.text);
+    assert!(!first.text.is_empty());
+    assert_eq!(first.completion_tokens, 12);
+    assert_eq!(first.finish_reason, FinishReason::Length);
+    assert!(first.prompt_tokens >= 5, "prompt tokens: {}", first.prompt_tokens);
+}
+
+#[tokio::test]
+async fn seeded_sampling_repeats_and_seeds_differ() {
+    let (engine, _dir) = tiny_engine(QueueLimits::default());
+    let sampled = |seed| SamplingParams { temperature: 1.0, seed: Some(seed), ..greedy(24) };
+    let a = run(&engine, "hello", sampled(1)).await;
+    let b = run(&engine, "hello", sampled(1)).await;
+    let c = run(&engine, "hello", sampled(2)).await;
+    assert_eq!(a.text, b.text);
+    assert_ne!(a.text, c.text);
+}
+
+#[tokio::test]
+async fn stop_sequence_ends_the_text_before_it() {
+    let (engine, _dir) = tiny_engine(QueueLimits::default());
+    let full = run(&engine, "in the", greedy(40)).await.text;
+    // A stop string from the middle of the greedy answer, likely spanning several tokens.
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 12, "answer too short: {full:?}");
+    let stop: String = chars[6..10].iter().collect();
+    let expected = &full[..full.find(&stop).unwrap()];
+    let stopped = run(&engine, "in the", SamplingParams { stop: vec![stop.clone()], ..greedy(40) }).await;
+    assert_eq!(stopped.text, expected, "stop {stop:?} in {full:?}");
+    assert_eq!(stopped.finish_reason, FinishReason::Stop);
+    assert!(!stopped.text.contains(&stop));
+}
+
+#[tokio::test]
+async fn chat_prompts_use_the_chatml_fallback() {
+    let (engine, _dir) = tiny_engine(QueueLimits::default());
+    let messages = vec![ChatMessage { role: "user".into(), content: "hi".into() }];
+    let stream = engine
+        .generate(GenerateRequest { model: "tiny".into(), prompt: Prompt::Chat(messages), params: greedy(3) })
+        .await
+        .unwrap();
+    let answer = collect(stream).await;
+    // "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n": 3 specials, "user", "hi", "assistant", newlines.
+    assert!(answer.prompt_tokens > 10, "prompt tokens: {}", answer.prompt_tokens);
+    assert_eq!(answer.completion_tokens, 3);
+}
+
+#[tokio::test]
+async fn too_long_a_prompt_is_refused() {
+    let (engine, _dir) = tiny_engine(QueueLimits::default());
+    let prompt = "a ".repeat(tiny_model::CONTEXT);
+    match engine.generate(request(&prompt, greedy(1))).await {
+        Err(EngineError::ContextLength { prompt_tokens, context_length, .. }) => {
+            assert!(prompt_tokens >= context_length);
+        }
+        other => panic!("expected a context length error, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn max_tokens_is_clamped_to_what_the_prompt_leaves() {
+    let (engine, _dir) = tiny_engine(QueueLimits::default());
+    let answer = run(&engine, "in", greedy(tiny_model::CONTEXT)).await;
+    assert_eq!(answer.prompt_tokens + answer.completion_tokens, tiny_model::CONTEXT);
+    assert_eq!(answer.finish_reason, FinishReason::Length);
+}
+
+#[tokio::test]
+async fn max_tokens_beyond_the_context_window_is_refused() {
+    let (engine, _dir) = tiny_engine(QueueLimits::default());
+    let refused = engine.generate(request("in", greedy(1_000_000))).await;
+    assert!(matches!(refused, Err(EngineError::InvalidRequest(ref m)) if m.contains("max_tokens")));
+}
+
+#[tokio::test]
+async fn dropping_the_stream_cancels_the_generation() {
+    let (engine, _dir) = tiny_engine(QueueLimits::default());
+    let mut stream = engine.generate(request("in", greedy(200))).await.unwrap();
+    assert!(matches!(stream.recv().await, Some(GenerationEvent::Text(_))));
+    drop(stream);
+    let mut load = engine.load_of("tiny").unwrap();
+    for _ in 0..500 {
+        if load.active == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        load = engine.load_of("tiny").unwrap();
+    }
+    assert_eq!((load.active, load.cancelled, load.finished), (0, 1, 0));
+}
+
+#[tokio::test]
+async fn a_full_queue_is_refused_at_once() {
+    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1 });
+    let _running = engine.generate(request("in", greedy(200))).await.unwrap();
+    for _ in 0..500 {
+        if engine.load_of("tiny").unwrap().active == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _queued = engine.generate(request("in", greedy(200))).await.unwrap();
+    let refused = engine.generate(request("in", greedy(200))).await;
+    assert!(matches!(refused, Err(EngineError::QueueFull(_))), "{:?}", refused.map(|_| ()));
+    assert_eq!(engine.load_of("tiny").unwrap().queued, 1);
+}
+
+#[tokio::test]
+async fn concurrent_generations_are_interleaved() {
+    let (engine, _dir) = tiny_engine(QueueLimits::default());
+    let mut long = engine.generate(request("in", greedy(150))).await.unwrap();
+    let mut short = engine.generate(request("the", greedy(5))).await.unwrap();
+    let mut long_done = false;
+    loop {
+        tokio::select! {
+            Some(event) = long.recv(), if !long_done => {
+                long_done = matches!(event, GenerationEvent::Done { .. });
+            }
+            Some(event) = short.recv() => {
+                if matches!(event, GenerationEvent::Done { .. }) {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(!long_done, "the short request waited for the long one to finish");
+}
+
+#[tokio::test]
+async fn unknown_model_is_reported() {
+    let (engine, _dir) = tiny_engine(QueueLimits::default());
+    let mut missing = request("x", greedy(1));
+    missing.model = "nope".into();
+    assert!(matches!(engine.generate(missing).await, Err(EngineError::UnknownModel(_))));
+}
