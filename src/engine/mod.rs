@@ -29,7 +29,7 @@ pub use gguf_tokenizer::{GgufTokenizer, tokenizer_from_gguf, tokenizer_from_meta
 pub use detokenize::{IncrementalDecoder, StopMatcher};
 pub use local::{LocalEngine, ModelSpec, default_device};
 pub use sampling::{Sampler, SamplingParams};
-pub use scheduler::QueueLimits;
+pub use scheduler::{QueueLimits, WorkerLoad};
 pub use source::resolve_model_path;
 
 /// What a model is for.

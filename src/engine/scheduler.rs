@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::time::Duration;
 
@@ -55,32 +56,82 @@ pub struct ModelRuntime {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// Live counts of one model's worker, read by the API and (later) announced to the cluster.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    queued: AtomicUsize,
+    active: AtomicUsize,
+    finished: AtomicU64,
+    cancelled: AtomicU64,
+}
+
+/// A copy of `WorkerStats` at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerLoad {
+    /// Accepted, waiting for a place.
+    pub queued: usize,
+    /// Being generated now.
+    pub active: usize,
+    /// Ended with `Done` or an error since start.
+    pub finished: u64,
+    /// Abandoned because the reader went away.
+    pub cancelled: u64,
+}
+
+impl WorkerStats {
+    pub fn snapshot(&self) -> WorkerLoad {
+        WorkerLoad {
+            queued: self.queued.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed),
+            finished: self.finished.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// The handle to a model's worker thread. Dropping it lets the thread finish what it holds and
 /// exit.
 pub struct GenerationWorker {
     model_id: String,
     jobs: SyncSender<Job>,
+    stats: Arc<WorkerStats>,
 }
 
 impl GenerationWorker {
     pub fn spawn(runtime: ModelRuntime, limits: QueueLimits) -> std::io::Result<Self> {
         let (jobs, queue) = std::sync::mpsc::sync_channel(limits.max_queued);
         let model_id = runtime.model_id.clone();
+        let stats = Arc::new(WorkerStats::default());
+        let worker_stats = stats.clone();
         std::thread::Builder::new()
             .name(format!("generate-{model_id}"))
-            .spawn(move || run_worker(runtime, queue, limits.max_active.max(1)))?;
-        Ok(Self { model_id, jobs })
+            .spawn(move || run_worker(runtime, queue, limits.max_active.max(1), &worker_stats))?;
+        Ok(Self { model_id, jobs, stats })
     }
 
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
-        self.jobs.try_send(job).map_err(|error| match error {
-            TrySendError::Full(_) => EngineError::QueueFull(self.model_id.clone()),
-            TrySendError::Disconnected(_) => EngineError::ShuttingDown(self.model_id.clone()),
+        // Counted before sending so the worker's decrement can never come first.
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.jobs.try_send(job).map_err(|error| {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            match error {
+                TrySendError::Full(_) => EngineError::QueueFull(self.model_id.clone()),
+                TrySendError::Disconnected(_) => EngineError::ShuttingDown(self.model_id.clone()),
+            }
         })
+    }
+
+    pub fn load(&self) -> WorkerLoad {
+        self.stats.snapshot()
     }
 }
 
-fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, max_active: usize) {
+fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, max_active: usize, stats: &WorkerStats) {
+    let start = |job| {
+        stats.queued.fetch_sub(1, Ordering::Relaxed);
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        Generation::new(&runtime, job)
+    };
     let mut active: Vec<Generation> = Vec::new();
     let mut queue_open = true;
     loop {
@@ -91,7 +142,7 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, max_active: usize) {
                 queue.try_recv()
             };
             match next {
-                Ok(job) => active.push(Generation::new(&runtime, job)),
+                Ok(job) => active.push(start(job)),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => queue_open = false,
             }
@@ -109,15 +160,20 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, max_active: usize) {
                 true
             }
             Step::Waiting => true,
-            Step::Ended => {
+            Step::Ended(ending) => {
                 progressed = true;
+                stats.active.fetch_sub(1, Ordering::Relaxed);
+                match ending {
+                    Ending::Finished => stats.finished.fetch_add(1, Ordering::Relaxed),
+                    Ending::Cancelled => stats.cancelled.fetch_add(1, Ordering::Relaxed),
+                };
                 false
             }
         });
         if !progressed {
             // Every generation waits on a slow reader: sleep a little, but wake for new work.
             match queue.recv_timeout(Duration::from_millis(2)) {
-                Ok(job) => active.push(Generation::new(&runtime, job)),
+                Ok(job) => active.push(start(job)),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => queue_open = false,
             }
@@ -129,8 +185,15 @@ enum Step {
     Progressed,
     /// The reader has not taken the previous events yet.
     Waiting,
-    /// Finished, failed or cancelled: drop it.
-    Ended,
+    /// Drop it.
+    Ended(Ending),
+}
+
+enum Ending {
+    /// Done or failed, every event delivered.
+    Finished,
+    /// The reader went away.
+    Cancelled,
 }
 
 struct Generation {
@@ -191,7 +254,7 @@ impl Generation {
             };
         }
         if self.finished {
-            return Step::Ended;
+            return Step::Ended(Ending::Finished);
         }
         if self.events.is_closed() {
             return self.cancelled();
@@ -209,7 +272,7 @@ impl Generation {
 
     fn cancelled(&mut self) -> Step {
         tracing::debug!(completion_tokens = self.completion_tokens, "generation cancelled by its reader");
-        Step::Ended
+        Step::Ended(Ending::Cancelled)
     }
 
     /// One forward pass: a chunk of the prompt, or one new token.
