@@ -181,10 +181,10 @@ impl ChatRunner {
             .encode(text, false)
             .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?;
         let mut prompt_tokens = encoding.get_ids().to_vec();
-        if let Some(bos) = self.bos_token_id {
-            if prompt_tokens.first() != Some(&bos) {
-                prompt_tokens.insert(0, bos);
-            }
+        if let Some(bos) = self.bos_token_id
+            && prompt_tokens.first() != Some(&bos)
+        {
+            prompt_tokens.insert(0, bos);
         }
         if prompt_tokens.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".to_string()));
