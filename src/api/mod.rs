@@ -1,12 +1,141 @@
-//! PLACEHOLDER (being written by a helper).
+//! The HTTP API: an OpenAI-compatible server over an `Engine`. This module is the only part of
+//! llmesh that knows JSON shapes and status codes.
+//!
+//! [`app`] builds the router; callers serve it (`axum::serve`) or drive it with
+//! `tower::ServiceExt::oneshot` in tests. Every failure is an [`ApiError`] rendered in OpenAI's
+//! error shape, unknown routes and wrong methods included. Each request runs in a `request` span
+//! carrying its `request_id` (also sent back as `x-request-id`) and, once parsed, its `model`.
+
+mod auth;
+mod chat;
+mod completions;
+mod embeddings;
+mod error;
+mod extract;
+mod generation;
+mod models;
+mod params;
+mod types;
+
+use axum::extract::{FromRef, Request};
+use axum::http::{HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
 use crate::engine::SharedEngine;
+use auth::ApiKey;
+use extract::BodyLimit;
+
+pub use chat::DEFAULT_CHAT_MAX_TOKENS;
+pub use completions::DEFAULT_COMPLETION_MAX_TOKENS;
+pub use error::ApiError;
+
+/// Bodies above this are refused with 413 unless configured otherwise: far more than any chat
+/// needs, small enough that a client cannot make the server buffer much.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
+    /// When set, every `/v1` route requires `Authorization: Bearer <api_key>`; `/health` stays
+    /// open.
     pub api_key: Option<String>,
+    /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
 }
 
-pub fn app(_engine: SharedEngine, _config: ApiConfig) -> axum::Router {
-    axum::Router::new()
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { api_key: None, max_body_bytes: DEFAULT_MAX_BODY_BYTES }
+    }
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+struct AppState {
+    engine: SharedEngine,
+    body_limit: BodyLimit,
+}
+
+impl AppState {
+    /// The context length of a model the engine lists.
+    fn context_length(&self, model: &str) -> Option<usize> {
+        let models = self.engine.models();
+        models.into_iter().find(|info| info.id == model).map(|info| info.context_length)
+    }
+}
+
+impl FromRef<AppState> for BodyLimit {
+    fn from_ref(state: &AppState) -> Self {
+        state.body_limit
+    }
+}
+
+/// The API router with its state applied, ready to serve.
+pub fn app(engine: SharedEngine, config: ApiConfig) -> Router {
+    let state = AppState { engine, body_limit: BodyLimit(config.max_body_bytes) };
+    let mut v1 = Router::new()
+        .route("/v1/models", get(models::list_models))
+        .route("/v1/chat/completions", post(chat::create_chat_completion))
+        .route("/v1/completions", post(completions::create_completion))
+        .route("/v1/embeddings", post(embeddings::create_embeddings));
+    if let Some(key) = config.api_key.as_deref() {
+        v1 =
+            v1.route_layer(middleware::from_fn_with_state(ApiKey::new(key), auth::require_api_key));
+    }
+    Router::new()
+        .route("/health", get(health))
+        .merge(v1)
+        .fallback(route_not_found)
+        // Must come after every route: it applies to the routes present when called.
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .layer(middleware::from_fn(assign_request_id))
+        .with_state(state)
+}
+
+async fn health() -> Json<types::Health> {
+    Json(types::Health { status: "ok" })
+}
+
+async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound { method, path: uri.path().to_owned() }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed { method, path: uri.path().to_owned() }
+}
+
+/// The id that ties a request's logs together and is echoed to the client.
+#[derive(Debug, Clone, Copy)]
+struct RequestId(uuid::Uuid);
+
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
+async fn assign_request_id(mut request: Request, next: Next) -> Response {
+    let id = uuid::Uuid::new_v4();
+    request.extensions_mut().insert(RequestId(id));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+fn request_span(request: &Request) -> tracing::Span {
+    let request_id = request.extensions().get::<RequestId>().map(|id| id.0.to_string());
+    tracing::info_span!(
+        "request",
+        request_id = request_id.as_deref().unwrap_or("-"),
+        method = %request.method(),
+        path = request.uri().path(),
+        model = tracing::field::Empty,
+    )
 }

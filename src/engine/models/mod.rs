@@ -7,6 +7,7 @@
 
 mod gemma3;
 mod llama;
+mod requantize;
 
 use std::fs::File;
 use std::path::Path;
@@ -56,13 +57,33 @@ pub fn load_language_model(path: &Path, device: &Device) -> Result<LoadedLanguag
         .map(|length| length as usize);
     let quantization = quantization_name(&content);
     let metadata = content.metadata.clone();
-    let (model, supported_context): (Box<dyn LanguageModel>, usize) = match architecture.as_str() {
-        "llama" => llama::load(content, &mut file, device).map_err(|e| load_error(&e))?,
-        "gemma3" => gemma3::load(content, &mut file, device).map_err(|e| load_error(&e))?,
-        other => return Err(load_error(&format!("architecture '{other}' is not supported (llama, gemma3 are)"))),
+    if !matches!(architecture.as_str(), "llama" | "gemma3") {
+        return Err(load_error(&format!("architecture '{architecture}' is not supported (llama, gemma3 are)")));
+    }
+    let requantized = if device.is_cpu() {
+        requantize::requantize_slow_types(&content, &mut file).map_err(|e| load_error(&e))?
+    } else {
+        None
     };
+    let (model, supported_context) = match requantized {
+        Some((content, mut memory)) => load_architecture(&architecture, content, &mut memory, device),
+        None => load_architecture(&architecture, content, &mut file, device),
+    }
+    .map_err(|e| load_error(&e))?;
     let context_length = declared_context.map_or(supported_context, |declared| declared.min(supported_context));
     Ok(LoadedLanguageModel { model, metadata, architecture, quantization, context_length })
+}
+
+fn load_architecture<R: std::io::Read + std::io::Seek>(
+    architecture: &str,
+    content: gguf_file::Content,
+    reader: &mut R,
+    device: &Device,
+) -> candle_core::Result<(Box<dyn LanguageModel>, usize)> {
+    match architecture {
+        "gemma3" => gemma3::load(content, reader, device),
+        _ => llama::load(content, reader, device),
+    }
 }
 
 /// The name llama.cpp gives the file's quantisation (`general.file_type`), else the type of the

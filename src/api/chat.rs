@@ -1,0 +1,265 @@
+//! `POST /v1/chat/completions`: parse and validate an OpenAI chat request, run it on the engine,
+//! answer with a `chat.completion` or a stream of `chat.completion.chunk`s.
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
+use super::generation::{ChunkWriter, collect, json_event, stream_sse};
+use super::params::GenerationOptions;
+use super::types::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta,
+    response_id, unix_now,
+};
+use crate::engine::{ChatMessage, FinishReason, GenerateRequest, Prompt, Usage};
+
+/// `max_tokens` when the request sets none and the engine does not list the model (it will then
+/// answer "unknown model" anyway). A listed model gets its whole context length: like OpenAI, a
+/// chat runs to its end-of-turn token or to the end of the context window, and the engine clamps
+/// the limit to what the window leaves after the prompt.
+pub const DEFAULT_CHAT_MAX_TOKENS: usize = 4096;
+
+/// Roles a chat template understands. OpenAI's newer `developer` role is passed on as `system`.
+const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// Separates the text parts of one message when they are joined.
+const PART_SEPARATOR: &str = "\n";
+
+#[derive(Debug)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub options: GenerationOptions,
+}
+
+impl FromJsonObject for ChatCompletionRequest {
+    fn from_json_object(mut fields: JsonObject) -> Result<Self, ApiError> {
+        let model = fields.required_text("model")?;
+        let messages = parse_messages(fields.take("messages"))?;
+        let options = GenerationOptions::parse(&mut fields)?;
+        Ok(Self { model, messages, options })
+    }
+}
+
+fn parse_messages(value: Option<Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let items = match value {
+        None => return Err(missing("messages")),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                format!("'messages' must be an array, not {}.", json_kind(&other)),
+            ));
+        }
+    };
+    if items.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "'messages' must contain at least one message.",
+        ));
+    }
+    items.into_iter().enumerate().map(|(index, item)| parse_message(index, item)).collect()
+}
+
+fn parse_message(index: usize, item: Value) -> Result<ChatMessage, ApiError> {
+    let Value::Object(mut message) = item else {
+        return Err(ApiError::invalid_param(
+            format!("messages[{index}]"),
+            format!("Each message must be an object, not {}.", json_kind(&item)),
+        ));
+    };
+    let role = match message.remove("role") {
+        Some(Value::String(role)) if role == "developer" => "system".to_owned(),
+        Some(Value::String(role)) if ROLES.contains(&role.as_str()) => role,
+        Some(Value::String(role)) => {
+            return Err(ApiError::invalid_param(
+                format!("messages[{index}].role"),
+                format!(
+                    "Unsupported role '{role}' in messages[{index}]: expected one of system, \
+                     developer, user, assistant."
+                ),
+            ));
+        }
+        None | Some(Value::Null) => return Err(missing(&format!("messages[{index}].role"))),
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                format!("messages[{index}].role"),
+                format!("A role must be a string, not {}.", json_kind(&other)),
+            ));
+        }
+    };
+    let content = parse_content(index, &role, message.remove("content"))?;
+    Ok(ChatMessage { role, content })
+}
+
+/// Content is a string or an array of text parts, joined; an assistant turn may have none.
+fn parse_content(index: usize, role: &str, value: Option<Value>) -> Result<String, ApiError> {
+    let param = format!("messages[{index}].content");
+    match value {
+        Some(Value::String(text)) => Ok(text),
+        None | Some(Value::Null) if role == "assistant" => Ok(String::new()),
+        None | Some(Value::Null) => Err(missing(&param)),
+        Some(Value::Array(parts)) => {
+            let texts = parts
+                .into_iter()
+                .enumerate()
+                .map(|(part_index, part)| text_of_part(&param, part_index, part))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(texts.join(PART_SEPARATOR))
+        }
+        Some(other) => Err(ApiError::invalid_param(
+            param,
+            format!("Content must be a string or an array of parts, not {}.", json_kind(&other)),
+        )),
+    }
+}
+
+fn text_of_part(param: &str, part_index: usize, part: Value) -> Result<String, ApiError> {
+    let invalid = |message: String| ApiError::invalid_param(param, message);
+    let Value::Object(mut part) = part else {
+        return Err(invalid(format!("Content part {part_index} must be an object.")));
+    };
+    match part.get("type").and_then(Value::as_str) {
+        Some("text") => {}
+        Some(other) => {
+            return Err(invalid(format!(
+                "Content part type '{other}' is not supported: only 'text' parts are."
+            )));
+        }
+        None => return Err(invalid(format!("Content part {part_index} has no 'type'."))),
+    }
+    match part.remove("text") {
+        Some(Value::String(text)) => Ok(text),
+        _ => Err(invalid(format!("Text part {part_index} needs a string 'text'."))),
+    }
+}
+
+pub async fn create_chat_completion(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    tracing::Span::current().record("model", request.model.as_str());
+    let ChatCompletionRequest { model, messages, options } = request;
+    let default_max_tokens = state.context_length(&model).unwrap_or(DEFAULT_CHAT_MAX_TOKENS);
+    let events = state
+        .engine
+        .generate(GenerateRequest {
+            model: model.clone(),
+            prompt: Prompt::Chat(messages),
+            params: options.sampling_params(default_max_tokens),
+        })
+        .await?;
+    let id = response_id("chatcmpl");
+    let created = unix_now();
+    if options.stream {
+        let writer = ChatChunks { id, created, model, include_usage: options.include_usage };
+        return Ok(stream_sse(events, writer, options.include_usage));
+    }
+    let collected = collect(events).await?;
+    let completion = ChatCompletion {
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: AssistantMessage { role: "assistant", content: collected.text },
+            logprobs: None,
+            finish_reason: collected.finish_reason,
+        }],
+        usage: collected.usage.into(),
+    };
+    Ok(Json(completion).into_response())
+}
+
+/// Writes `chat.completion.chunk`s; every chunk of one stream shares its id and `created`.
+struct ChatChunks {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl ChatChunks {
+    fn chunk(&self, delta: Delta, finish_reason: Option<FinishReason>) -> Event {
+        json_event(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason }],
+            usage: self.include_usage.then_some(None),
+        })
+    }
+}
+
+impl ChunkWriter for ChatChunks {
+    fn opening(&self) -> Option<Event> {
+        let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+        Some(self.chunk(delta, None))
+    }
+
+    fn text(&self, text: String) -> Event {
+        self.chunk(Delta { role: None, content: Some(text) }, None)
+    }
+
+    fn finish(&self, finish_reason: FinishReason) -> Event {
+        self.chunk(Delta::default(), Some(finish_reason))
+    }
+
+    fn usage(&self, usage: Usage) -> Event {
+        json_event(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices: Vec::new(),
+            usage: Some(Some(usage.into())),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(json: Value) -> Result<Vec<ChatMessage>, ApiError> {
+        parse_messages(Some(json))
+    }
+
+    #[test]
+    fn text_parts_are_joined_and_developer_becomes_system() {
+        let parsed = messages(serde_json::json!([
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "a"},
+                {"type": "text", "text": "b"},
+            ]},
+            {"role": "assistant", "content": null},
+        ]))
+        .unwrap();
+        assert_eq!(parsed[0], ChatMessage { role: "system".into(), content: "be brief".into() });
+        assert_eq!(parsed[1].content, "a\nb");
+        assert_eq!(parsed[2].content, "");
+    }
+
+    #[test]
+    fn image_parts_and_unknown_roles_are_refused() {
+        let image = serde_json::json!([{"role": "user", "content": [{"type": "image_url"}]}]);
+        assert!(messages(image).unwrap_err().to_string().contains("image_url"));
+        let tool = serde_json::json!([{"role": "tool", "content": "x"}]);
+        let error = messages(tool).unwrap_err();
+        assert_eq!(error.body().error.param.as_deref(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn user_content_is_required() {
+        let error = messages(serde_json::json!([{"role": "user"}])).unwrap_err();
+        assert_eq!(error.body().error.param.as_deref(), Some("messages[0].content"));
+    }
+}

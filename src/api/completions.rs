@@ -1,0 +1,157 @@
+//! `POST /v1/completions`: OpenAI's legacy text completions. The prompt is used as it is, without
+//! a chat template; the answer is a `text_completion`, whole or streamed.
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
+use super::generation::{ChunkWriter, collect, json_event, stream_sse};
+use super::params::GenerationOptions;
+use super::types::{TextChoice, TextCompletion, response_id, unix_now};
+use crate::engine::{FinishReason, GenerateRequest, Prompt, Usage};
+
+/// `max_tokens` when the request sets none: 16, OpenAI's documented default for this endpoint,
+/// which clients of the legacy API rely on.
+pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+
+#[derive(Debug)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: String,
+    pub options: GenerationOptions,
+}
+
+impl FromJsonObject for CompletionRequest {
+    fn from_json_object(mut fields: JsonObject) -> Result<Self, ApiError> {
+        let model = fields.required_text("model")?;
+        let prompt = parse_prompt(fields.take("prompt"))?;
+        let options = GenerationOptions::parse(&mut fields)?;
+        Ok(Self { model, prompt, options })
+    }
+}
+
+/// A prompt is one non-empty string, possibly wrapped in a one-element array. Batches and token
+/// arrays are not supported.
+fn parse_prompt(value: Option<Value>) -> Result<String, ApiError> {
+    let invalid = |message: String| ApiError::invalid_param("prompt", message);
+    let prompt = match value {
+        None => return Err(missing("prompt")),
+        Some(Value::String(prompt)) => prompt,
+        Some(Value::Array(mut items)) => match (items.pop(), items.is_empty()) {
+            (Some(Value::String(prompt)), true) => prompt,
+            (Some(Value::String(_)), false) => {
+                return Err(invalid("Only one prompt per request is supported.".into()));
+            }
+            _ => {
+                return Err(invalid(
+                    "'prompt' must be a string or an array holding one string; token arrays \
+                     are not supported."
+                        .into(),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(invalid(format!("'prompt' must be a string, not {}.", json_kind(&other))));
+        }
+    };
+    if prompt.is_empty() {
+        return Err(invalid("'prompt' must not be empty.".into()));
+    }
+    Ok(prompt)
+}
+
+pub async fn create_completion(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    tracing::Span::current().record("model", request.model.as_str());
+    let CompletionRequest { model, prompt, options } = request;
+    let events = state
+        .engine
+        .generate(GenerateRequest {
+            model: model.clone(),
+            prompt: Prompt::Text(prompt),
+            params: options.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS),
+        })
+        .await?;
+    let writer = TextChunks {
+        id: response_id("cmpl"),
+        created: unix_now(),
+        model,
+        include_usage: options.include_usage,
+    };
+    if options.stream {
+        return Ok(stream_sse(events, writer, options.include_usage));
+    }
+    let collected = collect(events).await?;
+    let mut completion = writer.completion(collected.text, Some(collected.finish_reason));
+    completion.usage = Some(Some(collected.usage.into()));
+    Ok(Json(completion).into_response())
+}
+
+/// Writes `text_completion` objects; streamed chunks share the id and `created`.
+struct TextChunks {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl TextChunks {
+    fn completion(&self, text: String, finish_reason: Option<FinishReason>) -> TextCompletion {
+        TextCompletion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![TextChoice { text, index: 0, logprobs: None, finish_reason }],
+            usage: self.include_usage.then_some(None),
+        }
+    }
+}
+
+impl ChunkWriter for TextChunks {
+    fn opening(&self) -> Option<Event> {
+        None
+    }
+
+    fn text(&self, text: String) -> Event {
+        json_event(&self.completion(text, None))
+    }
+
+    fn finish(&self, finish_reason: FinishReason) -> Event {
+        json_event(&self.completion(String::new(), Some(finish_reason)))
+    }
+
+    fn usage(&self, usage: Usage) -> Event {
+        let mut chunk = self.completion(String::new(), None);
+        chunk.choices.clear();
+        chunk.usage = Some(Some(usage.into()));
+        json_event(&chunk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_is_one_string() {
+        assert_eq!(parse_prompt(Some(serde_json::json!("hi"))).unwrap(), "hi");
+        assert_eq!(parse_prompt(Some(serde_json::json!(["hi"]))).unwrap(), "hi");
+        for bad in [
+            serde_json::json!(["a", "b"]),
+            serde_json::json!([1, 2]),
+            serde_json::json!([]),
+            serde_json::json!(""),
+        ] {
+            let error = parse_prompt(Some(bad.clone())).unwrap_err();
+            assert_eq!(error.body().error.param.as_deref(), Some("prompt"), "{bad}");
+        }
+    }
+}

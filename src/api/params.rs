@@ -1,0 +1,246 @@
+//! The request fields that chat and legacy completions share (sampling, `stop`, `n`, streaming),
+//! validated against OpenAI's ranges and turned into the engine's `SamplingParams`.
+//!
+//! Two llmesh extensions, as vLLM has them: `top_k` (0 keeps every token) and `ignore_eos`
+//! (generate through end-of-sequence tokens, for benchmarks).
+
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::extract::{JsonObject, json_kind};
+use crate::engine::SamplingParams;
+
+/// OpenAI accepts at most this many stop sequences.
+const MAX_STOP_SEQUENCES: usize = 4;
+
+/// What a generation request asks for besides its prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationOptions {
+    /// Every sampling field but `max_tokens`, which is resolved by [`Self::sampling_params`].
+    sampling: SamplingParams,
+    /// `max_completion_tokens`, or else `max_tokens`, when the request sets one.
+    pub max_tokens: Option<usize>,
+    pub stream: bool,
+    /// `stream_options.include_usage`: end the stream with a usage chunk.
+    pub include_usage: bool,
+}
+
+impl GenerationOptions {
+    /// The engine's parameters, with `default_max_tokens` when the request set no limit.
+    pub fn sampling_params(&self, default_max_tokens: usize) -> SamplingParams {
+        SamplingParams {
+            max_tokens: self.max_tokens.unwrap_or(default_max_tokens),
+            ..self.sampling.clone()
+        }
+    }
+
+    /// Take the shared fields out of `fields`.
+    pub fn parse(fields: &mut JsonObject) -> Result<Self, ApiError> {
+        let defaults = SamplingParams::default();
+        let temperature = optional_in_range(fields, "temperature", 0.0, 2.0)?;
+        let top_p = match fields.optional::<f64>("top_p")? {
+            Some(top_p) if top_p <= 0.0 || top_p > 1.0 => {
+                return Err(ApiError::invalid_param(
+                    "top_p",
+                    format!(
+                        "{top_p} is out of range for 'top_p': it must be above 0 and at most 1."
+                    ),
+                ));
+            }
+            top_p => top_p,
+        };
+        let top_k = optional_at_least(fields, "top_k", 0)?;
+        // `max_completion_tokens` is OpenAI's newer name; it wins when both are sent.
+        let max_completion_tokens = optional_at_least(fields, "max_completion_tokens", 1)?;
+        let max_tokens = optional_at_least(fields, "max_tokens", 1)?;
+        let stop = parse_stop(fields.take("stop"))?;
+        let seed = parse_seed(fields.take("seed"))?;
+        let frequency_penalty = optional_in_range(fields, "frequency_penalty", -2.0, 2.0)?;
+        let presence_penalty = optional_in_range(fields, "presence_penalty", -2.0, 2.0)?;
+        if let Some(n) = fields.optional::<i64>("n")?
+            && n != 1
+        {
+            return Err(ApiError::invalid_param("n", "Only n = 1 is supported."));
+        }
+        let ignore_eos = fields.optional::<bool>("ignore_eos")?.unwrap_or(defaults.ignore_eos);
+        let stream = fields.optional::<bool>("stream")?.unwrap_or(false);
+        let include_usage = match fields.take("stream_options") {
+            None => false,
+            Some(Value::Object(mut options)) => match options.remove("include_usage") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(include)) => include,
+                Some(other) => {
+                    return Err(ApiError::invalid_param(
+                        "stream_options.include_usage",
+                        format!("'include_usage' must be a boolean, not {}.", json_kind(&other)),
+                    ));
+                }
+            },
+            Some(other) => {
+                return Err(ApiError::invalid_param(
+                    "stream_options",
+                    format!("'stream_options' must be an object, not {}.", json_kind(&other)),
+                ));
+            }
+        };
+        let sampling = SamplingParams {
+            temperature: temperature.map_or(defaults.temperature, |value| value as f32),
+            top_p: top_p.map_or(defaults.top_p, |value| value as f32),
+            top_k: top_k.map_or(defaults.top_k, to_usize),
+            max_tokens: defaults.max_tokens,
+            stop,
+            seed,
+            frequency_penalty: frequency_penalty.map_or(defaults.frequency_penalty, |v| v as f32),
+            presence_penalty: presence_penalty.map_or(defaults.presence_penalty, |v| v as f32),
+            ignore_eos,
+        };
+        let max_tokens = max_completion_tokens.or(max_tokens).map(to_usize);
+        Ok(Self { sampling, max_tokens, stream, include_usage })
+    }
+}
+
+fn optional_in_range(
+    fields: &mut JsonObject,
+    name: &str,
+    min: f64,
+    max: f64,
+) -> Result<Option<f64>, ApiError> {
+    let value = fields.optional::<f64>(name)?;
+    if let Some(value) = value
+        && !(min..=max).contains(&value)
+    {
+        return Err(ApiError::invalid_param(
+            name,
+            format!("{value} is out of range for '{name}': it must be between {min} and {max}."),
+        ));
+    }
+    Ok(value)
+}
+
+fn optional_at_least(
+    fields: &mut JsonObject,
+    name: &str,
+    min: i64,
+) -> Result<Option<u64>, ApiError> {
+    match fields.optional::<i64>(name)? {
+        Some(value) if value < min => Err(ApiError::invalid_param(
+            name,
+            format!("{value} is less than the minimum of {min} for '{name}'."),
+        )),
+        Some(value) => Ok(Some(value.unsigned_abs())),
+        None => Ok(None),
+    }
+}
+
+/// Saturating, for 32-bit targets: the engine clamps to the context window anyway.
+fn to_usize(value: u64) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
+}
+
+/// `stop` is a string or an array of at most four non-empty strings.
+fn parse_stop(value: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let invalid = |message: String| ApiError::invalid_param("stop", message);
+    let stops = match value {
+        None => return Ok(Vec::new()),
+        Some(Value::String(stop)) => vec![stop],
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_STOP_SEQUENCES {
+                return Err(invalid(format!(
+                    "'stop' takes at most {MAX_STOP_SEQUENCES} sequences, not {}.",
+                    items.len()
+                )));
+            }
+            items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(stop) => Ok(stop),
+                    other => Err(invalid(format!(
+                        "Each stop sequence must be a string, not {}.",
+                        json_kind(&other)
+                    ))),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(other) => {
+            return Err(invalid(format!(
+                "'stop' must be a string or an array of strings, not {}.",
+                json_kind(&other)
+            )));
+        }
+    };
+    if stops.iter().any(String::is_empty) {
+        return Err(invalid("Stop sequences must not be empty.".into()));
+    }
+    Ok(stops)
+}
+
+/// OpenAI seeds are signed 64-bit integers; any integer is accepted and its bits kept.
+fn parse_seed(value: Option<Value>) -> Result<Option<u64>, ApiError> {
+    let Some(value) = value else { return Ok(None) };
+    let seed = value.as_u64().or_else(|| value.as_i64().map(|seed| seed as u64));
+    seed.map(Some).ok_or_else(|| {
+        ApiError::invalid_param("seed", format!("'seed' must be an integer, not {value}."))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: Value) -> Result<GenerationOptions, ApiError> {
+        let Value::Object(map) = json else { panic!("not an object") };
+        GenerationOptions::parse(&mut JsonObject(map))
+    }
+
+    fn param_of(json: Value) -> Option<String> {
+        parse(json).unwrap_err().body().error.param
+    }
+
+    #[test]
+    fn defaults_apply_when_fields_are_absent_or_null() {
+        let options = parse(serde_json::json!({"temperature": null, "stop": null})).unwrap();
+        let expected = SamplingParams { max_tokens: 100, ..SamplingParams::default() };
+        assert_eq!(options.sampling_params(100), expected);
+        assert!(!options.stream && !options.include_usage);
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_over_max_tokens() {
+        let options =
+            parse(serde_json::json!({"max_tokens": 5, "max_completion_tokens": 7})).unwrap();
+        assert_eq!(options.sampling_params(100).max_tokens, 7);
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_field() {
+        assert_eq!(
+            param_of(serde_json::json!({"temperature": 2.5})).as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(param_of(serde_json::json!({"top_p": 0})).as_deref(), Some("top_p"));
+        assert_eq!(param_of(serde_json::json!({"top_k": -1})).as_deref(), Some("top_k"));
+        assert_eq!(param_of(serde_json::json!({"max_tokens": 0})).as_deref(), Some("max_tokens"));
+        assert_eq!(
+            param_of(serde_json::json!({"presence_penalty": -3})).as_deref(),
+            Some("presence_penalty")
+        );
+        assert_eq!(param_of(serde_json::json!({"n": 2})).as_deref(), Some("n"));
+        assert_eq!(param_of(serde_json::json!({"seed": 1.5})).as_deref(), Some("seed"));
+    }
+
+    #[test]
+    fn stop_accepts_a_string_or_up_to_four_strings() {
+        assert_eq!(parse(serde_json::json!({"stop": "x"})).unwrap().sampling.stop, ["x"]);
+        assert_eq!(
+            param_of(serde_json::json!({"stop": ["a", "b", "c", "d", "e"]})).as_deref(),
+            Some("stop")
+        );
+        assert_eq!(param_of(serde_json::json!({"stop": [""]})).as_deref(), Some("stop"));
+        assert_eq!(param_of(serde_json::json!({"stop": [1]})).as_deref(), Some("stop"));
+    }
+
+    #[test]
+    fn negative_seeds_keep_their_bits() {
+        assert_eq!(parse(serde_json::json!({"seed": -1})).unwrap().sampling.seed, Some(u64::MAX));
+    }
+}
