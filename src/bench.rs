@@ -44,8 +44,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let limits = QueueLimits { max_active: args.concurrency.max(1), max_queued: args.concurrency.max(1) };
     let started = Instant::now();
-    let engine = tokio::task::spawn_blocking(move || LocalEngine::load(&specs, limits, &engine::default_device()))
-        .await??;
+    let engine =
+        tokio::task::spawn_blocking(move || LocalEngine::load(&specs, limits, &engine::default_device()))
+            .await??;
     println!("loaded in {:.2} s", started.elapsed().as_secs_f64());
 
     // " the" is one token in byte-level BPE vocabularies, so the prompt has about N tokens;
@@ -65,9 +66,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         decode.push(generate(&engine, &prompt, args.decode_tokens).await?);
     }
     let first_token = median(decode.iter().map(|t| t.first_token.as_secs_f64() * 1000.0));
-    let decode_rate = median(decode.iter().map(|t| {
-        (t.completion_tokens - 1) as f64 / (t.total - t.first_token).as_secs_f64()
-    }));
+    let decode_rate = median(
+        decode.iter().map(|t| (t.completion_tokens - 1) as f64 / (t.total - t.first_token).as_secs_f64()),
+    );
     println!("time to first token: {first_token:.1} ms");
     println!("decode: {} tokens, {decode_rate:.1} tokens/s", decode[0].completion_tokens);
 
@@ -93,7 +94,12 @@ async fn generate(engine: &LocalEngine, prompt: &str, max_tokens: usize) -> anyh
     let request = GenerateRequest {
         model: "chat".into(),
         prompt: Prompt::Text(prompt.to_string()),
-        params: SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() },
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
     };
     let started = Instant::now();
     let mut stream = engine.generate(request).await?;

@@ -43,9 +43,8 @@ impl Node {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| NodeError::Bind { address: config.listen, source })?;
-        let http_address = listener
-            .local_addr()
-            .map_err(|source| NodeError::Bind { address: config.listen, source })?;
+        let http_address =
+            listener.local_addr().map_err(|source| NodeError::Bind { address: config.listen, source })?;
         let app = api::app(
             engine,
             ApiConfig { api_key: config.api_key.clone(), max_body_bytes: config.limits.max_body_bytes },
@@ -85,7 +84,9 @@ async fn load_engine(config: &Config) -> Result<SharedEngine, EngineError> {
     let engine = tokio::task::spawn_blocking(move || {
         let specs = entries
             .iter()
-            .map(|entry| Ok(ModelSpec { id: entry.id.clone(), path: engine::resolve_model_path(&entry.path)? }))
+            .map(|entry| {
+                Ok(ModelSpec { id: entry.id.clone(), path: engine::resolve_model_path(&entry.path)? })
+            })
             .collect::<Result<Vec<_>, EngineError>>()?;
         LocalEngine::load(&specs, limits, &engine::default_device())
     })

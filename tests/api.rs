@@ -72,10 +72,8 @@ impl Engine for FakeEngine {
         let result = match request.model.as_str() {
             "fake-chat" => {
                 let mut events: Vec<_> = SCRIPTED_TEXT.iter().map(|piece| text(piece)).collect();
-                events.push(GenerationEvent::Done {
-                    finish_reason: FinishReason::Stop,
-                    usage: SCRIPTED_USAGE,
-                });
+                events
+                    .push(GenerationEvent::Done { finish_reason: FinishReason::Stop, usage: SCRIPTED_USAGE });
                 Ok(scripted(events))
             }
             "fake-broken" => Ok(scripted(vec![
@@ -108,9 +106,7 @@ impl Engine for FakeEngine {
                 vectors: (0..request.inputs.len()).map(embedding).collect(),
                 prompt_tokens: 2 * request.inputs.len(),
             }),
-            "fake-chat" => {
-                Err(EngineError::WrongKind { model: request.model, operation: "embeddings" })
-            }
+            "fake-chat" => Err(EngineError::WrongKind { model: request.model, operation: "embeddings" }),
             _ => Err(EngineError::UnknownModel(request.model)),
         };
         futures::future::ready(result).boxed()
@@ -138,9 +134,8 @@ struct Answer {
 
 impl Answer {
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
-            panic!("not JSON ({error}): {}", String::from_utf8_lossy(&self.body))
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     /// Assert the OpenAI error shape and status; return the `error` object.
@@ -234,10 +229,7 @@ async fn chat_completion_collects_text_and_usage() {
         json!([{"index": 0, "message": {"role": "assistant", "content": "Hello, world"},
                 "logprobs": null, "finish_reason": "stop"}])
     );
-    assert_eq!(
-        body["usage"],
-        json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
-    );
+    assert_eq!(body["usage"], json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}));
 }
 
 #[tokio::test]
@@ -327,10 +319,7 @@ async fn streamed_chat_is_framed_like_openai() {
     }
     let usage = &chunks[chunks.len() - 1];
     assert_eq!(usage["choices"], json!([]));
-    assert_eq!(
-        usage["usage"],
-        json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
-    );
+    assert_eq!(usage["usage"], json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}));
 }
 
 #[tokio::test]
@@ -427,10 +416,7 @@ async fn invalid_chat_requests_are_400_naming_the_field() {
             ]}),
             "messages[0].content",
         ),
-        (
-            json!({"model": "fake-chat", "messages": [{"role": "user", "content": 3}]}),
-            "messages[0].content",
-        ),
+        (json!({"model": "fake-chat", "messages": [{"role": "user", "content": 3}]}), "messages[0].content"),
     ];
     for (request, param) in cases {
         let answer = post_json(router(), "/v1/chat/completions", request.clone()).await;
@@ -484,17 +470,15 @@ async fn unreadable_bodies_are_400_json() {
     let error = send(router(), form).await.error(StatusCode::BAD_REQUEST);
     assert!(error["message"].as_str().unwrap().contains("application/json"));
     // A JSON body is accepted whatever the Content-Type says (curl -d sends form encoding).
-    let lenient = Request::post("/v1/chat/completions")
-        .body(Body::from(chat_body("fake-chat").to_string()))
-        .unwrap();
+    let lenient =
+        Request::post("/v1/chat/completions").body(Body::from(chat_body("fake-chat").to_string())).unwrap();
     assert_eq!(send(router(), lenient).await.status, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn oversized_bodies_are_413() {
     let padding = "a".repeat(10 * 1024 * 1024);
-    let huge =
-        format!(r#"{{"model":"fake-chat","messages":[{{"role":"user","content":"{padding}"}}]}}"#);
+    let huge = format!(r#"{{"model":"fake-chat","messages":[{{"role":"user","content":"{padding}"}}]}}"#);
     let answer = send(router(), post("/v1/chat/completions", huge.clone())).await;
     assert_eq!(answer.error(StatusCode::PAYLOAD_TOO_LARGE)["code"], "request_too_large");
     // Also when the client declares its length up front.
@@ -648,20 +632,16 @@ async fn invalid_embedding_requests() {
         (json!({"model": "fake-embed", "input": []}), "input"),
         (json!({"model": "fake-embed", "input": ["ok", ""]}), "input"),
         (json!({"model": "fake-embed"}), "input"),
-        (
-            json!({"model": "fake-embed", "input": "x", "encoding_format": "int8"}),
-            "encoding_format",
-        ),
+        (json!({"model": "fake-embed", "input": "x", "encoding_format": "int8"}), "encoding_format"),
         (json!({"model": "fake-embed", "input": "x", "dimensions": 64}), "dimensions"),
     ];
     for (request, param) in cases {
         let answer = post_json(router(), "/v1/embeddings", request.clone()).await;
         assert_eq!(answer.error(StatusCode::BAD_REQUEST)["param"], param, "{request}");
     }
-    let token_error =
-        post_json(router(), "/v1/embeddings", json!({"model": "fake-embed", "input": [1]}))
-            .await
-            .error(StatusCode::BAD_REQUEST);
+    let token_error = post_json(router(), "/v1/embeddings", json!({"model": "fake-embed", "input": [1]}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
     assert!(token_error["message"].as_str().unwrap().contains("Token arrays"));
 
     let unknown = json!({"model": "nope", "input": "x"});

@@ -22,8 +22,9 @@ fn tiny_engine(limits: QueueLimits) -> (LocalEngine, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     tiny_model::write_tiny_llama(&path);
-    let engine = LocalEngine::load(&[ModelSpec { id: "tiny".into(), path }], limits, &candle_core::Device::Cpu)
-        .expect("load the tiny model");
+    let engine =
+        LocalEngine::load(&[ModelSpec { id: "tiny".into(), path }], limits, &candle_core::Device::Cpu)
+            .expect("load the tiny model");
     (engine, dir)
 }
 

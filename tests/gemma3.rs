@@ -16,11 +16,18 @@ async fn gemma3_continues_a_counting_sequence() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
     let path = dir.join("gemma-3-270m-q4_k_m.gguf");
-    assert!(path.is_file(), "{} is missing: run LLMESH_FETCH_GEMMA=1 scripts/fetch-models.sh", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run LLMESH_FETCH_GEMMA=1 scripts/fetch-models.sh",
+        path.display()
+    );
     let spec = ModelSpec { id: "gemma".into(), path };
     let engine = LocalEngine::load(&[spec], QueueLimits::default(), &candle_core::Device::Cpu).unwrap();
     let info = &engine.models()[0];
-    assert_eq!((info.kind, info.architecture.as_str(), info.quantization.as_str()), (ModelKind::Chat, "gemma3", "Q4_K_M"));
+    assert_eq!(
+        (info.kind, info.architecture.as_str(), info.quantization.as_str()),
+        (ModelKind::Chat, "gemma3", "Q4_K_M")
+    );
 
     let request = GenerateRequest {
         model: "gemma".into(),

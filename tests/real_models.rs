@@ -9,7 +9,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use llmesh::api::{self, ApiConfig};
-use llmesh::engine::{IncrementalDecoder, LocalEngine, ModelSpec, QueueLimits, SharedEngine, tokenizer_from_gguf};
+use llmesh::engine::{
+    IncrementalDecoder, LocalEngine, ModelSpec, QueueLimits, SharedEngine, tokenizer_from_gguf,
+};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -136,7 +138,8 @@ async fn embeddings_rank_a_paraphrase_above_an_unrelated_sentence() {
 
 #[tokio::test]
 async fn one_input_embeds_the_same_alone_and_in_a_batch() {
-    let single = post("/v1/embeddings", json!({"model": "minilm", "input": "A cat naps on the couch."})).await;
+    let single =
+        post("/v1/embeddings", json!({"model": "minilm", "input": "A cat naps on the couch."})).await;
     let batch = post(
         "/v1/embeddings",
         json!({"model": "minilm", "input": ["A much longer sentence that forces padding of the other one.", "A cat naps on the couch."]}),
@@ -146,11 +149,8 @@ async fn one_input_embeds_the_same_alone_and_in_a_batch() {
     let batch: Value = serde_json::from_str(&batch.1).unwrap();
     let a = single["data"][0]["embedding"].as_array().unwrap();
     let b = batch["data"][1]["embedding"].as_array().unwrap();
-    let max_difference = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs())
-        .fold(0.0, f64::max);
+    let max_difference =
+        a.iter().zip(b).map(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs()).fold(0.0, f64::max);
     assert!(max_difference < 1e-4, "padding changed the vector by {max_difference}");
 }
 

@@ -13,8 +13,8 @@ use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
 use super::generation::{ChunkWriter, collect, json_event, stream_sse};
 use super::params::GenerationOptions;
 use super::types::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta,
-    response_id, unix_now,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta, response_id,
+    unix_now,
 };
 use crate::engine::{ChatMessage, FinishReason, GenerateRequest, Prompt, Usage};
 
@@ -58,10 +58,7 @@ fn parse_messages(value: Option<Value>) -> Result<Vec<ChatMessage>, ApiError> {
         }
     };
     if items.is_empty() {
-        return Err(ApiError::invalid_param(
-            "messages",
-            "'messages' must contain at least one message.",
-        ));
+        return Err(ApiError::invalid_param("messages", "'messages' must contain at least one message."));
     }
     items.into_iter().enumerate().map(|(index, item)| parse_message(index, item)).collect()
 }

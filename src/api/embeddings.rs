@@ -78,10 +78,7 @@ fn parse_inputs(value: Option<Value>) -> Result<Vec<String>, ApiError> {
                          of strings."
                             .into(),
                     )),
-                    other => Err(invalid(format!(
-                        "Each input must be a string, not {}.",
-                        json_kind(&other)
-                    ))),
+                    other => Err(invalid(format!("Each input must be a string, not {}.", json_kind(&other)))),
                 })
                 .collect::<Result<_, _>>()?
         }
@@ -122,10 +119,8 @@ pub async fn create_embeddings(
             embedding: encode(vector, encoding_format),
         })
         .collect();
-    let usage = EmbeddingUsage {
-        prompt_tokens: embeddings.prompt_tokens,
-        total_tokens: embeddings.prompt_tokens,
-    };
+    let usage =
+        EmbeddingUsage { prompt_tokens: embeddings.prompt_tokens, total_tokens: embeddings.prompt_tokens };
     Ok(Json(EmbeddingList { object: "list", data, model, usage }))
 }
 

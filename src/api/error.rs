@@ -102,9 +102,7 @@ impl ApiError {
     pub fn body(&self) -> ErrorBody {
         let (kind, param, code): (_, Option<String>, _) = match self {
             Self::InvalidRequest { param, .. } => (INVALID_REQUEST, param.clone(), None),
-            Self::MissingApiKey | Self::WrongApiKey => {
-                (INVALID_REQUEST, None, Some("invalid_api_key"))
-            }
+            Self::MissingApiKey | Self::WrongApiKey => (INVALID_REQUEST, None, Some("invalid_api_key")),
             Self::PayloadTooLarge { .. } => (INVALID_REQUEST, None, Some("request_too_large")),
             Self::RouteNotFound { .. } => (INVALID_REQUEST, None, Some("unknown_url")),
             Self::MethodNotAllowed { .. } => (INVALID_REQUEST, None, Some("method_not_allowed")),
@@ -117,12 +115,8 @@ impl ApiError {
                     (INVALID_REQUEST, Some("model".into()), Some("model_not_supported"))
                 }
                 EngineError::InvalidRequest(_) => (INVALID_REQUEST, None, None),
-                EngineError::ContextLength { .. } => {
-                    (INVALID_REQUEST, None, Some("context_length_exceeded"))
-                }
-                EngineError::QueueFull(_) => {
-                    (SERVER_ERROR, Some("model".into()), Some("model_busy"))
-                }
+                EngineError::ContextLength { .. } => (INVALID_REQUEST, None, Some("context_length_exceeded")),
+                EngineError::QueueFull(_) => (SERVER_ERROR, Some("model".into()), Some("model_busy")),
                 EngineError::ShuttingDown(_) => (SERVER_ERROR, None, Some("shutting_down")),
                 EngineError::Inference(_) => (SERVER_ERROR, None, None),
             },

@@ -55,11 +55,7 @@ pub trait ChunkWriter: Send + 'static {
 /// Relay a generation as SSE: the writer's chunks, then `data: [DONE]`. An engine error becomes
 /// an OpenAI error event followed by `[DONE]` (the 200 status has been sent by then; the engine
 /// reports what it can, such as an over-long prompt, before the stream starts).
-pub fn stream_sse<W: ChunkWriter>(
-    events: GenerationStream,
-    writer: W,
-    include_usage: bool,
-) -> Response {
+pub fn stream_sse<W: ChunkWriter>(events: GenerationStream, writer: W, include_usage: bool) -> Response {
     let opening = writer.opening();
     let relay = Relay { events: Some(events), writer, include_usage };
     let body = stream::iter(opening)
@@ -112,8 +108,7 @@ fn error_event(error: &ApiError) -> Event {
     error.log();
     // The error body is plain strings; should serializing it ever fail, send a fixed one.
     let json = serde_json::to_string(&error.body()).unwrap_or_else(|_| {
-        r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#
-            .into()
+        r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.into()
     });
     Event::default().data(json)
 }

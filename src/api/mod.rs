@@ -83,8 +83,7 @@ pub fn app(engine: SharedEngine, config: ApiConfig) -> Router {
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/embeddings", post(embeddings::create_embeddings));
     if let Some(key) = config.api_key.as_deref() {
-        v1 =
-            v1.route_layer(middleware::from_fn_with_state(ApiKey::new(key), auth::require_api_key));
+        v1 = v1.route_layer(middleware::from_fn_with_state(ApiKey::new(key), auth::require_api_key));
     }
     Router::new()
         .route("/health", get(health))

@@ -28,10 +28,7 @@ pub struct GenerationOptions {
 impl GenerationOptions {
     /// The engine's parameters, with `default_max_tokens` when the request set no limit.
     pub fn sampling_params(&self, default_max_tokens: usize) -> SamplingParams {
-        SamplingParams {
-            max_tokens: self.max_tokens.unwrap_or(default_max_tokens),
-            ..self.sampling.clone()
-        }
+        SamplingParams { max_tokens: self.max_tokens.unwrap_or(default_max_tokens), ..self.sampling.clone() }
     }
 
     /// Take the shared fields out of `fields`.
@@ -42,9 +39,7 @@ impl GenerationOptions {
             Some(top_p) if top_p <= 0.0 || top_p > 1.0 => {
                 return Err(ApiError::invalid_param(
                     "top_p",
-                    format!(
-                        "{top_p} is out of range for 'top_p': it must be above 0 and at most 1."
-                    ),
+                    format!("{top_p} is out of range for 'top_p': it must be above 0 and at most 1."),
                 ));
             }
             top_p => top_p,
@@ -117,11 +112,7 @@ fn optional_in_range(
     Ok(value)
 }
 
-fn optional_at_least(
-    fields: &mut JsonObject,
-    name: &str,
-    min: i64,
-) -> Result<Option<u64>, ApiError> {
+fn optional_at_least(fields: &mut JsonObject, name: &str, min: i64) -> Result<Option<u64>, ApiError> {
     match fields.optional::<i64>(name)? {
         Some(value) if value < min => Err(ApiError::invalid_param(
             name,
@@ -178,9 +169,8 @@ fn parse_stop(value: Option<Value>) -> Result<Vec<String>, ApiError> {
 fn parse_seed(value: Option<Value>) -> Result<Option<u64>, ApiError> {
     let Some(value) = value else { return Ok(None) };
     let seed = value.as_u64().or_else(|| value.as_i64().map(|seed| seed as u64));
-    seed.map(Some).ok_or_else(|| {
-        ApiError::invalid_param("seed", format!("'seed' must be an integer, not {value}."))
-    })
+    seed.map(Some)
+        .ok_or_else(|| ApiError::invalid_param("seed", format!("'seed' must be an integer, not {value}.")))
 }
 
 #[cfg(test)]
@@ -206,17 +196,13 @@ mod tests {
 
     #[test]
     fn max_completion_tokens_wins_over_max_tokens() {
-        let options =
-            parse(serde_json::json!({"max_tokens": 5, "max_completion_tokens": 7})).unwrap();
+        let options = parse(serde_json::json!({"max_tokens": 5, "max_completion_tokens": 7})).unwrap();
         assert_eq!(options.sampling_params(100).max_tokens, 7);
     }
 
     #[test]
     fn out_of_range_values_name_their_field() {
-        assert_eq!(
-            param_of(serde_json::json!({"temperature": 2.5})).as_deref(),
-            Some("temperature")
-        );
+        assert_eq!(param_of(serde_json::json!({"temperature": 2.5})).as_deref(), Some("temperature"));
         assert_eq!(param_of(serde_json::json!({"top_p": 0})).as_deref(), Some("top_p"));
         assert_eq!(param_of(serde_json::json!({"top_k": -1})).as_deref(), Some("top_k"));
         assert_eq!(param_of(serde_json::json!({"max_tokens": 0})).as_deref(), Some("max_tokens"));
@@ -231,10 +217,7 @@ mod tests {
     #[test]
     fn stop_accepts_a_string_or_up_to_four_strings() {
         assert_eq!(parse(serde_json::json!({"stop": "x"})).unwrap().sampling.stop, ["x"]);
-        assert_eq!(
-            param_of(serde_json::json!({"stop": ["a", "b", "c", "d", "e"]})).as_deref(),
-            Some("stop")
-        );
+        assert_eq!(param_of(serde_json::json!({"stop": ["a", "b", "c", "d", "e"]})).as_deref(), Some("stop"));
         assert_eq!(param_of(serde_json::json!({"stop": [""]})).as_deref(), Some("stop"));
         assert_eq!(param_of(serde_json::json!({"stop": [1]})).as_deref(), Some("stop"));
     }

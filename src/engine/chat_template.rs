@@ -44,20 +44,13 @@ impl ChatTemplate {
         // transformers' settings; keep_trailing_newline stays false, as there.
         environment.set_trim_blocks(true);
         environment.set_lstrip_blocks(true);
-        environment
-            .set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        environment.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         environment.add_function("raise_exception", raise_exception);
         environment.add_function("strftime_now", strftime_now);
         environment
             .add_template_owned(TEMPLATE_NAME, source.unwrap_or(CHATML_TEMPLATE).to_owned())
-            .map_err(|err| {
-                EngineError::Inference(format!("the chat template is invalid: {err}"))
-            })?;
-        Ok(Self {
-            environment,
-            bos_token,
-            eos_token,
-        })
+            .map_err(|err| EngineError::Inference(format!("the chat template is invalid: {err}")))?;
+        Ok(Self { environment, bos_token, eos_token })
     }
 
     /// The prompt for `messages`, ending where the assistant's reply begins.
@@ -65,9 +58,7 @@ impl ChatTemplate {
         let template = self
             .environment
             .get_template(TEMPLATE_NAME)
-            .map_err(|err| {
-                EngineError::Inference(format!("the chat template is missing: {err}"))
-            })?;
+            .map_err(|err| EngineError::Inference(format!("the chat template is missing: {err}")))?;
         template
             .render(context! {
                 messages => messages,
@@ -96,8 +87,7 @@ fn raise_exception(message: String) -> Result<String, minijinja::Error> {
 }
 
 fn render_error(err: minijinja::Error) -> EngineError {
-    let raised =
-        std::error::Error::source(&err).is_some_and(|source| source.is::<RaisedByTemplate>());
+    let raised = std::error::Error::source(&err).is_some_and(|source| source.is::<RaisedByTemplate>());
     match (raised, err.detail()) {
         (true, Some(message)) => EngineError::InvalidRequest(message.to_owned()),
         _ => EngineError::Inference(format!("the chat template failed: {err}")),
@@ -106,9 +96,7 @@ fn render_error(err: minijinja::Error) -> EngineError {
 
 /// Python's `datetime.now().strftime(format)`, in UTC (the server's zone is nobody's business).
 fn strftime_now(format: String) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     format_utc(&format, now.as_secs())
 }
 
@@ -126,15 +114,7 @@ const MONTHS: [&str; 12] = [
     "November",
     "December",
 ];
-const WEEKDAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
+const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// The strftime directives chat templates use; any other is copied as it is.
 fn format_utc(format: &str, unix_seconds: u64) -> String {
@@ -144,11 +124,7 @@ fn format_utc(format: &str, unix_seconds: u64) -> String {
     let day_of_year = days - days_from_civil(year, 1, 1) + 1;
     let weekday = WEEKDAYS[((days + 3) % 7) as usize]; // 1970-01-01 was a Thursday
     let month_name = MONTHS[(month - 1) as usize];
-    let (hour, minute, second) = (
-        seconds_of_day / 3600,
-        seconds_of_day / 60 % 60,
-        seconds_of_day % 60,
-    );
+    let (hour, minute, second) = (seconds_of_day / 3600, seconds_of_day / 60 % 60, seconds_of_day % 60);
 
     let mut out = String::with_capacity(format.len() + 16);
     let mut chars = format.chars();
@@ -191,16 +167,11 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let day_of_era = z % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153; // March is 0
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
     let year = year_of_era + era * 400 + u64::from(month <= 2);
     (year, month, day)
 }
@@ -250,10 +221,7 @@ mod tests {
     fn chatml_fallback_renders_a_conversation() {
         let template = ChatTemplate::new(None, None, None).expect("compiles");
         let prompt = template
-            .render(&conversation(&[
-                ("system", "You are terse."),
-                ("user", "Hi!"),
-            ]))
+            .render(&conversation(&[("system", "You are terse."), ("user", "Hi!")]))
             .expect("renders");
         assert_eq!(
             prompt,
@@ -264,19 +232,15 @@ mod tests {
     #[test]
     fn smollm2_template_renders_as_transformers_does() {
         let template = ChatTemplate::new(Some(&smollm2_template()), None, None).expect("compiles");
-        let with_system = conversation(&[
-            ("system", "You are a helpful assistant."),
-            ("user", "What is 2+2?"),
-        ]);
+        let with_system =
+            conversation(&[("system", "You are a helpful assistant."), ("user", "What is 2+2?")]);
         assert_eq!(
             template.render(&with_system).expect("renders"),
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\
              <|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
         );
         assert_eq!(
-            template
-                .render(&conversation(&[("user", "Hi")]))
-                .expect("renders"),
+            template.render(&conversation(&[("user", "Hi")])).expect("renders"),
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
              <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
@@ -286,11 +250,9 @@ mod tests {
     fn template_sees_special_tokens_and_python_string_methods() {
         let source = "{{ bos_token }}{% for m in messages %}{% if m.content.startswith('  ') %}\
                       {{ m.content.strip().upper() }}{% endif %}{% endfor %}{{ eos_token }}";
-        let template = ChatTemplate::new(Some(source), Some("<s>".into()), Some("</s>".into()))
-            .expect("compiles");
-        let prompt = template
-            .render(&conversation(&[("user", "  hi  ")]))
-            .expect("renders");
+        let template =
+            ChatTemplate::new(Some(source), Some("<s>".into()), Some("</s>".into())).expect("compiles");
+        let prompt = template.render(&conversation(&[("user", "  hi  ")])).expect("renders");
         assert_eq!(prompt, "<s>HI</s>");
     }
 
@@ -300,15 +262,8 @@ mod tests {
                       {{ raise_exception('Conversation roles must alternate user/assistant') }}\
                       {% endif %}ok";
         let template = ChatTemplate::new(Some(source), None, None).expect("compiles");
-        assert_eq!(
-            template
-                .render(&conversation(&[("user", "Hi")]))
-                .expect("renders"),
-            "ok"
-        );
-        let err = template
-            .render(&conversation(&[("assistant", "Hi")]))
-            .unwrap_err();
+        assert_eq!(template.render(&conversation(&[("user", "Hi")])).expect("renders"), "ok");
+        let err = template.render(&conversation(&[("assistant", "Hi")])).unwrap_err();
         assert_eq!(
             err,
             EngineError::InvalidRequest("Conversation roles must alternate user/assistant".into())
@@ -317,22 +272,15 @@ mod tests {
 
     #[test]
     fn other_template_failures_are_internal_errors() {
-        let template = ChatTemplate::new(
-            Some("{{ messages[0].content.no_such_method() }}"),
-            None,
-            None,
-        )
-        .expect("compiles");
-        let err = template
-            .render(&conversation(&[("user", "Hi")]))
-            .unwrap_err();
+        let template = ChatTemplate::new(Some("{{ messages[0].content.no_such_method() }}"), None, None)
+            .expect("compiles");
+        let err = template.render(&conversation(&[("user", "Hi")])).unwrap_err();
         assert!(matches!(err, EngineError::Inference(_)), "{err:?}");
     }
 
     #[test]
     fn syntax_error_fails_at_compile_time() {
-        let err = ChatTemplate::new(Some("{% for message in messages %}{{ message"), None, None)
-            .unwrap_err();
+        let err = ChatTemplate::new(Some("{% for message in messages %}{{ message"), None, None).unwrap_err();
         assert!(
             matches!(&err, EngineError::Inference(m) if m.contains("chat template is invalid")),
             "{err:?}"
@@ -347,10 +295,7 @@ mod tests {
             format_utc("%A %H:%M:%S %j %I%p %y-%m-%e %%%Q", 1_700_000_000),
             "Tuesday 22:13:20 318 10PM 23-11-14 %%Q"
         );
-        assert_eq!(
-            format_utc("%a %B %d %Y", 951_782_400),
-            "Tue February 29 2000"
-        );
+        assert_eq!(format_utc("%a %B %d %Y", 951_782_400), "Tue February 29 2000");
         assert_eq!(format_utc("%Y-%m-%d %j", 0), "1970-01-01 001");
         let now = strftime_now("%Y".into());
         assert!(now.len() == 4 && now.as_str() >= "2024", "{now}");

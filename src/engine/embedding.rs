@@ -13,7 +13,7 @@ use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
 
-use super::{EngineError, Embeddings};
+use super::{Embeddings, EngineError};
 
 /// Inputs run through the model in one forward pass.
 const BATCH_SIZE: usize = 16;
@@ -47,7 +47,8 @@ impl EmbeddingWorker {
         };
         let config_text = std::fs::read_to_string(folder.join("config.json")).map_err(|e| load_error(&e))?;
         let config: Config = serde_json::from_str(&config_text).map_err(|e| load_error(&e))?;
-        let mut tokenizer = Tokenizer::from_file(folder.join("tokenizer.json")).map_err(|e| load_error(&e))?;
+        let mut tokenizer =
+            Tokenizer::from_file(folder.join("tokenizer.json")).map_err(|e| load_error(&e))?;
         // The file pins padding and truncation at 128; truncate at what the model can take instead
         // and pad each batch only to its longest input.
         tokenizer
@@ -67,9 +68,7 @@ impl EmbeddingWorker {
         let vars = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device) }
             .map_err(|e| load_error(&e))?;
         let model = BertModel::load(vars, &config).map_err(|e| load_error(&e))?;
-        let info = EmbeddingModelInfo {
-            context_length: config.max_position_embeddings,
-        };
+        let info = EmbeddingModelInfo { context_length: config.max_position_embeddings };
         let (jobs, queue) = std::sync::mpsc::sync_channel(max_queued);
         std::thread::Builder::new()
             .name(format!("embed-{model_id}"))

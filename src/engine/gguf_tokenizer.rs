@@ -27,8 +27,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::Split;
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-    Tokenizer,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
 };
 
 use super::EngineError;
@@ -78,25 +77,15 @@ pub fn tokenizer_from_gguf(content: &gguf_file::Content) -> Result<GgufTokenizer
     tokenizer_from_metadata(&content.metadata)
 }
 
-pub fn tokenizer_from_metadata(
-    metadata: &HashMap<String, Value>,
-) -> Result<GgufTokenizer, EngineError> {
+pub fn tokenizer_from_metadata(metadata: &HashMap<String, Value>) -> Result<GgufTokenizer, EngineError> {
     let meta = Metadata(metadata);
     let kind = meta.string("tokenizer.ggml.model")?;
     let tokens = meta.string_array("tokenizer.ggml.tokens")?;
     if tokens.is_empty() || u32::try_from(tokens.len()).is_err() {
-        return Err(key_error(
-            "tokenizer.ggml.tokens",
-            "must hold between 1 and 2^32 tokens",
-        ));
+        return Err(key_error("tokenizer.ggml.tokens", "must hold between 1 and 2^32 tokens"));
     }
     let types = meta
-        .optional_array(
-            "tokenizer.ggml.token_type",
-            tokens.len(),
-            integer,
-            "integers",
-        )?
+        .optional_array("tokenizer.ggml.token_type", tokens.len(), integer, "integers")?
         .unwrap_or_else(|| vec![TYPE_NORMAL; tokens.len()]);
     let mut vocab = Vocab::default();
     for (id, text) in tokens.iter().enumerate() {
@@ -140,30 +129,22 @@ pub fn tokenizer_from_metadata(
             || eos_token_ids.contains(&(id as u32))
             || bos_token_id == Some(id as u32)
     };
-    let special: Vec<AddedToken> = (0..tokens.len())
-        .filter(|&id| is_special(id))
-        .map(|id| AddedToken::from(tokens[id], true))
-        .collect();
+    let special: Vec<AddedToken> =
+        (0..tokens.len()).filter(|&id| is_special(id)).map(|id| AddedToken::from(tokens[id], true)).collect();
     // User-defined tokens are stored as raw text (llama.cpp "pre-normalises" them).
     let user_defined: Vec<AddedToken> = (0..tokens.len())
         .filter(|&id| types[id] == TYPE_USER_DEFINED && !is_special(id))
         .map(|id| AddedToken::from(tokens[id], false).normalized(false))
         .collect();
-    tokenizer
-        .add_special_tokens(special)
-        .map_err(tokenizer_error)?;
-    tokenizer
-        .add_tokens(user_defined)
-        .map_err(tokenizer_error)?;
+    tokenizer.add_special_tokens(special).map_err(tokenizer_error)?;
+    tokenizer.add_tokens(user_defined).map_err(tokenizer_error)?;
 
     Ok(GgufTokenizer {
         tokenizer,
         bos_token: bos_token_id.map(|id| tokens[id as usize].to_owned()),
         eos_token: eos_token_id.map(|id| tokens[id as usize].to_owned()),
         eos_token_ids,
-        add_bos_token: meta
-            .optional_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(default_add_bos),
+        add_bos_token: meta.optional_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos),
         bos_token_id,
     })
 }
@@ -175,10 +156,7 @@ fn byte_level_bpe(meta: &Metadata<'_>, vocab: Vocab) -> Result<Tokenizer, Engine
         .into_iter()
         .map(|merge| match merge.split_once(' ') {
             Some((left, right)) => Ok((left.to_owned(), right.to_owned())),
-            None => Err(key_error(
-                MERGES_KEY,
-                &format!("holds '{merge}', not two tokens"),
-            )),
+            None => Err(key_error(MERGES_KEY, &format!("holds '{merge}', not two tokens"))),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let pre = meta.optional_string("tokenizer.ggml.pre")?;
@@ -188,14 +166,10 @@ fn byte_level_bpe(meta: &Metadata<'_>, vocab: Vocab) -> Result<Tokenizer, Engine
         Ok(split.map_err(tokenizer_error)?.into())
     };
     // Which regex each `tokenizer.ggml.pre` uses, as in llama.cpp's `llm_tokenizer_bpe`.
-    let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = match pre.unwrap_or("default")
-    {
+    let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = match pre.unwrap_or("default") {
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
             let digits = Digits::new(true).into();
-            (
-                PreTokenizerSequence::new(vec![digits, byte_level(true).into()]).into(),
-                false,
-            )
+            (PreTokenizerSequence::new(vec![digits, byte_level(true).into()]).into(), false)
         }
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "dbrx" | "smaug-bpe" => {
             let parts = vec![split(LLAMA3_REGEX)?, byte_level(false).into()];
@@ -206,14 +180,8 @@ fn byte_level_bpe(meta: &Metadata<'_>, vocab: Vocab) -> Result<Tokenizer, Engine
             (PreTokenizerSequence::new(parts).into(), false)
         }
         other => {
-            if !matches!(
-                other,
-                "default" | "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" | "trillion"
-            ) {
-                tracing::warn!(
-                    pre = other,
-                    "unknown tokenizer.ggml.pre; splitting words as GPT-2 does"
-                );
+            if !matches!(other, "default" | "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" | "trillion") {
+                tracing::warn!(pre = other, "unknown tokenizer.ggml.pre; splitting words as GPT-2 does");
             }
             (byte_level(true).into(), false)
         }
@@ -245,18 +213,13 @@ fn sentencepiece(
         .optional_token_id("tokenizer.ggml.unknown_token_id", tokens.len())?
         .map(|id| tokens[id as usize].to_owned())
         .or_else(|| vocab.contains_key("<unk>").then(|| "<unk>".to_owned()));
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(true)
-        .fuse_unk(true);
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
     if let Some(unk) = unk_token {
         builder = builder.unk_token(unk);
     }
     let model = builder.build().map_err(tokenizer_error)?;
 
-    let add_space_prefix = meta
-        .optional_bool("tokenizer.ggml.add_space_prefix")?
-        .unwrap_or(true);
+    let add_space_prefix = meta.optional_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
     let escape_spaces: NormalizerWrapper = Replace::new(" ", "▁").map_err(tokenizer_error)?.into();
     let normalizer = if add_space_prefix {
         NormalizerSequence::new(vec![Prepend::new("▁".to_owned()).into(), escape_spaces]).into()
@@ -272,9 +235,7 @@ fn sentencepiece(
         decoders.push(Strip::new(' ', 1, 0).into());
     }
     let mut tokenizer = Tokenizer::new(model);
-    tokenizer
-        .with_normalizer(Some(normalizer))
-        .map_err(tokenizer_error)?;
+    tokenizer.with_normalizer(Some(normalizer)).map_err(tokenizer_error)?;
     tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
     Ok(tokenizer)
 }
@@ -300,10 +261,7 @@ fn merges_from_scores(
         }
     }
     candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    candidates
-        .into_iter()
-        .map(|(_, _, left, right)| (left.to_owned(), right.to_owned()))
-        .collect()
+    candidates.into_iter().map(|(_, _, left, right)| (left.to_owned(), right.to_owned())).collect()
 }
 
 /// Typed, panic-free access to GGUF metadata; every error names the key.
@@ -311,8 +269,7 @@ struct Metadata<'a>(&'a HashMap<String, Value>);
 
 impl<'a> Metadata<'a> {
     fn string(&self, key: &str) -> Result<&'a str, EngineError> {
-        self.optional_string(key)?
-            .ok_or_else(|| key_error(key, "is missing"))
+        self.optional_string(key)?.ok_or_else(|| key_error(key, "is missing"))
     }
 
     fn optional_string(&self, key: &str) -> Result<Option<&'a str>, EngineError> {
@@ -339,18 +296,13 @@ impl<'a> Metadata<'a> {
         match integer(value) {
             Some(id) if id < 0 => Ok(None),
             Some(id) if (id as u64) < vocab_size as u64 => Ok(Some(id as u32)),
-            Some(id) => Err(key_error(
-                key,
-                &format!("is {id}, outside the {vocab_size}-token vocabulary"),
-            )),
+            Some(id) => Err(key_error(key, &format!("is {id}, outside the {vocab_size}-token vocabulary"))),
             None => Err(wrong_type(key, "an integer", value)),
         }
     }
 
     fn string_array(&self, key: &str) -> Result<Vec<&'a str>, EngineError> {
-        let items = self
-            .array(key)?
-            .ok_or_else(|| key_error(key, "is missing"))?;
+        let items = self.array(key)?.ok_or_else(|| key_error(key, "is missing"))?;
         items
             .iter()
             .map(|item| match item {
@@ -372,19 +324,11 @@ impl<'a> Metadata<'a> {
             return Ok(None);
         };
         if items.len() != len {
-            return Err(key_error(
-                key,
-                &format!("has {} entries for {len} tokens", items.len()),
-            ));
+            return Err(key_error(key, &format!("has {} entries for {len} tokens", items.len())));
         }
-        let convert = |item| {
-            convert(item).ok_or_else(|| wrong_type(key, &format!("an array of {expected}"), item))
-        };
-        items
-            .iter()
-            .map(convert)
-            .collect::<Result<_, _>>()
-            .map(Some)
+        let convert =
+            |item| convert(item).ok_or_else(|| wrong_type(key, &format!("an array of {expected}"), item));
+        items.iter().map(convert).collect::<Result<_, _>>().map(Some)
     }
 
     fn array(&self, key: &str) -> Result<Option<&'a [Value]>, EngineError> {
@@ -423,16 +367,11 @@ fn key_error(key: &str, problem: &str) -> EngineError {
 }
 
 fn wrong_type(key: &str, expected: &str, found: &Value) -> EngineError {
-    key_error(
-        key,
-        &format!("should be {expected} but holds a {:?}", found.value_type()),
-    )
+    key_error(key, &format!("should be {expected} but holds a {:?}", found.value_type()))
 }
 
 fn tokenizer_error(err: tokenizers::Error) -> EngineError {
-    EngineError::Inference(format!(
-        "cannot build the tokenizer from GGUF metadata: {err}"
-    ))
+    EngineError::Inference(format!("cannot build the tokenizer from GGUF metadata: {err}"))
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ use super::gguf_tokenizer::tokenizer_from_metadata;
 use super::models::load_language_model;
 use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, WorkerLoad};
 use super::{
-    EmbedRequest, Embeddings, Engine, EngineError, GenerateRequest, GenerationStream, ModelInfo,
-    ModelKind, Prompt,
+    EmbedRequest, Embeddings, Engine, EngineError, GenerateRequest, GenerationStream, ModelInfo, ModelKind,
+    Prompt,
 };
 
 /// Events buffered between the worker and the reader of one generation.
@@ -217,7 +217,10 @@ impl Engine for LocalEngine {
         self.models.values().map(|model| model.info.clone()).collect()
     }
 
-    fn generate(&self, request: GenerateRequest) -> BoxFuture<'static, Result<GenerationStream, EngineError>> {
+    fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> BoxFuture<'static, Result<GenerationStream, EngineError>> {
         let runner = match self.model(&request.model).map(|model| &model.runner) {
             Ok(Runner::Chat(runner)) => runner.clone(),
             Ok(Runner::Embeddings(_)) => {
@@ -238,13 +241,12 @@ impl Engine for LocalEngine {
     fn embed(&self, request: EmbedRequest) -> BoxFuture<'static, Result<Embeddings, EngineError>> {
         let answer = match self.model(&request.model).map(|model| &model.runner) {
             Ok(Runner::Embeddings(worker)) => worker.submit(request.inputs),
-            Ok(Runner::Chat(_)) => Err(EngineError::WrongKind { model: request.model.clone(), operation: "embeddings" }),
+            Ok(Runner::Chat(_)) => {
+                Err(EngineError::WrongKind { model: request.model.clone(), operation: "embeddings" })
+            }
             Err(error) => Err(error),
         };
         let model = request.model;
-        async move {
-            answer?.await.map_err(|_| EngineError::ShuttingDown(model))?
-        }
-        .boxed()
+        async move { answer?.await.map_err(|_| EngineError::ShuttingDown(model))? }.boxed()
     }
 }

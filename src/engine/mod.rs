@@ -100,7 +100,10 @@ pub struct Usage {
 pub enum GenerationEvent {
     /// The next piece of text: always whole UTF-8 characters, never part of a stop sequence.
     Text(String),
-    Done { finish_reason: FinishReason, usage: Usage },
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
     Error(EngineError),
 }
 
@@ -148,10 +151,8 @@ pub trait Engine: Send + Sync + 'static {
     /// wrong kind, the prompt does not fit or the queue is full; otherwise the answer arrives on
     /// the returned stream. (Async because rendering and tokenizing a large prompt is real work
     /// that must not run on a tokio worker.)
-    fn generate(
-        &self,
-        request: GenerateRequest,
-    ) -> BoxFuture<'static, Result<GenerationStream, EngineError>>;
+    fn generate(&self, request: GenerateRequest)
+    -> BoxFuture<'static, Result<GenerationStream, EngineError>>;
 
     /// Embed a batch of texts.
     fn embed(&self, request: EmbedRequest) -> BoxFuture<'static, Result<Embeddings, EngineError>>;

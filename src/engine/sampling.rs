@@ -63,11 +63,7 @@ impl Sampler {
     /// Pick the next token from raw logits and remember it for the penalties.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
-        let token = if self.params.temperature <= 0.0 {
-            argmax(logits)
-        } else {
-            self.sample_random(logits)
-        };
+        let token = if self.params.temperature <= 0.0 { argmax(logits) } else { self.sample_random(logits) };
         *self.counts.entry(token).or_insert(0) += 1;
         token
     }

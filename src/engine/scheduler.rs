@@ -280,7 +280,8 @@ impl Generation {
         let logits = match self.last_token {
             None => {
                 let end = (self.prefilled + PREFILL_CHUNK).min(self.prompt_tokens.len());
-                let logits = self.sequence.forward(&self.prompt_tokens[self.prefilled..end], self.prefilled)?;
+                let logits =
+                    self.sequence.forward(&self.prompt_tokens[self.prefilled..end], self.prefilled)?;
                 self.prefilled = end;
                 if end < self.prompt_tokens.len() {
                     return Ok(());
@@ -324,7 +325,8 @@ impl Generation {
         // Text held back as a possible stop sequence turned out not to be one.
         let held = self.stops.finish();
         self.send_text(held);
-        let usage = Usage { prompt_tokens: self.prompt_tokens.len(), completion_tokens: self.completion_tokens };
+        let usage =
+            Usage { prompt_tokens: self.prompt_tokens.len(), completion_tokens: self.completion_tokens };
         tracing::debug!(?finish_reason, completion_tokens = usage.completion_tokens, "generation finished");
         self.outbox.push_back(GenerationEvent::Done { finish_reason, usage });
         self.finished = true;

@@ -25,10 +25,12 @@ pub fn resolve_model_path(source: &str) -> Result<PathBuf, EngineError> {
 fn split_hub_path(hub_path: &str) -> Result<(&str, &str), EngineError> {
     let mut slashes = hub_path.match_indices('/').map(|(index, _)| index);
     match (slashes.next(), slashes.next()) {
-        (Some(_), Some(split)) if split + 1 < hub_path.len() => Ok((&hub_path[..split], &hub_path[split + 1..])),
-        _ => Err(EngineError::InvalidRequest(format!(
-            "hf:{hub_path} must look like hf:owner/repo/file.gguf"
-        ))),
+        (Some(_), Some(split)) if split + 1 < hub_path.len() => {
+            Ok((&hub_path[..split], &hub_path[split + 1..]))
+        }
+        _ => {
+            Err(EngineError::InvalidRequest(format!("hf:{hub_path} must look like hf:owner/repo/file.gguf")))
+        }
     }
 }
 
@@ -48,9 +50,7 @@ fn download_from_hub(hub_path: &str) -> Result<PathBuf, EngineError> {
 #[cfg(not(feature = "hf"))]
 fn download_from_hub(hub_path: &str) -> Result<PathBuf, EngineError> {
     split_hub_path(hub_path)?;
-    Err(EngineError::InvalidRequest(format!(
-        "hf:{hub_path}: this llmesh was built without the `hf` feature"
-    )))
+    Err(EngineError::InvalidRequest(format!("hf:{hub_path}: this llmesh was built without the `hf` feature")))
 }
 
 #[cfg(test)]

@@ -43,8 +43,7 @@ pub fn write_tiny_llama(path: &Path) {
     let (tokens, merges) = vocabulary();
     let vocab = tokens.len();
     let strings = |items: &[String]| Value::Array(items.iter().cloned().map(Value::String).collect());
-    let token_types: Vec<Value> =
-        (0..vocab).map(|i| Value::I32(if i < 3 { 3 } else { 1 })).collect();
+    let token_types: Vec<Value> = (0..vocab).map(|i| Value::I32(if i < 3 { 3 } else { 1 })).collect();
     let metadata: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
         ("general.file_type", Value::U32(0)),

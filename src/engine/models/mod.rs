@@ -58,7 +58,9 @@ pub fn load_language_model(path: &Path, device: &Device) -> Result<LoadedLanguag
     let quantization = quantization_name(&content);
     let metadata = content.metadata.clone();
     if !matches!(architecture.as_str(), "llama" | "gemma3") {
-        return Err(load_error(&format!("architecture '{architecture}' is not supported (llama, gemma3 are)")));
+        return Err(load_error(&format!(
+            "architecture '{architecture}' is not supported (llama, gemma3 are)"
+        )));
     }
     let requantized = if device.is_cpu() {
         requantize::requantize_slow_types(&content, &mut file).map_err(|e| load_error(&e))?
@@ -70,7 +72,8 @@ pub fn load_language_model(path: &Path, device: &Device) -> Result<LoadedLanguag
         None => load_architecture(&architecture, content, &mut file, device),
     }
     .map_err(|e| load_error(&e))?;
-    let context_length = declared_context.map_or(supported_context, |declared| declared.min(supported_context));
+    let context_length =
+        declared_context.map_or(supported_context, |declared| declared.min(supported_context));
     Ok(LoadedLanguageModel { model, metadata, architecture, quantization, context_length })
 }
 
@@ -90,9 +93,22 @@ fn load_architecture<R: std::io::Read + std::io::Seek>(
 /// first weight matrix.
 fn quantization_name(content: &gguf_file::Content) -> String {
     const FILE_TYPES: [(u32, &str); 16] = [
-        (0, "F32"), (1, "F16"), (2, "Q4_0"), (3, "Q4_1"), (7, "Q8_0"), (8, "Q5_0"), (9, "Q5_1"),
-        (10, "Q2_K"), (11, "Q3_K_S"), (12, "Q3_K_M"), (13, "Q3_K_L"), (14, "Q4_K_S"),
-        (15, "Q4_K_M"), (16, "Q5_K_S"), (17, "Q5_K_M"), (18, "Q6_K"),
+        (0, "F32"),
+        (1, "F16"),
+        (2, "Q4_0"),
+        (3, "Q4_1"),
+        (7, "Q8_0"),
+        (8, "Q5_0"),
+        (9, "Q5_1"),
+        (10, "Q2_K"),
+        (11, "Q3_K_S"),
+        (12, "Q3_K_M"),
+        (13, "Q3_K_L"),
+        (14, "Q4_K_S"),
+        (15, "Q4_K_M"),
+        (16, "Q5_K_S"),
+        (17, "Q5_K_M"),
+        (18, "Q6_K"),
     ];
     let file_type = content.metadata.get("general.file_type").and_then(|v| v.to_u32().ok());
     if let Some(name) = file_type.and_then(|t| FILE_TYPES.iter().find(|(id, _)| *id == t)) {

@@ -51,7 +51,11 @@ mod tests {
         let values: Vec<f32> = (0..64 * 32).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
         let original = Tensor::from_vec(values, (64, 32), &Device::Cpu).unwrap();
         let q4_1 = QTensor::quantize(&original, GgmlDType::Q4_1).unwrap();
-        let small = QTensor::quantize(&Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+        let small = QTensor::quantize(
+            &Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
         let mut file = Cursor::new(Vec::new());
         let name = gguf_file::Value::String("test".into());
         gguf_file::write(&mut file, &[("general.name", &name)], &[("w", &q4_1), ("norm", &small)]).unwrap();
