@@ -47,6 +47,7 @@ fn model(id: &str, kind: ModelKind) -> ModelInfo {
         quantization: "f32".into(),
         context_length: CHAT_CONTEXT,
         created: 1_700_000_000,
+        hosts: Vec::new(),
     }
 }
 
@@ -93,7 +94,7 @@ impl Engine for FakeEngine {
                 Ok(receiver)
             }
             "fake-busy" => Err(EngineError::QueueFull(request.model)),
-            "fake-embed" => Err(EngineError::WrongKind { model: request.model, operation: "chat" }),
+            "fake-embed" => Err(EngineError::WrongKind { model: request.model, operation: "chat".into() }),
             _ => Err(EngineError::UnknownModel(request.model)),
         };
         futures::future::ready(result).boxed()
@@ -106,7 +107,7 @@ impl Engine for FakeEngine {
                 vectors: (0..request.inputs.len()).map(embedding).collect(),
                 prompt_tokens: 2 * request.inputs.len(),
             }),
-            "fake-chat" => Err(EngineError::WrongKind { model: request.model, operation: "embeddings" }),
+            "fake-chat" => Err(EngineError::WrongKind { model: request.model, operation: "embeddings".into() }),
             _ => Err(EngineError::UnknownModel(request.model)),
         };
         futures::future::ready(result).boxed()

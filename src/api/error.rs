@@ -83,7 +83,7 @@ impl ApiError {
                 | EngineError::InvalidRequest(_)
                 | EngineError::ContextLength { .. } => StatusCode::BAD_REQUEST,
                 EngineError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
-                EngineError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+                EngineError::ShuttingDown(_) | EngineError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                 EngineError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
@@ -93,7 +93,9 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Engine(EngineError::QueueFull(_)) => Some(QUEUE_FULL_RETRY_AFTER_SECS),
-            Self::Engine(EngineError::ShuttingDown(_)) => Some(SHUTTING_DOWN_RETRY_AFTER_SECS),
+            Self::Engine(EngineError::ShuttingDown(_) | EngineError::Unavailable(_)) => {
+                Some(SHUTTING_DOWN_RETRY_AFTER_SECS)
+            }
             _ => None,
         }
     }
@@ -118,6 +120,7 @@ impl ApiError {
                 EngineError::ContextLength { .. } => (INVALID_REQUEST, None, Some("context_length_exceeded")),
                 EngineError::QueueFull(_) => (SERVER_ERROR, Some("model".into()), Some("model_busy")),
                 EngineError::ShuttingDown(_) => (SERVER_ERROR, None, Some("shutting_down")),
+                EngineError::Unavailable(_) => (SERVER_ERROR, Some("model".into()), Some("model_unavailable")),
                 EngineError::Inference(_) => (SERVER_ERROR, None, None),
             },
         };

@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::engine::ModelHost;
 use crate::engine::{FinishReason, ModelInfo, ModelKind, Usage};
 
 /// Seconds since the Unix epoch, for `created` fields.
@@ -39,6 +40,8 @@ pub struct ModelDetails {
     pub architecture: String,
     pub quantization: String,
     pub context_length: usize,
+    /// The nodes of the cluster that serve the model.
+    pub hosts: Vec<ModelHost>,
 }
 
 impl From<ModelInfo> for ModelObject {
@@ -53,6 +56,7 @@ impl From<ModelInfo> for ModelObject {
                 architecture: model.architecture,
                 quantization: model.quantization,
                 context_length: model.context_length,
+                hosts: model.hosts,
             },
         }
     }

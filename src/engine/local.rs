@@ -17,7 +17,7 @@ use super::gguf_tokenizer::tokenizer_from_metadata;
 use super::models::load_language_model;
 use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, WorkerLoad};
 use super::{
-    EmbedRequest, Embeddings, Engine, EngineError, GenerateRequest, GenerationStream, ModelInfo, ModelKind,
+    EmbedRequest, EngineLoad, Embeddings, Engine, EngineError, GenerateRequest, GenerationStream, ModelInfo, ModelKind,
     Prompt,
 };
 
@@ -119,6 +119,7 @@ fn load_model(spec: &ModelSpec, limits: QueueLimits, device: &Device) -> Result<
             quantization: "F32".to_string(),
             context_length: loaded.context_length,
             created,
+            hosts: Vec::new(),
         };
         return Ok(LocalModel { info, runner: Runner::Embeddings(worker) });
     }
@@ -142,6 +143,7 @@ fn load_model(spec: &ModelSpec, limits: QueueLimits, device: &Device) -> Result<
         quantization: loaded.quantization,
         context_length: loaded.context_length,
         created,
+        hosts: Vec::new(),
     };
     let runtime = ModelRuntime {
         model_id: spec.id.clone(),
@@ -224,7 +226,7 @@ impl Engine for LocalEngine {
         let runner = match self.model(&request.model).map(|model| &model.runner) {
             Ok(Runner::Chat(runner)) => runner.clone(),
             Ok(Runner::Embeddings(_)) => {
-                let error = EngineError::WrongKind { model: request.model, operation: "chat or completions" };
+                let error = EngineError::WrongKind { model: request.model, operation: "chat or completions".into() };
                 return futures::future::ready(Err(error)).boxed();
             }
             Err(error) => return futures::future::ready(Err(error)).boxed(),
@@ -238,11 +240,23 @@ impl Engine for LocalEngine {
         .boxed()
     }
 
+    fn load(&self) -> EngineLoad {
+        let mut load = EngineLoad::default();
+        for model in self.models.values() {
+            if let Runner::Chat(runner) = &model.runner {
+                let worker = runner.worker.load();
+                load.in_flight += worker.active;
+                load.queued += worker.queued;
+            }
+        }
+        load
+    }
+
     fn embed(&self, request: EmbedRequest) -> BoxFuture<'static, Result<Embeddings, EngineError>> {
         let answer = match self.model(&request.model).map(|model| &model.runner) {
             Ok(Runner::Embeddings(worker)) => worker.submit(request.inputs),
             Ok(Runner::Chat(_)) => {
-                Err(EngineError::WrongKind { model: request.model.clone(), operation: "embeddings" })
+                Err(EngineError::WrongKind { model: request.model.clone(), operation: "embeddings".into() })
             }
             Err(error) => Err(error),
         };

@@ -54,6 +54,25 @@ pub struct ModelInfo {
     pub context_length: usize,
     /// Unix seconds when the model was loaded.
     pub created: u64,
+    /// The nodes that host it, filled in by the router (empty from a local engine).
+    #[serde(default)]
+    pub hosts: Vec<ModelHost>,
+}
+
+/// A node that hosts a model, as shown to users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelHost {
+    pub name: String,
+    pub peer_id: String,
+}
+
+/// How busy an engine is, summed over its models.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineLoad {
+    /// Generations running now.
+    pub in_flight: usize,
+    /// Generations waiting for a place.
+    pub queued: usize,
 }
 
 /// One message of a chat conversation.
@@ -64,7 +83,7 @@ pub struct ChatMessage {
 }
 
 /// The input of a generation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Prompt {
     /// Rendered with the model's chat template.
     Chat(Vec<ChatMessage>),
@@ -72,7 +91,7 @@ pub enum Prompt {
     Text(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerateRequest {
     pub model: String,
     pub prompt: Prompt,
@@ -96,7 +115,7 @@ pub struct Usage {
 }
 
 /// What a generation sends back, in order: any number of `Text`, then one `Done` or one `Error`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum GenerationEvent {
     /// The next piece of text: always whole UTF-8 characters, never part of a stop sequence.
     Text(String),
@@ -110,25 +129,25 @@ pub enum GenerationEvent {
 /// The receiving end of a generation. Dropping it cancels the generation.
 pub type GenerationStream = mpsc::Receiver<GenerationEvent>;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EmbedRequest {
     pub model: String,
     pub inputs: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Embeddings {
     /// One L2-normalised vector per input, in input order.
     pub vectors: Vec<Vec<f32>>,
     pub prompt_tokens: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 pub enum EngineError {
     #[error("model '{0}' does not exist")]
     UnknownModel(String),
     #[error("model '{model}' does not support {operation}")]
-    WrongKind { model: String, operation: &'static str },
+    WrongKind { model: String, operation: String },
     #[error("model '{0}' is busy: its queue is full")]
     QueueFull(String),
     #[error("{0}")]
@@ -139,6 +158,10 @@ pub enum EngineError {
     ShuttingDown(String),
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The model exists in the cluster but no host can take the request now (its last host went
+    /// away, or the host failed before answering).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Local inference as the API and the router see it. Held as `Arc<dyn Engine>` so tests can put a
@@ -156,6 +179,11 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Embed a batch of texts.
     fn embed(&self, request: EmbedRequest) -> BoxFuture<'static, Result<Embeddings, EngineError>>;
+
+    /// How busy the engine is now (announced to the cluster).
+    fn load(&self) -> EngineLoad {
+        EngineLoad::default()
+    }
 }
 
 pub type SharedEngine = Arc<dyn Engine>;
