@@ -1,0 +1,244 @@
+//! What a node tells the cluster about itself on the gossipsub topic: name, addresses, models,
+//! hardware, load. Each announcement is signed with the node's key and checked strictly on
+//! receipt: size-bounded, decoded with a byte limit, signer equal to the gossip source, fields
+//! within bounds, protocol version known.
+
+use libp2p::PeerId;
+use libp2p::identity::{Keypair, PublicKey};
+use serde::{Deserialize, Serialize};
+
+/// Bumped when the announcement's shape changes; receivers ignore versions they don't know.
+pub const ANNOUNCEMENT_VERSION: u16 = 1;
+/// The largest signed announcement accepted on the wire (also gossipsub's transmit limit).
+pub const MAX_ANNOUNCEMENT_BYTES: usize = 64 * 1024;
+const MAX_MODELS: usize = 256;
+const MAX_ADDRESSES: usize = 32;
+const MAX_TEXT: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    pub version: u16,
+    pub peer_id: String,
+    /// The human name shown everywhere (`--name`, default the host name).
+    pub name: String,
+    /// Multiaddresses other nodes can dial.
+    pub addresses: Vec<String>,
+    pub models: Vec<AnnouncedModel>,
+    pub hardware: Hardware,
+    pub load: AnnouncedLoad,
+    /// llmesh's version, e.g. "0.1.0".
+    pub software_version: String,
+    /// Unix seconds when the node started.
+    pub started_at: u64,
+    /// Unix milliseconds when this announcement was made; older ones are ignored.
+    pub issued_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnouncedModel {
+    pub id: String,
+    /// "chat" or "embeddings".
+    pub kind: String,
+    pub architecture: String,
+    pub quantization: String,
+    pub context_length: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hardware {
+    pub cpu: String,
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub gpu: Option<String>,
+    pub gpu_memory_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnouncedLoad {
+    pub in_flight: u32,
+    pub queued: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SignedAnnouncement {
+    payload: Vec<u8>,
+    public_key: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AnnouncementError {
+    #[error("announcement of {0} bytes is over the limit")]
+    TooLarge(usize),
+    #[error("announcement does not decode: {0}")]
+    Malformed(String),
+    #[error("announcement signature is invalid")]
+    BadSignature,
+    #[error("announcement signed by {signer} arrived from {source_peer}")]
+    WrongSigner { signer: String, source_peer: String },
+    #[error("announcement version {0} is not supported")]
+    UnknownVersion(u16),
+    #[error("announcement field {0} is out of bounds")]
+    OutOfBounds(&'static str),
+}
+
+fn codec() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_ANNOUNCEMENT_BYTES>()
+}
+
+impl Announcement {
+    /// Sign and encode for publication.
+    pub fn sign(&self, keypair: &Keypair) -> Result<Vec<u8>, AnnouncementError> {
+        let malformed = |e: &dyn std::fmt::Display| AnnouncementError::Malformed(e.to_string());
+        let payload = bincode::serde::encode_to_vec(self, codec()).map_err(|e| malformed(&e))?;
+        let signature = keypair.sign(&payload).map_err(|e| malformed(&e))?;
+        let signed = SignedAnnouncement { payload, public_key: keypair.public().encode_protobuf(), signature };
+        let bytes = bincode::serde::encode_to_vec(&signed, codec()).map_err(|e| malformed(&e))?;
+        if bytes.len() > MAX_ANNOUNCEMENT_BYTES {
+            return Err(AnnouncementError::TooLarge(bytes.len()));
+        }
+        Ok(bytes)
+    }
+
+    /// Decode and check an announcement that gossip says was published by `source`.
+    pub fn verify(bytes: &[u8], source: &PeerId) -> Result<Self, AnnouncementError> {
+        if bytes.len() > MAX_ANNOUNCEMENT_BYTES {
+            return Err(AnnouncementError::TooLarge(bytes.len()));
+        }
+        let malformed = |e: &dyn std::fmt::Display| AnnouncementError::Malformed(e.to_string());
+        let (signed, _): (SignedAnnouncement, _) =
+            bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| malformed(&e))?;
+        let public_key = PublicKey::try_decode_protobuf(&signed.public_key).map_err(|e| malformed(&e))?;
+        if !public_key.verify(&signed.payload, &signed.signature) {
+            return Err(AnnouncementError::BadSignature);
+        }
+        let signer = public_key.to_peer_id();
+        if signer != *source {
+            return Err(AnnouncementError::WrongSigner {
+                signer: signer.to_string(),
+                source_peer: source.to_string(),
+            });
+        }
+        let (announcement, _): (Announcement, _) =
+            bincode::serde::decode_from_slice(&signed.payload, codec()).map_err(|e| malformed(&e))?;
+        if announcement.version != ANNOUNCEMENT_VERSION {
+            return Err(AnnouncementError::UnknownVersion(announcement.version));
+        }
+        if announcement.peer_id != signer.to_string() {
+            return Err(AnnouncementError::WrongSigner {
+                signer: signer.to_string(),
+                source_peer: announcement.peer_id,
+            });
+        }
+        announcement.check_bounds()?;
+        Ok(announcement)
+    }
+
+    fn check_bounds(&self) -> Result<(), AnnouncementError> {
+        let text_ok = |text: &str| !text.is_empty() && text.len() <= MAX_TEXT;
+        if !text_ok(&self.name) {
+            return Err(AnnouncementError::OutOfBounds("name"));
+        }
+        if self.addresses.len() > MAX_ADDRESSES || self.addresses.iter().any(|a| !text_ok(a)) {
+            return Err(AnnouncementError::OutOfBounds("addresses"));
+        }
+        if self.models.len() > MAX_MODELS {
+            return Err(AnnouncementError::OutOfBounds("models"));
+        }
+        for model in &self.models {
+            if !text_ok(&model.id) || !matches!(model.kind.as_str(), "chat" | "embeddings") {
+                return Err(AnnouncementError::OutOfBounds("models"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(keypair: &Keypair) -> Announcement {
+        Announcement {
+            version: ANNOUNCEMENT_VERSION,
+            peer_id: keypair.public().to_peer_id().to_string(),
+            name: "workstation".into(),
+            addresses: vec!["/ip4/10.0.0.2/tcp/7690".into()],
+            models: vec![AnnouncedModel {
+                id: "smollm2".into(),
+                kind: "chat".into(),
+                architecture: "llama".into(),
+                quantization: "Q4_1".into(),
+                context_length: 4096,
+            }],
+            hardware: Hardware { cpu: "Ryzen".into(), cores: 16, memory_bytes: 64 << 30, ..Hardware::default() },
+            load: AnnouncedLoad { in_flight: 1, queued: 0 },
+            software_version: "0.1.0".into(),
+            started_at: 1,
+            issued_at_ms: 2,
+        }
+    }
+
+    #[test]
+    fn signed_announcement_round_trips() {
+        let keypair = Keypair::generate_ed25519();
+        let bytes = sample(&keypair).sign(&keypair).unwrap();
+        let decoded = Announcement::verify(&bytes, &keypair.public().to_peer_id()).unwrap();
+        assert_eq!(decoded, sample(&keypair));
+    }
+
+    #[test]
+    fn a_flipped_byte_is_refused() {
+        let keypair = Keypair::generate_ed25519();
+        let mut bytes = sample(&keypair).sign(&keypair).unwrap();
+        let middle = bytes.len() / 3;
+        bytes[middle] ^= 0x40;
+        assert!(Announcement::verify(&bytes, &keypair.public().to_peer_id()).is_err());
+    }
+
+    #[test]
+    fn another_peer_cannot_speak_for_a_node() {
+        let keypair = Keypair::generate_ed25519();
+        let other = Keypair::generate_ed25519().public().to_peer_id();
+        let bytes = sample(&keypair).sign(&keypair).unwrap();
+        assert!(matches!(Announcement::verify(&bytes, &other), Err(AnnouncementError::WrongSigner { .. })));
+        // Signed by one key while claiming another peer id.
+        let mut forged = sample(&keypair);
+        forged.peer_id = other.to_string();
+        let bytes = forged.sign(&keypair).unwrap();
+        assert!(matches!(
+            Announcement::verify(&bytes, &keypair.public().to_peer_id()),
+            Err(AnnouncementError::WrongSigner { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_versions_and_bad_fields_are_refused() {
+        let keypair = Keypair::generate_ed25519();
+        let peer = keypair.public().to_peer_id();
+        let mut future = sample(&keypair);
+        future.version = 99;
+        let bytes = future.sign(&keypair).unwrap();
+        assert_eq!(Announcement::verify(&bytes, &peer), Err(AnnouncementError::UnknownVersion(99)));
+        let mut nameless = sample(&keypair);
+        nameless.name.clear();
+        let bytes = nameless.sign(&keypair).unwrap();
+        assert_eq!(Announcement::verify(&bytes, &peer), Err(AnnouncementError::OutOfBounds("name")));
+        let mut odd_kind = sample(&keypair);
+        odd_kind.models[0].kind = "vision".into();
+        let bytes = odd_kind.sign(&keypair).unwrap();
+        assert_eq!(Announcement::verify(&bytes, &peer), Err(AnnouncementError::OutOfBounds("models")));
+    }
+
+    #[test]
+    fn oversized_or_garbage_input_is_refused_without_panicking() {
+        let peer = Keypair::generate_ed25519().public().to_peer_id();
+        assert!(matches!(
+            Announcement::verify(&vec![0; MAX_ANNOUNCEMENT_BYTES + 1], &peer),
+            Err(AnnouncementError::TooLarge(_))
+        ));
+        for garbage in [&b""[..], b"\xff\xff\xff\xff\xff\xff\xff\xff\xff", b"hello world"] {
+            assert!(Announcement::verify(garbage, &peer).is_err());
+        }
+    }
+}

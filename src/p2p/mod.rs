@@ -1,0 +1,154 @@
+//! The overlay network: libp2p with TCP (+ pnet when the cluster has a secret), Noise, Yamux,
+//! mDNS, Kademlia, identify, ping, gossipsub announcements and raw streams for inference.
+//!
+//! Only this folder imports libp2p. One task (`network.rs`) owns the Swarm; the rest of llmesh
+//! holds a cloneable [`P2pHandle`] whose commands carry their reply channel, receives
+//! [`P2pEvent`]s on a bounded channel, and gets inbound inference streams from [`InboundStreams`].
+//! Peers are named by their peer id as a string at this border.
+
+mod announcement;
+mod identity;
+mod network;
+mod transport;
+pub mod wire;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::{PeerId, StreamProtocol};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub use announcement::{AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware};
+pub use announcement::{ANNOUNCEMENT_VERSION, MAX_ANNOUNCEMENT_BYTES};
+pub use transport::{cluster_id, cluster_psk};
+
+/// The protocol requests are forwarded on. A new incompatible framing gets a new number.
+pub const INFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/infer/1");
+
+/// A bidirectional stream to a peer (futures' AsyncRead + AsyncWrite).
+pub type P2pStream = libp2p::Stream;
+
+/// How long opening a stream (dialing included) may take.
+const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct P2pConfig {
+    /// Where the node's identity (node.key) lives.
+    pub data_dir: PathBuf,
+    /// Multiaddresses to listen on, e.g. `/ip4/0.0.0.0/tcp/7690`.
+    pub listen: Vec<String>,
+    /// Multiaddresses of peers to dial (and redial) for networks where multicast does not pass.
+    pub peers: Vec<String>,
+    pub mdns: bool,
+    /// Nodes with another (or no) secret cannot connect at all.
+    pub cluster_secret: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum P2pError {
+    #[error("node identity {path}: {reason}")]
+    Identity { path: PathBuf, reason: String },
+    #[error("invalid multiaddress '{address}': {reason}")]
+    Address { address: String, reason: String },
+    #[error("invalid peer id '{0}'")]
+    PeerId(String),
+    #[error("cannot set up the p2p network: {0}")]
+    Setup(String),
+    #[error("cannot reach {peer}: {reason}")]
+    Unreachable { peer: String, reason: String },
+    #[error("the p2p network has stopped")]
+    Stopped,
+}
+
+/// What the network tells the rest of the node.
+#[derive(Debug, Clone)]
+pub enum P2pEvent {
+    /// A valid, signed announcement from a peer.
+    Announcement(Announcement),
+    /// The last connection to a peer closed (it left, or its link died).
+    PeerDisconnected(String),
+}
+
+enum Command {
+    Announce(Box<Announcement>),
+    ListenAddresses(oneshot::Sender<Vec<String>>),
+    ConnectedPeers(oneshot::Sender<Vec<String>>),
+    ProvideModels(Vec<String>),
+    FindProviders(String, oneshot::Sender<Vec<String>>),
+}
+
+/// A cloneable handle to the network task.
+#[derive(Clone)]
+pub struct P2pHandle {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+}
+
+/// Inbound inference streams, with the peer that opened each.
+pub struct InboundStreams(libp2p_stream::IncomingStreams);
+
+impl InboundStreams {
+    pub async fn next(&mut self) -> Option<(String, P2pStream)> {
+        self.0.next().await.map(|(peer, stream)| (peer.to_string(), stream))
+    }
+}
+
+/// Start the network task. It runs until `shutdown` is cancelled.
+pub async fn spawn(
+    config: P2pConfig,
+    shutdown: CancellationToken,
+) -> Result<(P2pHandle, mpsc::Receiver<P2pEvent>, InboundStreams), P2pError> {
+    network::spawn(config, shutdown).await
+}
+
+impl P2pHandle {
+    pub fn peer_id(&self) -> String {
+        self.peer_id.to_string()
+    }
+
+    /// Publish this node's announcement (signed by the network task with the node key).
+    pub async fn announce(&self, announcement: Announcement) -> Result<(), P2pError> {
+        self.commands.send(Command::Announce(Box::new(announcement))).await.map_err(|_| P2pError::Stopped)
+    }
+
+    /// Addresses this node listens on, each ending in /p2p/<peer id>.
+    pub async fn listen_addresses(&self) -> Result<Vec<String>, P2pError> {
+        self.ask(Command::ListenAddresses).await
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<String>, P2pError> {
+        self.ask(Command::ConnectedPeers).await
+    }
+
+    /// Advertise these model ids as Kademlia provider records (replacing the previous set).
+    pub async fn provide_models(&self, model_ids: Vec<String>) -> Result<(), P2pError> {
+        self.commands.send(Command::ProvideModels(model_ids)).await.map_err(|_| P2pError::Stopped)
+    }
+
+    /// Peers that advertise `model_id` in the DHT (dialed, so their announcements follow).
+    pub async fn find_providers(&self, model_id: &str) -> Result<Vec<String>, P2pError> {
+        let model_id = model_id.to_string();
+        self.ask(|reply| Command::FindProviders(model_id, reply)).await
+    }
+
+    /// Open an inference stream to `peer`, dialing it if needed.
+    pub async fn open_stream(&self, peer: &str) -> Result<P2pStream, P2pError> {
+        let peer_id: PeerId = peer.parse().map_err(|_| P2pError::PeerId(peer.to_string()))?;
+        let mut control = self.control.clone();
+        let unreachable = |reason: String| P2pError::Unreachable { peer: peer.to_string(), reason };
+        match tokio::time::timeout(OPEN_STREAM_TIMEOUT, control.open_stream(peer_id, INFER_PROTOCOL)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(error)) => Err(unreachable(error.to_string())),
+            Err(_) => Err(unreachable("timed out".to_string())),
+        }
+    }
+
+    async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, P2pError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(command(reply)).await.map_err(|_| P2pError::Stopped)?;
+        answer.await.map_err(|_| P2pError::Stopped)
+    }
+}

@@ -1,0 +1,343 @@
+//! The network task: owns the Swarm, runs discovery (mDNS, Kademlia, identify, explicit peers),
+//! publishes and checks announcements, keeps one connection per pair of nodes, and answers the
+//! handle's commands. Nothing here blocks: every command is answered from the task's own state or
+//! by a swarm call.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use libp2p::core::ConnectedPoint;
+use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, mdns, ping};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::announcement::{Announcement, MAX_ANNOUNCEMENT_BYTES};
+use super::identity::load_or_create_keypair;
+use super::transport::{build_transport, cluster_id, cluster_psk};
+use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
+
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/kad/1.0.0");
+const IDENTIFY_PROTOCOL: &str = "/llmesh/id/1.0.0";
+/// How often explicit peers that are not connected are dialed again.
+const REDIAL_INTERVAL: Duration = Duration::from_secs(5);
+const EVENTS_CAPACITY: usize = 256;
+const COMMANDS_CAPACITY: usize = 64;
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    kademlia: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+struct Network {
+    swarm: Swarm<Behaviour>,
+    topic: IdentTopic,
+    events: mpsc::Sender<P2pEvent>,
+    /// The last announcement published, re-sent when a new peer subscribes.
+    last_announcement: Option<Vec<u8>>,
+    explicit_peers: Vec<Multiaddr>,
+    /// Open connections per peer with the peer id of the side that dialed.
+    connections: HashMap<PeerId, Vec<(ConnectionId, PeerId)>>,
+    listen_addresses: Vec<Multiaddr>,
+    provided: HashSet<String>,
+    provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<String>>, HashSet<PeerId>)>,
+}
+
+pub async fn spawn(
+    config: P2pConfig,
+    shutdown: CancellationToken,
+) -> Result<(P2pHandle, mpsc::Receiver<P2pEvent>, InboundStreams), P2pError> {
+    let keypair = load_or_create_keypair(&config.data_dir)?;
+    let peer_id = keypair.public().to_peer_id();
+    let psk = config.cluster_secret.as_deref().map(cluster_psk);
+    let topic = IdentTopic::new(format!("llmesh/{}/nodes/1", cluster_id(psk.as_ref())));
+    let mut swarm = build_swarm(&keypair, psk, config.mdns)?;
+    let mut control = swarm.behaviour().stream.new_control();
+    let inbound = control.accept(INFER_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
+    swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| P2pError::Setup(e.to_string()))?;
+    swarm.behaviour_mut().kademlia.set_mode(Some(kad::Mode::Server));
+    for address in &config.listen {
+        let address = parse_address(address)?;
+        swarm.listen_on(address.clone()).map_err(|e| P2pError::Setup(format!("listen on {address}: {e}")))?;
+    }
+    let explicit_peers = config.peers.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
+    let (events, events_receiver) = mpsc::channel(EVENTS_CAPACITY);
+    let (commands, command_receiver) = mpsc::channel(COMMANDS_CAPACITY);
+    tracing::info!(%peer_id, cluster = %topic, mdns = config.mdns, private = psk.is_some(), "p2p node starting");
+    let network = Network {
+        swarm,
+        topic,
+        events,
+        last_announcement: None,
+        explicit_peers,
+        connections: HashMap::new(),
+        listen_addresses: Vec::new(),
+        provided: HashSet::new(),
+        provider_queries: HashMap::new(),
+    };
+    tokio::spawn(network.run(keypair, command_receiver, shutdown));
+    Ok((P2pHandle { peer_id, commands, control }, events_receiver, InboundStreams(inbound)))
+}
+
+fn parse_address(address: &str) -> Result<Multiaddr, P2pError> {
+    address.parse().map_err(|e: libp2p::multiaddr::Error| P2pError::Address {
+        address: address.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn build_swarm(keypair: &Keypair, psk: Option<[u8; 32]>, use_mdns: bool) -> Result<Swarm<Behaviour>, P2pError> {
+    let setup = |e: &dyn std::fmt::Display| P2pError::Setup(e.to_string());
+    let peer_id = keypair.public().to_peer_id();
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_secs(1))
+        .validation_mode(ValidationMode::Strict)
+        .max_transmit_size(MAX_ANNOUNCEMENT_BYTES)
+        .build()
+        .map_err(|e| setup(&e))?;
+    let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(keypair.clone()), gossip_config)
+        .map_err(|e| setup(&e))?;
+    let mdns = if use_mdns {
+        let config = mdns::Config { query_interval: Duration::from_secs(5), ..mdns::Config::default() };
+        Some(mdns::tokio::Behaviour::new(config, peer_id).map_err(|e| setup(&e))?)
+    } else {
+        None
+    };
+    let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+    kad_config.set_replication_factor(NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN));
+    let behaviour = Behaviour {
+        gossipsub,
+        mdns: Toggle::from(mdns),
+        kademlia: kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config),
+        identify: identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.to_string(), keypair.public())
+                .with_agent_version(format!("llmesh/{}", env!("CARGO_PKG_VERSION"))),
+        ),
+        ping: ping::Behaviour::new(
+            ping::Config::new().with_interval(Duration::from_secs(2)).with_timeout(Duration::from_secs(4)),
+        ),
+        stream: libp2p_stream::Behaviour::new(),
+    };
+    let transport = build_transport(keypair, psk).map_err(|e| setup(&e))?;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
+        .with_tokio()
+        .with_other_transport(|_| transport)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|config| config.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    Ok(swarm)
+}
+
+impl Network {
+    async fn run(mut self, keypair: Keypair, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = redial.tick() => self.dial_explicit_peers(),
+                command = commands.recv() => match command {
+                    Some(command) => self.handle_command(command, &keypair),
+                    None => break,
+                },
+                event = futures::StreamExt::select_next_some(&mut self.swarm) => self.handle_event(event).await,
+            }
+        }
+        tracing::info!("p2p node stopped");
+    }
+
+    fn dial_explicit_peers(&mut self) {
+        for address in self.explicit_peers.clone() {
+            let peer = address.iter().find_map(|p| match p {
+                Protocol::P2p(peer) => Some(peer),
+                _ => None,
+            });
+            let options = match peer {
+                Some(peer) if self.swarm.is_connected(&peer) => continue,
+                Some(peer) => DialOpts::peer_id(peer)
+                    .addresses(vec![address.clone()])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build(),
+                None if !self.connections.is_empty() => continue,
+                None => DialOpts::unknown_peer_id().address(address.clone()).build(),
+            };
+            if let Err(error) = self.swarm.dial(options) {
+                tracing::debug!(%address, %error, "dial failed");
+            }
+        }
+    }
+
+    fn handle_command(&mut self, command: Command, keypair: &Keypair) {
+        match command {
+            Command::Announce(announcement) => match announcement.sign(keypair) {
+                Ok(bytes) => {
+                    self.last_announcement = Some(bytes.clone());
+                    self.publish(bytes);
+                }
+                Err(error) => tracing::error!(%error, "cannot sign our announcement"),
+            },
+            Command::ListenAddresses(reply) => {
+                let peer = *self.swarm.local_peer_id();
+                let addresses = self
+                    .listen_addresses
+                    .iter()
+                    .map(|address| address.clone().with(Protocol::P2p(peer)).to_string())
+                    .collect();
+                let _ = reply.send(addresses);
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().map(|peer| peer.to_string()).collect());
+            }
+            Command::ProvideModels(ids) => self.provide(ids.into_iter().collect()),
+            Command::FindProviders(model_id, reply) => {
+                let query = self.swarm.behaviour_mut().kademlia.get_providers(kad::RecordKey::new(&model_id));
+                self.provider_queries.insert(query, (reply, HashSet::new()));
+            }
+        }
+    }
+
+    fn publish(&mut self, bytes: Vec<u8>) {
+        let topic = self.topic.clone();
+        match self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+            Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+            Err(error) => tracing::debug!(%error, "announcement not published"),
+        }
+    }
+
+    fn provide(&mut self, ids: HashSet<String>) {
+        let kademlia = &mut self.swarm.behaviour_mut().kademlia;
+        for gone in self.provided.difference(&ids) {
+            kademlia.stop_providing(&kad::RecordKey::new(gone));
+        }
+        for new in ids.difference(&self.provided) {
+            if let Err(error) = kademlia.start_providing(kad::RecordKey::new(new)) {
+                tracing::warn!(model = %new, %error, "cannot advertise model in the DHT");
+            }
+        }
+        self.provided = ids;
+    }
+
+    async fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let peer = *self.swarm.local_peer_id();
+                tracing::info!(address = %address.clone().with(Protocol::P2p(peer)), "p2p listening");
+                self.listen_addresses.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addresses.retain(|a| *a != address),
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                let dialer = match endpoint {
+                    ConnectedPoint::Dialer { .. } => *self.swarm.local_peer_id(),
+                    ConnectedPoint::Listener { .. } => peer_id,
+                };
+                tracing::debug!(peer = %peer_id, "connected");
+                self.connections.entry(peer_id).or_default().push((connection_id, dialer));
+                self.keep_one_connection(peer_id);
+            }
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+                if let Some(open) = self.connections.get_mut(&peer_id) {
+                    open.retain(|(id, _)| *id != connection_id);
+                }
+                if num_established == 0 {
+                    self.connections.remove(&peer_id);
+                    tracing::info!(peer = %peer_id, cause = ?cause, "peer disconnected");
+                    self.emit(P2pEvent::PeerDisconnected(peer_id.to_string())).await;
+                }
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                tracing::debug!(from = %send_back_addr, %error, "refused an incoming connection");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "could not connect");
+            }
+            SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event).await,
+            _ => {}
+        }
+    }
+
+    /// Both sides may dial at once; keep the connection dialed by the smaller peer id (both ends
+    /// pick the same one) and close the rest.
+    fn keep_one_connection(&mut self, peer: PeerId) {
+        let Some(open) = self.connections.get(&peer) else { return };
+        if open.len() < 2 {
+            return;
+        }
+        let preferred_dialer = (*self.swarm.local_peer_id()).min(peer);
+        let keep = open.iter().find(|(_, dialer)| *dialer == preferred_dialer).unwrap_or(&open[0]).0;
+        for (id, _) in open.iter().filter(|(id, _)| *id != keep) {
+            self.swarm.close_connection(*id);
+        }
+    }
+
+    async fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, address) in found {
+                    self.swarm.behaviour_mut().kademlia.add_address(&peer, address.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let options = DialOpts::peer_id(peer)
+                            .addresses(vec![address])
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(options);
+                    }
+                }
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                for address in info.listen_addrs {
+                    self.swarm.behaviour_mut().kademlia.add_address(&peer_id, address);
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
+                let Some(source) = message.source else { return };
+                match Announcement::verify(&message.data, &source) {
+                    Ok(announcement) => self.emit(P2pEvent::Announcement(announcement)).await,
+                    Err(error) => tracing::warn!(peer = %source, %error, "dropped an announcement"),
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, .. }) => {
+                tracing::debug!(peer = %peer_id, "peer joined the announcement topic");
+                if let Some(bytes) = self.last_announcement.clone() {
+                    self.publish(bytes);
+                }
+            }
+            BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
+                if let kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                    providers, ..
+                })) = &result
+                    && let Some((_, found)) = self.provider_queries.get_mut(&id)
+                {
+                    found.extend(providers.iter().copied());
+                }
+                if step.last
+                    && let Some((reply, found)) = self.provider_queries.remove(&id)
+                {
+                    for peer in &found {
+                        if !self.swarm.is_connected(peer) {
+                            let _ = self.swarm.dial(*peer);
+                        }
+                    }
+                    let _ = reply.send(found.iter().map(|peer| peer.to_string()).collect());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn emit(&mut self, event: P2pEvent) {
+        // Bounded: a stalled consumer slows the network task rather than growing a queue.
+        let _ = self.events.send(event).await;
+    }
+}
