@@ -7,5 +7,5 @@ pub mod api;
 pub mod bench;
 pub mod config;
 pub mod engine;
-pub mod p2p;
 pub mod node;
+pub mod p2p;

@@ -56,7 +56,7 @@ fn scripted(events: Vec<GenerationEvent>) -> GenerationStream {
     for event in events {
         sender.try_send(event).expect("the channel holds the whole script");
     }
-    receiver
+    GenerationStream::new(receiver)
 }
 
 impl Engine for FakeEngine {
@@ -91,7 +91,7 @@ impl Engine for FakeEngine {
                         let _ = cancelled.send(());
                     }
                 });
-                Ok(receiver)
+                Ok(GenerationStream::new(receiver))
             }
             "fake-busy" => Err(EngineError::QueueFull(request.model)),
             "fake-embed" => Err(EngineError::WrongKind { model: request.model, operation: "chat".into() }),
@@ -106,8 +106,11 @@ impl Engine for FakeEngine {
             "fake-embed" => Ok(Embeddings {
                 vectors: (0..request.inputs.len()).map(embedding).collect(),
                 prompt_tokens: 2 * request.inputs.len(),
+                served_by: None,
             }),
-            "fake-chat" => Err(EngineError::WrongKind { model: request.model, operation: "embeddings".into() }),
+            "fake-chat" => {
+                Err(EngineError::WrongKind { model: request.model, operation: "embeddings".into() })
+            }
             _ => Err(EngineError::UnknownModel(request.model)),
         };
         futures::future::ready(result).boxed()

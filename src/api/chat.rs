@@ -7,7 +7,6 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
-use super::AppState;
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
 use super::generation::{ChunkWriter, collect, json_event, stream_sse};
@@ -16,6 +15,7 @@ use super::types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta, response_id,
     unix_now,
 };
+use super::{AppState, served_by};
 use crate::engine::{ChatMessage, FinishReason, GenerateRequest, Prompt, Usage};
 
 /// `max_tokens` when the request sets none and the engine does not list the model (it will then
@@ -153,9 +153,10 @@ pub async fn create_chat_completion(
         .await?;
     let id = response_id("chatcmpl");
     let created = unix_now();
+    let node = events.served_by.clone();
     if options.stream {
         let writer = ChatChunks { id, created, model, include_usage: options.include_usage };
-        return Ok(stream_sse(events, writer, options.include_usage));
+        return Ok(served_by(stream_sse(events, writer, options.include_usage), node.as_deref()));
     }
     let collected = collect(events).await?;
     let completion = ChatCompletion {
@@ -171,7 +172,7 @@ pub async fn create_chat_completion(
         }],
         usage: collected.usage.into(),
     };
-    Ok(Json(completion).into_response())
+    Ok(served_by(Json(completion).into_response(), node.as_deref()))
 }
 
 /// Writes `chat.completion.chunk`s; every chunk of one stream shares its id and `created`.

@@ -7,12 +7,12 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
-use super::AppState;
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
 use super::generation::{ChunkWriter, collect, json_event, stream_sse};
 use super::params::GenerationOptions;
 use super::types::{TextChoice, TextCompletion, response_id, unix_now};
+use super::{AppState, served_by};
 use crate::engine::{FinishReason, GenerateRequest, Prompt, Usage};
 
 /// `max_tokens` when the request sets none: 16, OpenAI's documented default for this endpoint,
@@ -85,13 +85,14 @@ pub async fn create_completion(
         model,
         include_usage: options.include_usage,
     };
+    let node = events.served_by.clone();
     if options.stream {
-        return Ok(stream_sse(events, writer, options.include_usage));
+        return Ok(served_by(stream_sse(events, writer, options.include_usage), node.as_deref()));
     }
     let collected = collect(events).await?;
     let mut completion = writer.completion(collected.text, Some(collected.finish_reason));
     completion.usage = Some(Some(collected.usage.into()));
-    Ok(Json(completion).into_response())
+    Ok(served_by(Json(completion).into_response(), node.as_deref()))
 }
 
 /// Writes `text_completion` objects; streamed chunks share the id and `created`.

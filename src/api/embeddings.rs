@@ -3,14 +3,15 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 
-use super::AppState;
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
 use super::types::{EmbeddingList, EmbeddingObject, EmbeddingUsage, EmbeddingVector};
+use super::{AppState, served_by};
 use crate::engine::EmbedRequest;
 
 /// OpenAI's limit on inputs per request; it bounds the work one request can queue.
@@ -98,7 +99,7 @@ fn parse_inputs(value: Option<Value>) -> Result<Vec<String>, ApiError> {
 pub async fn create_embeddings(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<EmbeddingRequest>,
-) -> Result<Json<EmbeddingList>, ApiError> {
+) -> Result<Response, ApiError> {
     tracing::Span::current().record("model", request.model.as_str());
     let EmbeddingRequest { model, inputs, encoding_format } = request;
     let expected = inputs.len();
@@ -121,7 +122,8 @@ pub async fn create_embeddings(
         .collect();
     let usage =
         EmbeddingUsage { prompt_tokens: embeddings.prompt_tokens, total_tokens: embeddings.prompt_tokens };
-    Ok(Json(EmbeddingList { object: "list", data, model, usage }))
+    let list = Json(EmbeddingList { object: "list", data, model, usage });
+    Ok(served_by(list.into_response(), embeddings.served_by.as_deref()))
 }
 
 fn encode(vector: Vec<f32>, format: EncodingFormat) -> EmbeddingVector {

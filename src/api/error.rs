@@ -120,7 +120,9 @@ impl ApiError {
                 EngineError::ContextLength { .. } => (INVALID_REQUEST, None, Some("context_length_exceeded")),
                 EngineError::QueueFull(_) => (SERVER_ERROR, Some("model".into()), Some("model_busy")),
                 EngineError::ShuttingDown(_) => (SERVER_ERROR, None, Some("shutting_down")),
-                EngineError::Unavailable(_) => (SERVER_ERROR, Some("model".into()), Some("model_unavailable")),
+                EngineError::Unavailable(_) => {
+                    (SERVER_ERROR, Some("model".into()), Some("model_unavailable"))
+                }
                 EngineError::Inference(_) => (SERVER_ERROR, None, None),
             },
         };

@@ -112,6 +112,17 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed { method, path: uri.path().to_owned() }
 }
 
+/// The response header naming the node whose engine answered.
+pub const SERVED_BY_HEADER: &str = "x-llmesh-node";
+
+/// Add `x-llmesh-node` when the engine said which node served the request.
+fn served_by(mut response: Response, node: Option<&str>) -> Response {
+    if let Some(value) = node.and_then(|node| HeaderValue::from_str(node).ok()) {
+        response.headers_mut().insert(SERVED_BY_HEADER, value);
+    }
+    response
+}
+
 /// The id that ties a request's logs together and is echoed to the client.
 #[derive(Debug, Clone, Copy)]
 struct RequestId(uuid::Uuid);

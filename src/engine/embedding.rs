@@ -133,5 +133,5 @@ fn embed_all(model: &BertModel, tokenizer: &Tokenizer, inputs: &[String]) -> any
         let normalised = pooled.broadcast_div(&norms.clamp(1e-12, f64::INFINITY)?)?;
         vectors.extend(normalised.to_vec2::<f32>()?);
     }
-    Ok(Embeddings { vectors, prompt_tokens })
+    Ok(Embeddings { vectors, prompt_tokens, served_by: None })
 }

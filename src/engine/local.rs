@@ -17,8 +17,8 @@ use super::gguf_tokenizer::tokenizer_from_metadata;
 use super::models::load_language_model;
 use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, WorkerLoad};
 use super::{
-    EmbedRequest, EngineLoad, Embeddings, Engine, EngineError, GenerateRequest, GenerationStream, ModelInfo, ModelKind,
-    Prompt,
+    EmbedRequest, Embeddings, Engine, EngineError, EngineLoad, GenerateRequest, GenerationStream, ModelInfo,
+    ModelKind, Prompt,
 };
 
 /// Events buffered between the worker and the reader of one generation.
@@ -210,7 +210,7 @@ impl ChatRunner {
         let (events, stream) = mpsc::channel(EVENTS_PER_GENERATION);
         tracing::debug!(parent: &span, prompt_tokens = prompt_tokens.len(), max_tokens = params.max_tokens, "queued");
         self.worker.submit(Job { prompt_tokens, params, events, span })?;
-        Ok(stream)
+        Ok(GenerationStream::new(stream))
     }
 }
 
@@ -226,7 +226,8 @@ impl Engine for LocalEngine {
         let runner = match self.model(&request.model).map(|model| &model.runner) {
             Ok(Runner::Chat(runner)) => runner.clone(),
             Ok(Runner::Embeddings(_)) => {
-                let error = EngineError::WrongKind { model: request.model, operation: "chat or completions".into() };
+                let error =
+                    EngineError::WrongKind { model: request.model, operation: "chat or completions".into() };
                 return futures::future::ready(Err(error)).boxed();
             }
             Err(error) => return futures::future::ready(Err(error)).boxed(),

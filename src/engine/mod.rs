@@ -127,7 +127,28 @@ pub enum GenerationEvent {
 }
 
 /// The receiving end of a generation. Dropping it cancels the generation.
-pub type GenerationStream = mpsc::Receiver<GenerationEvent>;
+#[derive(Debug)]
+pub struct GenerationStream {
+    /// The name of the node whose engine runs the generation, when a router knows it.
+    pub served_by: Option<String>,
+    events: mpsc::Receiver<GenerationEvent>,
+}
+
+impl GenerationStream {
+    pub fn new(events: mpsc::Receiver<GenerationEvent>) -> Self {
+        Self { served_by: None, events }
+    }
+
+    pub fn served_by(mut self, node: impl Into<String>) -> Self {
+        self.served_by = Some(node.into());
+        self
+    }
+
+    /// The next event; `None` once the generation has ended and every event was read. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<GenerationEvent> {
+        self.events.recv().await
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EmbedRequest {
@@ -140,6 +161,9 @@ pub struct Embeddings {
     /// One L2-normalised vector per input, in input order.
     pub vectors: Vec<Vec<f32>>,
     pub prompt_tokens: usize,
+    /// The name of the node that computed them, when a router knows it.
+    #[serde(default)]
+    pub served_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]

@@ -92,7 +92,8 @@ impl Announcement {
         let malformed = |e: &dyn std::fmt::Display| AnnouncementError::Malformed(e.to_string());
         let payload = bincode::serde::encode_to_vec(self, codec()).map_err(|e| malformed(&e))?;
         let signature = keypair.sign(&payload).map_err(|e| malformed(&e))?;
-        let signed = SignedAnnouncement { payload, public_key: keypair.public().encode_protobuf(), signature };
+        let signed =
+            SignedAnnouncement { payload, public_key: keypair.public().encode_protobuf(), signature };
         let bytes = bincode::serde::encode_to_vec(&signed, codec()).map_err(|e| malformed(&e))?;
         if bytes.len() > MAX_ANNOUNCEMENT_BYTES {
             return Err(AnnouncementError::TooLarge(bytes.len()));
@@ -171,7 +172,12 @@ mod tests {
                 quantization: "Q4_1".into(),
                 context_length: 4096,
             }],
-            hardware: Hardware { cpu: "Ryzen".into(), cores: 16, memory_bytes: 64 << 30, ..Hardware::default() },
+            hardware: Hardware {
+                cpu: "Ryzen".into(),
+                cores: 16,
+                memory_bytes: 64 << 30,
+                ..Hardware::default()
+            },
             load: AnnouncedLoad { in_flight: 1, queued: 0 },
             software_version: "0.1.0".into(),
             started_at: 1,

@@ -97,7 +97,11 @@ fn parse_address(address: &str) -> Result<Multiaddr, P2pError> {
     })
 }
 
-fn build_swarm(keypair: &Keypair, psk: Option<[u8; 32]>, use_mdns: bool) -> Result<Swarm<Behaviour>, P2pError> {
+fn build_swarm(
+    keypair: &Keypair,
+    psk: Option<[u8; 32]>,
+    use_mdns: bool,
+) -> Result<Swarm<Behaviour>, P2pError> {
     let setup = |e: &dyn std::fmt::Display| P2pError::Setup(e.to_string());
     let peer_id = keypair.public().to_peer_id();
     let gossip_config = gossipsub::ConfigBuilder::default()
@@ -142,7 +146,12 @@ fn build_swarm(keypair: &Keypair, psk: Option<[u8; 32]>, use_mdns: bool) -> Resu
 }
 
 impl Network {
-    async fn run(mut self, keypair: Keypair, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        keypair: Keypair,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) {
         let mut redial = tokio::time::interval(REDIAL_INTERVAL);
         loop {
             tokio::select! {
@@ -315,7 +324,8 @@ impl Network {
             }
             BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
                 if let kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
-                    providers, ..
+                    providers,
+                    ..
                 })) = &result
                     && let Some((_, found)) = self.provider_queries.get_mut(&id)
                 {
