@@ -29,7 +29,24 @@ pub struct Config {
     /// The models this node hosts.
     pub models: Vec<ModelEntry>,
     pub limits: Limits,
+    /// The human name shown everywhere; default: the host name.
+    pub name: Option<String>,
+    /// Where the node keeps its identity (node.key); default: the platform data directory
+    /// (`$XDG_DATA_HOME/llmesh`, `~/.local/share/llmesh`, or `~/Library/Application Support/llmesh`).
+    pub data_dir: Option<PathBuf>,
+    /// Multiaddresses the overlay listens on.
+    pub p2p_listen: Vec<String>,
+    /// Peers to dial (and redial) where multicast does not pass: VPNs, routed subnets.
+    pub peers: Vec<String>,
+    /// Discover peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// The cluster secret: nodes without the same one cannot connect. When unset, the API key
+    /// (if any) is used; with neither, the cluster is open to any llmesh node that can reach it.
+    pub cluster_key: Option<String>,
 }
+
+/// The overlay's default listen address: every interface, TCP port 7690.
+pub const DEFAULT_P2P_LISTEN: &str = "/ip4/0.0.0.0/tcp/7690";
 
 /// One hosted model: `id` is the name clients use; `path` a .gguf file, a folder with
 /// model.safetensors + config.json + tokenizer.json, or `hf:owner/repo/file.gguf`.
@@ -58,6 +75,12 @@ impl Default for Config {
             api_key: None,
             models: Vec::new(),
             limits: Limits::default(),
+            name: None,
+            data_dir: None,
+            p2p_listen: vec![DEFAULT_P2P_LISTEN.to_string()],
+            peers: Vec::new(),
+            mdns: true,
+            cluster_key: None,
         }
     }
 }
@@ -85,6 +108,25 @@ impl Config {
             .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         toml::from_str(&text)
             .map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(source) })
+    }
+
+    /// The secret that keeps strangers out of the overlay (see `cluster_key`).
+    pub fn cluster_secret(&self) -> Option<&str> {
+        self.cluster_key.as_deref().or(self.api_key.as_deref())
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        let home = || std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        if cfg!(target_os = "macos") {
+            return home().join("Library/Application Support/llmesh");
+        }
+        match std::env::var_os("XDG_DATA_HOME") {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("llmesh"),
+            _ => home().join(".local/share/llmesh"),
+        }
     }
 
     /// Add a model given as `ID=PATH` on the command line; it replaces a file entry with the same id.
@@ -120,6 +162,15 @@ mod tests {
         assert_eq!(config.models, vec![ModelEntry { id: "chat".into(), path: "models/chat.gguf".into() }]);
         assert_eq!(config.limits.max_queued_per_model, 3);
         assert_eq!(config.limits.max_body_bytes, Limits::default().max_body_bytes);
+    }
+
+    #[test]
+    fn the_api_key_doubles_as_cluster_secret_unless_one_is_given() {
+        let mut config = Config { api_key: Some("api".into()), ..Config::default() };
+        assert_eq!(config.cluster_secret(), Some("api"));
+        config.cluster_key = Some("cluster".into());
+        assert_eq!(config.cluster_secret(), Some("cluster"));
+        assert_eq!(Config::default().cluster_secret(), None);
     }
 
     #[test]

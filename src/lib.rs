@@ -7,5 +7,7 @@ pub mod api;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod hardware;
 pub mod node;
 pub mod p2p;
+pub mod router;

@@ -36,6 +36,24 @@ struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every /v1 route.
     #[arg(long, env = "LLMESH_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// The name shown for this node [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Where the node keeps its identity [default: the platform data directory].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overlay listen address, repeatable [default: /ip4/0.0.0.0/tcp/7690].
+    #[arg(long = "p2p-listen", value_name = "MULTIADDR")]
+    p2p_listen: Vec<String>,
+    /// A peer to dial, e.g. /ip4/10.0.0.2/tcp/7690/p2p/12D3..., for networks where mDNS does not reach. Repeatable.
+    #[arg(long = "peer", value_name = "MULTIADDR")]
+    peers: Vec<String>,
+    /// Do not discover peers on the LAN with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    /// The cluster secret; nodes without it cannot connect [default: the API key, if any].
+    #[arg(long, env = "LLMESH_CLUSTER_KEY", hide_env_values = true)]
+    cluster_key: Option<String>,
 }
 
 #[tokio::main]
@@ -64,6 +82,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     for flag in &args.models {
         config.add_model_flag(flag)?;
+    }
+    if args.name.is_some() {
+        config.name = args.name;
+    }
+    if args.data_dir.is_some() {
+        config.data_dir = args.data_dir;
+    }
+    if !args.p2p_listen.is_empty() {
+        config.p2p_listen = args.p2p_listen;
+    }
+    config.peers.extend(args.peers);
+    if args.no_mdns {
+        config.mdns = false;
+    }
+    if args.cluster_key.is_some() {
+        config.cluster_key = args.cluster_key;
     }
     let node = Node::spawn(config).await.context("cannot start the node")?;
     shutdown_signal().await?;

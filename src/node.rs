@@ -1,11 +1,14 @@
-//! A running llmesh node: the engine with its models plus the HTTP API, started by
-//! `Node::spawn` and stopped in order by `shutdown` + `join`.
+//! A running llmesh node: the local engine, the p2p overlay, the router over both, and the HTTP
+//! API in front. Started by `Node::spawn`, stopped in order by `shutdown` + `join`.
 //!
-//! Shutdown order: stop accepting connections, let requests in flight finish (axum's graceful
-//! shutdown), then drop the engine, whose worker threads finish what they hold and exit.
+//! Shutdown order: stop accepting HTTP connections and let requests in flight finish (axum's
+//! graceful shutdown), then stop the router and the p2p task (peers see the connections close and
+//! drop this node at once), then drop the engine, whose worker threads finish and exit. Dropping a
+//! `Node` without `join` stops everything at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -14,11 +17,15 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiConfig};
 use crate::config::Config;
 use crate::engine::{self, EngineError, LocalEngine, ModelSpec, SharedEngine};
+use crate::p2p::{self, P2pConfig, P2pError};
+use crate::router::{NodeIdentity, Router};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    P2p(#[from] P2pError),
     #[error("cannot listen on {address}: {source}")]
     Bind { address: SocketAddr, source: std::io::Error },
     #[error("the HTTP server failed: {0}")]
@@ -27,30 +34,51 @@ pub enum NodeError {
 
 pub struct Node {
     http_address: SocketAddr,
-    shutdown: CancellationToken,
-    server: JoinHandle<Result<(), NodeError>>,
+    p2p_addresses: Vec<String>,
+    router: Router,
+    http_shutdown: CancellationToken,
+    cluster_shutdown: CancellationToken,
+    server: Option<JoinHandle<Result<(), NodeError>>>,
 }
 
 impl Node {
-    /// Load the configured models (downloading `hf:` ones), then serve the API.
+    /// Load the configured models (downloading `hf:` ones), join the cluster, serve the API.
     pub async fn spawn(config: Config) -> Result<Self, NodeError> {
         let engine = load_engine(&config).await?;
         Self::spawn_with_engine(config, engine).await
     }
 
-    /// Serve the API over a ready engine (tests put a fake one here).
-    pub async fn spawn_with_engine(config: Config, engine: SharedEngine) -> Result<Self, NodeError> {
+    /// The same over a ready local engine (tests put a fake or tiny one here).
+    pub async fn spawn_with_engine(config: Config, local: SharedEngine) -> Result<Self, NodeError> {
+        let http_shutdown = CancellationToken::new();
+        let cluster_shutdown = CancellationToken::new();
+        let p2p_config = P2pConfig {
+            data_dir: config.data_dir(),
+            listen: config.p2p_listen.clone(),
+            peers: config.peers.clone(),
+            mdns: config.mdns,
+            cluster_secret: config.cluster_secret().map(str::to_string),
+        };
+        let (p2p, events, inbound) = p2p::spawn(p2p_config, cluster_shutdown.clone()).await?;
+        let p2p_addresses = wait_for_listen_addresses(&p2p, &config).await;
+        let identity = NodeIdentity {
+            name: config.name.clone().unwrap_or_else(crate::hardware::host_name),
+            peer_id: p2p.peer_id(),
+            started_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        };
+        tracing::info!(name = %identity.name, peer_id = %identity.peer_id, addresses = ?p2p_addresses, "node identity");
+        let router = Router::start(identity, local, p2p, events, inbound, cluster_shutdown.clone());
+
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| NodeError::Bind { address: config.listen, source })?;
         let http_address =
             listener.local_addr().map_err(|source| NodeError::Bind { address: config.listen, source })?;
         let app = api::app(
-            engine,
+            Arc::new(router.clone()),
             ApiConfig { api_key: config.api_key.clone(), max_body_bytes: config.limits.max_body_bytes },
         );
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
+        let stop = http_shutdown.clone();
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
@@ -58,24 +86,65 @@ impl Node {
                 .map_err(NodeError::Serve)
         });
         tracing::info!(%http_address, "serving the OpenAI API");
-        Ok(Self { http_address, shutdown, server })
+        Ok(Self {
+            http_address,
+            p2p_addresses,
+            router,
+            http_shutdown,
+            cluster_shutdown,
+            server: Some(server),
+        })
     }
 
     pub fn http_address(&self) -> SocketAddr {
         self.http_address
     }
 
-    /// Stop accepting requests; those in flight finish. Wait for that with `join`.
-    pub fn shutdown(&self) {
-        self.shutdown.cancel();
+    /// Overlay addresses other nodes can use with `--peer`, each ending in /p2p/<peer id>.
+    pub fn p2p_addresses(&self) -> &[String] {
+        &self.p2p_addresses
     }
 
-    pub async fn join(self) -> Result<(), NodeError> {
-        match self.server.await {
-            Ok(result) => result,
-            Err(panic) => Err(NodeError::Serve(std::io::Error::other(panic.to_string()))),
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Stop accepting requests; those in flight finish. Wait for that with `join`.
+    pub fn shutdown(&self) {
+        self.http_shutdown.cancel();
+    }
+
+    pub async fn join(mut self) -> Result<(), NodeError> {
+        let result = match self.server.take() {
+            Some(server) => match server.await {
+                Ok(result) => result,
+                Err(panic) => Err(NodeError::Serve(std::io::Error::other(panic.to_string()))),
+            },
+            None => Ok(()),
+        };
+        self.cluster_shutdown.cancel();
+        result
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.http_shutdown.cancel();
+        self.cluster_shutdown.cancel();
+    }
+}
+
+/// The overlay reports its listen addresses asynchronously; wait briefly so callers (and the
+/// start-up log) can use them.
+async fn wait_for_listen_addresses(p2p: &p2p::P2pHandle, config: &Config) -> Vec<String> {
+    for _ in 0..50 {
+        match p2p.listen_addresses().await {
+            Ok(addresses) if !addresses.is_empty() || config.p2p_listen.is_empty() => return addresses,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) => break,
         }
     }
+    Vec::new()
 }
 
 async fn load_engine(config: &Config) -> Result<SharedEngine, EngineError> {

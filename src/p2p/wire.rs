@@ -2,11 +2,9 @@
 //! Every frame is bounded on both ends; a frame over the limit, or one that does not decode, is
 //! an error and the stream is dropped.
 
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-
-use super::P2pStream;
 
 /// The largest frame either side writes or reads.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -19,7 +17,10 @@ fn invalid(reason: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, reason.to_string())
 }
 
-pub async fn write_frame<T: Serialize>(stream: &mut P2pStream, message: &T) -> std::io::Result<()> {
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    stream: &mut W,
+    message: &T,
+) -> std::io::Result<()> {
     let bytes = bincode::serde::encode_to_vec(message, codec()).map_err(invalid)?;
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(invalid(format!("frame of {} bytes is over the limit", bytes.len())));
@@ -31,7 +32,9 @@ pub async fn write_frame<T: Serialize>(stream: &mut P2pStream, message: &T) -> s
 }
 
 /// The next message, or `None` when the other side closed the stream cleanly between frames.
-pub async fn read_frame<T: DeserializeOwned>(stream: &mut P2pStream) -> std::io::Result<Option<T>> {
+pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    stream: &mut R,
+) -> std::io::Result<Option<T>> {
     let mut length = [0u8; 4];
     match stream.read_exact(&mut length).await {
         Ok(()) => {}
@@ -49,8 +52,4 @@ pub async fn read_frame<T: DeserializeOwned>(stream: &mut P2pStream) -> std::io:
         return Err(invalid("trailing bytes after the message"));
     }
     Ok(Some(message))
-}
-
-pub async fn close(stream: &mut P2pStream) {
-    let _ = stream.close().await;
 }

@@ -19,7 +19,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def node_url():
+def node_url(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("llmesh-node")
     binary = os.environ.get("LLMESH_BIN", "target/debug/llmesh")
     models = os.environ.get("LLMESH_MODELS_DIR", "models")
     port = free_port()
@@ -30,6 +31,10 @@ def node_url():
             "--model", f"smollm2={models}/SmolLM2-135M-Instruct.Q4_1.gguf",
             "--model", f"minilm={models}/all-MiniLM-L6-v2",
             "--api-key", API_KEY,
+            "--p2p-listen", "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--data-dir", str(data_dir),
+            "--name", "pytest-node",
         ],
     )
     url = f"http://127.0.0.1:{port}"

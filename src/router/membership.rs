@@ -1,0 +1,106 @@
+//! The membership task: folds p2p events into the `ClusterView`, declares silent nodes offline,
+//! and publishes this node's announcement at start, whenever it changes, and as a heartbeat.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::RouterInner;
+use crate::engine::ModelKind;
+use crate::p2p::{ANNOUNCEMENT_VERSION, AnnouncedLoad, AnnouncedModel, Announcement, Hardware, P2pEvent};
+
+/// Announcements go out at least this often; the cluster declares a node offline after three
+/// missed ones.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How often the node checks whether its announcement changed (its load, mostly).
+const CHANGE_CHECK: Duration = Duration::from_millis(250);
+const MAX_ANNOUNCED_ADDRESSES: usize = 16;
+
+pub async fn run(
+    router: Arc<RouterInner>,
+    mut events: mpsc::Receiver<P2pEvent>,
+    shutdown: CancellationToken,
+) {
+    let hardware = tokio::task::spawn_blocking(crate::hardware::probe).await.unwrap_or_default();
+    let model_ids: Vec<String> = router.local.models().into_iter().map(|model| model.id).collect();
+    if let Err(error) = router.p2p.provide_models(model_ids).await {
+        tracing::warn!(%error, "cannot advertise models in the DHT");
+    }
+    let mut published: Option<(Announcement, Instant)> = None;
+    let mut tick = tokio::time::interval(CHANGE_CHECK);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = events.recv() => match event {
+                Some(P2pEvent::Announcement(announcement)) => {
+                    router.write_cluster().apply(announcement, Instant::now());
+                }
+                Some(P2pEvent::PeerDisconnected(peer)) => {
+                    if let Some(record) = router.write_cluster().remove(&peer, Instant::now()) {
+                        tracing::info!(node = %record.announcement.name, "node left");
+                    }
+                }
+                None => return,
+            },
+            _ = tick.tick() => {
+                for name in router.write_cluster().expire(Instant::now()) {
+                    tracing::warn!(node = %name, "node went silent; declared offline");
+                }
+                let current = describe(&router, &hardware).await;
+                let due = match &published {
+                    None => true,
+                    Some((last, at)) => at.elapsed() >= HEARTBEAT || !same_content(last, &current),
+                };
+                if due {
+                    if router.p2p.announce(current.clone()).await.is_err() {
+                        return;
+                    }
+                    published = Some((current, Instant::now()));
+                }
+            }
+        }
+    }
+}
+
+/// This node's announcement as of now.
+async fn describe(router: &RouterInner, hardware: &Hardware) -> Announcement {
+    let mut addresses = router.p2p.listen_addresses().await.unwrap_or_default();
+    addresses.truncate(MAX_ANNOUNCED_ADDRESSES);
+    let models = router
+        .local
+        .models()
+        .into_iter()
+        .map(|model| AnnouncedModel {
+            id: model.id,
+            kind: match model.kind {
+                ModelKind::Chat => "chat".into(),
+                ModelKind::Embeddings => "embeddings".into(),
+            },
+            architecture: model.architecture,
+            quantization: model.quantization,
+            context_length: model.context_length as u64,
+        })
+        .collect();
+    let load = router.local.load();
+    Announcement {
+        version: ANNOUNCEMENT_VERSION,
+        peer_id: router.node.peer_id.clone(),
+        name: router.node.name.clone(),
+        addresses,
+        models,
+        hardware: hardware.clone(),
+        load: AnnouncedLoad {
+            in_flight: u32::try_from(load.in_flight).unwrap_or(u32::MAX),
+            queued: u32::try_from(load.queued).unwrap_or(u32::MAX),
+        },
+        software_version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at: router.node.started_at,
+        issued_at_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+fn same_content(a: &Announcement, b: &Announcement) -> bool {
+    Announcement { issued_at_ms: b.issued_at_ms, ..a.clone() } == *b
+}

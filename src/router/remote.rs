@@ -1,0 +1,177 @@
+//! Requests carried over the overlay on `/llmesh/infer/1` streams.
+//!
+//! One stream per request. The entry node writes an `InferRequest`; the host answers `Accepted`
+//! (the engine took it) or `Error` (the same `EngineError` a local call gives), then, for a
+//! generation, one `Event` frame per engine event. Either side dropping the stream ends it: the
+//! host notices the closed read half and drops the generation, which cancels it; the entry node
+//! turns an early end into a clear `Unavailable` error instead of hanging.
+
+use futures::AsyncReadExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::engine::{
+    EmbedRequest, Embeddings, EngineError, GenerateRequest, GenerationEvent, GenerationStream, SharedEngine,
+};
+use crate::p2p::wire::{read_frame, write_frame};
+use crate::p2p::{InboundStreams, P2pHandle, P2pStream};
+
+/// Requests served at once for other nodes; more wait for the stream to be accepted.
+const MAX_INBOUND_REQUESTS: usize = 256;
+/// How long a host waits for the request frame after a stream opens.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const EVENTS_PER_FORWARD: usize = 32;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum InferRequest {
+    Generate(GenerateRequest),
+    Embed(EmbedRequest),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum InferReply {
+    /// The host's engine accepted the generation; events follow.
+    Accepted,
+    Event(GenerationEvent),
+    Embeddings(Embeddings),
+    Error(EngineError),
+}
+
+fn lost(host: &str, reason: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(format!("host {host} failed before answering: {reason}"))
+}
+
+async fn open(p2p: &P2pHandle, peer_id: &str, host: &str) -> Result<P2pStream, EngineError> {
+    p2p.open_stream(peer_id).await.map_err(|error| lost(host, error))
+}
+
+/// Run a generation on `peer_id` (named `host`), relaying its events.
+pub async fn forward_generate(
+    p2p: &P2pHandle,
+    peer_id: &str,
+    host: &str,
+    request: GenerateRequest,
+) -> Result<GenerationStream, EngineError> {
+    let mut stream = open(p2p, peer_id, host).await?;
+    write_frame(&mut stream, &InferRequest::Generate(request)).await.map_err(|e| lost(host, e))?;
+    match read_frame::<_, InferReply>(&mut stream).await {
+        Ok(Some(InferReply::Accepted)) => {}
+        Ok(Some(InferReply::Error(error))) => return Err(error),
+        Ok(Some(other)) => return Err(lost(host, format!("unexpected reply {other:?}"))),
+        Ok(None) => return Err(lost(host, "the stream closed")),
+        Err(error) => return Err(lost(host, error)),
+    }
+    let (events, receiver) = mpsc::channel(EVENTS_PER_FORWARD);
+    tokio::spawn(relay_events(stream, events, host.to_string()));
+    Ok(GenerationStream::new(receiver).served_by(host))
+}
+
+/// Copy event frames to `events` until the generation ends, the host goes away, or the reader
+/// drops `events` (then the stream is dropped too, which cancels the remote generation).
+async fn relay_events(mut stream: P2pStream, events: mpsc::Sender<GenerationEvent>, host: String) {
+    loop {
+        let frame = tokio::select! {
+            frame = read_frame::<_, InferReply>(&mut stream) => frame,
+            _ = events.closed() => return,
+        };
+        let event = match frame {
+            Ok(Some(InferReply::Event(event))) => event,
+            Ok(Some(other)) => GenerationEvent::Error(lost(&host, format!("unexpected reply {other:?}"))),
+            Ok(None) | Err(_) => GenerationEvent::Error(EngineError::Unavailable(format!(
+                "host {host} went away in the middle of the answer"
+            ))),
+        };
+        let last = !matches!(event, GenerationEvent::Text(_));
+        if events.send(event).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Compute embeddings on `peer_id` (named `host`).
+pub async fn forward_embed(
+    p2p: &P2pHandle,
+    peer_id: &str,
+    host: &str,
+    request: EmbedRequest,
+) -> Result<Embeddings, EngineError> {
+    let mut stream = open(p2p, peer_id, host).await?;
+    write_frame(&mut stream, &InferRequest::Embed(request)).await.map_err(|e| lost(host, e))?;
+    match read_frame::<_, InferReply>(&mut stream).await {
+        Ok(Some(InferReply::Embeddings(embeddings))) => {
+            Ok(Embeddings { served_by: Some(host.to_string()), ..embeddings })
+        }
+        Ok(Some(InferReply::Error(error))) => Err(error),
+        Ok(Some(other)) => Err(lost(host, format!("unexpected reply {other:?}"))),
+        Ok(None) => Err(lost(host, "the stream closed")),
+        Err(error) => Err(lost(host, error)),
+    }
+}
+
+/// Serve other nodes' requests on the local engine until the inbound streams end.
+pub async fn serve_inbound(mut inbound: InboundStreams, engine: SharedEngine) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_REQUESTS));
+    while let Some((peer, stream)) = inbound.next().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let engine = engine.clone();
+        let span = tracing::info_span!("inbound", peer = %peer, request_id = %uuid::Uuid::new_v4());
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Err(error) = serve_one(stream, engine).await {
+                    tracing::debug!(%error, "inbound request ended early");
+                }
+                drop(permit);
+            },
+            span,
+        ));
+    }
+}
+
+async fn serve_one(mut stream: P2pStream, engine: SharedEngine) -> std::io::Result<()> {
+    let request =
+        match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<_, InferRequest>(&mut stream)).await {
+            Ok(Ok(Some(request))) => request,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(error)) => return Err(error),
+            Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no request frame")),
+        };
+    match request {
+        InferRequest::Embed(request) => {
+            tracing::debug!(model = %request.model, inputs = request.inputs.len(), "embedding for a peer");
+            let reply = match engine.embed(request).await {
+                Ok(embeddings) => InferReply::Embeddings(embeddings),
+                Err(error) => InferReply::Error(error),
+            };
+            write_frame(&mut stream, &reply).await
+        }
+        InferRequest::Generate(request) => {
+            tracing::debug!(model = %request.model, "generating for a peer");
+            let mut generation = match engine.generate(request).await {
+                Ok(generation) => generation,
+                Err(error) => return write_frame(&mut stream, &InferReply::Error(error)).await,
+            };
+            let (mut reader, mut writer) = stream.split();
+            write_frame(&mut writer, &InferReply::Accepted).await?;
+            // The entry node sends nothing more: any read result means it closed or reset.
+            let mut closed = Box::pin(async move {
+                let mut byte = [0u8; 1];
+                reader.read(&mut byte).await
+            });
+            loop {
+                let event = tokio::select! {
+                    event = generation.recv() => event,
+                    _ = &mut closed => {
+                        tracing::debug!("the entry node went away; cancelling");
+                        return Ok(());
+                    }
+                };
+                let Some(event) = event else { return Ok(()) };
+                let last = !matches!(event, GenerationEvent::Text(_));
+                write_frame(&mut writer, &InferReply::Event(event)).await?;
+                if last {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
