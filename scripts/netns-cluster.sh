@@ -17,6 +17,7 @@
 #   LLMESH_MODELS_DIR   where scripts/fetch-models.sh put the demo models (default models/)
 #   LLMESH_NETNS_TIMEOUT  seconds to wait for each step (default 60)
 #   LLMESH_NETNS_SAMPLES  requests per latency measurement (default 20)
+#   LLMESH_NETNS_KEEP_LOGS=1  keep the nodes' logs after a success too
 set -euo pipefail -o errtrace
 export LC_ALL=C # a decimal point in $EPOCHREALTIME and awk's numbers
 
@@ -87,6 +88,8 @@ cleanup() {
       fi
     done
     echo "=== logs kept in $tmp"
+  elif [ -n "$tmp" ] && [ "${LLMESH_NETNS_KEEP_LOGS:-0}" = 1 ]; then
+    echo "=== logs kept in $tmp"
   elif [ -n "$tmp" ]; then
     rm -rf "$tmp"
   fi
@@ -156,7 +159,8 @@ start_node() { # NODE [EXTRA FLAGS...]
   local node=$1
   shift
   mkdir -p "$tmp/$node"
-  ip netns exec "${ns[$node]}" "$bin" serve \
+  # NO_COLOR: plain log files.
+  NO_COLOR=1 ip netns exec "${ns[$node]}" "$bin" serve \
     --listen 127.0.0.1:8080 --p2p-listen /ip4/0.0.0.0/tcp/7690 \
     --name "node-$node" --data-dir "$tmp/$node" "$@" >"$tmp/$node.log" 2>&1 &
   pid[$node]=$!

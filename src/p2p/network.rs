@@ -312,7 +312,16 @@ impl Network {
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
                 let Some(source) = message.source else { return };
                 match Announcement::verify(&message.data, &source) {
-                    Ok(announcement) => self.emit(P2pEvent::Announcement(announcement)).await,
+                    Ok(announcement) => {
+                        // Announcements may arrive through other nodes: learn how to reach the
+                        // author directly, for forwarding requests to it.
+                        for address in
+                            announcement.addresses.iter().filter_map(|a| a.parse::<Multiaddr>().ok())
+                        {
+                            self.swarm.behaviour_mut().kademlia.add_address(&source, address);
+                        }
+                        self.emit(P2pEvent::Announcement(announcement)).await
+                    }
                     Err(error) => tracing::warn!(peer = %source, %error, "dropped an announcement"),
                 }
             }

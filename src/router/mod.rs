@@ -76,6 +76,11 @@ impl Router {
         self.inner.read_cluster().nodes().cloned().collect()
     }
 
+    /// Peer ids this node holds a connection to.
+    pub async fn connected_peers(&self) -> Vec<String> {
+        self.inner.p2p.connected_peers().await.unwrap_or_default()
+    }
+
     pub fn node(&self) -> &NodeIdentity {
         &self.inner.node
     }

@@ -1,0 +1,197 @@
+//! Several nodes in one process on loopback (port 0, mDNS off, explicit peers): models hosted on
+//! one node are listed and served through the others over the overlay; a node that leaves
+//! disappears; a node with another cluster key sees nothing.
+
+#[path = "support/tiny_model.rs"]
+mod tiny_model;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use llmesh::api::{self, ApiConfig};
+use llmesh::config::Config;
+use llmesh::engine::{LocalEngine, ModelSpec, QueueLimits};
+use llmesh::node::Node;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+struct Response {
+    status: StatusCode,
+    served_by: Option<String>,
+    body: String,
+}
+
+async fn call(node: &Node, method: &str, path: &str, body: Option<Value>) -> Response {
+    let app = api::app(Arc::new(node.router().clone()), ApiConfig::default());
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    let status = response.status();
+    let served_by = response.headers().get("x-llmesh-node").map(|v| v.to_str().unwrap().to_string());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    Response { status, served_by, body: String::from_utf8(bytes.to_vec()).unwrap() }
+}
+
+fn config(name: &str, data_dir: &tempfile::TempDir, peers: Vec<String>, cluster_key: Option<&str>) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        name: Some(name.into()),
+        data_dir: Some(data_dir.path().join(name)),
+        p2p_listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        peers,
+        mdns: false,
+        cluster_key: cluster_key.map(str::to_string),
+        ..Config::default()
+    }
+}
+
+/// A node hosting the tiny chat model and MiniLM.
+async fn hosting_node(name: &str, dir: &tempfile::TempDir, cluster_key: Option<&str>) -> Node {
+    let model_path = dir.path().join("tiny.gguf");
+    tiny_model::write_tiny_llama(&model_path);
+    let models_dir = std::env::var_os("LLMESH_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let specs = [
+        ModelSpec { id: "tiny".into(), path: model_path },
+        ModelSpec { id: "minilm".into(), path: models_dir.join("all-MiniLM-L6-v2") },
+    ];
+    let engine = LocalEngine::load(&specs, QueueLimits::default(), &candle_core::Device::Cpu)
+        .expect("load models (run scripts/fetch-models.sh for MiniLM)");
+    Node::spawn_with_engine(config(name, dir, Vec::new(), cluster_key), Arc::new(engine)).await.unwrap()
+}
+
+async fn empty_node(
+    name: &str,
+    dir: &tempfile::TempDir,
+    peers: Vec<String>,
+    cluster_key: Option<&str>,
+) -> Node {
+    let engine = LocalEngine::load(&[], QueueLimits::default(), &candle_core::Device::Cpu).unwrap();
+    Node::spawn_with_engine(config(name, dir, peers, cluster_key), Arc::new(engine)).await.unwrap()
+}
+
+/// The hosts `node` lists for `model` (empty when it does not list the model).
+async fn hosts_of(node: &Node, model: &str) -> Vec<String> {
+    let models: Value = serde_json::from_str(&call(node, "GET", "/v1/models", None).await.body).unwrap();
+    models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["id"] == model)
+        .flat_map(|m| m["llmesh"]["hosts"].as_array().unwrap().iter())
+        .map(|host| host["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Poll until `condition` holds, for at most 20 s.
+async fn eventually<F: AsyncFn() -> bool>(what: &str, condition: F) {
+    for _ in 0..200 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn chat(stream: bool) -> Value {
+    json!({"model": "tiny", "messages": [{"role": "user", "content": "in the"}], "temperature": 0, "max_tokens": 12, "stream": stream})
+}
+
+fn streamed_text(body: &str) -> String {
+    body.lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .take_while(|data| *data != "[DONE]")
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_on_one_node_are_served_through_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = hosting_node("node-c", &dir, None).await;
+    let b = empty_node("node-b", &dir, c.p2p_addresses().to_vec(), None).await;
+    // A knows only B: it learns of C through B.
+    let a = empty_node("node-a", &dir, b.p2p_addresses().to_vec(), None).await;
+
+    eventually("A lists C's models", async || hosts_of(&a, "tiny").await == ["node-c"]).await;
+    assert_eq!(hosts_of(&a, "minilm").await, ["node-c"]);
+    assert_eq!(hosts_of(&b, "tiny").await, ["node-c"]);
+
+    let direct = call(&c, "POST", "/v1/chat/completions", Some(chat(false))).await;
+    let through_a = call(&a, "POST", "/v1/chat/completions", Some(chat(false))).await;
+    assert_eq!(through_a.status, StatusCode::OK, "{}", through_a.body);
+    assert_eq!(through_a.served_by.as_deref(), Some("node-c"));
+    let direct: Value = serde_json::from_str(&direct.body).unwrap();
+    let remote: Value = serde_json::from_str(&through_a.body).unwrap();
+    assert_eq!(remote["choices"][0]["message"], direct["choices"][0]["message"]);
+    assert_eq!(remote["usage"], direct["usage"]);
+
+    let streamed = call(&a, "POST", "/v1/chat/completions", Some(chat(true))).await;
+    assert_eq!(streamed.status, StatusCode::OK);
+    assert_eq!(streamed_text(&streamed.body), remote["choices"][0]["message"]["content"].as_str().unwrap());
+    assert!(streamed.body.trim_end().ends_with("data: [DONE]"));
+
+    let completion =
+        call(&a, "POST", "/v1/completions", Some(json!({"model": "tiny", "prompt": "the", "max_tokens": 3})))
+            .await;
+    assert_eq!(completion.status, StatusCode::OK, "{}", completion.body);
+
+    let embedded =
+        call(&a, "POST", "/v1/embeddings", Some(json!({"model": "minilm", "input": ["a cat", "a dog"]})))
+            .await;
+    assert_eq!(embedded.status, StatusCode::OK, "{}", embedded.body);
+    assert_eq!(embedded.served_by.as_deref(), Some("node-c"));
+    let embedded: Value = serde_json::from_str(&embedded.body).unwrap();
+    assert_eq!(embedded["data"][1]["embedding"].as_array().unwrap().len(), 384);
+
+    // The host's errors come back as the same OpenAI errors a local call gives.
+    let too_long =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000});
+    let refused = call(&a, "POST", "/v1/chat/completions", Some(too_long)).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert!(refused.body.contains("max_tokens"), "{}", refused.body);
+
+    // C leaves: A stops listing its models, and a request is a clear 503, not a hang.
+    c.shutdown();
+    c.join().await.unwrap();
+    eventually("A forgets C's models", async || hosts_of(&a, "tiny").await.is_empty()).await;
+    let gone = call(&a, "POST", "/v1/chat/completions", Some(chat(false))).await;
+    assert_eq!(gone.status, StatusCode::SERVICE_UNAVAILABLE, "{}", gone.body);
+    let unknown = call(
+        &a,
+        "POST",
+        "/v1/chat/completions",
+        Some(json!({"model": "never-existed", "messages": [{"role": "user", "content": "hi"}]})),
+    )
+    .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_cluster_key_is_kept_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = hosting_node("node-c", &dir, Some("team-secret")).await;
+    let member = empty_node("member", &dir, c.p2p_addresses().to_vec(), Some("team-secret")).await;
+    let stranger = empty_node("stranger", &dir, c.p2p_addresses().to_vec(), Some("wrong-secret")).await;
+
+    eventually("the member sees C's models", async || hosts_of(&member, "tiny").await == ["node-c"]).await;
+    // The stranger has dialed C several times by now (it redials every 5 s) and must have failed.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(hosts_of(&stranger, "tiny").await.is_empty());
+    assert!(stranger.router().connected_peers().await.is_empty());
+    assert!(!c.router().connected_peers().await.contains(&stranger.router().node().peer_id));
+    let refused = call(&stranger, "POST", "/v1/chat/completions", Some(chat(false))).await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND, "{}", refused.body);
+    assert!(c.router().cluster_nodes().iter().all(|node| node.announcement.name != "stranger"));
+}
