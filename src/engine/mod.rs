@@ -89,6 +89,19 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
     /// Used as it is (legacy completions).
     Text(String),
+    /// An answer cut short on another node, resumed here: the original prompt, then the text the
+    /// client already has, which the model continues.
+    Continue { prompt: Box<Prompt>, generated: String },
+}
+
+impl Prompt {
+    /// The prompt a continuation started from.
+    pub fn original(&self) -> &Prompt {
+        match self {
+            Prompt::Continue { prompt, .. } => prompt.original(),
+            other => other,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

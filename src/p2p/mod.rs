@@ -66,7 +66,7 @@ pub enum P2pError {
 #[derive(Debug, Clone)]
 pub enum P2pEvent {
     /// A valid, signed announcement from a peer.
-    Announcement(Announcement),
+    Announcement(Box<Announcement>),
     /// The last connection to a peer closed (it left, or its link died).
     PeerDisconnected(String),
 }

@@ -320,7 +320,7 @@ impl Network {
                         {
                             self.swarm.behaviour_mut().kademlia.add_address(&source, address);
                         }
-                        self.emit(P2pEvent::Announcement(announcement)).await
+                        self.emit(P2pEvent::Announcement(Box::new(announcement))).await
                     }
                     Err(error) => tracing::warn!(peer = %source, %error, "dropped an announcement"),
                 }

@@ -35,7 +35,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             event = events.recv() => match event {
                 Some(P2pEvent::Announcement(announcement)) => {
-                    router.write_cluster().apply(announcement, Instant::now());
+                    router.write_cluster().apply(*announcement, Instant::now());
                 }
                 Some(P2pEvent::PeerDisconnected(peer)) => {
                     if let Some(record) = router.write_cluster().remove(&peer, Instant::now()) {

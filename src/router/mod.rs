@@ -5,20 +5,33 @@
 //! `ClusterView` from the p2p events and publishes this node's announcement, and the inbound
 //! task, which serves other nodes' requests on the local engine.
 
+mod balance;
+mod breaker;
 mod cluster;
+mod dispatch;
 mod membership;
 mod remote;
+mod stats;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use rand::seq::IndexedRandom;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use balance::{Balancer, Candidate, Strategy};
+pub use breaker::{Breaker, BreakerState};
 pub use cluster::{ClusterView, DEPARTED_GRACE, NodeRecord, OFFLINE_AFTER, RemoteHost};
+pub use stats::{CountersSnapshot, Percentiles, RoutingStats, StatsSnapshot};
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use dispatch::{LOCAL_KEY, Target};
 
 use crate::engine::{
     EmbedRequest, Embeddings, Engine, EngineError, EngineLoad, GenerateRequest, GenerationStream, ModelHost,
@@ -38,6 +51,32 @@ pub struct NodeIdentity {
     pub started_at: u64,
 }
 
+/// How the router picks hosts and how hard it tries (`[routing]` in the config file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// "least-loaded" (default), "power-of-two", "round-robin" or "local-first".
+    pub strategy: Strategy,
+    /// Hosts tried for one request before giving up (failures before the first byte).
+    pub max_attempts: usize,
+    /// How long a request waits for a slot when every host of its model is full, before 429.
+    pub saturation_wait_ms: u64,
+    /// Requests that may wait for a slot at once on this node; more get 429 at once.
+    pub max_waiting: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self { strategy: Strategy::default(), max_attempts: 3, saturation_wait_ms: 5000, max_waiting: 256 }
+    }
+}
+
+impl RoutingConfig {
+    fn saturation_wait(&self) -> Duration {
+        Duration::from_millis(self.saturation_wait_ms)
+    }
+}
+
 #[derive(Clone)]
 pub struct Router {
     inner: Arc<RouterInner>,
@@ -48,6 +87,14 @@ struct RouterInner {
     local: SharedEngine,
     cluster: RwLock<ClusterView>,
     p2p: P2pHandle,
+    routing: RoutingConfig,
+    balancer: Balancer,
+    /// Per remote host (peer id).
+    breakers: std::sync::Mutex<HashMap<String, Breaker>>,
+    /// Requests this node has in flight per target ("local" or peer id).
+    outstanding: std::sync::Mutex<HashMap<String, u32>>,
+    waiting: Arc<Semaphore>,
+    stats: RoutingStats,
 }
 
 impl Router {
@@ -58,9 +105,21 @@ impl Router {
         p2p: P2pHandle,
         events: mpsc::Receiver<P2pEvent>,
         inbound: InboundStreams,
+        routing: RoutingConfig,
         shutdown: CancellationToken,
     ) -> Self {
-        let inner = Arc::new(RouterInner { node, local: local.clone(), cluster: RwLock::default(), p2p });
+        let inner = Arc::new(RouterInner {
+            node,
+            local: local.clone(),
+            cluster: RwLock::default(),
+            p2p,
+            balancer: Balancer::new(routing.strategy),
+            breakers: Default::default(),
+            outstanding: Default::default(),
+            waiting: Arc::new(Semaphore::new(routing.max_waiting)),
+            stats: RoutingStats::default(),
+            routing,
+        });
         tokio::spawn(membership::run(inner.clone(), events, shutdown.clone()));
         tokio::spawn(async move {
             tokio::select! {
@@ -84,6 +143,16 @@ impl Router {
     pub fn node(&self) -> &NodeIdentity {
         &self.inner.node
     }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// Remote hosts (peer ids) whose circuit breaker keeps requests away now.
+    pub fn open_breakers(&self) -> Vec<String> {
+        let breakers = self.inner.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        breakers.iter().filter(|(_, breaker)| breaker.is_open()).map(|(peer, _)| peer.clone()).collect()
+    }
 }
 
 impl RouterInner {
@@ -104,25 +173,103 @@ impl RouterInner {
         ModelHost { name: self.node.name.clone(), peer_id: self.node.peer_id.clone() }
     }
 
-    /// A remote host for `model_id`: the least loaded by announcement, ties broken at random so a
-    /// burst does not pile onto one node.
-    async fn choose_remote(&self, model_id: &str) -> Result<RemoteHost, EngineError> {
-        let mut hosts = self.read_cluster().remote_hosts(model_id);
-        if hosts.is_empty() {
-            if self.read_cluster().recently_departed(model_id, Instant::now()) {
-                return Err(EngineError::Unavailable(format!(
-                    "model '{model_id}' has no host right now: its last host left the cluster"
-                )));
-            }
-            hosts = self.look_up_providers(model_id).await;
+    fn lock_outstanding(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.outstanding.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn waiting_slot(&self, model_id: &str) -> Result<OwnedSemaphorePermit, EngineError> {
+        self.waiting.clone().try_acquire_owned().map_err(|_| EngineError::QueueFull(model_id.to_string()))
+    }
+
+    /// Every node that hosts `model_id`, this one included, with its announced load.
+    fn all_hosts(&self, model_id: &str) -> Vec<(Target, u32)> {
+        let mut hosts = Vec::new();
+        if self.hosts_locally(model_id) {
+            let load = self.local.load();
+            let target = Target { key: LOCAL_KEY.into(), name: self.node.name.clone(), is_local: true };
+            hosts.push((target, (load.in_flight + load.queued) as u32));
         }
-        let least = hosts.iter().map(|host| host.announced_load).min();
-        let candidates: Vec<&RemoteHost> =
-            hosts.iter().filter(|host| Some(host.announced_load) == least).collect();
-        candidates
-            .choose(&mut rand::rng())
-            .map(|host| (*host).clone())
-            .ok_or_else(|| EngineError::UnknownModel(model_id.to_string()))
+        hosts.extend(self.read_cluster().remote_hosts(model_id).into_iter().map(|host| {
+            (Target { key: host.peer_id, name: host.name, is_local: false }, host.announced_load)
+        }));
+        hosts
+    }
+
+    /// The host for the next attempt: `Ok(None)` when every host is excluded or its breaker is
+    /// open, an error when the model has no host at all.
+    async fn choose(
+        &self,
+        model_id: &str,
+        excluded: &HashSet<String>,
+    ) -> Result<Option<Target>, EngineError> {
+        let mut hosts = self.all_hosts(model_id);
+        if hosts.is_empty() && !self.read_cluster().recently_departed(model_id, Instant::now()) {
+            hosts = self
+                .look_up_providers(model_id)
+                .await
+                .into_iter()
+                .map(|host| {
+                    (Target { key: host.peer_id, name: host.name, is_local: false }, host.announced_load)
+                })
+                .collect();
+        }
+        if hosts.is_empty() {
+            return Err(self.no_host_error(model_id));
+        }
+        let now = tokio::time::Instant::now();
+        let mut breakers = self.breakers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let outstanding = self.lock_outstanding();
+        let available: Vec<(Target, Candidate)> = hosts
+            .into_iter()
+            .filter(|(target, _)| !excluded.contains(&target.key))
+            .filter(|(target, _)| {
+                target.is_local || breakers.get(&target.key).is_none_or(|b| b.available(now))
+            })
+            .map(|(target, announced_load)| {
+                let candidate = Candidate {
+                    key: target.key.clone(),
+                    is_local: target.is_local,
+                    outstanding: outstanding.get(&target.key).copied().unwrap_or(0),
+                    announced_load,
+                };
+                (target, candidate)
+            })
+            .collect();
+        let candidates: Vec<Candidate> = available.iter().map(|(_, candidate)| candidate.clone()).collect();
+        let Some(index) = self.balancer.choose(&candidates, &mut rand::rng()) else { return Ok(None) };
+        let target = available[index].0.clone();
+        if !target.is_local {
+            breakers.entry(target.key.clone()).or_default().allow(now);
+        }
+        Ok(Some(target))
+    }
+
+    fn no_host_error(&self, model_id: &str) -> EngineError {
+        if self.read_cluster().recently_departed(model_id, Instant::now()) {
+            EngineError::Unavailable(format!(
+                "model '{model_id}' has no host right now: its last host left the cluster"
+            ))
+        } else {
+            EngineError::UnknownModel(model_id.to_string())
+        }
+    }
+
+    fn breaker_succeeded(&self, target: &Target) {
+        if !target.is_local {
+            let mut breakers = self.breakers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            breakers.entry(target.key.clone()).or_default().succeeded();
+        }
+    }
+
+    fn breaker_failed(&self, target: &Target) {
+        if !target.is_local {
+            let mut breakers = self.breakers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let breaker = breakers.entry(target.key.clone()).or_default();
+            breaker.failed(tokio::time::Instant::now());
+            if breaker.is_open() {
+                tracing::warn!(host = %target.name, "circuit breaker open: not sending to this host for a while");
+            }
+        }
     }
 
     /// Ask the DHT who provides a model nobody has announced, then give their announcements a
@@ -143,26 +290,6 @@ impl RouterInner {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Vec::new()
-    }
-
-    async fn generate(self: Arc<Self>, request: GenerateRequest) -> Result<GenerationStream, EngineError> {
-        if self.hosts_locally(&request.model) {
-            let stream = self.local.generate(request).await?;
-            return Ok(stream.served_by(self.node.name.clone()));
-        }
-        let host = self.choose_remote(&request.model).await?;
-        tracing::debug!(model = %request.model, host = %host.name, "forwarding");
-        remote::forward_generate(&self.p2p, &host.peer_id, &host.name, request).await
-    }
-
-    async fn embed(self: Arc<Self>, request: EmbedRequest) -> Result<Embeddings, EngineError> {
-        if self.hosts_locally(&request.model) {
-            let embeddings = self.local.embed(request).await?;
-            return Ok(Embeddings { served_by: Some(self.node.name.clone()), ..embeddings });
-        }
-        let host = self.choose_remote(&request.model).await?;
-        tracing::debug!(model = %request.model, host = %host.name, "forwarding");
-        remote::forward_embed(&self.p2p, &host.peer_id, &host.name, request).await
     }
 }
 
@@ -189,11 +316,11 @@ impl Engine for Router {
         &self,
         request: GenerateRequest,
     ) -> BoxFuture<'static, Result<GenerationStream, EngineError>> {
-        self.inner.clone().generate(request).boxed()
+        dispatch::generate(self.inner.clone(), request).boxed()
     }
 
     fn embed(&self, request: EmbedRequest) -> BoxFuture<'static, Result<Embeddings, EngineError>> {
-        self.inner.clone().embed(request).boxed()
+        dispatch::embed(self.inner.clone(), request).boxed()
     }
 
     fn load(&self) -> EngineLoad {

@@ -4,7 +4,9 @@
 //! (the engine took it) or `Error` (the same `EngineError` a local call gives), then, for a
 //! generation, one `Event` frame per engine event. Either side dropping the stream ends it: the
 //! host notices the closed read half and drops the generation, which cancels it; the entry node
-//! turns an early end into a clear `Unavailable` error instead of hanging.
+//! turns an early end into a clear `Unavailable` error instead of hanging. `forward_*` return
+//! only once the host has sent its first answer, so anything that fails before that is safe to
+//! retry elsewhere.
 
 use futures::AsyncReadExt;
 use serde::{Deserialize, Serialize};
@@ -61,8 +63,22 @@ pub async fn forward_generate(
         Ok(None) => return Err(lost(host, "the stream closed")),
         Err(error) => return Err(lost(host, error)),
     }
+    // Wait for the first event, so a host that dies before answering can still be replaced
+    // without the client noticing.
+    let first = match read_frame::<_, InferReply>(&mut stream).await {
+        Ok(Some(InferReply::Event(GenerationEvent::Error(error)))) => return Err(error),
+        Ok(Some(InferReply::Event(event))) => event,
+        Ok(Some(other)) => return Err(lost(host, format!("unexpected reply {other:?}"))),
+        Ok(None) => return Err(lost(host, "the stream closed")),
+        Err(error) => return Err(lost(host, error)),
+    };
     let (events, receiver) = mpsc::channel(EVENTS_PER_FORWARD);
-    tokio::spawn(relay_events(stream, events, host.to_string()));
+    let more = matches!(first, GenerationEvent::Text(_));
+    // The channel is new and empty: the first event always fits.
+    let _ = events.try_send(first);
+    if more {
+        tokio::spawn(relay_events(stream, events, host.to_string()));
+    }
     Ok(GenerationStream::new(receiver).served_by(host))
 }
 
