@@ -82,8 +82,8 @@ impl Node {
             .map_err(|source| NodeError::Bind { address: config.listen, source })?;
         let http_address =
             listener.local_addr().map_err(|source| NodeError::Bind { address: config.listen, source })?;
-        let app = api::app(
-            Arc::new(router.clone()),
+        let app = api::node_app(
+            router.clone(),
             ApiConfig { api_key: config.api_key.clone(), max_body_bytes: config.limits.max_body_bytes },
         );
         let stop = http_shutdown.clone();

@@ -2,106 +2,13 @@
 //! one node are listed and served through the others over the overlay; a node that leaves
 //! disappears; a node with another cluster key sees nothing.
 
-#[path = "support/tiny_model.rs"]
-mod tiny_model;
+mod support;
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use llmesh::api::{self, ApiConfig};
-use llmesh::config::Config;
-use llmesh::engine::{LocalEngine, ModelSpec, QueueLimits};
-use llmesh::node::Node;
+use axum::http::StatusCode;
 use serde_json::{Value, json};
-use tower::ServiceExt;
-
-struct Response {
-    status: StatusCode,
-    served_by: Option<String>,
-    body: String,
-}
-
-async fn call(node: &Node, method: &str, path: &str, body: Option<Value>) -> Response {
-    let app = api::app(Arc::new(node.router().clone()), ApiConfig::default());
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
-        .unwrap();
-    let response = app.oneshot(request).await.unwrap();
-    let status = response.status();
-    let served_by = response.headers().get("x-llmesh-node").map(|v| v.to_str().unwrap().to_string());
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    Response { status, served_by, body: String::from_utf8(bytes.to_vec()).unwrap() }
-}
-
-fn config(name: &str, data_dir: &tempfile::TempDir, peers: Vec<String>, cluster_key: Option<&str>) -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        name: Some(name.into()),
-        data_dir: Some(data_dir.path().join(name)),
-        p2p_listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        peers,
-        mdns: false,
-        cluster_key: cluster_key.map(str::to_string),
-        ..Config::default()
-    }
-}
-
-/// A node hosting the tiny chat model and MiniLM.
-async fn hosting_node(name: &str, dir: &tempfile::TempDir, cluster_key: Option<&str>) -> Node {
-    let model_path = dir.path().join("tiny.gguf");
-    tiny_model::write_tiny_llama(&model_path);
-    let models_dir = std::env::var_os("LLMESH_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let specs = [
-        ModelSpec { id: "tiny".into(), path: model_path },
-        ModelSpec { id: "minilm".into(), path: models_dir.join("all-MiniLM-L6-v2") },
-    ];
-    let engine = LocalEngine::load(&specs, QueueLimits::default(), &candle_core::Device::Cpu)
-        .expect("load models (run scripts/fetch-models.sh for MiniLM)");
-    Node::spawn_with_engine(config(name, dir, Vec::new(), cluster_key), Arc::new(engine)).await.unwrap()
-}
-
-async fn empty_node(
-    name: &str,
-    dir: &tempfile::TempDir,
-    peers: Vec<String>,
-    cluster_key: Option<&str>,
-) -> Node {
-    let engine = LocalEngine::load(&[], QueueLimits::default(), &candle_core::Device::Cpu).unwrap();
-    Node::spawn_with_engine(config(name, dir, peers, cluster_key), Arc::new(engine)).await.unwrap()
-}
-
-/// The hosts `node` lists for `model` (empty when it does not list the model).
-async fn hosts_of(node: &Node, model: &str) -> Vec<String> {
-    let models: Value = serde_json::from_str(&call(node, "GET", "/v1/models", None).await.body).unwrap();
-    models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["id"] == model)
-        .flat_map(|m| m["llmesh"]["hosts"].as_array().unwrap().iter())
-        .map(|host| host["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-/// Poll until `condition` holds, for at most 20 s.
-async fn eventually<F: AsyncFn() -> bool>(what: &str, condition: F) {
-    for _ in 0..200 {
-        if condition().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
+use support::cluster::{call, empty_node, eventually, hosting_node, hosts_of};
 
 fn chat(stream: bool) -> Value {
     json!({"model": "tiny", "messages": [{"role": "user", "content": "in the"}], "temperature": 0, "max_tokens": 12, "stream": stream})

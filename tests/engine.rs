@@ -1,8 +1,9 @@
 //! The real engine (tokenizer, template, worker thread, sampling, stops, cancellation) on a tiny
 //! model written by the test itself.
 
-#[path = "support/tiny_model.rs"]
-mod tiny_model;
+mod support;
+
+use support::tiny_model;
 
 use std::time::Duration;
 

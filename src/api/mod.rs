@@ -8,6 +8,7 @@
 
 mod auth;
 mod chat;
+mod cluster;
 mod completions;
 mod embeddings;
 mod error;
@@ -57,6 +58,8 @@ impl Default for ApiConfig {
 #[derive(Clone)]
 struct AppState {
     engine: SharedEngine,
+    /// Present when serving a cluster node: the `/api` routes read it.
+    router: Option<crate::router::Router>,
     body_limit: BodyLimit,
 }
 
@@ -74,14 +77,32 @@ impl FromRef<AppState> for BodyLimit {
     }
 }
 
-/// The API router with its state applied, ready to serve.
+/// The OpenAI API over any engine, with its state applied, ready to serve.
 pub fn app(engine: SharedEngine, config: ApiConfig) -> Router {
-    let state = AppState { engine, body_limit: BodyLimit(config.max_body_bytes) };
+    build(AppState { engine, router: None, body_limit: BodyLimit(config.max_body_bytes) }, config)
+}
+
+/// The API of a cluster node: the OpenAI routes over its router, plus the `/api` routes
+/// (nodes, statistics) the dashboard and the command line read.
+pub fn node_app(router: crate::router::Router, config: ApiConfig) -> Router {
+    let state = AppState {
+        engine: std::sync::Arc::new(router.clone()),
+        router: Some(router),
+        body_limit: BodyLimit(config.max_body_bytes),
+    };
+    build(state, config)
+}
+
+fn build(state: AppState, config: ApiConfig) -> Router {
     let mut v1 = Router::new()
         .route("/v1/models", get(models::list_models))
         .route("/v1/chat/completions", post(chat::create_chat_completion))
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/embeddings", post(embeddings::create_embeddings));
+    if state.router.is_some() {
+        v1 =
+            v1.route("/api/nodes", get(cluster::list_nodes)).route("/api/stats", get(cluster::routing_stats));
+    }
     if let Some(key) = config.api_key.as_deref() {
         v1 = v1.route_layer(middleware::from_fn_with_state(ApiKey::new(key), auth::require_api_key));
     }

@@ -57,6 +57,7 @@ pub async fn run(
                     if router.p2p.announce(current.clone()).await.is_err() {
                         return;
                     }
+                    *router.announced.write().unwrap_or_else(|p| p.into_inner()) = Some(current.clone());
                     published = Some((current, Instant::now()));
                 }
             }

@@ -95,6 +95,8 @@ struct RouterInner {
     outstanding: std::sync::Mutex<HashMap<String, u32>>,
     waiting: Arc<Semaphore>,
     stats: RoutingStats,
+    /// What this node last announced about itself.
+    announced: RwLock<Option<crate::p2p::Announcement>>,
 }
 
 impl Router {
@@ -118,6 +120,7 @@ impl Router {
             outstanding: Default::default(),
             waiting: Arc::new(Semaphore::new(routing.max_waiting)),
             stats: RoutingStats::default(),
+            announced: RwLock::default(),
             routing,
         });
         tokio::spawn(membership::run(inner.clone(), events, shutdown.clone()));
@@ -142,6 +145,11 @@ impl Router {
 
     pub fn node(&self) -> &NodeIdentity {
         &self.inner.node
+    }
+
+    /// This node's latest announcement (`None` until the first one, right after start).
+    pub fn own_announcement(&self) -> Option<crate::p2p::Announcement> {
+        self.inner.announced.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn stats(&self) -> StatsSnapshot {

@@ -1,0 +1,115 @@
+//! `/api/nodes` and `/api/stats`: the cluster as this node sees it and its routing statistics,
+//! for the dashboard and the command line. Guarded by the API key like `/v1`.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use serde::Serialize;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::p2p::{AnnouncedLoad, Announcement, Hardware};
+use crate::router::{Router, StatsSnapshot};
+
+#[derive(Debug, Serialize)]
+pub struct NodeList {
+    pub object: &'static str,
+    pub data: Vec<NodeObject>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeObject {
+    pub name: String,
+    pub peer_id: String,
+    /// This node (the one answering).
+    pub this_node: bool,
+    pub status: &'static str,
+    /// Milliseconds since its last announcement arrived (0 for this node).
+    pub last_seen_ms: u64,
+    pub addresses: Vec<String>,
+    pub version: String,
+    /// Unix seconds.
+    pub started_at: u64,
+    pub models: Vec<String>,
+    pub hardware: Hardware,
+    pub load: AnnouncedLoad,
+    /// Why requests avoid this node right now, if they do.
+    pub degraded: Option<String>,
+}
+
+fn router(state: &AppState) -> Result<&Router, ApiError> {
+    state.router.as_ref().ok_or_else(|| ApiError::Internal("no router behind this API".into()))
+}
+
+fn node_object(
+    announcement: Announcement,
+    this_node: bool,
+    last_seen_ms: u64,
+    degraded: Option<String>,
+) -> NodeObject {
+    NodeObject {
+        name: announcement.name,
+        peer_id: announcement.peer_id,
+        this_node,
+        status: "online",
+        last_seen_ms,
+        addresses: announcement.addresses,
+        version: announcement.software_version,
+        started_at: announcement.started_at,
+        models: announcement.models.into_iter().map(|model| model.id).collect(),
+        hardware: announcement.hardware,
+        load: announcement.load,
+        degraded,
+    }
+}
+
+pub async fn list_nodes(State(state): State<AppState>) -> Result<Json<NodeList>, ApiError> {
+    let router = router(&state)?;
+    let open_breakers = router.open_breakers();
+    let now = Instant::now();
+    let mut data = Vec::new();
+    if let Some(own) = router.own_announcement() {
+        data.push(node_object(own, true, 0, None));
+    } else {
+        let node = router.node();
+        data.push(NodeObject {
+            name: node.name.clone(),
+            peer_id: node.peer_id.clone(),
+            this_node: true,
+            status: "starting",
+            last_seen_ms: 0,
+            addresses: Vec::new(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: node.started_at,
+            models: Vec::new(),
+            hardware: Hardware::default(),
+            load: AnnouncedLoad::default(),
+            degraded: None,
+        });
+    }
+    let mut others = router.cluster_nodes();
+    others.sort_by(|a, b| a.announcement.name.cmp(&b.announcement.name));
+    for record in others {
+        let degraded = open_breakers
+            .contains(&record.announcement.peer_id)
+            .then(|| "circuit open: recent requests to it failed".to_string());
+        let last_seen_ms = now.duration_since(record.last_seen).as_millis() as u64;
+        data.push(node_object(record.announcement, false, last_seen_ms, degraded));
+    }
+    Ok(Json(NodeList { object: "list", data }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatsObject {
+    /// Unix seconds when the snapshot was taken.
+    pub at: u64,
+    #[serde(flatten)]
+    pub stats: StatsSnapshot,
+}
+
+pub async fn routing_stats(State(state): State<AppState>) -> Result<Json<StatsObject>, ApiError> {
+    let stats = router(&state)?.stats();
+    let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Ok(Json(StatsObject { at, stats }))
+}
