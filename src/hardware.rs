@@ -1,7 +1,7 @@
 //! What this machine has: CPU model and cores, memory, and the GPU where one can be read
 //! (`nvidia-smi` for NVIDIA cards). Probed once at start; announced to the cluster.
 
-use crate::p2p::Hardware;
+use crate::p2p::{Hardware, ResourceUsage};
 
 pub fn probe() -> Hardware {
     let mut hardware = Hardware::default();
@@ -22,6 +22,47 @@ pub fn probe() -> Hardware {
         hardware.gpu_memory_bytes = Some(memory);
     }
     hardware
+}
+
+/// Samples the machine's CPU and memory use (and the first NVIDIA GPU's, where `nvidia-smi`
+/// answers). CPU use is measured between two samples, so the first one reads 0.
+pub struct UsageSampler {
+    system: Option<sysinfo::System>,
+    gpu: bool,
+}
+
+impl UsageSampler {
+    pub fn new(hardware: &Hardware) -> Self {
+        Self { system: sysinfo::System::new_all().ok(), gpu: hardware.gpu.is_some() }
+    }
+
+    /// Blocking for the GPU query: call from a blocking thread.
+    pub fn sample(&mut self) -> ResourceUsage {
+        let mut usage = ResourceUsage::default();
+        if let Some(system) = &mut self.system {
+            system.refresh_cpu_usage();
+            system.refresh_memory();
+            usage.cpu_percent = system.global_cpu_usage();
+            usage.memory_used_bytes = system.used_memory();
+        }
+        if self.gpu
+            && let Some((percent, used)) = nvidia_gpu_usage()
+        {
+            usage.gpu_percent = Some(percent);
+            usage.gpu_memory_used_bytes = Some(used);
+        }
+        usage
+    }
+}
+
+fn nvidia_gpu_usage() -> Option<(f32, u64)> {
+    let output = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(output.stdout).ok()?;
+    let (percent, mebibytes) = text.lines().next()?.split_once(',')?;
+    Some((percent.trim().parse().ok()?, mebibytes.trim().parse::<u64>().ok()? * 1024 * 1024))
 }
 
 /// The name of this machine, for `--name`'s default.

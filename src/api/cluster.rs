@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::p2p::{AnnouncedLoad, Announcement, Hardware};
+use crate::p2p::{AnnouncedLoad, Announcement, Hardware, ResourceUsage};
 use crate::router::{Router, StatsSnapshot};
 
 #[derive(Debug, Serialize)]
@@ -33,6 +33,7 @@ pub struct NodeObject {
     pub started_at: u64,
     pub models: Vec<String>,
     pub hardware: Hardware,
+    pub usage: ResourceUsage,
     pub load: AnnouncedLoad,
     /// Why requests avoid this node right now, if they do.
     pub degraded: Option<String>,
@@ -59,6 +60,7 @@ fn node_object(
         started_at: announcement.started_at,
         models: announcement.models.into_iter().map(|model| model.id).collect(),
         hardware: announcement.hardware,
+        usage: announcement.usage,
         load: announcement.load,
         degraded,
     }
@@ -84,6 +86,7 @@ pub async fn list_nodes(State(state): State<AppState>) -> Result<Json<NodeList>,
             started_at: node.started_at,
             models: Vec::new(),
             hardware: Hardware::default(),
+            usage: ResourceUsage::default(),
             load: AnnouncedLoad::default(),
             degraded: None,
         });

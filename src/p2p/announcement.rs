@@ -25,6 +25,8 @@ pub struct Announcement {
     pub addresses: Vec<String>,
     pub models: Vec<AnnouncedModel>,
     pub hardware: Hardware,
+    /// Live resource use, sampled every heartbeat.
+    pub usage: ResourceUsage,
     pub load: AnnouncedLoad,
     /// llmesh's version, e.g. "0.1.0".
     pub software_version: String,
@@ -51,6 +53,15 @@ pub struct Hardware {
     pub memory_bytes: u64,
     pub gpu: Option<String>,
     pub gpu_memory_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    /// Whole machine, 0 to 100.
+    pub cpu_percent: f32,
+    pub memory_used_bytes: u64,
+    pub gpu_percent: Option<f32>,
+    pub gpu_memory_used_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +188,11 @@ mod tests {
                 cores: 16,
                 memory_bytes: 64 << 30,
                 ..Hardware::default()
+            },
+            usage: ResourceUsage {
+                cpu_percent: 12.5,
+                memory_used_bytes: 8 << 30,
+                ..ResourceUsage::default()
             },
             load: AnnouncedLoad { in_flight: 1, queued: 0 },
             software_version: "0.1.0".into(),

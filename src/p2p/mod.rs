@@ -21,7 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use announcement::{ANNOUNCEMENT_VERSION, MAX_ANNOUNCEMENT_BYTES};
-pub use announcement::{AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware};
+pub use announcement::{
+    AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware, ResourceUsage,
+};
 pub use transport::{cluster_id, cluster_psk};
 
 /// The protocol requests are forwarded on. A new incompatible framing gets a new number.

@@ -183,6 +183,7 @@ mod tests {
                 })
                 .collect(),
             hardware: Hardware::default(),
+            usage: Default::default(),
             load: AnnouncedLoad::default(),
             software_version: "test".into(),
             started_at: 0,

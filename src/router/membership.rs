@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::RouterInner;
 use crate::engine::ModelKind;
-use crate::p2p::{ANNOUNCEMENT_VERSION, AnnouncedLoad, AnnouncedModel, Announcement, Hardware, P2pEvent};
+use crate::p2p::{
+    ANNOUNCEMENT_VERSION, AnnouncedLoad, AnnouncedModel, Announcement, Hardware, P2pEvent, ResourceUsage,
+};
 
 /// Announcements go out at least this often; the cluster declares a node offline after three
 /// missed ones.
@@ -24,6 +26,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let hardware = tokio::task::spawn_blocking(crate::hardware::probe).await.unwrap_or_default();
+    let mut sampler = Some(crate::hardware::UsageSampler::new(&hardware));
+    let mut usage = ResourceUsage::default();
+    let mut sampled_at: Option<Instant> = None;
     let model_ids: Vec<String> = router.local.models().into_iter().map(|model| model.id).collect();
     if let Err(error) = router.p2p.provide_models(model_ids).await {
         tracing::warn!(%error, "cannot advertise models in the DHT");
@@ -48,7 +53,20 @@ pub async fn run(
                 for name in router.write_cluster().expire(Instant::now()) {
                     tracing::warn!(node = %name, "node went silent; declared offline");
                 }
-                let current = describe(&router, &hardware).await;
+                if sampled_at.is_none_or(|at| at.elapsed() >= HEARTBEAT)
+                    && let Some(mut taken) = sampler.take()
+                {
+                    let (returned, sample) = tokio::task::spawn_blocking(move || {
+                        let sample = taken.sample();
+                        (taken, sample)
+                    })
+                    .await
+                    .unwrap_or_else(|_| (crate::hardware::UsageSampler::new(&hardware), usage));
+                    sampler = Some(returned);
+                    usage = sample;
+                    sampled_at = Some(Instant::now());
+                }
+                let current = describe(&router, &hardware, usage).await;
                 let due = match &published {
                     None => true,
                     Some((last, at)) => at.elapsed() >= HEARTBEAT || !same_content(last, &current),
@@ -66,7 +84,7 @@ pub async fn run(
 }
 
 /// This node's announcement as of now.
-async fn describe(router: &RouterInner, hardware: &Hardware) -> Announcement {
+async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsage) -> Announcement {
     let mut addresses = router.p2p.listen_addresses().await.unwrap_or_default();
     addresses.truncate(MAX_ANNOUNCED_ADDRESSES);
     let models = router
@@ -92,6 +110,7 @@ async fn describe(router: &RouterInner, hardware: &Hardware) -> Announcement {
         addresses,
         models,
         hardware: hardware.clone(),
+        usage,
         load: AnnouncedLoad {
             in_flight: u32::try_from(load.in_flight).unwrap_or(u32::MAX),
             queued: u32::try_from(load.queued).unwrap_or(u32::MAX),
