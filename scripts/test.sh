@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: fetch the demo models, lint, run the Rust tests, then the
-# official openai Python client against a real node.
+# The whole test suite, as CI runs it: fetch the demo models, lint, run the Rust tests (the
+# network-namespace cluster test included, where `ip netns` works), the official openai Python
+# client against a real node, and the dashboard in headless Chromium.
 #
 #   scripts/test.sh
 #
@@ -15,6 +16,7 @@ venv=${LLMESH_VENV:-/var/tmp/llmesh-venv}
 
 LLMESH_FETCH_GEMMA=1 scripts/fetch-models.sh "$LLMESH_MODELS_DIR"
 
+cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo build --locked
 cargo test --locked
@@ -25,3 +27,6 @@ if [ ! -x "$venv/bin/pytest" ]; then
   "$venv/bin/pip" install --quiet -r tests/python/requirements.txt
 fi
 LLMESH_BIN="$CARGO_TARGET_DIR/debug/llmesh" "$venv/bin/pytest" -q tests/python
+
+# The dashboard in headless Chromium (installs chromium and playwright-core when missing).
+LLMESH_BIN="$CARGO_TARGET_DIR/debug/llmesh" tests/browser/run.sh

@@ -20,6 +20,12 @@ enum Command {
     Serve(ServeArgs),
     /// Measure prompt and decode speed of a chat model on this machine.
     Bench(llmesh::bench::BenchArgs),
+    /// List the cluster's nodes, as a running node sees them.
+    Nodes(llmesh::cli::NodeArgs),
+    /// List the cluster's models and their hosts.
+    Models(llmesh::cli::NodeArgs),
+    /// Summarise a running node: the cluster, its health, routing statistics.
+    Status(llmesh::cli::NodeArgs),
 }
 
 #[derive(clap::Args)]
@@ -68,6 +74,9 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Bench(args) => llmesh::bench::run(args).await,
+        Command::Nodes(args) => tokio::task::spawn_blocking(move || llmesh::cli::nodes(&args)).await?,
+        Command::Models(args) => tokio::task::spawn_blocking(move || llmesh::cli::models(&args)).await?,
+        Command::Status(args) => tokio::task::spawn_blocking(move || llmesh::cli::status(&args)).await?,
     }
 }
 

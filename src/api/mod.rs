@@ -10,10 +10,12 @@ mod auth;
 mod chat;
 mod cluster;
 mod completions;
+mod dashboard;
 mod embeddings;
 mod error;
 mod extract;
 mod generation;
+mod metrics;
 mod models;
 mod params;
 mod types;
@@ -100,14 +102,18 @@ fn build(state: AppState, config: ApiConfig) -> Router {
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/embeddings", post(embeddings::create_embeddings));
     if state.router.is_some() {
-        v1 =
-            v1.route("/api/nodes", get(cluster::list_nodes)).route("/api/stats", get(cluster::routing_stats));
+        v1 = v1
+            .route("/api/nodes", get(cluster::list_nodes))
+            .route("/api/stats", get(cluster::routing_stats))
+            .route("/metrics", get(metrics::render));
     }
     if let Some(key) = config.api_key.as_deref() {
         v1 = v1.route_layer(middleware::from_fn_with_state(ApiKey::new(key), auth::require_api_key));
     }
     Router::new()
         .route("/health", get(health))
+        .route("/", get(dashboard::index))
+        .route("/assets/{file}", get(dashboard::asset))
         .merge(v1)
         .fallback(route_not_found)
         // Must come after every route: it applies to the routes present when called.

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 pub use balance::{Balancer, Candidate, Strategy};
 pub use breaker::{Breaker, BreakerState};
 pub use cluster::{ClusterView, DEPARTED_GRACE, NodeRecord, OFFLINE_AFTER, RemoteHost};
-pub use stats::{CountersSnapshot, Percentiles, RoutingStats, StatsSnapshot};
+pub use stats::{CountersSnapshot, Histogram, LATENCY_BUCKETS, Percentiles, RoutingStats, StatsSnapshot};
 
 use std::collections::{HashMap, HashSet};
 
@@ -154,6 +154,11 @@ impl Router {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()
+    }
+
+    /// How busy the local engine is.
+    pub fn local_load(&self) -> EngineLoad {
+        self.inner.local.load()
     }
 
     /// Remote hosts (peer ids) whose circuit breaker keeps requests away now.

@@ -10,6 +10,33 @@ use serde::Serialize;
 
 /// Latency samples kept per model and per node.
 const SAMPLES: usize = 1024;
+/// Upper bounds (seconds) of the latency histogram buckets exported to Prometheus.
+pub const LATENCY_BUCKETS: [f64; 13] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// A cumulative latency histogram, as Prometheus wants it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Histogram {
+    /// Observations at or below each bound of `LATENCY_BUCKETS`.
+    pub buckets: Vec<u64>,
+    pub sum_seconds: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; LATENCY_BUCKETS.len()];
+        }
+        for (bucket, bound) in self.buckets.iter_mut().zip(LATENCY_BUCKETS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        self.sum_seconds += seconds;
+        self.count += 1;
+    }
+}
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -20,6 +47,8 @@ struct Counters {
     tokens: u64,
     first_token_ms: VecDeque<f64>,
     total_ms: VecDeque<f64>,
+    first_token_histogram: Histogram,
+    total_histogram: Histogram,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -31,6 +60,10 @@ pub struct CountersSnapshot {
     pub tokens: u64,
     pub first_token_ms: Percentiles,
     pub total_ms: Percentiles,
+    #[serde(skip)]
+    pub first_token_histogram: Histogram,
+    #[serde(skip)]
+    pub total_histogram: Histogram,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -84,9 +117,11 @@ impl RoutingStats {
             }
             if let Some(first) = outcome.first_token {
                 push(&mut counters.first_token_ms, first.as_secs_f64() * 1000.0);
+                counters.first_token_histogram.observe(first.as_secs_f64());
             }
             if outcome.ok {
                 push(&mut counters.total_ms, outcome.total.as_secs_f64() * 1000.0);
+                counters.total_histogram.observe(outcome.total.as_secs_f64());
             }
         });
         tracing::debug!(
@@ -134,6 +169,8 @@ fn snapshot_of(map: &Mutex<HashMap<String, Counters>>) -> BTreeMap<String, Count
                 tokens: c.tokens,
                 first_token_ms: percentiles(&c.first_token_ms),
                 total_ms: percentiles(&c.total_ms),
+                first_token_histogram: c.first_token_histogram.clone(),
+                total_histogram: c.total_histogram.clone(),
             };
             (key.clone(), snapshot)
         })
@@ -183,6 +220,11 @@ mod tests {
         assert_eq!(snapshot.nodes["gpu-box"].requests, 101);
         assert_eq!(snapshot.nodes["laptop"].retries, 1);
         assert_eq!(snapshot.nodes["laptop"].requests, 0);
+        let histogram = &model.total_histogram;
+        assert_eq!(histogram.count, 100, "failed requests have no total latency");
+        // 5 ms bucket: 1..=5 ms; 10 ms bucket: 1..=10 ms; the last bucket holds everything.
+        assert_eq!(&histogram.buckets[..2], &[5, 10]);
+        assert_eq!(*histogram.buckets.last().unwrap(), 100);
     }
 
     #[test]

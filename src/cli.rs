@@ -1,0 +1,203 @@
+//! `llmesh nodes`, `llmesh models` and `llmesh status`: ask a running node over its HTTP API and
+//! print readable tables, or the JSON with `--json`. Errors say what to do next.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use serde_json::Value;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// The node to ask.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "LLMESH_NODE")]
+    pub node: String,
+    /// The node's API key, if it has one.
+    #[arg(long, env = "LLMESH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Print the node's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// GET a JSON document from the node, turning transport and auth failures into advice.
+fn fetch(args: &NodeArgs, path: &str) -> anyhow::Result<Value> {
+    let url = format!("{}{path}", args.node.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut request = agent.get(&url);
+    if let Some(key) = &args.api_key {
+        request = request.header("Authorization", &format!("Bearer {key}"));
+    }
+    let mut response = request.call().map_err(|error| {
+        anyhow!(
+            "no llmesh node answers at {}: {error}\nIs it running? Start one with `llmesh serve`, or point --node at it.",
+            args.node
+        )
+    })?;
+    let status = response.status();
+    let body = response.body_mut().read_to_string().context("reading the node's answer")?;
+    match status.as_u16() {
+        200 => serde_json::from_str(&body).with_context(|| format!("{url} did not answer JSON")),
+        401 if args.api_key.is_none() => {
+            bail!("the node needs an API key: pass --api-key KEY or set LLMESH_API_KEY")
+        }
+        401 => bail!("the node refused the API key: check --api-key / LLMESH_API_KEY"),
+        404 => bail!("{url} is not an llmesh node's API (404); check --node"),
+        code => bail!("the node answered {code}: {body}"),
+    }
+}
+
+pub fn nodes(args: &NodeArgs) -> anyhow::Result<()> {
+    let nodes = fetch(args, "/api/nodes")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(());
+    }
+    let mut rows = vec![row(["NAME", "STATUS", "MODELS", "CPU", "MEMORY", "GPU", "LOAD", "PEER ID"])];
+    for node in items(&nodes) {
+        let name = format!("{}{}", text(&node["name"]), if node["this_node"] == true { " *" } else { "" });
+        let status = match node["degraded"].as_str() {
+            Some(reason) => format!("degraded ({reason})"),
+            None => text(&node["status"]),
+        };
+        let models = list(&node["models"]);
+        let cpu = format!(
+            "{:.0}% of {}",
+            node["usage"]["cpu_percent"].as_f64().unwrap_or(0.0),
+            node["hardware"]["cores"]
+        );
+        let memory = format!(
+            "{} / {}",
+            gib(node["usage"]["memory_used_bytes"].as_u64()),
+            gib(node["hardware"]["memory_bytes"].as_u64())
+        );
+        let gpu = node["hardware"]["gpu"].as_str().unwrap_or("-").to_string();
+        let load = format!("{} running, {} queued", node["load"]["in_flight"], node["load"]["queued"]);
+        rows.push(row([&name, &status, &models, &cpu, &memory, &gpu, &load, &text(&node["peer_id"])]));
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+pub fn models(args: &NodeArgs) -> anyhow::Result<()> {
+    let models = fetch(args, "/v1/models")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&models)?);
+        return Ok(());
+    }
+    let mut rows = vec![row(["MODEL", "KIND", "ARCHITECTURE", "QUANTIZATION", "CONTEXT", "HOSTS"])];
+    for model in items(&models) {
+        let details = &model["llmesh"];
+        let hosts: Vec<String> =
+            details["hosts"].as_array().into_iter().flatten().map(|h| text(&h["name"])).collect();
+        rows.push(row([
+            &text(&model["id"]),
+            &text(&details["kind"]),
+            &text(&details["architecture"]),
+            &text(&details["quantization"]),
+            &text(&details["context_length"]),
+            &hosts.join(", "),
+        ]));
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+pub fn status(args: &NodeArgs) -> anyhow::Result<()> {
+    let nodes = fetch(args, "/api/nodes")?;
+    let models = fetch(args, "/v1/models")?;
+    let stats = fetch(args, "/api/stats")?;
+    if args.json {
+        let all = serde_json::json!({"nodes": nodes, "models": models, "stats": stats});
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    let nodes = items(&nodes);
+    if let Some(this) = nodes.iter().find(|node| node["this_node"] == true) {
+        println!(
+            "node {} ({}), llmesh {}",
+            text(&this["name"]),
+            text(&this["peer_id"]),
+            text(&this["version"])
+        );
+    }
+    let degraded: Vec<String> = nodes
+        .iter()
+        .filter_map(|node| {
+            node["degraded"].as_str().map(|reason| format!("{}: {reason}", text(&node["name"])))
+        })
+        .collect();
+    println!(
+        "cluster: {} node(s) online, {} model(s), {}",
+        nodes.len(),
+        items(&models).len(),
+        if degraded.is_empty() {
+            "all healthy".to_string()
+        } else {
+            format!("degraded: {}", degraded.join("; "))
+        }
+    );
+    let mut rows =
+        vec![row(["MODEL", "REQUESTS", "ERRORS", "RETRIES", "FAILOVERS", "TOKENS", "TTFT P50", "TOTAL P95"])];
+    for (model, counters) in stats["models"].as_object().into_iter().flatten() {
+        rows.push(row([
+            model,
+            &text(&counters["requests"]),
+            &text(&counters["errors"]),
+            &text(&counters["retries"]),
+            &text(&counters["failovers"]),
+            &text(&counters["tokens"]),
+            &millis(&counters["first_token_ms"]["p50"]),
+            &millis(&counters["total_ms"]["p95"]),
+        ]));
+    }
+    if rows.len() > 1 {
+        println!();
+        print_table(&rows);
+    }
+    Ok(())
+}
+
+fn items(list: &Value) -> Vec<Value> {
+    list["data"].as_array().cloned().unwrap_or_default()
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn list(value: &Value) -> String {
+    let names: Vec<String> = value.as_array().into_iter().flatten().map(text).collect();
+    if names.is_empty() { "-".into() } else { names.join(", ") }
+}
+
+fn gib(bytes: Option<u64>) -> String {
+    bytes.map_or("-".into(), |bytes| format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64))
+}
+
+fn millis(value: &Value) -> String {
+    value.as_f64().map_or("-".into(), |ms| format!("{ms:.0} ms"))
+}
+
+fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
+    cells.iter().map(|cell| cell.to_string()).collect()
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let cells: Vec<String> =
+            row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+}
