@@ -33,7 +33,7 @@ pub struct UsageSampler {
 
 impl UsageSampler {
     pub fn new(hardware: &Hardware) -> Self {
-        Self { system: sysinfo::System::new_all().ok(), gpu: hardware.gpu.is_some() }
+        Self { system: sysinfo::System::new().ok(), gpu: hardware.gpu.is_some() }
     }
 
     /// Blocking for the GPU query: call from a blocking thread.
