@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::core::ConnectedPoint;
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
@@ -28,6 +28,8 @@ const IDENTIFY_PROTOCOL: &str = "/llmesh/id/1.0.0";
 /// How often explicit peers that are not connected are dialed again.
 const REDIAL_INTERVAL: Duration = Duration::from_secs(5);
 const EVENTS_CAPACITY: usize = 256;
+/// Two connections to one peer opened this close together are a simultaneous dial.
+const SIMULTANEOUS_DIAL: Duration = Duration::from_secs(2);
 const COMMANDS_CAPACITY: usize = 64;
 
 #[derive(NetworkBehaviour)]
@@ -47,8 +49,8 @@ struct Network {
     /// The last announcement published, re-sent when a new peer subscribes.
     last_announcement: Option<Vec<u8>>,
     explicit_peers: Vec<Multiaddr>,
-    /// Open connections per peer with the peer id of the side that dialed.
-    connections: HashMap<PeerId, Vec<(ConnectionId, PeerId)>>,
+    /// Open connections per peer: id, the peer id of the side that dialed, when it opened.
+    connections: HashMap<PeerId, Vec<(ConnectionId, PeerId, Instant)>>,
     listen_addresses: Vec<Multiaddr>,
     provided: HashSet<String>,
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<String>>, HashSet<PeerId>)>,
@@ -252,12 +254,12 @@ impl Network {
                     ConnectedPoint::Listener { .. } => peer_id,
                 };
                 tracing::debug!(peer = %peer_id, "connected");
-                self.connections.entry(peer_id).or_default().push((connection_id, dialer));
+                self.connections.entry(peer_id).or_default().push((connection_id, dialer, Instant::now()));
                 self.keep_one_connection(peer_id);
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 if let Some(open) = self.connections.get_mut(&peer_id) {
-                    open.retain(|(id, _)| *id != connection_id);
+                    open.retain(|(id, _, _)| *id != connection_id);
                 }
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
@@ -276,16 +278,25 @@ impl Network {
         }
     }
 
-    /// Both sides may dial at once; keep the connection dialed by the smaller peer id (both ends
-    /// pick the same one) and close the rest.
+    /// Keep one connection per pair of nodes. When both sides dialed at once, keep the one dialed
+    /// by the smaller peer id (both ends pick the same one); when a second connection appears
+    /// later, keep the established one, which may carry requests in flight, and close the newcomer.
     fn keep_one_connection(&mut self, peer: PeerId) {
         let Some(open) = self.connections.get(&peer) else { return };
         if open.len() < 2 {
             return;
         }
-        let preferred_dialer = (*self.swarm.local_peer_id()).min(peer);
-        let keep = open.iter().find(|(_, dialer)| *dialer == preferred_dialer).unwrap_or(&open[0]).0;
-        for (id, _) in open.iter().filter(|(id, _)| *id != keep) {
+        let oldest =
+            open.iter().min_by_key(|(_, _, opened)| *opened).map(|c| c.2).unwrap_or_else(Instant::now);
+        let newest =
+            open.iter().max_by_key(|(_, _, opened)| *opened).map(|c| c.2).unwrap_or_else(Instant::now);
+        let keep = if newest.duration_since(oldest) < SIMULTANEOUS_DIAL {
+            let preferred_dialer = (*self.swarm.local_peer_id()).min(peer);
+            open.iter().find(|(_, dialer, _)| *dialer == preferred_dialer).unwrap_or(&open[0]).0
+        } else {
+            open.iter().min_by_key(|(_, _, opened)| *opened).map_or(open[0].0, |c| c.0)
+        };
+        for (id, _, _) in open.iter().filter(|(id, _, _)| *id != keep) {
             self.swarm.close_connection(*id);
         }
     }

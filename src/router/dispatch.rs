@@ -75,6 +75,7 @@ where
     let mut backoff = FIRST_BACKOFF;
     let mut saturated: HashSet<String> = HashSet::new();
     let mut failures = 0;
+    let mut failed_hosts: HashSet<String> = HashSet::new();
     let mut last_error: Option<EngineError> = None;
     loop {
         let Some(target) = inner.choose(model, excluded).await? else {
@@ -100,10 +101,15 @@ where
                 last_error = Some(EngineError::QueueFull(model));
             }
             Err(error @ (EngineError::Unavailable(_) | EngineError::ShuttingDown(_))) => {
-                tracing::warn!(host = %target.name, %error, "host failed before answering; retrying elsewhere");
+                tracing::warn!(host = %target.name, %error, "host failed before answering; retrying");
                 inner.breaker_failed(&target);
                 inner.stats.retried(model, &target.name);
-                excluded.insert(target.key);
+                // A host that is still a member may have lost only a connection (a new one is
+                // dialed for the next stream): give it one more chance, others first.
+                let failed_before = !failed_hosts.insert(target.key.clone());
+                if failed_before || !inner.is_member(&target) {
+                    excluded.insert(target.key);
+                }
                 failures += 1;
                 if failures >= inner.routing.max_attempts {
                     return Err(error);

@@ -257,6 +257,11 @@ impl RouterInner {
         Ok(Some(target))
     }
 
+    /// Whether a target is still part of the cluster (this node always is).
+    fn is_member(&self, target: &Target) -> bool {
+        target.is_local || self.read_cluster().name_of(&target.key).is_some()
+    }
+
     fn no_host_error(&self, model_id: &str) -> EngineError {
         if self.read_cluster().recently_departed(model_id, Instant::now()) {
             EngineError::Unavailable(format!(
