@@ -80,25 +80,39 @@ impl Sampler {
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
+        let inverse_temperature = 1.0 / self.params.temperature;
+        let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return 0;
+        }
+        // The usual case (no top-k, no top-p) needs no sorting: one pass over the vocabulary.
+        if self.params.top_k == 0 && self.params.top_p >= 1.0 {
+            let weight = |logit: f32| {
+                if logit.is_finite() { ((logit - max) * inverse_temperature).exp() } else { 0.0 }
+            };
+            let total: f64 = logits.iter().map(|&l| weight(l) as f64).sum();
+            let mut target = self.rng.random::<f64>() * total;
+            for (token, &logit) in logits.iter().enumerate() {
+                target -= weight(logit) as f64;
+                if target <= 0.0 {
+                    return token as u32;
+                }
+            }
+            return argmax(logits);
+        }
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .filter(|(_, logit)| logit.is_finite())
-            .map(|(token, &logit)| (token as u32, logit / self.params.temperature))
+            .map(|(token, &logit)| (token as u32, ((logit - max) * inverse_temperature).exp()))
             .collect();
-        if candidates.is_empty() {
-            return 0;
-        }
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if self.params.top_k > 0 {
+        if self.params.top_k > 0 && self.params.top_k < candidates.len() {
+            // Partition first: only the k best need sorting.
+            candidates.select_nth_unstable_by(self.params.top_k - 1, |a, b| b.1.total_cmp(&a.1));
             candidates.truncate(self.params.top_k);
         }
-        let max = candidates[0].1;
-        let mut total = 0.0f64;
-        for candidate in &mut candidates {
-            candidate.1 = (candidate.1 - max).exp();
-            total += candidate.1 as f64;
-        }
+        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        let mut total: f64 = candidates.iter().map(|c| c.1 as f64).sum();
         if self.params.top_p < 1.0 {
             let mut mass = 0.0f64;
             let mut keep = candidates.len();
@@ -180,6 +194,14 @@ mod tests {
         let distinct: std::collections::HashSet<_> =
             (0..200).map(|_| sampler.sample(&mut [1.0; 8])).collect();
         assert!(distinct.len() > 4, "uniform logits should give many tokens: {distinct:?}");
+    }
+
+    #[test]
+    fn plain_sampling_follows_the_distribution() {
+        // Token 1 has e^2 ≈ 7.4 times the weight of token 0; token 2 is excluded (-inf).
+        let mut sampler = Sampler::new(params(1.0));
+        let ones = (0..4000).filter(|_| sampler.sample(&mut [0.0, 2.0, f32::NEG_INFINITY]) == 1).count();
+        assert!((3350..3700).contains(&ones), "{ones} of 4000");
     }
 
     #[test]
