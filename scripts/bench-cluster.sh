@@ -7,6 +7,9 @@
 # Nodes run on 127.0.0.1 only and are stopped on exit, also on failure.
 #
 #   scripts/bench-cluster.sh            (LLMESH_BIN, LLMESH_MODELS_DIR, CLIENTS, REQUESTS override)
+#
+# All nodes share this machine: with two hosts on few cores, give each node one thread
+# (RAYON_NUM_THREADS=1) or their thread pools fight over the cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
