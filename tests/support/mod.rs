@@ -1,4 +1,5 @@
 //! Shared test support: a tiny generated model and multi-node helpers.
 
 pub mod cluster;
+pub mod fake_engine;
 pub mod tiny_model;
