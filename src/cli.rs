@@ -132,7 +132,7 @@ pub fn status(args: &NodeArgs) -> anyhow::Result<()> {
         .collect();
     println!(
         "cluster: {} node(s) online, {} model(s), {}",
-        nodes.len(),
+        nodes.iter().filter(|node| node["status"] != "offline").count(),
         items(&models).len(),
         if degraded.is_empty() {
             "all healthy".to_string()

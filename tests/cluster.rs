@@ -74,6 +74,13 @@ async fn models_on_one_node_are_served_through_the_others() {
     c.shutdown();
     c.join().await.unwrap();
     eventually("A forgets C's models", async || hosts_of(&a, "tiny").await.is_empty()).await;
+    let nodes: Value = serde_json::from_str(&call(&a, "GET", "/api/nodes", None).await.body).unwrap();
+    let c_entry = nodes["data"].as_array().unwrap().iter().find(|n| n["name"] == "node-c").cloned();
+    assert_eq!(
+        c_entry.map(|n| n["status"].clone()),
+        Some(json!("offline")),
+        "C is listed as offline for a while"
+    );
     let gone = call(&a, "POST", "/v1/chat/completions", Some(chat(false))).await;
     assert_eq!(gone.status, StatusCode::SERVICE_UNAVAILABLE, "{}", gone.body);
     let unknown = call(

@@ -64,11 +64,16 @@ async function poll() {
   state.timer = setTimeout(poll, POLL_MS);
 }
 
-function takeNodes(nodes) {
+function takeNodes(all) {
   const nowMs = Date.now();
+  // The node lists nodes that left in the last minutes as "offline", with since when.
+  const nodes = all.filter((node) => node.status !== 'offline');
   const present = new Set(nodes.map((node) => node.peer_id));
   for (const node of state.nodes) {
     if (!present.has(node.peer_id)) state.gone.set(node.peer_id, { name: node.name, since: nowMs });
+  }
+  for (const node of all.filter((node) => node.status === 'offline')) {
+    state.gone.set(node.peer_id, { name: node.name, since: node.status_since * 1000 });
   }
   for (const [peer, gone] of state.gone) {
     if (present.has(peer) || nowMs - gone.since > GONE_MS) state.gone.delete(peer);

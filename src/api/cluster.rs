@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::AppState;
 use super::error::ApiError;
 use crate::p2p::{AnnouncedLoad, Announcement, Hardware, ResourceUsage};
-use crate::router::{Router, StatsSnapshot};
+use crate::router::{NodeRecord, Router, StatsSnapshot};
 
 #[derive(Debug, Serialize)]
 pub struct NodeList {
@@ -24,7 +24,11 @@ pub struct NodeObject {
     pub peer_id: String,
     /// This node (the one answering).
     pub this_node: bool,
+    /// "online", "offline" (listed for ten minutes after it left) or "starting" (this node,
+    /// before its first announcement).
     pub status: &'static str,
+    /// Unix seconds since when it has had that status (online: since this node first saw it).
+    pub status_since: u64,
     /// Milliseconds since its last announcement arrived (0 for this node).
     pub last_seen_ms: u64,
     pub addresses: Vec<String>,
@@ -43,6 +47,29 @@ fn router(state: &AppState) -> Result<&Router, ApiError> {
     state.router.as_ref().ok_or_else(|| ApiError::Internal("no router behind this API".into()))
 }
 
+/// When, in Unix seconds, something happened `ago`.
+fn unix_seconds_ago(ago: std::time::Duration) -> u64 {
+    SystemTime::now()
+        .checked_sub(ago)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+fn record_object(record: NodeRecord, now: Instant, degraded: Option<String>) -> NodeObject {
+    let last_seen_ms = now.duration_since(record.last_seen).as_millis() as u64;
+    let (status, since) = match record.offline_since {
+        Some(since) => ("offline", since),
+        None => ("online", record.online_since),
+    };
+    let mut node = node_object(record.announcement, false, last_seen_ms, degraded);
+    node.status = status;
+    node.status_since = unix_seconds_ago(now.duration_since(since));
+    if status == "offline" {
+        node.load = AnnouncedLoad::default();
+    }
+    node
+}
+
 fn node_object(
     announcement: Announcement,
     this_node: bool,
@@ -50,6 +77,7 @@ fn node_object(
     degraded: Option<String>,
 ) -> NodeObject {
     NodeObject {
+        status_since: announcement.started_at,
         name: announcement.name,
         peer_id: announcement.peer_id,
         this_node,
@@ -80,6 +108,7 @@ pub async fn list_nodes(State(state): State<AppState>) -> Result<Json<NodeList>,
             peer_id: node.peer_id.clone(),
             this_node: true,
             status: "starting",
+            status_since: node.started_at,
             last_seen_ms: 0,
             addresses: Vec::new(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -97,9 +126,11 @@ pub async fn list_nodes(State(state): State<AppState>) -> Result<Json<NodeList>,
         let degraded = open_breakers
             .contains(&record.announcement.peer_id)
             .then(|| "circuit open: recent requests to it failed".to_string());
-        let last_seen_ms = now.duration_since(record.last_seen).as_millis() as u64;
-        data.push(node_object(record.announcement, false, last_seen_ms, degraded));
+        data.push(record_object(record, now, degraded));
     }
+    let mut offline = router.offline_nodes();
+    offline.sort_by(|a, b| a.announcement.name.cmp(&b.announcement.name));
+    data.extend(offline.into_iter().map(|record| record_object(record, now, None)));
     Ok(Json(NodeList { object: "list", data }))
 }
 

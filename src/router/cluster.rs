@@ -14,10 +14,17 @@ pub const OFFLINE_AFTER: Duration = Duration::from_secs(6);
 /// this long, since hosts restart.
 pub const DEPARTED_GRACE: Duration = Duration::from_secs(60);
 
+/// Offline nodes stay listed (as offline) this long.
+pub const OFFLINE_LISTED_FOR: Duration = Duration::from_secs(600);
+
 #[derive(Debug, Clone)]
 pub struct NodeRecord {
     pub announcement: Announcement,
     pub last_seen: Instant,
+    /// When this node first saw it online (this time round).
+    pub online_since: Instant,
+    /// When it went offline; `None` while online.
+    pub offline_since: Option<Instant>,
 }
 
 /// A remote node that can serve a model, with what the router needs to choose among them.
@@ -32,6 +39,8 @@ pub struct RemoteHost {
 #[derive(Debug, Default)]
 pub struct ClusterView {
     nodes: HashMap<String, NodeRecord>,
+    /// Nodes that left or went silent, kept for the operator's view.
+    offline: HashMap<String, NodeRecord>,
     /// Models whose last remote host went away, and when.
     departed: HashMap<String, Instant>,
 }
@@ -66,7 +75,12 @@ impl ClusterView {
         for model in &announcement.models {
             self.departed.remove(&model.id);
         }
-        self.nodes.insert(announcement.peer_id.clone(), NodeRecord { announcement, last_seen: now });
+        let online_since = previous.map_or(now, |known| known.online_since);
+        self.offline.remove(&announcement.peer_id);
+        self.nodes.insert(
+            announcement.peer_id.clone(),
+            NodeRecord { announcement, last_seen: now, online_since, offline_since: None },
+        );
         for id in dropped {
             if self.remote_hosts(&id).is_empty() {
                 self.departed.insert(id, now);
@@ -83,7 +97,13 @@ impl ClusterView {
                 self.departed.insert(model.id.clone(), now);
             }
         }
+        self.offline.insert(peer_id.to_string(), NodeRecord { offline_since: Some(now), ..record.clone() });
         Some(record)
+    }
+
+    /// Nodes that went offline in the last ten minutes.
+    pub fn offline_nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.offline.values()
     }
 
     /// Declare silent nodes offline; returns their names.
@@ -95,6 +115,9 @@ impl ClusterView {
             .map(|(peer, _)| peer.clone())
             .collect();
         self.departed.retain(|_, since| now.duration_since(*since) <= DEPARTED_GRACE);
+        self.offline.retain(|_, record| {
+            record.offline_since.is_some_and(|since| now.duration_since(since) <= OFFLINE_LISTED_FOR)
+        });
         silent
             .iter()
             .filter_map(|peer| self.remove(peer, now))
@@ -224,10 +247,25 @@ mod tests {
         assert!(view.expire(start + OFFLINE_AFTER / 2).is_empty());
         assert_eq!(view.expire(start + OFFLINE_AFTER + Duration::from_secs(1)), ["node-a"]);
         assert!(view.models().is_empty());
+        assert_eq!(view.offline_nodes().count(), 1, "listed as offline for a while");
         let gone = start + OFFLINE_AFTER + Duration::from_secs(1);
         assert!(view.recently_departed("chat", gone));
         view.expire(gone + DEPARTED_GRACE + Duration::from_secs(1));
         assert!(!view.recently_departed("chat", gone + DEPARTED_GRACE + Duration::from_secs(1)));
+        view.expire(gone + OFFLINE_LISTED_FOR + Duration::from_secs(1));
+        assert_eq!(view.offline_nodes().count(), 0);
+    }
+
+    #[test]
+    fn a_node_that_comes_back_is_online_again() {
+        let now = Instant::now();
+        let mut view = ClusterView::default();
+        view.apply(announcement("a", &["chat"], 1), now);
+        view.remove("a", now);
+        assert_eq!(view.offline_nodes().count(), 1);
+        view.apply(announcement("a", &["chat"], 2), now + Duration::from_secs(5));
+        assert_eq!(view.offline_nodes().count(), 0);
+        assert_eq!(view.nodes().next().unwrap().online_since, now + Duration::from_secs(5));
     }
 
     #[test]

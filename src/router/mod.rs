@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use balance::{Balancer, Candidate, Strategy};
 pub use breaker::{Breaker, BreakerState};
-pub use cluster::{ClusterView, DEPARTED_GRACE, NodeRecord, OFFLINE_AFTER, RemoteHost};
+pub use cluster::{ClusterView, DEPARTED_GRACE, NodeRecord, OFFLINE_AFTER, OFFLINE_LISTED_FOR, RemoteHost};
 pub use stats::{CountersSnapshot, Histogram, LATENCY_BUCKETS, Percentiles, RoutingStats, StatsSnapshot};
 
 use std::collections::{HashMap, HashSet};
@@ -133,9 +133,14 @@ impl Router {
         Self { inner }
     }
 
-    /// A snapshot of the other nodes as this node sees them.
+    /// A snapshot of the other online nodes as this node sees them.
     pub fn cluster_nodes(&self) -> Vec<NodeRecord> {
         self.inner.read_cluster().nodes().cloned().collect()
+    }
+
+    /// Nodes that went offline in the last ten minutes.
+    pub fn offline_nodes(&self) -> Vec<NodeRecord> {
+        self.inner.read_cluster().offline_nodes().cloned().collect()
     }
 
     /// Peer ids this node holds a connection to.
