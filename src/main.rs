@@ -63,7 +63,7 @@ struct ServeArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
@@ -71,13 +71,26 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Bench(args) => llmesh::bench::run(args).await,
-        Command::Nodes(args) => tokio::task::spawn_blocking(move || llmesh::cli::nodes(&args)).await?,
-        Command::Models(args) => tokio::task::spawn_blocking(move || llmesh::cli::models(&args)).await?,
-        Command::Status(args) => tokio::task::spawn_blocking(move || llmesh::cli::status(&args)).await?,
+        Command::Nodes(args) => ask_node(move || llmesh::cli::nodes(&args)).await,
+        Command::Models(args) => ask_node(move || llmesh::cli::models(&args)).await,
+        Command::Status(args) => ask_node(move || llmesh::cli::status(&args)).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The whole chain of causes, without a backtrace: these messages are for users.
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+/// The node commands use a blocking HTTP client.
+async fn ask_node(command: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(command).await?
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
