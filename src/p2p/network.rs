@@ -1,7 +1,7 @@
 //! The network task: owns the Swarm, runs discovery (mDNS, Kademlia, identify, explicit peers),
 //! publishes and checks announcements, keeps one connection per pair of nodes, and answers the
 //! handle's commands. Nothing here blocks: every command is answered from the task's own state or
-//! by a swarm call.
+//! by a swarm call, and events go out with `try_send` (never waiting on their consumer).
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
@@ -163,7 +163,7 @@ impl Network {
                     Some(command) => self.handle_command(command, &keypair),
                     None => break,
                 },
-                event = futures::StreamExt::select_next_some(&mut self.swarm) => self.handle_event(event).await,
+                event = futures::StreamExt::select_next_some(&mut self.swarm) => self.handle_event(event),
             }
         }
         tracing::info!("p2p node stopped");
@@ -240,7 +240,7 @@ impl Network {
         self.provided = ids;
     }
 
-    async fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+    fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let peer = *self.swarm.local_peer_id();
@@ -264,7 +264,7 @@ impl Network {
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
                     tracing::info!(peer = %peer_id, cause = ?cause, "peer disconnected");
-                    self.emit(P2pEvent::PeerDisconnected(peer_id.to_string())).await;
+                    self.emit(P2pEvent::PeerDisconnected(peer_id.to_string()));
                 }
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
@@ -273,7 +273,7 @@ impl Network {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "could not connect");
             }
-            SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event).await,
+            SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
             _ => {}
         }
     }
@@ -301,7 +301,7 @@ impl Network {
         }
     }
 
-    async fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
+    fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, address) in found {
@@ -331,7 +331,7 @@ impl Network {
                         {
                             self.swarm.behaviour_mut().kademlia.add_address(&source, address);
                         }
-                        self.emit(P2pEvent::Announcement(Box::new(announcement))).await
+                        self.emit(P2pEvent::Announcement(Box::new(announcement)))
                     }
                     Err(error) => tracing::warn!(peer = %source, %error, "dropped an announcement"),
                 }
@@ -366,8 +366,13 @@ impl Network {
         }
     }
 
-    async fn emit(&mut self, event: P2pEvent) {
-        // Bounded: a stalled consumer slows the network task rather than growing a queue.
-        let _ = self.events.send(event).await;
+    /// Hand an event to the rest of the node without ever waiting: the consumer may itself be
+    /// waiting on this task (a command's reply), so a full queue drops the event instead. Both
+    /// kinds recover on their own: announcements repeat every heartbeat, and a node whose
+    /// disconnect was dropped is declared offline once its announcements stop.
+    fn emit(&mut self, event: P2pEvent) {
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
+            tracing::warn!(?event, "event queue full; dropped an event");
+        }
     }
 }
