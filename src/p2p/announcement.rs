@@ -4,8 +4,10 @@
 //! within bounds, protocol version known.
 
 use libp2p::PeerId;
-use libp2p::identity::{Keypair, PublicKey};
+use libp2p::identity::Keypair;
 use serde::{Deserialize, Serialize};
+
+use super::signed::{self, EnvelopeError};
 
 /// Bumped when the announcement's shape changes; receivers ignore versions they don't know.
 pub const ANNOUNCEMENT_VERSION: u16 = 1;
@@ -70,13 +72,6 @@ pub struct AnnouncedLoad {
     pub queued: u32,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct SignedAnnouncement {
-    payload: Vec<u8>,
-    public_key: Vec<u8>,
-    signature: Vec<u8>,
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AnnouncementError {
     #[error("announcement of {0} bytes is over the limit")]
@@ -93,46 +88,32 @@ pub enum AnnouncementError {
     OutOfBounds(&'static str),
 }
 
-fn codec() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_ANNOUNCEMENT_BYTES>()
+impl From<EnvelopeError> for AnnouncementError {
+    fn from(error: EnvelopeError) -> Self {
+        match error {
+            EnvelopeError::TooLarge(size, _) => AnnouncementError::TooLarge(size),
+            EnvelopeError::Malformed(reason) => AnnouncementError::Malformed(reason),
+            EnvelopeError::BadSignature => AnnouncementError::BadSignature,
+        }
+    }
 }
 
 impl Announcement {
     /// Sign and encode for publication.
     pub fn sign(&self, keypair: &Keypair) -> Result<Vec<u8>, AnnouncementError> {
-        let malformed = |e: &dyn std::fmt::Display| AnnouncementError::Malformed(e.to_string());
-        let payload = bincode::serde::encode_to_vec(self, codec()).map_err(|e| malformed(&e))?;
-        let signature = keypair.sign(&payload).map_err(|e| malformed(&e))?;
-        let signed =
-            SignedAnnouncement { payload, public_key: keypair.public().encode_protobuf(), signature };
-        let bytes = bincode::serde::encode_to_vec(&signed, codec()).map_err(|e| malformed(&e))?;
-        if bytes.len() > MAX_ANNOUNCEMENT_BYTES {
-            return Err(AnnouncementError::TooLarge(bytes.len()));
-        }
-        Ok(bytes)
+        signed::seal::<_, MAX_ANNOUNCEMENT_BYTES>(self, keypair).map_err(AnnouncementError::from)
     }
 
     /// Decode and check an announcement that gossip says was published by `source`.
     pub fn verify(bytes: &[u8], source: &PeerId) -> Result<Self, AnnouncementError> {
-        if bytes.len() > MAX_ANNOUNCEMENT_BYTES {
-            return Err(AnnouncementError::TooLarge(bytes.len()));
-        }
-        let malformed = |e: &dyn std::fmt::Display| AnnouncementError::Malformed(e.to_string());
-        let (signed, _): (SignedAnnouncement, _) =
-            bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| malformed(&e))?;
-        let public_key = PublicKey::try_decode_protobuf(&signed.public_key).map_err(|e| malformed(&e))?;
-        if !public_key.verify(&signed.payload, &signed.signature) {
-            return Err(AnnouncementError::BadSignature);
-        }
-        let signer = public_key.to_peer_id();
+        let (announcement, signer): (Announcement, PeerId) =
+            signed::open::<_, MAX_ANNOUNCEMENT_BYTES>(bytes)?;
         if signer != *source {
             return Err(AnnouncementError::WrongSigner {
                 signer: signer.to_string(),
                 source_peer: source.to_string(),
             });
         }
-        let (announcement, _): (Announcement, _) =
-            bincode::serde::decode_from_slice(&signed.payload, codec()).map_err(|e| malformed(&e))?;
         if announcement.version != ANNOUNCEMENT_VERSION {
             return Err(AnnouncementError::UnknownVersion(announcement.version));
         }

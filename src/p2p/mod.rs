@@ -8,7 +8,9 @@
 
 mod announcement;
 mod identity;
+pub mod invitation;
 mod network;
+mod signed;
 mod transport;
 pub mod wire;
 
