@@ -44,6 +44,12 @@ pub struct Config {
     /// The cluster secret: nodes without the same one cannot connect. When unset, the API key
     /// (if any) is used; with neither, the cluster is open to any llmesh node that can reach it.
     pub cluster_key: Option<String>,
+    /// Addresses others reach this node at beyond its listen addresses (a VPN address, a port
+    /// forward); put into connection keys.
+    pub external_addresses: Vec<String>,
+    /// A connection key (`llmesh://join/...`) to join a cluster with. Once joined, the node
+    /// remembers the cluster in its data dir and rejoins after a restart without it.
+    pub join: Option<String>,
     pub routing: RoutingConfig,
 }
 
@@ -83,6 +89,8 @@ impl Default for Config {
             peers: Vec::new(),
             mdns: true,
             cluster_key: None,
+            external_addresses: Vec::new(),
+            join: None,
             routing: RoutingConfig::default(),
         }
     }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiConfig};
 use crate::config::Config;
 use crate::engine::{self, EngineError, LocalEngine, ModelSpec, SharedEngine};
-use crate::p2p::{self, P2pConfig, P2pError};
+use crate::p2p::{self, Invitation, JoinedCluster, P2pConfig, P2pError};
 use crate::router::{NodeIdentity, Router};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,14 +52,29 @@ impl Node {
     pub async fn spawn_with_engine(config: Config, local: SharedEngine) -> Result<Self, NodeError> {
         let http_shutdown = CancellationToken::new();
         let cluster_shutdown = CancellationToken::new();
+        let data_dir = config.data_dir();
+        let membership = Membership::resolve(&config, &data_dir)?;
         let p2p_config = P2pConfig {
-            data_dir: config.data_dir(),
+            data_dir: data_dir.clone(),
             listen: config.p2p_listen.clone(),
-            peers: config.peers.clone(),
+            peers: membership.peers.clone(),
             mdns: config.mdns,
-            cluster_secret: config.cluster_secret().map(str::to_string),
+            cluster_secret: membership.cluster_secret.clone(),
+            external_addresses: config.external_addresses.clone(),
         };
         let (p2p, events, inbound) = p2p::spawn(p2p_config, cluster_shutdown.clone()).await?;
+        if let Some((key, invitation)) = &membership.joining {
+            p2p.join(key).await?;
+            let joined = JoinedCluster {
+                invitation: invitation.id_hex(),
+                cluster_secret: invitation.cluster_secret.clone(),
+                peers: invitation.addresses.clone(),
+            };
+            if let Err(error) = joined.save(&data_dir) {
+                tracing::warn!(%error, "joined, but cannot remember the cluster for the next start");
+            }
+            tracing::info!(inviter = %invitation.inviter, "joined the cluster with a connection key");
+        }
         let p2p_addresses = wait_for_listen_addresses(&p2p, &config).await;
         let identity = NodeIdentity {
             name: config.name.clone().unwrap_or_else(crate::hardware::host_name),
@@ -139,6 +154,38 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.http_shutdown.cancel();
         self.cluster_shutdown.cancel();
+    }
+}
+
+/// Which cluster to be part of: the one a connection key names, the one joined before (kept in
+/// the data dir), or the one the config describes.
+struct Membership {
+    cluster_secret: Option<String>,
+    peers: Vec<String>,
+    /// A key still to present to its inviter.
+    joining: Option<(String, Invitation)>,
+}
+
+impl Membership {
+    fn resolve(config: &Config, data_dir: &std::path::Path) -> Result<Self, NodeError> {
+        let mut peers = config.peers.clone();
+        let joined = JoinedCluster::load(data_dir);
+        let Some(key) = &config.join else {
+            let mut cluster_secret = config.cluster_secret().map(str::to_string);
+            if let Some(joined) = joined {
+                if config.cluster_key.is_none() {
+                    cluster_secret = joined.cluster_secret;
+                }
+                peers.extend(joined.peers);
+            }
+            return Ok(Self { cluster_secret, peers, joining: None });
+        };
+        let invitation = Invitation::from_key(key).map_err(P2pError::Invitation)?;
+        peers.extend(invitation.addresses.iter().cloned());
+        let already_joined = joined.is_some_and(|joined| joined.invitation == invitation.id_hex());
+        let cluster_secret = invitation.cluster_secret.clone();
+        let joining = (!already_joined).then(|| (key.clone(), invitation));
+        Ok(Self { cluster_secret, peers, joining })
     }
 }
 

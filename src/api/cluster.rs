@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::AppState;
 use super::error::ApiError;
+use super::extract::{FromJsonObject, JsonBody, JsonObject};
 use crate::p2p::{AnnouncedLoad, Announcement, Hardware, ResourceUsage};
 use crate::router::{NodeRecord, Router, StatsSnapshot};
 
@@ -146,4 +147,57 @@ pub async fn routing_stats(State(state): State<AppState>) -> Result<Json<StatsOb
     let stats = router(&state)?.stats();
     let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     Ok(Json(StatsObject { at, stats }))
+}
+
+/// Connection keys are valid this long unless the request says otherwise.
+const DEFAULT_INVITATION_HOURS: u64 = 24;
+const MAX_INVITATION_HOURS: u64 = 24 * 365;
+const MAX_INVITATION_USES: u64 = 10_000;
+
+#[derive(Debug, Serialize)]
+pub struct InvitationObject {
+    pub object: &'static str,
+    /// The `llmesh://join/...` key to hand to the new machine.
+    pub key: String,
+    pub uses: u32,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+/// `POST /api/invitations` with optional `uses` (default 1) and `valid_hours` (default 24).
+pub async fn create_invitation(
+    State(state): State<AppState>,
+    JsonBody(fields): JsonBody<InvitationRequest>,
+) -> Result<Json<InvitationObject>, ApiError> {
+    let router = router(&state)?;
+    let (key, expires_at) = router
+        .invite(fields.uses, std::time::Duration::from_secs(fields.valid_hours * 3600))
+        .await
+        .map_err(|error| ApiError::Internal(format!("issuing an invitation: {error}")))?;
+    Ok(Json(InvitationObject { object: "invitation", key, uses: fields.uses, expires_at }))
+}
+
+pub struct InvitationRequest {
+    uses: u32,
+    valid_hours: u64,
+}
+
+impl FromJsonObject for InvitationRequest {
+    fn from_json_object(mut fields: JsonObject) -> Result<Self, ApiError> {
+        let uses = fields.optional::<u64>("uses")?.unwrap_or(1);
+        let valid_hours = fields.optional::<u64>("valid_hours")?.unwrap_or(DEFAULT_INVITATION_HOURS);
+        if !(1..=MAX_INVITATION_USES).contains(&uses) {
+            return Err(ApiError::invalid_param(
+                "uses",
+                format!("'uses' must be between 1 and {MAX_INVITATION_USES}."),
+            ));
+        }
+        if !(1..=MAX_INVITATION_HOURS).contains(&valid_hours) {
+            return Err(ApiError::invalid_param(
+                "valid_hours",
+                format!("'valid_hours' must be between 1 and {MAX_INVITATION_HOURS}."),
+            ));
+        }
+        Ok(Self { uses: uses as u32, valid_hours })
+    }
 }

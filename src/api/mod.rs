@@ -105,6 +105,7 @@ fn build(state: AppState, config: ApiConfig) -> Router {
         v1 = v1
             .route("/api/nodes", get(cluster::list_nodes))
             .route("/api/stats", get(cluster::routing_stats))
+            .route("/api/invitations", post(cluster::create_invitation))
             .route("/metrics", get(metrics::render));
     }
     if let Some(key) = config.api_key.as_deref() {

@@ -9,6 +9,7 @@
 mod announcement;
 mod identity;
 pub mod invitation;
+mod join;
 mod network;
 mod signed;
 mod transport;
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::{PeerId, StreamProtocol};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +27,8 @@ pub use announcement::{ANNOUNCEMENT_VERSION, MAX_ANNOUNCEMENT_BYTES};
 pub use announcement::{
     AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware, ResourceUsage,
 };
+pub use invitation::{Invitation, InvitationError};
+pub use join::{JoinedCluster, unix_now};
 pub use transport::{cluster_id, cluster_psk};
 
 /// The protocol requests are forwarded on. A new incompatible framing gets a new number.
@@ -48,6 +51,9 @@ pub struct P2pConfig {
     pub mdns: bool,
     /// Nodes with another (or no) secret cannot connect at all.
     pub cluster_secret: Option<String>,
+    /// Addresses others can reach this node at beyond its listen addresses (a VPN address, a
+    /// port forward), put into invitations and advertised.
+    pub external_addresses: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +70,10 @@ pub enum P2pError {
     Unreachable { peer: String, reason: String },
     #[error("the p2p network has stopped")]
     Stopped,
+    #[error(transparent)]
+    Invitation(InvitationError),
+    #[error("cannot join: {0}")]
+    Join(String),
 }
 
 /// What the network tells the rest of the node.
@@ -81,6 +91,8 @@ enum Command {
     ConnectedPeers(oneshot::Sender<Vec<String>>),
     ProvideModels(Vec<String>),
     FindProviders(String, oneshot::Sender<Vec<String>>),
+    Invite { uses: u32, expires_at: u64, reply: oneshot::Sender<Result<String, P2pError>> },
+    AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
 }
 
 /// A cloneable handle to the network task.
@@ -140,14 +152,34 @@ impl P2pHandle {
 
     /// Open an inference stream to `peer`, dialing it if needed.
     pub async fn open_stream(&self, peer: &str) -> Result<P2pStream, P2pError> {
+        self.open(peer, INFER_PROTOCOL).await
+    }
+
+    async fn open(&self, peer: &str, protocol: StreamProtocol) -> Result<P2pStream, P2pError> {
         let peer_id: PeerId = peer.parse().map_err(|_| P2pError::PeerId(peer.to_string()))?;
         let mut control = self.control.clone();
         let unreachable = |reason: String| P2pError::Unreachable { peer: peer.to_string(), reason };
-        match tokio::time::timeout(OPEN_STREAM_TIMEOUT, control.open_stream(peer_id, INFER_PROTOCOL)).await {
+        match tokio::time::timeout(OPEN_STREAM_TIMEOUT, control.open_stream(peer_id, protocol)).await {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(error)) => Err(unreachable(error.to_string())),
             Err(_) => Err(unreachable("timed out".to_string())),
         }
+    }
+
+    /// Issue a connection key for `uses` joins until `expires_at` (Unix seconds).
+    pub async fn invite(&self, uses: u32, expires_at: u64) -> Result<String, P2pError> {
+        self.ask(|reply| Command::Invite { uses, expires_at, reply }).await?
+    }
+
+    /// Join the cluster with a connection key: reach the inviter at the key's addresses and
+    /// present the key. Returns the invitation it held.
+    pub async fn join(&self, key: &str) -> Result<Invitation, P2pError> {
+        let invitation = Invitation::from_key(key).map_err(P2pError::Invitation)?;
+        let peer: PeerId =
+            invitation.inviter.parse().map_err(|_| P2pError::PeerId(invitation.inviter.clone()))?;
+        let addresses = invitation.addresses.iter().filter_map(|address| address.parse().ok()).collect();
+        self.ask(|reply| Command::AddAddresses(peer, addresses, reply)).await?;
+        join::join(self, key).await
     }
 
     async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, P2pError> {

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::core::ConnectedPoint;
@@ -20,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::announcement::{Announcement, MAX_ANNOUNCEMENT_BYTES};
 use super::identity::load_or_create_keypair;
+use super::invitation::{Invitation, InvitationLedger};
+use super::join::{Inviter, JOIN_PROTOCOL, serve_joins};
 use super::transport::{build_transport, cluster_id, cluster_psk};
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
 
@@ -28,6 +31,7 @@ const IDENTIFY_PROTOCOL: &str = "/llmesh/id/1.0.0";
 /// How often explicit peers that are not connected are dialed again.
 const REDIAL_INTERVAL: Duration = Duration::from_secs(5);
 const EVENTS_CAPACITY: usize = 256;
+const MAX_INVITATION_ADDRESSES: usize = 16;
 /// Two connections to one peer opened this close together are a simultaneous dial.
 const SIMULTANEOUS_DIAL: Duration = Duration::from_secs(2);
 const COMMANDS_CAPACITY: usize = 64;
@@ -54,6 +58,10 @@ struct Network {
     listen_addresses: Vec<Multiaddr>,
     provided: HashSet<String>,
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<String>>, HashSet<PeerId>)>,
+    cluster_id: String,
+    cluster_secret: Option<String>,
+    external_addresses: Vec<Multiaddr>,
+    ledger: Arc<Mutex<InvitationLedger>>,
 }
 
 pub async fn spawn(
@@ -67,6 +75,17 @@ pub async fn spawn(
     let mut swarm = build_swarm(&keypair, psk, config.mdns)?;
     let mut control = swarm.behaviour().stream.new_control();
     let inbound = control.accept(INFER_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
+    let join_requests = control.accept(JOIN_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
+    let ledger = Arc::new(Mutex::new(InvitationLedger::load(&config.data_dir)));
+    let cluster = cluster_id(psk.as_ref());
+    let inviter =
+        Inviter { peer_id: peer_id.to_string(), cluster_id: cluster.clone(), ledger: ledger.clone() };
+    tokio::spawn(serve_joins(join_requests, inviter));
+    let external_addresses =
+        config.external_addresses.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
+    for address in &external_addresses {
+        swarm.add_external_address(address.clone());
+    }
     swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| P2pError::Setup(e.to_string()))?;
     swarm.behaviour_mut().kademlia.set_mode(Some(kad::Mode::Server));
     for address in &config.listen {
@@ -87,6 +106,10 @@ pub async fn spawn(
         listen_addresses: Vec::new(),
         provided: HashSet::new(),
         provider_queries: HashMap::new(),
+        cluster_id: cluster,
+        cluster_secret: config.cluster_secret.clone(),
+        external_addresses,
+        ledger,
     };
     tokio::spawn(network.run(keypair, command_receiver, shutdown));
     Ok((P2pHandle { peer_id, commands, control }, events_receiver, InboundStreams(inbound)))
@@ -212,11 +235,55 @@ impl Network {
                 let _ = reply.send(self.swarm.connected_peers().map(|peer| peer.to_string()).collect());
             }
             Command::ProvideModels(ids) => self.provide(ids.into_iter().collect()),
+            Command::Invite { uses, expires_at, reply } => {
+                let _ = reply.send(self.invite(keypair, uses, expires_at));
+            }
+            Command::AddAddresses(peer, addresses, reply) => {
+                for address in &addresses {
+                    self.swarm.behaviour_mut().kademlia.add_address(&peer, address.clone());
+                }
+                if !self.swarm.is_connected(&peer) {
+                    let options = DialOpts::peer_id(peer)
+                        .addresses(addresses)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(error) = self.swarm.dial(options) {
+                        tracing::debug!(%peer, %error, "dial failed");
+                    }
+                }
+                let _ = reply.send(());
+            }
             Command::FindProviders(model_id, reply) => {
                 let query = self.swarm.behaviour_mut().kademlia.get_providers(kad::RecordKey::new(&model_id));
                 self.provider_queries.insert(query, (reply, HashSet::new()));
             }
         }
+    }
+
+    fn invite(&mut self, keypair: &Keypair, uses: u32, expires_at: u64) -> Result<String, P2pError> {
+        let peer = *self.swarm.local_peer_id();
+        let addresses = self
+            .external_addresses
+            .iter()
+            .chain(&self.listen_addresses)
+            .map(|address| address.clone().with(Protocol::P2p(peer)).to_string())
+            .take(MAX_INVITATION_ADDRESSES)
+            .collect();
+        let invitation = Invitation::new(
+            self.cluster_id.clone(),
+            self.cluster_secret.clone(),
+            peer.to_string(),
+            addresses,
+            expires_at,
+            uses,
+        );
+        let key = invitation.to_key(keypair).map_err(P2pError::Invitation)?;
+        let mut ledger = self.ledger.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        ledger
+            .record(&invitation)
+            .map_err(|e| P2pError::Setup(format!("cannot save the invitation: {e}")))?;
+        tracing::info!(invitation = %invitation.id_hex(), uses, expires_at, "issued a connection key");
+        Ok(key)
     }
 
     fn publish(&mut self, bytes: Vec<u8>) {

@@ -152,6 +152,17 @@ impl Router {
         &self.inner.node
     }
 
+    /// Issue a connection key for `uses` joins, valid for `valid_for`.
+    pub async fn invite(
+        &self,
+        uses: u32,
+        valid_for: Duration,
+    ) -> Result<(String, u64), crate::p2p::P2pError> {
+        let expires_at = crate::p2p::unix_now().saturating_add(valid_for.as_secs());
+        let key = self.inner.p2p.invite(uses, expires_at).await?;
+        Ok((key, expires_at))
+    }
+
     /// This node's latest announcement (`None` until the first one, right after start).
     pub fn own_announcement(&self) -> Option<crate::p2p::Announcement> {
         self.inner.announced.read().unwrap_or_else(|p| p.into_inner()).clone()

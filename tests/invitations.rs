@@ -1,0 +1,84 @@
+//! Joining with a connection key, in one process on loopback: a node with nothing but the key
+//! joins and reaches the inviter's models; a single-use key is refused the second time, an
+//! expired or tampered one at once; a joined node rejoins after a restart without the key.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use llmesh::engine::{LocalEngine, ModelSpec, QueueLimits};
+use llmesh::node::Node;
+use serde_json::{Value, json};
+use support::cluster::{call, config, eventually, hosts_of, tiny_host};
+
+async fn joining_node(name: &str, dir: &tempfile::TempDir, key: Option<&str>) -> Result<Node, String> {
+    let mut config = config(name, dir, Vec::new(), None);
+    config.join = key.map(str::to_string);
+    let engine = LocalEngine::load(&[], QueueLimits::default(), &candle_core::Device::Cpu).unwrap();
+    Node::spawn_with_engine(config, Arc::new(engine)).await.map_err(|error| error.to_string())
+}
+
+/// A node hosting the tiny model in a cluster with a secret.
+async fn private_inviter(dir: &tempfile::TempDir) -> Node {
+    let path = dir.path().join("tiny.gguf");
+    support::tiny_model::write_tiny_llama(&path);
+    let spec = ModelSpec { id: "tiny".into(), path };
+    let engine = LocalEngine::load(&[spec], QueueLimits::default(), &candle_core::Device::Cpu).unwrap();
+    let config = config("inviter", dir, Vec::new(), Some("team-secret"));
+    Node::spawn_with_engine(config, Arc::new(engine)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_key_is_all_a_new_node_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    // The cluster has a secret; the new node is given nothing but the key.
+    let inviter = private_inviter(&dir).await;
+    let made = call(&inviter, "POST", "/api/invitations", Some(json!({"uses": 1}))).await;
+    assert_eq!(made.status, StatusCode::OK, "{}", made.body);
+    let made: Value = serde_json::from_str(&made.body).unwrap();
+    let key = made["key"].as_str().unwrap().to_string();
+    assert!(key.starts_with("llmesh://join/"));
+
+    let joined = joining_node("laptop", &dir, Some(&key)).await.expect("join with the key");
+    eventually("the new node sees the inviter's model", async || {
+        hosts_of(&joined, "tiny").await == ["inviter"]
+    })
+    .await;
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let answer = call(&joined, "POST", "/v1/chat/completions", Some(chat)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.served_by.as_deref(), Some("inviter"));
+
+    // The key was for one use.
+    let refused = joining_node("intruder", &dir, Some(&key)).await.err().expect("a second use is refused");
+    assert!(refused.contains("already been used"), "{refused}");
+
+    // Restarted without the key, the node rejoins from what it remembered.
+    drop(joined);
+    let restarted = joining_node("laptop", &dir, None).await.unwrap();
+    eventually("the restarted node rejoins", async || hosts_of(&restarted, "tiny").await == ["inviter"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_tampered_keys_are_refused_with_their_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (inviter, _) = tiny_host("inviter", &dir, Vec::new(), QueueLimits::default()).await;
+    let (expired, _) = inviter.router().invite(1, Duration::ZERO).await.unwrap();
+    let error = joining_node("late", &dir, Some(&expired)).await.err().expect("an expired key is refused");
+    assert!(error.contains("expired"), "{error}");
+
+    let (key, _) = inviter.router().invite(1, Duration::from_secs(3600)).await.unwrap();
+    let mut tampered = key.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let error = joining_node("forger", &dir, Some(&tampered)).await.err().expect("a tampered key is refused");
+    assert!(error.contains("tampered") || error.contains("damaged"), "{error}");
+    let error = joining_node("typo", &dir, Some("llmesh:/join/abc")).await.err().unwrap();
+    assert!(error.contains("not an llmesh connection key"), "{error}");
+
+    let bad = call(&inviter, "POST", "/api/invitations", Some(json!({"uses": 0}))).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
+}
