@@ -21,17 +21,35 @@ pub struct NodeArgs {
 
 /// GET a JSON document from the node, turning transport and auth failures into advice.
 fn fetch(args: &NodeArgs, path: &str) -> anyhow::Result<Value> {
+    call(args, path, None)
+}
+
+/// GET (or POST `body`) and read the JSON answer.
+fn call(args: &NodeArgs, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
     let url = format!("{}{path}", args.node.trim_end_matches('/'));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
         .http_status_as_error(false)
         .build()
         .into();
-    let mut request = agent.get(&url);
-    if let Some(key) = &args.api_key {
-        request = request.header("Authorization", &format!("Bearer {key}"));
-    }
-    let mut response = request.call().map_err(|error| {
+    let authorization = args.api_key.as_ref().map(|key| format!("Bearer {key}"));
+    let sent = match body {
+        None => {
+            let mut request = agent.get(&url);
+            if let Some(value) = &authorization {
+                request = request.header("Authorization", value);
+            }
+            request.call()
+        }
+        Some(body) => {
+            let mut request = agent.post(&url).header("Content-Type", "application/json");
+            if let Some(value) = &authorization {
+                request = request.header("Authorization", value);
+            }
+            request.send(body.to_string())
+        }
+    };
+    let mut response = sent.map_err(|error| {
         anyhow!(
             "no llmesh node answers at {}: {error}\nIs it running? Start one with `llmesh serve`, or point --node at it.",
             args.node
@@ -48,6 +66,50 @@ fn fetch(args: &NodeArgs, path: &str) -> anyhow::Result<Value> {
         404 => bail!("{url} is not an llmesh node's API (404); check --node"),
         code => bail!("the node answered {code}: {body}"),
     }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct InviteArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// How many machines may join with the key.
+    #[arg(long, default_value_t = 1)]
+    pub uses: u32,
+    /// How long the key is valid, in hours.
+    #[arg(long, default_value_t = 24)]
+    pub valid_hours: u64,
+    /// Also write the key as a QR code to this PNG file.
+    #[arg(long, value_name = "FILE")]
+    pub qr: Option<std::path::PathBuf>,
+}
+
+/// Ask the node for a connection key; print it with a QR code for phones and other screens.
+pub fn invite(args: &InviteArgs) -> anyhow::Result<()> {
+    let body = serde_json::json!({"uses": args.uses, "valid_hours": args.valid_hours});
+    let answer = call(&args.node, "/api/invitations", Some(body))?;
+    if args.node.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let key = answer["key"].as_str().context("the node's answer has no key")?;
+    let code = qrcode::QrCode::new(key.as_bytes()).context("the key is too long for a QR code")?;
+    let terminal = code
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+        .build();
+    println!("{terminal}\n");
+    println!("{key}\n");
+    println!(
+        "Valid for {} use(s) until {} (Unix time). On the new machine run:\n  llmesh serve --join '{key}'",
+        args.uses, answer["expires_at"]
+    );
+    if let Some(path) = &args.qr {
+        let image = code.render::<image::Luma<u8>>().min_dimensions(400, 400).build();
+        image.save(path).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("QR code written to {}", path.display());
+    }
+    Ok(())
 }
 
 pub fn nodes(args: &NodeArgs) -> anyhow::Result<()> {

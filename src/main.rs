@@ -26,6 +26,8 @@ enum Command {
     Models(llmesh::cli::NodeArgs),
     /// Summarise a running node: the cluster, its health, routing statistics.
     Status(llmesh::cli::NodeArgs),
+    /// Print a connection key (and QR code) that lets one more machine join the cluster.
+    Invite(llmesh::cli::InviteArgs),
 }
 
 #[derive(clap::Args)]
@@ -60,6 +62,13 @@ struct ServeArgs {
     /// The cluster secret; nodes without it cannot connect [default: the API key, if any].
     #[arg(long, env = "LLMESH_CLUSTER_KEY", hide_env_values = true)]
     cluster_key: Option<String>,
+    /// Join a cluster with a connection key from `llmesh invite` (needed once: the node remembers).
+    #[arg(long, value_name = "KEY")]
+    join: Option<String>,
+    /// An address others can reach this node at (a VPN address, a port forward), put into the
+    /// connection keys it issues. Repeatable.
+    #[arg(long = "external-address", value_name = "MULTIADDR")]
+    external_addresses: Vec<String>,
 }
 
 #[tokio::main]
@@ -77,6 +86,7 @@ async fn main() -> std::process::ExitCode {
         Command::Nodes(args) => ask_node(move || llmesh::cli::nodes(&args)).await,
         Command::Models(args) => ask_node(move || llmesh::cli::models(&args)).await,
         Command::Status(args) => ask_node(move || llmesh::cli::status(&args)).await,
+        Command::Invite(args) => ask_node(move || llmesh::cli::invite(&args)).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -123,6 +133,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.cluster_key.is_some() {
         config.cluster_key = args.cluster_key;
     }
+    if args.join.is_some() {
+        config.join = args.join;
+    }
+    config.external_addresses.extend(args.external_addresses);
     let node = Node::spawn(config).await.context("cannot start the node")?;
     shutdown_signal().await?;
     tracing::info!("shutting down");

@@ -59,7 +59,7 @@ impl Node {
             listen: config.p2p_listen.clone(),
             peers: membership.peers.clone(),
             mdns: config.mdns,
-            cluster_secret: membership.cluster_secret.clone(),
+            cluster_psk: membership.cluster_psk,
             external_addresses: config.external_addresses.clone(),
         };
         let (p2p, events, inbound) = p2p::spawn(p2p_config, cluster_shutdown.clone()).await?;
@@ -67,7 +67,7 @@ impl Node {
             p2p.join(key).await?;
             let joined = JoinedCluster {
                 invitation: invitation.id_hex(),
-                cluster_secret: invitation.cluster_secret.clone(),
+                cluster_psk: invitation.cluster_psk,
                 peers: invitation.addresses.clone(),
             };
             if let Err(error) = joined.save(&data_dir) {
@@ -160,7 +160,7 @@ impl Drop for Node {
 /// Which cluster to be part of: the one a connection key names, the one joined before (kept in
 /// the data dir), or the one the config describes.
 struct Membership {
-    cluster_secret: Option<String>,
+    cluster_psk: Option<[u8; 32]>,
     peers: Vec<String>,
     /// A key still to present to its inviter.
     joining: Option<(String, Invitation)>,
@@ -171,21 +171,21 @@ impl Membership {
         let mut peers = config.peers.clone();
         let joined = JoinedCluster::load(data_dir);
         let Some(key) = &config.join else {
-            let mut cluster_secret = config.cluster_secret().map(str::to_string);
+            let mut cluster_psk = config.cluster_secret().map(p2p::cluster_psk);
             if let Some(joined) = joined {
                 if config.cluster_key.is_none() {
-                    cluster_secret = joined.cluster_secret;
+                    cluster_psk = joined.cluster_psk;
                 }
                 peers.extend(joined.peers);
             }
-            return Ok(Self { cluster_secret, peers, joining: None });
+            return Ok(Self { cluster_psk, peers, joining: None });
         };
         let invitation = Invitation::from_key(key).map_err(P2pError::Invitation)?;
         peers.extend(invitation.addresses.iter().cloned());
         let already_joined = joined.is_some_and(|joined| joined.invitation == invitation.id_hex());
-        let cluster_secret = invitation.cluster_secret.clone();
+        let cluster_psk = invitation.cluster_psk;
         let joining = (!already_joined).then(|| (key.clone(), invitation));
-        Ok(Self { cluster_secret, peers, joining })
+        Ok(Self { cluster_psk, peers, joining })
     }
 }
 

@@ -26,8 +26,9 @@ pub struct Invitation {
     pub version: u16,
     /// The cluster's public id (from its secret; "open" without one).
     pub cluster_id: String,
-    /// What the joining node needs to pass the overlay's first handshake.
-    pub cluster_secret: Option<String>,
+    /// The overlay's pre-shared key, which the joining node needs to pass the first handshake:
+    /// the key derived from the cluster secret, never the secret itself (which may be the API key).
+    pub cluster_psk: Option<[u8; 32]>,
     pub inviter: String,
     /// Where the inviter can be reached, each ending in /p2p/<inviter>.
     pub addresses: Vec<String>,
@@ -70,7 +71,7 @@ impl Invitation {
     /// A new invitation with a random id.
     pub fn new(
         cluster_id: String,
-        cluster_secret: Option<String>,
+        cluster_psk: Option<[u8; 32]>,
         inviter: String,
         addresses: Vec<String>,
         expires_at: u64,
@@ -81,7 +82,7 @@ impl Invitation {
         Self {
             version: INVITATION_VERSION,
             cluster_id,
-            cluster_secret,
+            cluster_psk,
             inviter,
             addresses,
             id,
@@ -183,7 +184,7 @@ mod tests {
     fn invitation(keypair: &Keypair, uses: u32, expires_at: u64) -> Invitation {
         Invitation::new(
             "0123456789abcdef".into(),
-            Some("team-secret".into()),
+            Some([7; 32]),
             keypair.public().to_peer_id().to_string(),
             vec!["/ip4/10.8.0.2/tcp/7690".into()],
             expires_at,

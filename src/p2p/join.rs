@@ -103,7 +103,7 @@ pub struct JoinedCluster {
     /// The id of the invitation used, so that starting again with the same key does not
     /// present it twice.
     pub invitation: String,
-    pub cluster_secret: Option<String>,
+    pub cluster_psk: Option<[u8; 32]>,
     pub peers: Vec<String>,
 }
 

@@ -49,8 +49,9 @@ pub struct P2pConfig {
     /// Multiaddresses of peers to dial (and redial) for networks where multicast does not pass.
     pub peers: Vec<String>,
     pub mdns: bool,
-    /// Nodes with another (or no) secret cannot connect at all.
-    pub cluster_secret: Option<String>,
+    /// The pre-shared key from the cluster secret (`cluster_psk`): nodes with another (or no)
+    /// key cannot connect at all.
+    pub cluster_psk: Option<[u8; 32]>,
     /// Addresses others can reach this node at beyond its listen addresses (a VPN address, a
     /// port forward), put into invitations and advertised.
     pub external_addresses: Vec<String>,

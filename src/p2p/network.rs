@@ -23,7 +23,7 @@ use super::announcement::{Announcement, MAX_ANNOUNCEMENT_BYTES};
 use super::identity::load_or_create_keypair;
 use super::invitation::{Invitation, InvitationLedger};
 use super::join::{Inviter, JOIN_PROTOCOL, serve_joins};
-use super::transport::{build_transport, cluster_id, cluster_psk};
+use super::transport::{build_transport, cluster_id};
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
 
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/kad/1.0.0");
@@ -59,7 +59,7 @@ struct Network {
     provided: HashSet<String>,
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<String>>, HashSet<PeerId>)>,
     cluster_id: String,
-    cluster_secret: Option<String>,
+    cluster_psk: Option<[u8; 32]>,
     external_addresses: Vec<Multiaddr>,
     ledger: Arc<Mutex<InvitationLedger>>,
 }
@@ -70,7 +70,7 @@ pub async fn spawn(
 ) -> Result<(P2pHandle, mpsc::Receiver<P2pEvent>, InboundStreams), P2pError> {
     let keypair = load_or_create_keypair(&config.data_dir)?;
     let peer_id = keypair.public().to_peer_id();
-    let psk = config.cluster_secret.as_deref().map(cluster_psk);
+    let psk = config.cluster_psk;
     let topic = IdentTopic::new(format!("llmesh/{}/nodes/1", cluster_id(psk.as_ref())));
     let mut swarm = build_swarm(&keypair, psk, config.mdns)?;
     let mut control = swarm.behaviour().stream.new_control();
@@ -107,7 +107,7 @@ pub async fn spawn(
         provided: HashSet::new(),
         provider_queries: HashMap::new(),
         cluster_id: cluster,
-        cluster_secret: config.cluster_secret.clone(),
+        cluster_psk: config.cluster_psk,
         external_addresses,
         ledger,
     };
@@ -271,7 +271,7 @@ impl Network {
             .collect();
         let invitation = Invitation::new(
             self.cluster_id.clone(),
-            self.cluster_secret.clone(),
+            self.cluster_psk,
             peer.to_string(),
             addresses,
             expires_at,
