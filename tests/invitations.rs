@@ -82,3 +82,45 @@ async fn expired_and_tampered_keys_are_refused_with_their_reason() {
     let bad = call(&inviter, "POST", "/api/invitations", Some(json!({"uses": 0}))).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_loses_access_everywhere_and_cannot_return() {
+    let dir = tempfile::tempdir().unwrap();
+    let inviter = private_inviter(&dir).await;
+    let (key, _) = inviter.router().invite(2, Duration::from_secs(3600)).await.unwrap();
+    let member = joining_node("member", &dir, Some(&key)).await.unwrap();
+    let revoked = joining_node("stolen-laptop", &dir, Some(&key)).await.unwrap();
+    let revoked_peer = revoked.router().node().peer_id.clone();
+    for node in [&member, &revoked] {
+        eventually("both joined nodes see the model", async || hosts_of(node, "tiny").await == ["inviter"])
+            .await;
+    }
+    eventually("the member knows the other node", async || {
+        member.router().cluster_nodes().iter().any(|n| n.announcement.peer_id == revoked_peer)
+    })
+    .await;
+
+    let answer = call(&inviter, "POST", &format!("/api/nodes/{revoked_peer}/revoke"), None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let answer: Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(answer["newly_revoked"], true);
+
+    eventually("the revoked node loses the cluster", async || hosts_of(&revoked, "tiny").await.is_empty())
+        .await;
+    eventually("the revocation reaches the other member", async || {
+        !member.router().cluster_nodes().iter().any(|n| n.announcement.peer_id == revoked_peer)
+            && !member.router().connected_peers().await.contains(&revoked_peer)
+    })
+    .await;
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    assert_ne!(call(&revoked, "POST", "/v1/chat/completions", Some(chat)).await.status, StatusCode::OK);
+
+    // Restarted with its remembered secret and peers, it is still refused.
+    drop(revoked);
+    let returning = joining_node("stolen-laptop", &dir, None).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(hosts_of(&returning, "tiny").await.is_empty());
+    assert!(returning.router().connected_peers().await.is_empty());
+    let bad = call(&inviter, "POST", "/api/nodes/not-a-peer/revoke", None).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
+}

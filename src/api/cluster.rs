@@ -201,3 +201,26 @@ impl FromJsonObject for InvitationRequest {
         Ok(Self { uses: uses as u32, valid_hours })
     }
 }
+
+#[derive(Debug, Serialize)]
+pub struct RevocationObject {
+    pub object: &'static str,
+    pub peer_id: String,
+    /// False when the peer had been revoked before.
+    pub newly_revoked: bool,
+}
+
+/// `POST /api/nodes/{peer_id}/revoke`: close the node's connections and refuse it from now on,
+/// on every node of the cluster.
+pub async fn revoke_node(
+    State(state): State<AppState>,
+    axum::extract::Path(peer_id): axum::extract::Path<String>,
+) -> Result<Json<RevocationObject>, ApiError> {
+    let newly_revoked = router(&state)?.revoke(&peer_id).await.map_err(|error| match error {
+        crate::p2p::P2pError::PeerId(reason) => {
+            ApiError::invalid_param("peer_id", format!("invalid peer id: {reason}"))
+        }
+        other => ApiError::Internal(format!("revoking {peer_id}: {other}")),
+    })?;
+    Ok(Json(RevocationObject { object: "revocation", peer_id, newly_revoked }))
+}

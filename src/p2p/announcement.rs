@@ -16,6 +16,8 @@ pub const MAX_ANNOUNCEMENT_BYTES: usize = 64 * 1024;
 const MAX_MODELS: usize = 256;
 const MAX_ADDRESSES: usize = 32;
 const MAX_TEXT: usize = 256;
+/// Revoked peers one announcement may carry.
+pub const MAX_REVOKED: usize = 512;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
@@ -36,6 +38,9 @@ pub struct Announcement {
     pub started_at: u64,
     /// Unix milliseconds when this announcement was made; older ones are ignored.
     pub issued_at_ms: u64,
+    /// Peer ids this node knows to be revoked, so revocations reach every node, late joiners
+    /// included.
+    pub revoked: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +140,9 @@ impl Announcement {
         if self.addresses.len() > MAX_ADDRESSES || self.addresses.iter().any(|a| !text_ok(a)) {
             return Err(AnnouncementError::OutOfBounds("addresses"));
         }
+        if self.revoked.len() > MAX_REVOKED || self.revoked.iter().any(|peer| !text_ok(peer)) {
+            return Err(AnnouncementError::OutOfBounds("revoked"));
+        }
         if self.models.len() > MAX_MODELS {
             return Err(AnnouncementError::OutOfBounds("models"));
         }
@@ -179,6 +187,7 @@ mod tests {
             software_version: "0.1.0".into(),
             started_at: 1,
             issued_at_ms: 2,
+            revoked: Vec::new(),
         }
     }
 

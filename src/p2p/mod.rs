@@ -11,6 +11,7 @@ mod identity;
 pub mod invitation;
 mod join;
 mod network;
+mod revoked;
 mod signed;
 mod transport;
 pub mod wire;
@@ -94,6 +95,7 @@ enum Command {
     FindProviders(String, oneshot::Sender<Vec<String>>),
     Invite { uses: u32, expires_at: u64, reply: oneshot::Sender<Result<String, P2pError>> },
     AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
+    Revoke(PeerId, oneshot::Sender<bool>),
 }
 
 /// A cloneable handle to the network task.
@@ -170,6 +172,16 @@ impl P2pHandle {
     /// Issue a connection key for `uses` joins until `expires_at` (Unix seconds).
     pub async fn invite(&self, uses: u32, expires_at: u64) -> Result<String, P2pError> {
         self.ask(|reply| Command::Invite { uses, expires_at, reply }).await?
+    }
+
+    /// Throw `peer` out of the cluster: close its connections and refuse it from now on, here
+    /// and (through announcements) on every node. Returns whether it was not revoked before.
+    pub async fn revoke(&self, peer: &str) -> Result<bool, P2pError> {
+        let peer_id: PeerId = peer.parse().map_err(|_| P2pError::PeerId(peer.to_string()))?;
+        if peer_id == self.peer_id {
+            return Err(P2pError::PeerId(format!("{peer} is this node itself")));
+        }
+        self.ask(|reply| Command::Revoke(peer_id, reply)).await
     }
 
     /// Join the cluster with a connection key: reach the inviter at the key's addresses and

@@ -15,7 +15,7 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, mdns, ping};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, mdns, ping};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +23,7 @@ use super::announcement::{Announcement, MAX_ANNOUNCEMENT_BYTES};
 use super::identity::load_or_create_keypair;
 use super::invitation::{Invitation, InvitationLedger};
 use super::join::{Inviter, JOIN_PROTOCOL, serve_joins};
+use super::revoked::RevokedPeers;
 use super::transport::{build_transport, cluster_id};
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
 
@@ -44,14 +45,18 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     stream: libp2p_stream::Behaviour,
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
 }
 
 struct Network {
     swarm: Swarm<Behaviour>,
     topic: IdentTopic,
     events: mpsc::Sender<P2pEvent>,
-    /// The last announcement published, re-sent when a new peer subscribes.
-    last_announcement: Option<Vec<u8>>,
+    /// The last announcement published, re-sent when a new peer subscribes or the revoked list
+    /// changes.
+    last_announcement: Option<Announcement>,
+    revoked: RevokedPeers,
+    keypair: Keypair,
     explicit_peers: Vec<Multiaddr>,
     /// Open connections per peer: id, the peer id of the side that dialed, when it opened.
     connections: HashMap<PeerId, Vec<(ConnectionId, PeerId, Instant)>>,
@@ -93,6 +98,10 @@ pub async fn spawn(
         swarm.listen_on(address.clone()).map_err(|e| P2pError::Setup(format!("listen on {address}: {e}")))?;
     }
     let explicit_peers = config.peers.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
+    let revoked = RevokedPeers::load(&config.data_dir);
+    for peer in revoked.iter() {
+        swarm.behaviour_mut().blocked.block_peer(*peer);
+    }
     let (events, events_receiver) = mpsc::channel(EVENTS_CAPACITY);
     let (commands, command_receiver) = mpsc::channel(COMMANDS_CAPACITY);
     tracing::info!(%peer_id, cluster = %topic, mdns = config.mdns, private = psk.is_some(), "p2p node starting");
@@ -101,6 +110,8 @@ pub async fn spawn(
         topic,
         events,
         last_announcement: None,
+        revoked,
+        keypair: keypair.clone(),
         explicit_peers,
         connections: HashMap::new(),
         listen_addresses: Vec::new(),
@@ -157,6 +168,7 @@ fn build_swarm(
             ping::Config::new().with_interval(Duration::from_secs(2)).with_timeout(Duration::from_secs(4)),
         ),
         stream: libp2p_stream::Behaviour::new(),
+        blocked: allow_block_list::Behaviour::default(),
     };
     let transport = build_transport(keypair, psk).map_err(|e| setup(&e))?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
@@ -215,13 +227,17 @@ impl Network {
 
     fn handle_command(&mut self, command: Command, keypair: &Keypair) {
         match command {
-            Command::Announce(announcement) => match announcement.sign(keypair) {
-                Ok(bytes) => {
-                    self.last_announcement = Some(bytes.clone());
-                    self.publish(bytes);
+            Command::Announce(announcement) => {
+                self.last_announcement = Some(*announcement);
+                self.republish();
+            }
+            Command::Revoke(peer, reply) => {
+                let new = self.revoke(peer);
+                if new {
+                    self.republish();
                 }
-                Err(error) => tracing::error!(%error, "cannot sign our announcement"),
-            },
+                let _ = reply.send(new);
+            }
             Command::ListenAddresses(reply) => {
                 let peer = *self.swarm.local_peer_id();
                 let addresses = self
@@ -284,6 +300,28 @@ impl Network {
             .map_err(|e| P2pError::Setup(format!("cannot save the invitation: {e}")))?;
         tracing::info!(invitation = %invitation.id_hex(), uses, expires_at, "issued a connection key");
         Ok(key)
+    }
+
+    /// Sign and publish the last announcement, with the current revoked list.
+    fn republish(&mut self) {
+        let Some(announcement) = &mut self.last_announcement else { return };
+        announcement.revoked = self.revoked.list();
+        match announcement.sign(&self.keypair) {
+            Ok(bytes) => self.publish(bytes),
+            Err(error) => tracing::error!(%error, "cannot sign our announcement"),
+        }
+    }
+
+    /// Block `peer` everywhere in this node; returns whether it is newly revoked.
+    fn revoke(&mut self, peer: PeerId) -> bool {
+        if !self.revoked.insert(peer) {
+            return false;
+        }
+        self.swarm.behaviour_mut().blocked.block_peer(peer);
+        self.explicit_peers.retain(|address| !address.iter().any(|p| p == Protocol::P2p(peer)));
+        tracing::warn!(%peer, "peer revoked: its connections are closed and refused from now on");
+        self.emit(P2pEvent::PeerDisconnected(peer.to_string()));
+        true
     }
 
     fn publish(&mut self, bytes: Vec<u8>) {
@@ -389,8 +427,16 @@ impl Network {
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
                 let Some(source) = message.source else { return };
+                if self.revoked.contains(&source) {
+                    return;
+                }
                 match Announcement::verify(&message.data, &source) {
                     Ok(announcement) => {
+                        for peer in announcement.revoked.iter().filter_map(|p| p.parse::<PeerId>().ok()) {
+                            if peer != *self.swarm.local_peer_id() && self.revoke(peer) {
+                                self.republish();
+                            }
+                        }
                         // Announcements may arrive through other nodes: learn how to reach the
                         // author directly, for forwarding requests to it.
                         for address in
@@ -405,9 +451,7 @@ impl Network {
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, .. }) => {
                 tracing::debug!(peer = %peer_id, "peer joined the announcement topic");
-                if let Some(bytes) = self.last_announcement.clone() {
-                    self.publish(bytes);
-                }
+                self.republish();
             }
             BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
                 if let kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {

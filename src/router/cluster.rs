@@ -211,6 +211,7 @@ mod tests {
             software_version: "test".into(),
             started_at: 0,
             issued_at_ms,
+            revoked: Vec::new(),
         }
     }
 

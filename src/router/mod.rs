@@ -163,6 +163,11 @@ impl Router {
         Ok((key, expires_at))
     }
 
+    /// Throw a node out of the cluster (see `P2pHandle::revoke`).
+    pub async fn revoke(&self, peer_id: &str) -> Result<bool, crate::p2p::P2pError> {
+        self.inner.p2p.revoke(peer_id).await
+    }
+
     /// This node's latest announcement (`None` until the first one, right after start).
     pub fn own_announcement(&self) -> Option<crate::p2p::Announcement> {
         self.inner.announced.read().unwrap_or_else(|p| p.into_inner()).clone()

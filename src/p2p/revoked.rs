@@ -1,0 +1,82 @@
+//! The peers thrown out of the cluster, kept in the data dir (`revoked.json`) so a revocation
+//! survives restarts, and announced so it reaches every node.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use libp2p::PeerId;
+
+use super::announcement::MAX_REVOKED;
+
+const REVOKED_FILE: &str = "revoked.json";
+
+#[derive(Debug)]
+pub struct RevokedPeers {
+    path: PathBuf,
+    peers: BTreeSet<PeerId>,
+}
+
+impl RevokedPeers {
+    pub fn load(data_dir: &Path) -> Self {
+        let path = data_dir.join(REVOKED_FILE);
+        let peers = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Vec<String>>(&bytes).ok())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|peer| peer.parse().ok())
+            .collect();
+        Self { path, peers }
+    }
+
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.peers.contains(peer)
+    }
+
+    /// Add a peer and save; returns whether it is new. The list is capped at what one
+    /// announcement can carry.
+    pub fn insert(&mut self, peer: PeerId) -> bool {
+        if self.peers.len() >= MAX_REVOKED || !self.peers.insert(peer) {
+            return false;
+        }
+        if let Err(error) = self.save() {
+            tracing::error!(%error, path = %self.path.display(), "cannot save the revoked peers");
+        }
+        true
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &PeerId> {
+        self.peers.iter()
+    }
+
+    pub fn list(&self) -> Vec<String> {
+        self.peers.iter().map(PeerId::to_string).collect()
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let bytes = serde_json::to_vec_pretty(&self.list()).map_err(std::io::Error::other)?;
+        let temporary = self.path.with_extension("json.tmp");
+        std::fs::write(&temporary, bytes)?;
+        std::fs::rename(&temporary, &self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocations_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = PeerId::random();
+        let mut revoked = RevokedPeers::load(dir.path());
+        assert!(revoked.insert(peer));
+        assert!(!revoked.insert(peer), "already revoked");
+        let reloaded = RevokedPeers::load(dir.path());
+        assert!(reloaded.contains(&peer));
+        assert_eq!(reloaded.list(), vec![peer.to_string()]);
+    }
+}
