@@ -9,13 +9,13 @@ use serde_json::Value;
 #[derive(Debug, Clone, clap::Args)]
 pub struct NodeArgs {
     /// The node to ask.
-    #[arg(long, default_value = "http://127.0.0.1:8080", env = "LLMESH_NODE")]
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "LLMESH_NODE", global = true)]
     pub node: String,
     /// The node's API key, if it has one.
-    #[arg(long, env = "LLMESH_API_KEY", hide_env_values = true)]
+    #[arg(long, env = "LLMESH_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
     /// Print the node's JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
 }
 
@@ -112,7 +112,42 @@ pub fn invite(args: &InviteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn nodes(args: &NodeArgs) -> anyhow::Result<()> {
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodesArgs {
+    #[command(subcommand)]
+    pub action: Option<NodesAction>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum NodesAction {
+    /// Throw a node out of the cluster: its connections are closed and refused from now on, on
+    /// every node, even if it still holds the cluster secret or a connection key.
+    Revoke {
+        /// The node's peer id (see `llmesh nodes`).
+        peer_id: String,
+    },
+}
+
+pub fn nodes(args: &NodesArgs) -> anyhow::Result<()> {
+    match &args.action {
+        None => list_nodes(&args.node),
+        Some(NodesAction::Revoke { peer_id }) => {
+            let answer = call(&args.node, &format!("/api/nodes/{peer_id}/revoke"), Some(Value::Null))?;
+            if args.node.json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else if answer["newly_revoked"] == true {
+                println!("revoked {peer_id}: its connections are closed and refused on every node");
+            } else {
+                println!("{peer_id} was already revoked");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn list_nodes(args: &NodeArgs) -> anyhow::Result<()> {
     let nodes = fetch(args, "/api/nodes")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);

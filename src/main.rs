@@ -20,8 +20,8 @@ enum Command {
     Serve(ServeArgs),
     /// Measure prompt and decode speed of a chat model on this machine.
     Bench(llmesh::bench::BenchArgs),
-    /// List the cluster's nodes, as a running node sees them.
-    Nodes(llmesh::cli::NodeArgs),
+    /// List the cluster's nodes, as a running node sees them; `nodes revoke PEER_ID` throws one out.
+    Nodes(llmesh::cli::NodesArgs),
     /// List the cluster's models and their hosts.
     Models(llmesh::cli::NodeArgs),
     /// Summarise a running node: the cluster, its health, routing statistics.

@@ -162,6 +162,8 @@ pub struct InvitationObject {
     pub uses: u32,
     /// Unix seconds.
     pub expires_at: u64,
+    /// The key as a QR code, an SVG document (for the dashboard).
+    pub qr_svg: Option<String>,
 }
 
 /// `POST /api/invitations` with optional `uses` (default 1) and `valid_hours` (default 24).
@@ -174,7 +176,10 @@ pub async fn create_invitation(
         .invite(fields.uses, std::time::Duration::from_secs(fields.valid_hours * 3600))
         .await
         .map_err(|error| ApiError::Internal(format!("issuing an invitation: {error}")))?;
-    Ok(Json(InvitationObject { object: "invitation", key, uses: fields.uses, expires_at }))
+    let qr_svg = qrcode::QrCode::new(key.as_bytes())
+        .ok()
+        .map(|code| code.render::<qrcode::render::svg::Color<'_>>().min_dimensions(240, 240).build());
+    Ok(Json(InvitationObject { object: "invitation", key, uses: fields.uses, expires_at, qr_svg }))
 }
 
 pub struct InvitationRequest {
