@@ -61,6 +61,18 @@ export async function getJson(path, timeoutMs = 8000) {
   return response.json();
 }
 
+/** POST a JSON body and read the JSON answer; a refusal throws `ApiError` with the API's message. */
+export async function postJson(path, body, timeoutMs = 15000) {
+  const response = await apiFetch(path, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify(body),
+    signal: AbortSignal.timeout(timeoutMs),
+  });
+  if (!response.ok) throw new ApiError(response.status, await errorMessage(response));
+  return response.json();
+}
+
 /** The message of an OpenAI-style error body, or the status when there is none. */
 export async function errorMessage(response) {
   try {

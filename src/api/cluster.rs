@@ -166,14 +166,15 @@ pub struct InvitationObject {
     pub qr_svg: Option<String>,
 }
 
-/// `POST /api/invitations` with optional `uses` (default 1) and `valid_hours` (default 24).
+/// `POST /api/invitations` with optional `uses` (default 1) and `valid_hours` (default 24), or
+/// `valid_seconds` for short-lived keys.
 pub async fn create_invitation(
     State(state): State<AppState>,
     JsonBody(fields): JsonBody<InvitationRequest>,
 ) -> Result<Json<InvitationObject>, ApiError> {
     let router = router(&state)?;
     let (key, expires_at) = router
-        .invite(fields.uses, std::time::Duration::from_secs(fields.valid_hours * 3600))
+        .invite(fields.uses, std::time::Duration::from_secs(fields.valid_seconds))
         .await
         .map_err(|error| ApiError::Internal(format!("issuing an invitation: {error}")))?;
     let qr_svg = qrcode::QrCode::new(key.as_bytes())
@@ -184,7 +185,7 @@ pub async fn create_invitation(
 
 pub struct InvitationRequest {
     uses: u32,
-    valid_hours: u64,
+    valid_seconds: u64,
 }
 
 impl FromJsonObject for InvitationRequest {
@@ -203,7 +204,17 @@ impl FromJsonObject for InvitationRequest {
                 format!("'valid_hours' must be between 1 and {MAX_INVITATION_HOURS}."),
             ));
         }
-        Ok(Self { uses: uses as u32, valid_hours })
+        let valid_seconds = match fields.optional::<u64>("valid_seconds")? {
+            Some(seconds) if (1..=MAX_INVITATION_HOURS * 3600).contains(&seconds) => seconds,
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    "valid_seconds",
+                    format!("'valid_seconds' must be between 1 and {}.", MAX_INVITATION_HOURS * 3600),
+                ));
+            }
+            None => valid_hours * 3600,
+        };
+        Ok(Self { uses: uses as u32, valid_seconds })
     }
 }
 
