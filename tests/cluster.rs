@@ -101,7 +101,7 @@ async fn a_node_with_another_cluster_key_is_kept_out() {
     let stranger = empty_node("stranger", &dir, c.p2p_addresses().to_vec(), Some("wrong-secret")).await;
 
     eventually("the member sees C's models", async || hosts_of(&member, "tiny").await == ["node-c"]).await;
-    // The stranger has dialed C several times by now (it redials every 5 s) and must have failed.
+    // The stranger has dialed C several times by now (backing off from 1 s) and must have failed.
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(hosts_of(&stranger, "tiny").await.is_empty());
     assert!(stranger.router().connected_peers().await.is_empty());

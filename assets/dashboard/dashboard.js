@@ -6,6 +6,7 @@ import { AuthRequired, apiKey, clearApiKey, getJson, onAuthRequired, setApiKey }
 import { initChat, updateChatModels } from './chat.js';
 import { bar, h, patch, sparkline } from './dom.js';
 import * as fmt from './format.js';
+import { initMembership, revokeButton } from './membership.js';
 
 const POLL_MS = 2000;
 const HISTORY_MS = 5 * 60 * 1000;
@@ -178,7 +179,8 @@ function nodeCard(node) {
       h('h3', { class: 'node-name' }, node.name),
       node.this_node ? h('span', { class: 'pill accent' }, 'this node') : null,
       h('span', { class: 'pill' }, node.status),
-      h('span', { class: 'version muted small' }, `v${node.version}`)),
+      h('span', { class: 'version muted small' }, `v${node.version}`),
+      revokeButton(node)),
     node.degraded ? h('div', { class: 'degraded-banner', role: 'alert' }, h('strong', null, 'Degraded: '), node.degraded) : null,
     h('div', { class: 'node-ids small muted' },
       h('span', { class: 'mono', title: node.peer_id }, fmt.shortPeerId(node.peer_id)),
@@ -346,4 +348,5 @@ onAuthRequired(() => showLogin());
 $('login-form').addEventListener('submit', signIn);
 $('sign-out').addEventListener('click', signOut);
 initChat();
+initMembership({ refresh: poll });
 poll();

@@ -3,7 +3,7 @@
 // buttons live on the polled node cards, so their clicks are taken by one listener on the grid
 // (patched cards carry no listeners of their own).
 
-import { ApiError, postJson } from './api.js';
+import { postJson } from './api.js';
 import { h } from './dom.js';
 
 const $ = (id) => document.getElementById(id);
@@ -21,7 +21,7 @@ let noteTimer = null;
 
 /** `refresh` is called after a change to the membership, to poll at once. */
 export function initMembership({ refresh }) {
-  $('invite-open').addEventListener('click', () => showInvite(!$('invite').hidden ? false : true));
+  $('invite-open').addEventListener('click', () => showInvite($('invite').hidden));
   $('invite-close').addEventListener('click', () => showInvite(false));
   $('invite-form').addEventListener('submit', (event) => {
     event.preventDefault();
@@ -125,8 +125,7 @@ async function revoke(peerId, name, refresh) {
     note(answer.newly_revoked ? `Revoked ${name}.` : `${name} was already revoked.`, false);
     refresh();
   } catch (failure) {
-    const reason = failure instanceof ApiError ? failure.message : failure.message || String(failure);
-    note(`Cannot revoke ${name}: ${reason}`, true);
+    note(`Cannot revoke ${name}: ${failure.message || failure}`, true);
   } finally {
     revoking.delete(peerId);
   }

@@ -44,6 +44,7 @@ const ASSETS: &[Asset] = &[
     embed("dom.js", JAVASCRIPT, include_str!("../../assets/dashboard/dom.js")),
     embed("format.js", JAVASCRIPT, include_str!("../../assets/dashboard/format.js")),
     embed("chat.js", JAVASCRIPT, include_str!("../../assets/dashboard/chat.js")),
+    embed("membership.js", JAVASCRIPT, include_str!("../../assets/dashboard/membership.js")),
     embed("favicon.svg", SVG, include_str!("../../assets/dashboard/favicon.svg")),
 ];
 

@@ -29,10 +29,13 @@ use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEve
 
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/kad/1.0.0");
 const IDENTIFY_PROTOCOL: &str = "/llmesh/id/1.0.0";
-/// How often explicit peers that are not connected are dialed again.
-const REDIAL_INTERVAL: Duration = Duration::from_secs(5);
+/// How often explicit peers are checked (each is dialed again on its own backoff).
+const REDIAL_INTERVAL: Duration = Duration::from_secs(1);
+const REDIAL_FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const REDIAL_MAX_BACKOFF: Duration = Duration::from_secs(60);
 const EVENTS_CAPACITY: usize = 256;
 const MAX_INVITATION_ADDRESSES: usize = 16;
+const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(30);
 /// Two connections to one peer opened this close together are a simultaneous dial.
 const SIMULTANEOUS_DIAL: Duration = Duration::from_secs(2);
 const COMMANDS_CAPACITY: usize = 64;
@@ -57,7 +60,10 @@ struct Network {
     last_announcement: Option<Announcement>,
     revoked: RevokedPeers,
     keypair: Keypair,
+    last_bootstrap: Option<Instant>,
     explicit_peers: Vec<Multiaddr>,
+    /// Per explicit peer address: when to dial next, and the delay after that.
+    redial_backoff: HashMap<Multiaddr, (Instant, Duration)>,
     /// Open connections per peer: id, the peer id of the side that dialed, when it opened.
     connections: HashMap<PeerId, Vec<(ConnectionId, PeerId, Instant)>>,
     listen_addresses: Vec<Multiaddr>,
@@ -112,6 +118,8 @@ pub async fn spawn(
         last_announcement: None,
         revoked,
         keypair: keypair.clone(),
+        last_bootstrap: None,
+        redial_backoff: HashMap::new(),
         explicit_peers,
         connections: HashMap::new(),
         listen_addresses: Vec::new(),
@@ -193,7 +201,10 @@ impl Network {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = redial.tick() => self.dial_explicit_peers(),
+                _ = redial.tick() => {
+                    self.dial_explicit_peers();
+                    self.bootstrap_dht();
+                }
                 command = commands.recv() => match command {
                     Some(command) => self.handle_command(command, &keypair),
                     None => break,
@@ -204,14 +215,38 @@ impl Network {
         tracing::info!("p2p node stopped");
     }
 
+    /// Walk the DHT now and then, so a node that joined through one member learns of the others
+    /// (and they of it) beyond gossip.
+    fn bootstrap_dht(&mut self) {
+        let due = self.last_bootstrap.is_none_or(|at| at.elapsed() >= BOOTSTRAP_INTERVAL);
+        if due && !self.connections.is_empty() {
+            self.last_bootstrap = Some(Instant::now());
+            if let Err(error) = self.swarm.behaviour_mut().kademlia.bootstrap() {
+                tracing::debug!(%error, "DHT bootstrap skipped");
+            }
+        }
+    }
+
+    /// Dial explicit peers that are not connected, each with its own exponential backoff
+    /// (1 s doubling to a minute), reset once connected.
     fn dial_explicit_peers(&mut self) {
+        let now = Instant::now();
         for address in self.explicit_peers.clone() {
             let peer = address.iter().find_map(|p| match p {
                 Protocol::P2p(peer) => Some(peer),
                 _ => None,
             });
+            if peer.is_some_and(|peer| self.swarm.is_connected(&peer)) {
+                self.redial_backoff.remove(&address);
+                continue;
+            }
+            let (next_attempt, delay) =
+                self.redial_backoff.get(&address).copied().unwrap_or((now, REDIAL_FIRST_BACKOFF));
+            if now < next_attempt {
+                continue;
+            }
+            self.redial_backoff.insert(address.clone(), (now + delay, (delay * 2).min(REDIAL_MAX_BACKOFF)));
             let options = match peer {
-                Some(peer) if self.swarm.is_connected(&peer) => continue,
                 Some(peer) => DialOpts::peer_id(peer)
                     .addresses(vec![address.clone()])
                     .condition(PeerCondition::DisconnectedAndNotDialing)

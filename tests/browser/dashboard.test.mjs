@@ -3,7 +3,9 @@
 // Starts "gpu-box" (hosting smollm2) and "laptop" (no models, joined to gpu-box with --peer),
 // opens laptop's dashboard in headless Chromium, signs in with the API key, checks that both
 // nodes and the model appear, chats through the playground and waits for a streamed answer
-// served by gpu-box, saves a screenshot, then stops gpu-box and waits for its card to go. Every
+// served by gpu-box, saves a screenshot, creates a connection key in the invite panel (checking
+// its error, key, join command and QR code, with a screenshot of the panel), then revokes gpu-box
+// from the dashboard and waits for its card to go and stay gone. Every
 // wait is bounded; the nodes, the browser and the temporary directories are cleaned up on
 // success, failure and interruption.
 //
@@ -176,9 +178,17 @@ async function run() {
   const page = context.pages()[0] || (await context.newPage());
   const problems = [];
   page.on('pageerror', (error) => problems.push(`page error: ${error.message}`));
+  /** Refusals the test provokes on purpose (an invalid invitation), which the browser logs. */
+  let expectedRefusals = 0;
   page.on('console', (message) => {
+    if (message.type() !== 'error') return;
     // The browser reports the 401 that makes the page ask for a key; that one is expected.
-    if (message.type() === 'error' && !message.text().includes('status of 401')) problems.push(`console: ${message.text()}`);
+    if (message.text().includes('status of 401')) return;
+    if (expectedRefusals > 0 && message.text().includes('status of 400')) {
+      expectedRefusals -= 1;
+      return;
+    }
+    problems.push(`console: ${message.text()}`);
   });
   await page.goto(`${laptop.url}/`, { waitUntil: 'load', timeout: 15_000 });
 
@@ -230,11 +240,52 @@ async function run() {
   await page.screenshot({ path: screenshot, fullPage: true });
   step(`screenshot: ${screenshot}`);
 
-  step('stopping gpu-box: its card must go');
-  await stopNode(gpuBox);
+  step('inviting a machine');
+  if (await laptopCard.locator('button.revoke').count()) fail('this node\'s own card offers to revoke it');
+  await page.click('#invite-open');
+  await page.locator('#invite').waitFor({ state: 'visible' });
+  await page.fill('#invite-uses', '0');
+  expectedRefusals += 1;
+  await page.click('#invite-create');
+  await page.locator('#invite-error', { hasText: 'uses' }).waitFor({ state: 'visible' });
+  await page.fill('#invite-uses', '2');
+  await page.fill('#invite-hours', '48');
+  await page.click('#invite-create');
+  await page.locator('#invite-result').waitFor({ state: 'visible' });
+  if (await page.locator('#invite-error').isVisible()) fail(`the invitation failed: ${await page.textContent('#invite-error')}`);
+  const key = await page.inputValue('#invite-key');
+  if (!key.startsWith('llmesh://join/')) fail(`the key field reads "${key}"`);
+  const command = await page.textContent('#invite-command');
+  if (command !== `llmesh serve --join '${key}'`) fail(`the join command reads "${command}"`);
+  if (!(await page.textContent('#invite-expiry')).includes('2 times')) fail('the expiry line does not say 2 uses');
+  await page.locator('#invite-qr svg.qr-code path').waitFor({ state: 'attached' });
+  const qrBox = await page.locator('#invite-qr svg.qr-code').boundingBox();
+  if (!qrBox || qrBox.width < 100 || qrBox.height < 100) fail(`the QR code is not shown at a readable size: ${JSON.stringify(qrBox)}`);
+  const inviteShot = path.join(shots, 'invite.png');
+  await page.locator('#invite').screenshot({ path: inviteShot });
+  step(`invite screenshot: ${inviteShot}`);
+  await page.click('#invite-close');
+  await page.locator('#invite').waitFor({ state: 'hidden' });
+
+  step('revoking gpu-box from laptop\'s dashboard: its card must go, and stay gone');
+  let question = null;
+  page.once('dialog', (dialog) => {
+    question = dialog.message();
+    dialog.accept();
+  });
+  await gpuCard.locator('button.revoke').click();
+  await page.locator('#membership-note', { hasText: 'Revoked gpu-box' }).waitFor({ state: 'visible' });
+  if (!question?.includes('gpu-box')) fail(`the confirmation asked "${question}"`);
   await gpuCard.waitFor({ state: 'detached', timeout: 30_000 });
   await page.locator('#nodes-note', { hasText: 'gpu-box went offline' }).waitFor();
   await laptopCard.waitFor();
+  // Two more polls: a revoked node must not come back (laptop still has gpu-box as --peer).
+  for (let poll = 0; poll < 2; poll += 1) {
+    const shown = await page.textContent('#live');
+    await page.waitForFunction((before) => document.getElementById('live').textContent !== before, shown);
+  }
+  if (await gpuCard.count()) fail('gpu-box came back after it was revoked');
+  alive(gpuBox);
 
   if (problems.length) fail(`the page reported problems:\n  ${problems.join('\n  ')}`);
 }
