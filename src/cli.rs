@@ -69,6 +69,26 @@ fn call(args: &NodeArgs, path: &str, body: Option<Value>) -> anyhow::Result<Valu
 }
 
 #[derive(Debug, Clone, clap::Args)]
+pub struct JoinArgs {
+    /// The connection key from `llmesh invite` on a member.
+    pub key: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// Have a running node join with a connection key (it must run with the same cluster key, or
+/// none; otherwise restart it with `llmesh serve --join KEY`).
+pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
+    let answer = call(&args.node, "/api/join", Some(serde_json::json!({"key": args.key.trim()})))?;
+    if args.node.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        println!("joined: admitted by {}", text(&answer["inviter"]));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct InviteArgs {
     #[command(flatten)]
     pub node: NodeArgs,

@@ -28,6 +28,8 @@ enum Command {
     Status(llmesh::cli::NodeArgs),
     /// Print a connection key (and QR code) that lets one more machine join the cluster.
     Invite(llmesh::cli::InviteArgs),
+    /// Have a running node join a cluster with a connection key.
+    Join(llmesh::cli::JoinArgs),
 }
 
 #[derive(clap::Args)]
@@ -87,6 +89,7 @@ async fn main() -> std::process::ExitCode {
         Command::Models(args) => ask_node(move || llmesh::cli::models(&args)).await,
         Command::Status(args) => ask_node(move || llmesh::cli::status(&args)).await,
         Command::Invite(args) => ask_node(move || llmesh::cli::invite(&args)).await,
+        Command::Join(args) => ask_node(move || llmesh::cli::join(&args)).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -124,3 +124,29 @@ async fn a_revoked_node_loses_access_everywhere_and_cannot_return() {
     let bad = call(&inviter, "POST", "/api/nodes/not-a-peer/revoke", None).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_node_joins_with_a_key_when_it_shares_the_cluster_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let inviter = private_inviter(&dir).await;
+    let (key, _) = inviter.router().invite(2, Duration::from_secs(3600)).await.unwrap();
+    let engine =
+        || Arc::new(LocalEngine::load(&[], QueueLimits::default(), &candle_core::Device::Cpu).unwrap());
+
+    // Same cluster key, but no peers: it cannot find the cluster until it joins.
+    let lonely = Node::spawn_with_engine(config("lonely", &dir, Vec::new(), Some("team-secret")), engine())
+        .await
+        .unwrap();
+    let joined = call(&lonely, "POST", "/api/join", Some(json!({"key": key}))).await;
+    assert_eq!(joined.status, StatusCode::OK, "{}", joined.body);
+    eventually("the node joined while running", async || hosts_of(&lonely, "tiny").await == ["inviter"])
+        .await;
+
+    // Another cluster key: the transport cannot change under running connections.
+    let other = Node::spawn_with_engine(config("other", &dir, Vec::new(), Some("other-secret")), engine())
+        .await
+        .unwrap();
+    let refused = call(&other, "POST", "/api/join", Some(json!({"key": key}))).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert!(refused.body.contains("restart it with"), "{}", refused.body);
+}

@@ -240,3 +240,38 @@ pub async fn revoke_node(
     })?;
     Ok(Json(RevocationObject { object: "revocation", peer_id, newly_revoked }))
 }
+
+#[derive(Debug, Serialize)]
+pub struct JoinObject {
+    pub object: &'static str,
+    /// The peer id of the node that admitted this one.
+    pub inviter: String,
+}
+
+pub struct JoinRequest {
+    key: String,
+}
+
+impl FromJsonObject for JoinRequest {
+    fn from_json_object(mut fields: JsonObject) -> Result<Self, ApiError> {
+        let key = fields.optional::<String>("key")?.ok_or_else(|| {
+            ApiError::invalid_param("key", "'key' (an llmesh://join/... connection key) is required.")
+        })?;
+        Ok(Self { key })
+    }
+}
+
+/// `POST /api/join` with `{"key": "llmesh://join/..."}`: join while running (same cluster key).
+pub async fn join_cluster(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<JoinRequest>,
+) -> Result<Json<JoinObject>, ApiError> {
+    let inviter = router(&state)?.join(&request.key).await.map_err(|error| match error {
+        crate::p2p::P2pError::Invitation(reason) => ApiError::invalid_param("key", reason.to_string()),
+        crate::p2p::P2pError::Join(reason) => {
+            ApiError::invalid_param("key", format!("cannot join: {reason}"))
+        }
+        other => ApiError::Internal(format!("joining: {other}")),
+    })?;
+    Ok(Json(JoinObject { object: "join", inviter }))
+}

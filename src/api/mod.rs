@@ -107,6 +107,7 @@ fn build(state: AppState, config: ApiConfig) -> Router {
             .route("/api/stats", get(cluster::routing_stats))
             .route("/api/invitations", post(cluster::create_invitation))
             .route("/api/nodes/{peer_id}/revoke", post(cluster::revoke_node))
+            .route("/api/join", post(cluster::join_cluster))
             .route("/metrics", get(metrics::render));
     }
     if let Some(key) = config.api_key.as_deref() {

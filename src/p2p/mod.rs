@@ -104,6 +104,8 @@ pub struct P2pHandle {
     peer_id: PeerId,
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
+    data_dir: PathBuf,
+    cluster_psk: Option<[u8; 32]>,
 }
 
 /// Inbound inference streams, with the peer that opened each.
@@ -182,6 +184,28 @@ impl P2pHandle {
             return Err(P2pError::PeerId(format!("{peer} is this node itself")));
         }
         self.ask(|reply| Command::Revoke(peer_id, reply)).await
+    }
+
+    /// Join with a connection key while running. Only possible within the same cluster key (the
+    /// transport's pre-shared key cannot change under running connections): a node in another
+    /// cluster must restart with `llmesh serve --join KEY`.
+    pub async fn join_running(&self, key: &str) -> Result<Invitation, P2pError> {
+        let invitation = Invitation::from_key(key).map_err(P2pError::Invitation)?;
+        if invitation.cluster_psk != self.cluster_psk {
+            return Err(P2pError::Join(
+                "this node runs with another cluster key; restart it with `llmesh serve --join KEY`".into(),
+            ));
+        }
+        let invitation = self.join(key).await?;
+        let joined = JoinedCluster {
+            invitation: invitation.id_hex(),
+            cluster_psk: invitation.cluster_psk,
+            peers: invitation.addresses.clone(),
+        };
+        joined
+            .save(&self.data_dir)
+            .map_err(|e| P2pError::Join(format!("joined, but cannot remember it: {e}")))?;
+        Ok(invitation)
     }
 
     /// Join the cluster with a connection key: reach the inviter at the key's addresses and

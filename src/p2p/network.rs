@@ -131,7 +131,9 @@ pub async fn spawn(
         ledger,
     };
     tokio::spawn(network.run(keypair, command_receiver, shutdown));
-    Ok((P2pHandle { peer_id, commands, control }, events_receiver, InboundStreams(inbound)))
+    let handle =
+        P2pHandle { peer_id, commands, control, data_dir: config.data_dir, cluster_psk: config.cluster_psk };
+    Ok((handle, events_receiver, InboundStreams(inbound)))
 }
 
 fn parse_address(address: &str) -> Result<Multiaddr, P2pError> {
@@ -292,6 +294,15 @@ impl Network {
             Command::AddAddresses(peer, addresses, reply) => {
                 for address in &addresses {
                     self.swarm.behaviour_mut().kademlia.add_address(&peer, address.clone());
+                    // Keep it reachable: redialed like a --peer if the link drops.
+                    let with_peer = if address.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+                        address.clone()
+                    } else {
+                        address.clone().with(Protocol::P2p(peer))
+                    };
+                    if !self.explicit_peers.contains(&with_peer) {
+                        self.explicit_peers.push(with_peer);
+                    }
                 }
                 if !self.swarm.is_connected(&peer) {
                     let options = DialOpts::peer_id(peer)

@@ -163,6 +163,12 @@ impl Router {
         Ok((key, expires_at))
     }
 
+    /// Join with a connection key while running (see `P2pHandle::join_running`); returns the
+    /// inviter's peer id.
+    pub async fn join(&self, key: &str) -> Result<String, crate::p2p::P2pError> {
+        Ok(self.inner.p2p.join_running(key).await?.inviter)
+    }
+
     /// Throw a node out of the cluster (see `P2pHandle::revoke`).
     pub async fn revoke(&self, peer_id: &str) -> Result<bool, crate::p2p::P2pError> {
         self.inner.p2p.revoke(peer_id).await
