@@ -136,6 +136,28 @@ pub async fn spawn(
     Ok((handle, events_receiver, InboundStreams(inbound)))
 }
 
+/// The addresses worth giving to other machines: each once, and loopback ones only when there is
+/// nothing else (another machine dialing 127.0.0.1 reaches itself, not us).
+fn reachable<'a>(addresses: impl Iterator<Item = &'a Multiaddr>) -> Vec<Multiaddr> {
+    let mut unique: Vec<Multiaddr> = Vec::new();
+    for address in addresses {
+        if !unique.contains(address) {
+            unique.push(address.clone());
+        }
+    }
+    let is_loopback = |address: &Multiaddr| {
+        address.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    if unique.iter().any(|address| !is_loopback(address)) {
+        unique.retain(|address| !is_loopback(address));
+    }
+    unique
+}
+
 fn parse_address(address: &str) -> Result<Multiaddr, P2pError> {
     address.parse().map_err(|e: libp2p::multiaddr::Error| P2pError::Address {
         address: address.to_string(),
@@ -277,10 +299,9 @@ impl Network {
             }
             Command::ListenAddresses(reply) => {
                 let peer = *self.swarm.local_peer_id();
-                let addresses = self
-                    .listen_addresses
-                    .iter()
-                    .map(|address| address.clone().with(Protocol::P2p(peer)).to_string())
+                let addresses = reachable(self.listen_addresses.iter())
+                    .into_iter()
+                    .map(|address| address.with(Protocol::P2p(peer)).to_string())
                     .collect();
                 let _ = reply.send(addresses);
             }
@@ -324,11 +345,9 @@ impl Network {
 
     fn invite(&mut self, keypair: &Keypair, uses: u32, expires_at: u64) -> Result<String, P2pError> {
         let peer = *self.swarm.local_peer_id();
-        let addresses = self
-            .external_addresses
-            .iter()
-            .chain(&self.listen_addresses)
-            .map(|address| address.clone().with(Protocol::P2p(peer)).to_string())
+        let addresses = reachable(self.external_addresses.iter().chain(&self.listen_addresses))
+            .into_iter()
+            .map(|address| address.with(Protocol::P2p(peer)).to_string())
             .take(MAX_INVITATION_ADDRESSES)
             .collect();
         let invitation = Invitation::new(
@@ -531,5 +550,19 @@ impl Network {
         if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
             tracing::warn!(?event, "event queue full; dropped an event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_and_duplicate_addresses_are_left_out_when_others_exist() {
+        let parse = |a: &str| a.parse::<Multiaddr>().unwrap();
+        let lan = parse("/ip4/10.1.2.3/tcp/7690");
+        let loopback = parse("/ip4/127.0.0.1/tcp/7690");
+        assert_eq!(reachable([&lan, &loopback, &lan].into_iter()), vec![lan.clone()]);
+        assert_eq!(reachable([&loopback].into_iter()), vec![loopback.clone()], "loopback alone is kept");
     }
 }

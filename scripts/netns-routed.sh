@@ -1,0 +1,419 @@
+#!/usr/bin/env bash
+# Joining through a connection key across a router, rejoining after a restart, refused keys and
+# revocation, with llmesh nodes on separate "hosts" (network namespaces). Two subnets are joined by
+# a router namespace that forwards IP but not multicast, so mDNS does not cross it:
+#
+#   subnet 1 (a bridge in its own namespace): node-a hosts smollm2, node-b hosts nothing; both
+#             have the cluster key and find each other by mDNS
+#   subnet 2: node-c hosts smollm2-b, has no cluster key and no peers, so it sees nobody until it
+#             joins with a key from node-a; it then uses smollm2 on node-a and node-b uses
+#             smollm2-b on node-c, rejoins after a restart without the key, and is thrown out when
+#             node-a revokes it; node-d tries a used key and an expired one and must be refused
+#             with the reason
+#
+#   scripts/netns-routed.sh
+#
+# Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) for `ip netns`; without it prints `SKIP: ...` and
+# exits 77. Prints `MEASURE name value unit` lines (reported, never asserted), then `PASS`, or
+# `FAIL: reason` and the tail of every node's log. Everything it starts and creates is removed on
+# exit, also after a failure or Ctrl-C; the logs are kept after a failure.
+#
+#   LLMESH_BIN          the binary (default $CARGO_TARGET_DIR/debug/llmesh, target dir
+#                       /var/tmp/llmesh-target)
+#   LLMESH_MODELS_DIR   where scripts/fetch-models.sh put the demo models (default models/)
+#   LLMESH_NETNS_TIMEOUT  seconds to wait for each step (default 60)
+#   LLMESH_NETNS_KEEP_LOGS=1  keep the nodes' logs after a success too
+set -euo pipefail -o errtrace
+export LC_ALL=C # a decimal point in $EPOCHREALTIME and awk's numbers
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+bin=${LLMESH_BIN:-${CARGO_TARGET_DIR:-/var/tmp/llmesh-target}/debug/llmesh}
+models_dir=${LLMESH_MODELS_DIR:-$repo/models}
+chat_model="$models_dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+timeout=${LLMESH_NETNS_TIMEOUT:-60}
+cluster_key=team-secret
+
+prefix="llmesh-$$"
+bridge_ns="$prefix-br"
+router_ns="$prefix-rt"
+# 10.99.x is netns-cluster.sh's; the second octet here differs per run.
+net="10.$((RANDOM % 90 + 100))"
+subnet1="$net.1"
+subnet2="$net.2"
+declare -A ns=([a]="$prefix-a" [b]="$prefix-b" [c]="$prefix-c" [d]="$prefix-d")
+declare -A subnet_of=([a]=1 [b]=1 [c]=2 [d]=2)
+declare -A address=([a]="$subnet1.11" [b]="$subnet1.12" [c]="$subnet2.13" [d]="$subnet2.14")
+declare -A pid=()      # node -> pid of its llmesh, while it runs
+declare -A runs=()     # node -> how many times it was started (one log file per start)
+step_pid=""            # a slow request running in the background (run_killable)
+created_ns=()          # every namespace this run added, for the cleanup
+reported=0             # a FAIL or SKIP line was printed already
+tmp=""
+
+say() { echo "--- $*"; }
+measure() { echo "MEASURE $1 $2 $3"; } # NAME VALUE UNIT: reported, never asserted
+
+fail() {
+  echo "FAIL: $*"
+  reported=1
+  exit 1
+}
+
+skip() {
+  echo "SKIP: $*"
+  reported=1
+  exit 77
+}
+
+# An unexpected failing command (set -e) says where it happened; subshells leave it to their parent.
+on_error() {
+  local status=$? line=$1 command=$2
+  if [ "$BASH_SUBSHELL" -eq 0 ] && [ "$reported" -eq 0 ]; then
+    echo "FAIL: line $line: '$command' exited with $status"
+    reported=1
+  fi
+}
+trap 'on_error "$LINENO" "$BASH_COMMAND"' ERR
+
+cleanup() {
+  local status=$? log
+  set +e
+  trap - ERR
+  if [ -n "$step_pid" ]; then
+    kill -KILL "$step_pid" 2>/dev/null
+    wait "$step_pid" 2>/dev/null
+  fi
+  for node in "${!pid[@]}"; do
+    kill -TERM "${pid[$node]}" 2>/dev/null
+  done
+  for node in "${!pid[@]}"; do
+    stop_within 10 "${pid[$node]}" || { kill -KILL "${pid[$node]}" 2>/dev/null; wait "${pid[$node]}" 2>/dev/null; }
+  done
+  if [ "$status" -ne 0 ] && [ "$status" -ne 77 ] && [ -n "$tmp" ]; then
+    [ "$reported" -eq 1 ] || echo "FAIL: exited with status $status"
+    # One log per start of a node: node-c.2.log is node-c's second start.
+    for log in "$tmp"/node-*.log; do
+      [ -f "$log" ] || continue
+      echo "=== last 40 lines of $log"
+      tail -n 40 "$log"
+    done
+    echo "=== logs kept in $tmp"
+  elif [ -n "$tmp" ] && [ "${LLMESH_NETNS_KEEP_LOGS:-0}" = 1 ]; then
+    echo "=== logs kept in $tmp"
+  elif [ -n "$tmp" ]; then
+    rm -rf "$tmp"
+  fi
+  # Deleting a namespace deletes its interfaces: the veth pairs and the bridge go with them.
+  for name in "${created_ns[@]}"; do
+    ip netns delete "$name" 2>/dev/null || echo "warning: cannot delete namespace $name"
+  done
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'echo "FAIL: interrupted"; reported=1; exit 130' INT
+trap 'echo "FAIL: terminated"; reported=1; exit 143' TERM
+
+# Wait up to SECONDS for PID (a child of this shell) to end.
+stop_within() { # SECONDS PID
+  local deadline=$((SECONDS + $1))
+  while kill -0 "$2" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.1
+  done
+  wait "$2" 2>/dev/null
+  return 0
+}
+
+now() { echo "$EPOCHREALTIME"; }
+seconds_since() { awk -v start="$1" -v end="$EPOCHREALTIME" 'BEGIN { printf "%.2f", end - start }'; }
+
+in_ns() { # NODE COMMAND...: run COMMAND on NODE's "host"
+  local node=$1
+  shift
+  ip netns exec "${ns[$node]}" "$@"
+}
+
+add_ns() { # NAME
+  ip netns add "$1"
+  created_ns+=("$1")
+  ip -n "$1" link set dev lo up
+}
+
+# --- the network ------------------------------------------------------------------------------------
+
+command -v ip >/dev/null || skip "network namespaces unavailable (no 'ip' command)"
+for tool in curl python3 awk; do
+  command -v "$tool" >/dev/null || fail "$tool is needed"
+done
+
+if ! error=$(ip netns add "$bridge_ns" 2>&1); then
+  skip "network namespaces unavailable ($(echo "$error" | head -n 1))"
+fi
+created_ns+=("$bridge_ns")
+[ -x "$bin" ] || fail "no llmesh binary at $bin (cargo build, or set LLMESH_BIN)"
+[ -f "$chat_model" ] || fail "no demo model at $chat_model (run scripts/fetch-models.sh)"
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/llmesh-netns-routed.XXXXXX")
+
+say "network: $subnet1.0/24 (node-a, node-b) and $subnet2.0/24 (node-c, node-d), bridges in" \
+  "$bridge_ns, routed by $router_ns"
+# One namespace holds both subnets' bridges; they share nothing. Both ends of every veth pair are
+# created in their namespaces directly: nothing appears in the root namespace.
+add_ns "$router_ns"
+# The router forwards unicast only: without a multicast routing daemon, mDNS stays in its subnet.
+ip netns exec "$router_ns" sysctl -q -w net.ipv4.ip_forward=1
+for subnet in 1 2; do
+  ip -n "$bridge_ns" link add "br$subnet" type bridge mcast_snooping 0
+  ip -n "$bridge_ns" link set dev "br$subnet" up
+  ip link add "eth$subnet" netns "$router_ns" type veth peer name "port-rt$subnet" netns "$bridge_ns"
+  ip -n "$bridge_ns" link set dev "port-rt$subnet" master "br$subnet" up
+  ip -n "$router_ns" addr add "$net.$subnet.1/24" dev "eth$subnet"
+  ip -n "$router_ns" link set dev "eth$subnet" up
+done
+for node in a b c d; do
+  add_ns "${ns[$node]}"
+  ip link add eth0 netns "${ns[$node]}" type veth peer name "port-$node" netns "$bridge_ns"
+  ip -n "$bridge_ns" link set dev "port-$node" master "br${subnet_of[$node]}" up
+  ip -n "${ns[$node]}" addr add "${address[$node]}/24" dev eth0
+  # libp2p's mDNS ignores loopback: it needs a multicast-capable interface that is up.
+  ip -n "${ns[$node]}" link set dev eth0 multicast on up
+  ip -n "${ns[$node]}" route add default via "$net.${subnet_of[$node]}.1"
+done
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+url() { echo "http://127.0.0.1:8080$2"; } # NODE PATH: NODE's API, seen from its host
+
+start_node() { # NODE [EXTRA FLAGS...]
+  local node=$1
+  shift
+  runs[$node]=$((${runs[$node]:-0} + 1))
+  mkdir -p "$tmp/$node"
+  # NO_COLOR: plain log files.
+  NO_COLOR=1 ip netns exec "${ns[$node]}" "$bin" serve \
+    --listen 127.0.0.1:8080 --p2p-listen /ip4/0.0.0.0/tcp/7690 \
+    --name "node-$node" --data-dir "$tmp/$node" "$@" >"$(log_of "$node")" 2>&1 &
+  pid[$node]=$!
+}
+
+log_of() { echo "$tmp/node-$1.${runs[$1]}.log"; } # NODE: the log of its latest start
+
+stop_node() { # NODE: SIGTERM, as on a clean shutdown
+  kill -TERM "${pid[$1]}"
+  stop_within "$timeout" "${pid[$1]}" || fail "node-$1 did not stop within $timeout s of SIGTERM"
+  unset "pid[$1]"
+}
+
+check_alive() {
+  local node
+  for node in "${!pid[@]}"; do
+    kill -0 "${pid[$node]}" 2>/dev/null || fail "node-$node exited early (see $(log_of "$node") below)"
+  done
+}
+
+# Poll CONDITION every 0.2 s until it holds; fail after $timeout seconds or when a node dies.
+wait_for() { # DESCRIPTION CONDITION...
+  local description=$1 deadline
+  shift
+  deadline=$(awk -v now="$EPOCHREALTIME" -v t="$timeout" 'BEGIN { printf "%d", now + t }')
+  until "$@"; do
+    check_alive
+    [ "${EPOCHREALTIME%.*}" -lt "$deadline" ] || fail "$description: not within ${timeout} s"
+    sleep 0.2
+  done
+}
+
+# Sleep SECONDS while checking that every node stays up.
+stay_up() { # SECONDS
+  local deadline=$((SECONDS + $1))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    check_alive
+    sleep 0.2
+  done
+}
+
+healthy() { # NODE
+  [ "$(in_ns "$1" curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$(url "$1" /health)")" = 200 ]
+}
+
+# Does NODE's /v1/models list MODEL with HOST among its hosts (HOST empty: with any or no host)?
+lists_model() { # NODE MODEL [HOST]
+  local body
+  body=$(in_ns "$1" curl -sf --max-time 2 "$(url "$1" /v1/models)") || return 2
+  python3 -c '
+import json, sys
+model, host = sys.argv[1], sys.argv[2]
+try:
+    entries = json.load(sys.stdin)["data"]
+except (ValueError, KeyError, TypeError):
+    sys.exit(2)
+for entry in entries:
+    hosts = [h.get("name") for h in (entry.get("llmesh") or {}).get("hosts") or []]
+    if entry.get("id") == model and (not host or host in hosts):
+        sys.exit(0)
+sys.exit(1)' "$2" "${3:-}" <<<"$body"
+}
+
+# NODE's /v1/models answers and does not list MODEL.
+lacks_model() { # NODE MODEL
+  local status=0
+  lists_model "$1" "$2" || status=$?
+  [ "$status" -eq 1 ]
+}
+
+# POST BODY to NODE's PATH; the response body goes to $tmp/post.json; fails unless the status is 200.
+# (Not for command substitution: a fail there would end the subshell only, and its message with it.)
+post() { # NODE PATH BODY
+  local status
+  status=$(in_ns "$1" curl -sS -o "$tmp/post.json" -w '%{http_code}' --max-time 10 \
+    -H 'Content-Type: application/json' -d "$3" "$(url "$1" "$2")") ||
+    fail "POST $2 to node-$1: curl failed"
+  [ "$status" = 200 ] || fail "POST $2 to node-$1: status $status: $(head -c 500 "$tmp/post.json")"
+}
+
+json_field() { # FIELD: print FIELD of the JSON object on stdin
+  python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
+}
+
+# Sets $key to a connection key from node-a, good for one use within SECONDS.
+invite() { # SECONDS
+  post a /api/invitations "{\"uses\":1,\"valid_seconds\":$1}"
+  key=$(json_field key <"$tmp/post.json")
+  [[ "$key" == llmesh://join/* ]] || fail "node-a's invitation is not a connection key: $key"
+}
+
+chat_body() { # MODEL MAX_TOKENS
+  printf '{"model":"%s","temperature":0,"max_tokens":%s,"messages":[%s,%s]}' "$1" "$2" \
+    '{"role":"system","content":"You are a helpful assistant."}' \
+    '{"role":"user","content":"What is the capital of France?"}'
+}
+
+# Run a slow step as a child that the cleanup can end: a signal interrupts `wait` at once, whereas
+# bash holds its traps until a foreground command ends. COMMAND must be an external command, not a
+# shell function, so that the pid is the command's own.
+run_killable() { # OUTPUT_FILE COMMAND...
+  local output=$1 status=0
+  shift
+  "$@" >"$output" &
+  step_pid=$!
+  wait "$step_pid" || status=$?
+  step_pid=""
+  return "$status"
+}
+
+# A chat request to NODE for MODEL must be answered by node-ANSWERER and mention Paris.
+chat_answered_by() { # NODE MODEL ANSWERER
+  local node=$1 model=$2 answerer=$3 status answered_by answer
+  run_killable "$tmp/chat.status" ip netns exec "${ns[$node]}" curl -sS -o "$tmp/chat.json" \
+    -D "$tmp/chat.headers" -w '%{http_code}' --max-time 120 -H 'Content-Type: application/json' \
+    -d "$(chat_body "$model" 30)" "$(url "$node" /v1/chat/completions)" ||
+    fail "chat request to node-$node for $model: curl failed (see above)"
+  status=$(cat "$tmp/chat.status")
+  [ "$status" = 200 ] || fail "chat request to node-$node for $model: status $status: $(head -c 500 "$tmp/chat.json")"
+  answered_by=$(tr -d '\r' <"$tmp/chat.headers" | awk -F': ' 'tolower($1) == "x-llmesh-node" { print $2 }')
+  [ "$answered_by" = "node-$answerer" ] ||
+    fail "chat request to node-$node for $model: x-llmesh-node is '$answered_by', not node-$answerer"
+  answer=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])' \
+    <"$tmp/chat.json")
+  [[ "$answer" == *Paris* ]] || fail "chat request to node-$node for $model: the answer lacks Paris: $answer"
+  say "node-$answerer answered $model through node-$node: $answer"
+}
+
+# NODE, started with a connection key, must exit within $timeout s with a non-zero status and
+# REASON in its output.
+refused_with() { # NODE REASON
+  local node=$1 reason=$2 status=0 deadline=$((SECONDS + timeout))
+  while kill -0 "${pid[$node]}" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "node-$node still runs $timeout s after starting with a bad key"
+    sleep 0.2
+  done
+  wait "${pid[$node]}" || status=$?
+  unset "pid[$node]"
+  [ "$status" -ne 0 ] || fail "node-$node was refused ($reason) but exited with status 0"
+  grep -qi -- "$reason" "$(log_of "$node")" ||
+    fail "node-$node exited with status $status without saying '$reason' (see $(log_of "$node") below)"
+  say "node-$node exited with status $status: $(grep -i -m 1 -- "$reason" "$(log_of "$node")")"
+}
+
+# --- 1. node-a and node-b find each other by mDNS -----------------------------------------------------
+
+say "starting node-a (smollm2) and node-b (nothing) in $subnet1.0/24 with the cluster key"
+start_node a --model "smollm2=$chat_model" --cluster-key "$cluster_key" \
+  --external-address "/ip4/${address[a]}/tcp/7690"
+start_node b --cluster-key "$cluster_key"
+wait_for "node-a answers /health" healthy a
+wait_for "node-b answers /health" healthy b
+wait_for "node-b lists smollm2 hosted by node-a (mDNS)" lists_model b smollm2 node-a
+say "node-b lists smollm2 on node-a"
+
+# --- 2. node-c, behind the router, sees nobody --------------------------------------------------------
+
+say "starting node-c (smollm2-b) in $subnet2.0/24: no cluster key, no peers"
+start_node c --model "smollm2-b=$chat_model"
+wait_for "node-c answers /health" healthy c
+wait_for "node-c lists its own smollm2-b" lists_model c smollm2-b node-c
+stay_up 5
+lacks_model c smollm2 || fail "node-c lists smollm2 (or does not answer) before it joined: mDNS crossed the router?"
+lacks_model a smollm2-b || fail "node-a lists smollm2-b (or does not answer) before node-c joined"
+say "node-c does not see node-a after 5 s; stopping it"
+stop_node c
+
+# --- 3. node-c joins with a connection key ------------------------------------------------------------
+
+invite 600
+used_key=$key
+say "starting node-c with a single-use key from node-a"
+joined_started=$(now)
+start_node c --model "smollm2-b=$chat_model" --join "$used_key"
+wait_for "node-c lists smollm2 hosted by node-a after joining" lists_model c smollm2 node-a
+measure join_seconds "$(seconds_since "$joined_started")" s
+chat_answered_by c smollm2 a
+wait_for "node-b lists smollm2-b hosted by node-c (gossip)" lists_model b smollm2-b node-c
+chat_answered_by b smollm2-b c
+
+# --- 4. node-c rejoins after a restart without the key -----------------------------------------------
+
+say "restarting node-c without the key"
+stop_node c
+rejoin_started=$(now)
+start_node c --model "smollm2-b=$chat_model"
+wait_for "node-c lists smollm2 hosted by node-a after a restart without the key" lists_model c smollm2 node-a
+measure rejoin_seconds "$(seconds_since "$rejoin_started")" s
+
+# --- 5. a used key and an expired key are refused -----------------------------------------------------
+
+say "starting node-d with the used key"
+start_node d --join "$used_key"
+refused_with d "already been used"
+invite 1
+sleep 2
+say "starting node-d with a key that expired"
+start_node d --join "$key"
+refused_with d "expired"
+
+# --- 6. revocation -------------------------------------------------------------------------------------
+
+c_peer_id=$(in_ns c curl -sf --max-time 5 "$(url c /api/nodes)" | python3 -c '
+import json, sys
+body = json.load(sys.stdin)
+nodes = body if isinstance(body, list) else body.get("nodes") or body.get("data") or []
+print(next(n["peer_id"] for n in nodes if n.get("this_node")))') || fail "cannot read node-c's peer id"
+say "revoking node-c ($c_peer_id) through node-a"
+revoked=$(now)
+post a "/api/nodes/$c_peer_id/revoke" '{}'
+newly=$(json_field newly_revoked <"$tmp/post.json")
+[ "$newly" = True ] || fail "revoking node-c: newly_revoked is $newly"
+wait_for "node-c stops listing smollm2 after it was revoked" lacks_model c smollm2
+measure revoke_seconds "$(seconds_since "$revoked")" s
+wait_for "node-b stops listing smollm2-b after node-c was revoked" lacks_model b smollm2-b
+say "node-c no longer sees smollm2 and node-b no longer sees smollm2-b"
+
+say "restarting node-c (no key) after its revocation"
+stop_node c
+start_node c --model "smollm2-b=$chat_model"
+wait_for "node-c answers /health after a restart" healthy c
+stay_up 6
+lacks_model c smollm2 || fail "the revoked node-c lists smollm2 (or does not answer) after a restart"
+lacks_model b smollm2-b || fail "node-b lists smollm2-b (or does not answer) after the revoked node-c restarted"
+say "the revoked node-c still sees nobody after a restart"
+
+echo PASS
