@@ -11,6 +11,7 @@ mod identity;
 pub mod invitation;
 mod join;
 mod network;
+mod peer_store;
 mod revoked;
 mod signed;
 mod transport;

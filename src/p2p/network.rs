@@ -23,6 +23,7 @@ use super::announcement::{Announcement, MAX_ANNOUNCEMENT_BYTES};
 use super::identity::load_or_create_keypair;
 use super::invitation::{Invitation, InvitationLedger};
 use super::join::{Inviter, JOIN_PROTOCOL, serve_joins};
+use super::peer_store::PeerStore;
 use super::revoked::RevokedPeers;
 use super::transport::{build_transport, cluster_id};
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
@@ -61,6 +62,7 @@ struct Network {
     revoked: RevokedPeers,
     keypair: Keypair,
     last_bootstrap: Option<Instant>,
+    peer_store: PeerStore,
     explicit_peers: Vec<Multiaddr>,
     /// Per explicit peer address: when to dial next, and the delay after that.
     redial_backoff: HashMap<Multiaddr, (Instant, Duration)>,
@@ -103,7 +105,13 @@ pub async fn spawn(
         let address = parse_address(address)?;
         swarm.listen_on(address.clone()).map_err(|e| P2pError::Setup(format!("listen on {address}: {e}")))?;
     }
-    let explicit_peers = config.peers.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
+    let mut explicit_peers = config.peers.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
+    let peer_store = PeerStore::load(&config.data_dir);
+    for address in peer_store.addresses() {
+        if !explicit_peers.contains(&address) {
+            explicit_peers.push(address);
+        }
+    }
     let revoked = RevokedPeers::load(&config.data_dir);
     for peer in revoked.iter() {
         swarm.behaviour_mut().blocked.block_peer(*peer);
@@ -119,6 +127,7 @@ pub async fn spawn(
         revoked,
         keypair: keypair.clone(),
         last_bootstrap: None,
+        peer_store,
         redial_backoff: HashMap::new(),
         explicit_peers,
         connections: HashMap::new(),
@@ -236,6 +245,7 @@ impl Network {
                 event = futures::StreamExt::select_next_some(&mut self.swarm) => self.handle_event(event),
             }
         }
+        self.peer_store.save();
         tracing::info!("p2p node stopped");
     }
 
@@ -245,6 +255,7 @@ impl Network {
         let due = self.last_bootstrap.is_none_or(|at| at.elapsed() >= BOOTSTRAP_INTERVAL);
         if due && !self.connections.is_empty() {
             self.last_bootstrap = Some(Instant::now());
+            self.peer_store.save();
             if let Err(error) = self.swarm.behaviour_mut().kademlia.bootstrap() {
                 tracing::debug!(%error, "DHT bootstrap skipped");
             }
@@ -383,6 +394,7 @@ impl Network {
             return false;
         }
         self.swarm.behaviour_mut().blocked.block_peer(peer);
+        self.peer_store.forget(&peer);
         self.explicit_peers.retain(|address| !address.iter().any(|p| p == Protocol::P2p(peer)));
         tracing::warn!(%peer, "peer revoked: its connections are closed and refused from now on");
         self.emit(P2pEvent::PeerDisconnected(peer.to_string()));
@@ -503,7 +515,8 @@ impl Network {
                             }
                         }
                         // Announcements may arrive through other nodes: learn how to reach the
-                        // author directly, for forwarding requests to it.
+                        // author directly, for forwarding requests to it, also after a restart.
+                        self.peer_store.remember(&source, &announcement.addresses, super::unix_now());
                         for address in
                             announcement.addresses.iter().filter_map(|a| a.parse::<Multiaddr>().ok())
                         {
