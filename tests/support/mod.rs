@@ -2,4 +2,5 @@
 
 pub mod cluster;
 pub mod fake_engine;
+pub mod netns;
 pub mod tiny_model;
