@@ -43,116 +43,14 @@ subnet2="$net.2"
 declare -A ns=([a]="$prefix-a" [b]="$prefix-b" [c]="$prefix-c" [d]="$prefix-d")
 declare -A subnet_of=([a]=1 [b]=1 [c]=2 [d]=2)
 declare -A address=([a]="$subnet1.11" [b]="$subnet1.12" [c]="$subnet2.13" [d]="$subnet2.14")
-declare -A pid=()      # node -> pid of its llmesh, while it runs
 declare -A runs=()     # node -> how many times it was started (one log file per start)
-step_pid=""            # a slow request running in the background (run_killable)
-created_ns=()          # every namespace this run added, for the cleanup
-reported=0             # a FAIL or SKIP line was printed already
-tmp=""
 
-say() { echo "--- $*"; }
-measure() { echo "MEASURE $1 $2 $3"; } # NAME VALUE UNIT: reported, never asserted
-
-fail() {
-  echo "FAIL: $*"
-  reported=1
-  exit 1
-}
-
-skip() {
-  echo "SKIP: $*"
-  reported=1
-  exit 77
-}
-
-# An unexpected failing command (set -e) says where it happened; subshells leave it to their parent.
-on_error() {
-  local status=$? line=$1 command=$2
-  if [ "$BASH_SUBSHELL" -eq 0 ] && [ "$reported" -eq 0 ]; then
-    echo "FAIL: line $line: '$command' exited with $status"
-    reported=1
-  fi
-}
-trap 'on_error "$LINENO" "$BASH_COMMAND"' ERR
-
-cleanup() {
-  local status=$? log
-  set +e
-  trap - ERR
-  if [ -n "$step_pid" ]; then
-    kill -KILL "$step_pid" 2>/dev/null
-    wait "$step_pid" 2>/dev/null
-  fi
-  for node in "${!pid[@]}"; do
-    kill -TERM "${pid[$node]}" 2>/dev/null
-  done
-  for node in "${!pid[@]}"; do
-    stop_within 10 "${pid[$node]}" || { kill -KILL "${pid[$node]}" 2>/dev/null; wait "${pid[$node]}" 2>/dev/null; }
-  done
-  if [ "$status" -ne 0 ] && [ "$status" -ne 77 ] && [ -n "$tmp" ]; then
-    [ "$reported" -eq 1 ] || echo "FAIL: exited with status $status"
-    # One log per start of a node: node-c.2.log is node-c's second start.
-    for log in "$tmp"/node-*.log; do
-      [ -f "$log" ] || continue
-      echo "=== last 40 lines of $log"
-      tail -n 40 "$log"
-    done
-    echo "=== logs kept in $tmp"
-  elif [ -n "$tmp" ] && [ "${LLMESH_NETNS_KEEP_LOGS:-0}" = 1 ]; then
-    echo "=== logs kept in $tmp"
-  elif [ -n "$tmp" ]; then
-    rm -rf "$tmp"
-  fi
-  # Deleting a namespace deletes its interfaces: the veth pairs and the bridge go with them.
-  for name in "${created_ns[@]}"; do
-    ip netns delete "$name" 2>/dev/null || echo "warning: cannot delete namespace $name"
-  done
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'echo "FAIL: interrupted"; reported=1; exit 130' INT
-trap 'echo "FAIL: terminated"; reported=1; exit 143' TERM
-
-# Wait up to SECONDS for PID (a child of this shell) to end.
-stop_within() { # SECONDS PID
-  local deadline=$((SECONDS + $1))
-  while kill -0 "$2" 2>/dev/null; do
-    [ "$SECONDS" -lt "$deadline" ] || return 1
-    sleep 0.1
-  done
-  wait "$2" 2>/dev/null
-  return 0
-}
-
-now() { echo "$EPOCHREALTIME"; }
-seconds_since() { awk -v start="$1" -v end="$EPOCHREALTIME" 'BEGIN { printf "%.2f", end - start }'; }
-
-in_ns() { # NODE COMMAND...: run COMMAND on NODE's "host"
-  local node=$1
-  shift
-  ip netns exec "${ns[$node]}" "$@"
-}
-
-add_ns() { # NAME
-  ip netns add "$1"
-  created_ns+=("$1")
-  ip -n "$1" link set dev lo up
-}
+# shellcheck source=scripts/netns-lib.sh
+source "$repo/scripts/netns-lib.sh"
 
 # --- the network ------------------------------------------------------------------------------------
 
-command -v ip >/dev/null || skip "network namespaces unavailable (no 'ip' command)"
-for tool in curl python3 awk; do
-  command -v "$tool" >/dev/null || fail "$tool is needed"
-done
-
-if ! error=$(ip netns add "$bridge_ns" 2>&1); then
-  skip "network namespaces unavailable ($(echo "$error" | head -n 1))"
-fi
-created_ns+=("$bridge_ns")
-[ -x "$bin" ] || fail "no llmesh binary at $bin (cargo build, or set LLMESH_BIN)"
-[ -f "$chat_model" ] || fail "no demo model at $chat_model (run scripts/fetch-models.sh)"
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/llmesh-netns-routed.XXXXXX")
+netns_preflight "$bridge_ns" llmesh-netns-routed
 
 say "network: $subnet1.0/24 (node-a, node-b) and $subnet2.0/24 (node-c, node-d), bridges in" \
   "$bridge_ns, routed by $router_ns"
@@ -203,63 +101,6 @@ stop_node() { # NODE: SIGTERM, as on a clean shutdown
   unset "pid[$1]"
 }
 
-check_alive() {
-  local node
-  for node in "${!pid[@]}"; do
-    kill -0 "${pid[$node]}" 2>/dev/null || fail "node-$node exited early (see $(log_of "$node") below)"
-  done
-}
-
-# Poll CONDITION every 0.2 s until it holds; fail after $timeout seconds or when a node dies.
-wait_for() { # DESCRIPTION CONDITION...
-  local description=$1 deadline
-  shift
-  deadline=$(awk -v now="$EPOCHREALTIME" -v t="$timeout" 'BEGIN { printf "%d", now + t }')
-  until "$@"; do
-    check_alive
-    [ "${EPOCHREALTIME%.*}" -lt "$deadline" ] || fail "$description: not within ${timeout} s"
-    sleep 0.2
-  done
-}
-
-# Sleep SECONDS while checking that every node stays up.
-stay_up() { # SECONDS
-  local deadline=$((SECONDS + $1))
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    check_alive
-    sleep 0.2
-  done
-}
-
-healthy() { # NODE
-  [ "$(in_ns "$1" curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$(url "$1" /health)")" = 200 ]
-}
-
-# Does NODE's /v1/models list MODEL with HOST among its hosts (HOST empty: with any or no host)?
-lists_model() { # NODE MODEL [HOST]
-  local body
-  body=$(in_ns "$1" curl -sf --max-time 2 "$(url "$1" /v1/models)") || return 2
-  python3 -c '
-import json, sys
-model, host = sys.argv[1], sys.argv[2]
-try:
-    entries = json.load(sys.stdin)["data"]
-except (ValueError, KeyError, TypeError):
-    sys.exit(2)
-for entry in entries:
-    hosts = [h.get("name") for h in (entry.get("llmesh") or {}).get("hosts") or []]
-    if entry.get("id") == model and (not host or host in hosts):
-        sys.exit(0)
-sys.exit(1)' "$2" "${3:-}" <<<"$body"
-}
-
-# NODE's /v1/models answers and does not list MODEL.
-lacks_model() { # NODE MODEL
-  local status=0
-  lists_model "$1" "$2" || status=$?
-  [ "$status" -eq 1 ]
-}
-
 # POST BODY to NODE's PATH; the response body goes to $tmp/post.json; fails unless the status is 200.
 # (Not for command substitution: a fail there would end the subshell only, and its message with it.)
 post() { # NODE PATH BODY
@@ -285,19 +126,6 @@ chat_body() { # MODEL MAX_TOKENS
   printf '{"model":"%s","temperature":0,"max_tokens":%s,"messages":[%s,%s]}' "$1" "$2" \
     '{"role":"system","content":"You are a helpful assistant."}' \
     '{"role":"user","content":"What is the capital of France?"}'
-}
-
-# Run a slow step as a child that the cleanup can end: a signal interrupts `wait` at once, whereas
-# bash holds its traps until a foreground command ends. COMMAND must be an external command, not a
-# shell function, so that the pid is the command's own.
-run_killable() { # OUTPUT_FILE COMMAND...
-  local output=$1 status=0
-  shift
-  "$@" >"$output" &
-  step_pid=$!
-  wait "$step_pid" || status=$?
-  step_pid=""
-  return "$status"
 }
 
 # A chat request to NODE for MODEL must be answered by node-ANSWERER and mention Paris.

@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# What the network-namespace scripts share: FAIL/SKIP/PASS reporting, the cleanup that stops every
+# node and deletes every namespace on any exit, bounded waits, and questions asked of a node's API.
+# Sourced by scripts/netns-*.sh after `set -euo pipefail -o errtrace`; they define `ns` (node ->
+# namespace), `timeout`, `bin` and `chat_model` before calling `netns_preflight`.
+# shellcheck disable=SC2317,SC2034,SC2154  # functions, state and settings shared with the scripts that source it
+
+declare -A pid=()      # node -> pid of its llmesh, while it runs
+step_pid=""            # a slow request running in the background (run_killable)
+created_ns=()          # every namespace this run added, for the cleanup
+reported=0             # a FAIL or SKIP line was printed already
+tmp=""                 # this run's logs and scratch files
+
+say() { echo "--- $*"; }
+
+measure() { echo "MEASURE $1 $2 $3"; } # NAME VALUE UNIT: reported, never asserted
+
+fail() {
+  echo "FAIL: $*"
+  reported=1
+  exit 1
+}
+
+fail() {
+  echo "FAIL: $*"
+  reported=1
+  exit 1
+}
+
+skip() {
+  echo "SKIP: $*"
+  reported=1
+  exit 77
+}
+
+# An unexpected failing command (set -e) says where it happened; subshells leave it to their parent.
+on_error() {
+  local status=$? line=$1 command=$2
+  if [ "$BASH_SUBSHELL" -eq 0 ] && [ "$reported" -eq 0 ]; then
+    echo "FAIL: line $line: '$command' exited with $status"
+    reported=1
+  fi
+}
+trap 'on_error "$LINENO" "$BASH_COMMAND"' ERR
+
+cleanup() {
+  local status=$? log
+  set +e
+  trap - ERR
+  if [ -n "$step_pid" ]; then
+    kill -KILL "$step_pid" 2>/dev/null
+    wait "$step_pid" 2>/dev/null
+  fi
+  for node in "${!pid[@]}"; do
+    kill -TERM "${pid[$node]}" 2>/dev/null
+  done
+  for node in "${!pid[@]}"; do
+    stop_within 10 "${pid[$node]}" || { kill -KILL "${pid[$node]}" 2>/dev/null; wait "${pid[$node]}" 2>/dev/null; }
+  done
+  if [ "$status" -ne 0 ] && [ "$status" -ne 77 ] && [ -n "$tmp" ]; then
+    [ "$reported" -eq 1 ] || echo "FAIL: exited with status $status"
+    for log in "$tmp"/*.log; do
+      [ -f "$log" ] || continue
+      echo "=== last 40 lines of $log"
+      tail -n 40 "$log"
+    done
+    echo "=== logs kept in $tmp"
+  elif [ -n "$tmp" ] && [ "${LLMESH_NETNS_KEEP_LOGS:-0}" = 1 ]; then
+    echo "=== logs kept in $tmp"
+  elif [ -n "$tmp" ]; then
+    rm -rf "$tmp"
+  fi
+  # Deleting a namespace deletes its interfaces: the veth pairs and the bridge go with them.
+  for name in "${created_ns[@]}"; do
+    ip netns delete "$name" 2>/dev/null || echo "warning: cannot delete namespace $name"
+  done
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'echo "FAIL: interrupted"; reported=1; exit 130' INT
+trap 'echo "FAIL: terminated"; reported=1; exit 143' TERM
+
+# Wait up to SECONDS for PID (a child of this shell) to end.
+stop_within() { # SECONDS PID
+  local deadline=$((SECONDS + $1))
+  while kill -0 "$2" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.1
+  done
+  wait "$2" 2>/dev/null
+  return 0
+}
+
+now() { echo "$EPOCHREALTIME"; }
+seconds_since() { awk -v start="$1" -v end="$EPOCHREALTIME" 'BEGIN { printf "%.2f", end - start }'; }
+
+in_ns() { # NODE COMMAND...: run COMMAND on NODE's "host"
+  local node=$1
+  shift
+  ip netns exec "${ns[$node]}" "$@"
+}
+
+add_ns() { # NAME
+  ip netns add "$1"
+  created_ns+=("$1")
+  ip -n "$1" link set dev lo up
+}
+
+# Skip without `ip netns`; check the binary and the model; make $tmp (named after NAME).
+netns_preflight() { # BRIDGE_NAMESPACE NAME
+  command -v ip >/dev/null || skip "network namespaces unavailable (no 'ip' command)"
+  local tool error
+  for tool in curl python3 awk; do
+    command -v "$tool" >/dev/null || fail "$tool is needed"
+  done
+  if ! error=$(ip netns add "$1" 2>&1); then
+    skip "network namespaces unavailable ($(echo "$error" | head -n 1))"
+  fi
+  created_ns+=("$1")
+  [ -x "$bin" ] || fail "no llmesh binary at $bin (cargo build, or set LLMESH_BIN)"
+  [ -f "$chat_model" ] || fail "no demo model at $chat_model (run scripts/fetch-models.sh)"
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/$2.XXXXXX")
+}
+
+check_alive() {
+  local node
+  for node in "${!pid[@]}"; do
+    kill -0 "${pid[$node]}" 2>/dev/null || fail "node-$node exited early (see its log below)"
+  done
+}
+
+# Poll CONDITION every 0.2 s until it holds; fail after $timeout seconds or when a node dies.
+wait_for() { # DESCRIPTION CONDITION...
+  local description=$1 deadline
+  shift
+  deadline=$(awk -v now="$EPOCHREALTIME" -v t="$timeout" 'BEGIN { printf "%d", now + t }')
+  until "$@"; do
+    check_alive
+    [ "${EPOCHREALTIME%.*}" -lt "$deadline" ] || fail "$description: not within ${timeout} s"
+    sleep 0.2
+  done
+}
+
+# Sleep SECONDS while checking that every node stays up.
+stay_up() { # SECONDS
+  local deadline=$((SECONDS + $1))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    check_alive
+    sleep 0.2
+  done
+}
+
+healthy() { # NODE
+  [ "$(in_ns "$1" curl -s -o /dev/null -w '%{http_code}' --max-time 2 http://127.0.0.1:8080/health)" = 200 ]
+}
+
+# Does NODE's /v1/models list MODEL with HOST among its hosts (HOST empty: with any or no host)?
+lists_model() { # NODE MODEL [HOST]
+  local body
+  body=$(in_ns "$1" curl -sf --max-time 2 http://127.0.0.1:8080/v1/models) || return 2
+  python3 -c '
+import json, sys
+model, host = sys.argv[1], sys.argv[2]
+try:
+    entries = json.load(sys.stdin)["data"]
+except (ValueError, KeyError, TypeError):
+    sys.exit(2)
+for entry in entries:
+    hosts = [h.get("name") for h in (entry.get("llmesh") or {}).get("hosts") or []]
+    if entry.get("id") == model and (not host or host in hosts):
+        sys.exit(0)
+sys.exit(1)' "$2" "${3:-}" <<<"$body"
+}
+
+# NODE's /v1/models answers and does not list MODEL.
+lacks_model() { # NODE MODEL
+  local status=0
+  lists_model "$1" "$2" || status=$?
+  [ "$status" -eq 1 ]
+}
+
+# Run a slow step as a child that the cleanup can end: a signal interrupts `wait` at once, whereas
+# bash holds its traps until a foreground command ends. COMMAND must be an external command, not a
+# shell function, so that the pid is the command's own.
+run_killable() { # OUTPUT_FILE COMMAND...
+  local output=$1 status=0
+  shift
+  "$@" >"$output" &
+  step_pid=$!
+  wait "$step_pid" || status=$?
+  step_pid=""
+  return "$status"
+}
