@@ -60,6 +60,7 @@ impl Node {
             peers: membership.peers.clone(),
             mdns: config.mdns,
             cluster_psk: membership.cluster_psk,
+            admission_key: membership.admission_key,
             external_addresses: config.external_addresses.clone(),
         };
         let (p2p, events, inbound) = p2p::spawn(p2p_config, cluster_shutdown.clone()).await?;
@@ -161,6 +162,9 @@ impl Drop for Node {
 /// the data dir), or the one the config describes.
 struct Membership {
     cluster_psk: Option<[u8; 32]>,
+    /// Only when the configured secret is this cluster's own (not an API key doubling as one on a
+    /// node that joined with a connection key).
+    admission_key: Option<[u8; 32]>,
     peers: Vec<String>,
     /// A key still to present to its inviter.
     joining: Option<(String, Invitation)>,
@@ -178,15 +182,22 @@ impl Membership {
                 }
                 peers.extend(joined.peers);
             }
-            return Ok(Self { cluster_psk, peers, joining: None });
+            let admission_key = admission_key(config, cluster_psk);
+            return Ok(Self { cluster_psk, admission_key, peers, joining: None });
         };
         let invitation = Invitation::from_key(key).map_err(P2pError::Invitation)?;
         peers.extend(invitation.addresses.iter().cloned());
         let already_joined = joined.is_some_and(|joined| joined.invitation == invitation.id_hex());
         let cluster_psk = invitation.cluster_psk;
         let joining = (!already_joined).then(|| (key.clone(), invitation));
-        Ok(Self { cluster_psk, peers, joining })
+        let admission_key = admission_key(config, cluster_psk);
+        Ok(Self { cluster_psk, admission_key, peers, joining })
     }
+}
+
+fn admission_key(config: &Config, cluster_psk: Option<[u8; 32]>) -> Option<[u8; 32]> {
+    let secret = config.cluster_secret()?;
+    (Some(p2p::cluster_psk(secret)) == cluster_psk).then(|| p2p::admission_key(secret))
 }
 
 /// The overlay reports its listen addresses asynchronously; wait briefly so callers (and the

@@ -7,10 +7,11 @@ use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use serde::{Deserialize, Serialize};
 
+use super::members::{MAX_ADMISSION_BYTES, MAX_MEMBERS};
 use super::signed::{self, EnvelopeError};
 
 /// Bumped when the announcement's shape changes; receivers ignore versions they don't know.
-pub const ANNOUNCEMENT_VERSION: u16 = 1;
+pub const ANNOUNCEMENT_VERSION: u16 = 2;
 /// The largest signed announcement accepted on the wire (also gossipsub's transmit limit).
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 64 * 1024;
 const MAX_MODELS: usize = 256;
@@ -41,6 +42,11 @@ pub struct Announcement {
     /// Peer ids this node knows to be revoked, so revocations reach every node, late joiners
     /// included.
     pub revoked: Vec<String>,
+    /// Signed admission records, in a cluster with a secret: this node's own first, then those
+    /// it vouches for (see `members.rs`). Filled in by the network task.
+    pub members: Vec<Vec<u8>>,
+    /// This node's proof that it holds the cluster secret, when it does.
+    pub founder_proof: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +149,9 @@ impl Announcement {
         if self.revoked.len() > MAX_REVOKED || self.revoked.iter().any(|peer| !text_ok(peer)) {
             return Err(AnnouncementError::OutOfBounds("revoked"));
         }
+        if self.members.len() > MAX_MEMBERS || self.members.iter().any(|r| r.len() > MAX_ADMISSION_BYTES) {
+            return Err(AnnouncementError::OutOfBounds("members"));
+        }
         if self.models.len() > MAX_MODELS {
             return Err(AnnouncementError::OutOfBounds("models"));
         }
@@ -188,6 +197,8 @@ mod tests {
             started_at: 1,
             issued_at_ms: 2,
             revoked: Vec::new(),
+            members: vec![vec![1; 200]; 2],
+            founder_proof: Some([3; 32]),
         }
     }
 

@@ -54,6 +54,8 @@ pub enum InvitationError {
     UnknownInvitation,
     #[error("the connection key is for another cluster ({0})")]
     WrongCluster(String),
+    #[error("the cluster already has as many members as it can hold")]
+    ClusterFull,
     #[error("the connection key version {0} is not supported")]
     UnknownVersion(u16),
 }

@@ -12,15 +12,16 @@ use serde::{Deserialize, Serialize};
 
 use super::invitation::{Invitation, InvitationError, InvitationLedger};
 use super::wire::{read_frame, write_frame};
-use super::{P2pError, P2pHandle};
+use super::{Command, P2pError, P2pHandle};
 
-pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/join/1");
+pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/join/2");
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 const JOINED_FILE: &str = "cluster.json";
 
 #[derive(Debug, Serialize, Deserialize)]
 enum JoinReply {
-    Accepted,
+    /// Admitted: the inviter's roster, which now includes the new node.
+    Accepted { members: Vec<Vec<u8>> },
     Refused(InvitationError),
 }
 
@@ -50,8 +51,13 @@ impl Inviter {
     }
 }
 
-/// Answer join requests until the stream of inbound join streams ends.
-pub async fn serve_joins(mut incoming: libp2p_stream::IncomingStreams, inviter: Inviter) {
+/// Answer join requests until the stream of inbound join streams ends; an accepted node is put on
+/// the roster by the network task (`commands`).
+pub async fn serve_joins(
+    mut incoming: libp2p_stream::IncomingStreams,
+    inviter: Inviter,
+    commands: tokio::sync::mpsc::Sender<Command>,
+) {
     while let Some((peer, mut stream)) = incoming.next().await {
         let key = match tokio::time::timeout(JOIN_TIMEOUT, read_frame::<_, String>(&mut stream)).await {
             Ok(Ok(Some(key))) => key,
@@ -59,8 +65,18 @@ pub async fn serve_joins(mut incoming: libp2p_stream::IncomingStreams, inviter: 
         };
         let reply = match inviter.check(&key) {
             Ok(invitation) => {
-                tracing::info!(%peer, invitation = %invitation.id_hex(), "admitted a node with a connection key");
-                JoinReply::Accepted
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                if commands.send(Command::Admit(peer, reply)).await.is_err() {
+                    return;
+                }
+                match answer.await {
+                    Ok(Some(members)) => {
+                        tracing::info!(%peer, invitation = %invitation.id_hex(), "admitted a node with a connection key");
+                        JoinReply::Accepted { members }
+                    }
+                    Ok(None) => JoinReply::Refused(InvitationError::ClusterFull),
+                    Err(_) => return,
+                }
             }
             Err(error) => {
                 tracing::warn!(%peer, %error, "refused a node's connection key");
@@ -71,8 +87,8 @@ pub async fn serve_joins(mut incoming: libp2p_stream::IncomingStreams, inviter: 
     }
 }
 
-/// Present `key` to the node that issued it.
-pub async fn join(p2p: &P2pHandle, key: &str) -> Result<Invitation, P2pError> {
+/// Present `key` to the node that issued it. Returns the invitation and the inviter's roster.
+pub async fn join(p2p: &P2pHandle, key: &str) -> Result<(Invitation, Vec<Vec<u8>>), P2pError> {
     let invitation = Invitation::from_key(key).map_err(P2pError::Invitation)?;
     let mut stream = p2p.open(&invitation.inviter, JOIN_PROTOCOL).await.map_err(|error| {
         P2pError::Join(format!(
@@ -89,7 +105,7 @@ pub async fn join(p2p: &P2pHandle, key: &str) -> Result<Invitation, P2pError> {
         read_frame::<_, JoinReply>(&mut stream).await
     };
     match tokio::time::timeout(JOIN_TIMEOUT, exchange).await {
-        Ok(Ok(Some(JoinReply::Accepted))) => Ok(invitation),
+        Ok(Ok(Some(JoinReply::Accepted { members }))) => Ok((invitation, members)),
         Ok(Ok(Some(JoinReply::Refused(error)))) => Err(P2pError::Invitation(error)),
         Ok(Ok(None)) | Ok(Err(_)) => Err(P2pError::Join("the inviting node closed the connection".into())),
         Err(_) => Err(P2pError::Join("the inviting node did not answer".into())),

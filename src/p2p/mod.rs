@@ -10,6 +10,7 @@ mod announcement;
 mod identity;
 pub mod invitation;
 mod join;
+mod members;
 mod network;
 mod peer_store;
 mod revoked;
@@ -31,7 +32,8 @@ pub use announcement::{
 };
 pub use invitation::{Invitation, InvitationError};
 pub use join::{JoinedCluster, unix_now};
-pub use transport::{cluster_id, cluster_psk};
+pub use members::MAX_MEMBERS;
+pub use transport::{admission_key, cluster_id, cluster_psk};
 
 /// The protocol requests are forwarded on. A new incompatible framing gets a new number.
 pub const INFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/infer/1");
@@ -54,6 +56,9 @@ pub struct P2pConfig {
     /// The pre-shared key from the cluster secret (`cluster_psk`): nodes with another (or no)
     /// key cannot connect at all.
     pub cluster_psk: Option<[u8; 32]>,
+    /// The founders' key from the cluster secret (`admission_key`), only on nodes configured with
+    /// the secret itself; nodes that joined with a connection key have the pre-shared key only.
+    pub admission_key: Option<[u8; 32]>,
     /// Addresses others can reach this node at beyond its listen addresses (a VPN address, a
     /// port forward), put into invitations and advertised.
     pub external_addresses: Vec<String>,
@@ -97,6 +102,12 @@ enum Command {
     Invite { uses: u32, expires_at: u64, reply: oneshot::Sender<Result<String, P2pError>> },
     AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     Revoke(PeerId, oneshot::Sender<bool>),
+    /// Admit a peer that redeemed a connection key here; replies with the roster to hand it, or
+    /// `None` when the roster is full.
+    Admit(PeerId, oneshot::Sender<Option<Vec<Vec<u8>>>>),
+    /// Take the roster the inviting node handed over.
+    Adopt { inviter: PeerId, records: Vec<Vec<u8>>, reply: oneshot::Sender<()> },
+    IsMember(PeerId, oneshot::Sender<bool>),
 }
 
 /// A cloneable handle to the network task.
@@ -109,12 +120,24 @@ pub struct P2pHandle {
     cluster_psk: Option<[u8; 32]>,
 }
 
-/// Inbound inference streams, with the peer that opened each.
-pub struct InboundStreams(libp2p_stream::IncomingStreams);
+/// Inbound inference streams from members, with the peer that opened each. Streams from peers
+/// that are not members are closed unanswered.
+pub struct InboundStreams {
+    incoming: libp2p_stream::IncomingStreams,
+    commands: mpsc::Sender<Command>,
+}
 
 impl InboundStreams {
     pub async fn next(&mut self) -> Option<(String, P2pStream)> {
-        self.0.next().await.map(|(peer, stream)| (peer.to_string(), stream))
+        while let Some((peer, stream)) = self.incoming.next().await {
+            let (reply, answer) = oneshot::channel();
+            self.commands.send(Command::IsMember(peer, reply)).await.ok()?;
+            if answer.await.ok()? {
+                return Some((peer.to_string(), stream));
+            }
+            tracing::warn!(%peer, "refused an inference stream from a peer that is not a member");
+        }
+        None
     }
 }
 
@@ -217,7 +240,9 @@ impl P2pHandle {
             invitation.inviter.parse().map_err(|_| P2pError::PeerId(invitation.inviter.clone()))?;
         let addresses = invitation.addresses.iter().filter_map(|address| address.parse().ok()).collect();
         self.ask(|reply| Command::AddAddresses(peer, addresses, reply)).await?;
-        join::join(self, key).await
+        let (invitation, records) = join::join(self, key).await?;
+        self.ask(|reply| Command::Adopt { inviter: peer, records, reply }).await?;
+        Ok(invitation)
     }
 
     async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, P2pError> {

@@ -23,6 +23,7 @@ use super::announcement::{Announcement, MAX_ANNOUNCEMENT_BYTES};
 use super::identity::load_or_create_keypair;
 use super::invitation::{Invitation, InvitationLedger};
 use super::join::{Inviter, JOIN_PROTOCOL, serve_joins};
+use super::members::{Probation, Roster};
 use super::peer_store::PeerStore;
 use super::revoked::RevokedPeers;
 use super::transport::{build_transport, cluster_id};
@@ -75,6 +76,9 @@ struct Network {
     cluster_psk: Option<[u8; 32]>,
     external_addresses: Vec<Multiaddr>,
     ledger: Arc<Mutex<InvitationLedger>>,
+    /// Who belongs to the cluster; `None` in an open cluster (no secret), where anyone does.
+    roster: Option<Roster>,
+    probation: Probation,
 }
 
 pub async fn spawn(
@@ -91,9 +95,17 @@ pub async fn spawn(
     let join_requests = control.accept(JOIN_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
     let ledger = Arc::new(Mutex::new(InvitationLedger::load(&config.data_dir)));
     let cluster = cluster_id(psk.as_ref());
+    let (commands, command_receiver) = mpsc::channel(COMMANDS_CAPACITY);
     let inviter =
         Inviter { peer_id: peer_id.to_string(), cluster_id: cluster.clone(), ledger: ledger.clone() };
-    tokio::spawn(serve_joins(join_requests, inviter));
+    tokio::spawn(serve_joins(join_requests, inviter, commands.clone()));
+    let roster = psk.map(|_| Roster::load(&config.data_dir, &cluster, &keypair, config.admission_key));
+    if roster.as_ref().is_some_and(|roster| !roster.includes_this_node()) {
+        tracing::warn!(
+            "this node is not a member of its cluster: start it once with `llmesh serve --join KEY`, \
+             or give it the cluster secret"
+        );
+    }
     let external_addresses =
         config.external_addresses.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
     for address in &external_addresses {
@@ -117,7 +129,6 @@ pub async fn spawn(
         swarm.behaviour_mut().blocked.block_peer(*peer);
     }
     let (events, events_receiver) = mpsc::channel(EVENTS_CAPACITY);
-    let (commands, command_receiver) = mpsc::channel(COMMANDS_CAPACITY);
     tracing::info!(%peer_id, cluster = %topic, mdns = config.mdns, private = psk.is_some(), "p2p node starting");
     let network = Network {
         swarm,
@@ -138,11 +149,14 @@ pub async fn spawn(
         cluster_psk: config.cluster_psk,
         external_addresses,
         ledger,
+        roster,
+        probation: Probation::default(),
     };
     tokio::spawn(network.run(keypair, command_receiver, shutdown));
+    let inbound = InboundStreams { incoming: inbound, commands: commands.clone() };
     let handle =
         P2pHandle { peer_id, commands, control, data_dir: config.data_dir, cluster_psk: config.cluster_psk };
-    Ok((handle, events_receiver, InboundStreams(inbound)))
+    Ok((handle, events_receiver, inbound))
 }
 
 /// The addresses worth giving to other machines: each once, and loopback ones only when there is
@@ -235,6 +249,7 @@ impl Network {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = redial.tick() => {
+                    self.enforce_membership();
                     self.dial_explicit_peers();
                     self.bootstrap_dht();
                 }
@@ -247,6 +262,21 @@ impl Network {
         }
         self.peer_store.save();
         tracing::info!("p2p node stopped");
+    }
+
+    fn is_member(&self, peer: &PeerId) -> bool {
+        self.roster.as_ref().is_none_or(|roster| roster.is_member(peer))
+    }
+
+    /// Disconnect the peers whose grace ran out without becoming members, and forget them in the
+    /// DHT so that no query dials them again.
+    fn enforce_membership(&mut self) {
+        let Some(roster) = &self.roster else { return };
+        for peer in self.probation.expired(Instant::now(), |peer| roster.is_member(peer)) {
+            tracing::warn!(%peer, "disconnected a peer that is not a member (no valid key, no cluster secret)");
+            let _ = self.swarm.disconnect_peer_id(peer);
+            self.swarm.behaviour_mut().kademlia.remove_peer(&peer);
+        }
     }
 
     /// Walk the DHT now and then, so a node that joined through one member learns of the others
@@ -347,6 +377,25 @@ impl Network {
                 }
                 let _ = reply.send(());
             }
+            Command::Admit(peer, reply) => {
+                let records = self.roster.as_mut().map_or(Some(Vec::new()), |roster| {
+                    roster.admit(peer);
+                    roster.is_member(&peer).then(|| roster.records())
+                });
+                self.republish();
+                let _ = reply.send(records);
+            }
+            Command::Adopt { inviter, records, reply } => {
+                if let Some(roster) = &mut self.roster {
+                    let revoked = &self.revoked;
+                    roster.adopt(inviter, &records, |peer| revoked.contains(peer));
+                    self.republish();
+                }
+                let _ = reply.send(());
+            }
+            Command::IsMember(peer, reply) => {
+                let _ = reply.send(self.is_member(&peer));
+            }
             Command::FindProviders(model_id, reply) => {
                 let query = self.swarm.behaviour_mut().kademlia.get_providers(kad::RecordKey::new(&model_id));
                 self.provider_queries.insert(query, (reply, HashSet::new()));
@@ -382,6 +431,10 @@ impl Network {
     fn republish(&mut self) {
         let Some(announcement) = &mut self.last_announcement else { return };
         announcement.revoked = self.revoked.list();
+        if let Some(roster) = &self.roster {
+            announcement.members = roster.records();
+            announcement.founder_proof = roster.founder_proof();
+        }
         match announcement.sign(&self.keypair) {
             Ok(bytes) => self.publish(bytes),
             Err(error) => tracing::error!(%error, "cannot sign our announcement"),
@@ -394,6 +447,9 @@ impl Network {
             return false;
         }
         self.swarm.behaviour_mut().blocked.block_peer(peer);
+        if let Some(roster) = &mut self.roster {
+            roster.remove(&peer);
+        }
         self.peer_store.forget(&peer);
         self.explicit_peers.retain(|address| !address.iter().any(|p| p == Protocol::P2p(peer)));
         tracing::warn!(%peer, "peer revoked: its connections are closed and refused from now on");
@@ -437,6 +493,14 @@ impl Network {
                 };
                 tracing::debug!(peer = %peer_id, "connected");
                 self.connections.entry(peer_id).or_default().push((connection_id, dialer, Instant::now()));
+                if !self.is_member(&peer_id) {
+                    let now = Instant::now();
+                    if self.probation.recently_refused(&peer_id, now) {
+                        self.swarm.close_connection(connection_id);
+                        return;
+                    }
+                    self.probation.start(peer_id, now);
+                }
                 self.keep_one_connection(peer_id);
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
@@ -445,6 +509,7 @@ impl Network {
                 }
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
+                    self.probation.end(&peer_id);
                     tracing::info!(peer = %peer_id, cause = ?cause, "peer disconnected");
                     self.emit(P2pEvent::PeerDisconnected(peer_id.to_string()));
                 }
@@ -486,7 +551,11 @@ impl Network {
     fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                let now = Instant::now();
                 for (peer, address) in found {
+                    if self.probation.recently_refused(&peer, now) {
+                        continue;
+                    }
                     self.swarm.behaviour_mut().kademlia.add_address(&peer, address.clone());
                     if !self.swarm.is_connected(&peer) {
                         let options = DialOpts::peer_id(peer)
@@ -497,7 +566,9 @@ impl Network {
                     }
                 }
             }
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
+                if self.is_member(&peer_id) =>
+            {
                 for address in info.listen_addrs {
                     self.swarm.behaviour_mut().kademlia.add_address(&peer_id, address);
                 }
@@ -508,22 +579,7 @@ impl Network {
                     return;
                 }
                 match Announcement::verify(&message.data, &source) {
-                    Ok(announcement) => {
-                        for peer in announcement.revoked.iter().filter_map(|p| p.parse::<PeerId>().ok()) {
-                            if peer != *self.swarm.local_peer_id() && self.revoke(peer) {
-                                self.republish();
-                            }
-                        }
-                        // Announcements may arrive through other nodes: learn how to reach the
-                        // author directly, for forwarding requests to it, also after a restart.
-                        self.peer_store.remember(&source, &announcement.addresses, super::unix_now());
-                        for address in
-                            announcement.addresses.iter().filter_map(|a| a.parse::<Multiaddr>().ok())
-                        {
-                            self.swarm.behaviour_mut().kademlia.add_address(&source, address);
-                        }
-                        self.emit(P2pEvent::Announcement(Box::new(announcement)))
-                    }
+                    Ok(announcement) => self.receive_announcement(source, announcement),
                     Err(error) => tracing::warn!(peer = %source, %error, "dropped an announcement"),
                 }
             }
@@ -553,6 +609,50 @@ impl Network {
             }
             _ => {}
         }
+    }
+
+    /// Take in a checked announcement: the members it vouches for first, then, if its author is a
+    /// member, the revocations it carries and how to reach the author; then pass it on.
+    fn receive_announcement(&mut self, source: PeerId, announcement: Announcement) {
+        if !self.learn_members(&source, &announcement) {
+            tracing::debug!(peer = %source, "ignored an announcement from a peer that is not a member");
+            return;
+        }
+        for peer in announcement.revoked.iter().filter_map(|p| p.parse::<PeerId>().ok()) {
+            if peer != *self.swarm.local_peer_id() && self.revoke(peer) {
+                self.republish();
+            }
+        }
+        // Announcements may arrive through other nodes: learn how to reach the author directly,
+        // for forwarding requests to it, also after a restart.
+        self.peer_store.remember(&source, &announcement.addresses, super::unix_now());
+        for address in announcement.addresses.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+            self.swarm.behaviour_mut().kademlia.add_address(&source, address);
+        }
+        self.emit(P2pEvent::Announcement(Box::new(announcement)))
+    }
+
+    /// Accept the admission records an announcement carries, and its author if it proves it holds
+    /// the cluster secret. Returns whether the author is a member.
+    fn learn_members(&mut self, source: &PeerId, announcement: &Announcement) -> bool {
+        let Some(roster) = &mut self.roster else { return true };
+        let revoked = &self.revoked;
+        let mut admitted = roster.learn(&announcement.members, |peer| revoked.contains(peer));
+        if let Some(proof) = &announcement.founder_proof
+            && !roster.is_member(source)
+            && !revoked.contains(source)
+            && roster.admit_founder(*source, proof)
+        {
+            admitted.push(*source);
+        }
+        let is_member = roster.is_member(source);
+        for peer in &admitted {
+            tracing::info!(%peer, vouched_by = %source, "a new member of the cluster");
+        }
+        if !admitted.is_empty() {
+            self.republish();
+        }
+        is_member
     }
 
     /// Hand an event to the rest of the node without ever waiting: the consumer may itself be

@@ -43,6 +43,20 @@ pub fn seal<T: Serialize, const LIMIT: usize>(
     Ok(bytes)
 }
 
+/// Decode the payload without checking the signature: only to decide whether a value is worth
+/// checking (a record already known need not be verified again).
+pub fn read_unverified<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, EnvelopeError> {
+    if bytes.len() > LIMIT {
+        return Err(EnvelopeError::TooLarge(bytes.len(), LIMIT));
+    }
+    let malformed = |e: &dyn std::fmt::Display| EnvelopeError::Malformed(e.to_string());
+    let (envelope, _): (Envelope, _) =
+        bincode::serde::decode_from_slice(bytes, codec::<LIMIT>()).map_err(|e| malformed(&e))?;
+    let (value, _): (T, _) =
+        bincode::serde::decode_from_slice(&envelope.payload, codec::<LIMIT>()).map_err(|e| malformed(&e))?;
+    Ok(value)
+}
+
 /// Check the signature and decode; returns the value and the peer id of its signer.
 pub fn open<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<(T, PeerId), EnvelopeError> {
     if bytes.len() > LIMIT {

@@ -26,6 +26,16 @@ pub fn cluster_psk(secret: &str) -> [u8; 32] {
     hasher.finalize().into()
 }
 
+/// The founders' admission key for a cluster secret, from the same secret under another domain
+/// prefix. Invitations carry only the pre-shared key, so a node that joined with a key can pass
+/// the transport's handshake but cannot prove it knows the secret (see `members.rs`).
+pub fn admission_key(secret: &str) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"llmesh admission key v1\0");
+    hasher.update(secret.as_bytes());
+    hasher.finalize().into()
+}
+
 /// A short public name for the cluster, used in the gossip topic (never the secret itself).
 pub fn cluster_id(psk: Option<&[u8; 32]>) -> String {
     match psk {
@@ -66,6 +76,7 @@ mod tests {
         let a = cluster_psk("team-secret");
         assert_eq!(a, cluster_psk("team-secret"));
         assert_ne!(a, cluster_psk("other-secret"));
+        assert_ne!(a, admission_key("team-secret"), "an invitation's key must not admit founders");
         assert_eq!(cluster_id(None), "open");
         let id = cluster_id(Some(&a));
         assert_eq!(id.len(), 16);

@@ -212,6 +212,8 @@ mod tests {
             started_at: 0,
             issued_at_ms,
             revoked: Vec::new(),
+            members: Vec::new(),
+            founder_proof: None,
         }
     }
 

@@ -120,6 +120,8 @@ async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsag
         issued_at_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         // Filled in by the p2p task, which keeps the list.
         revoked: Vec::new(),
+        members: Vec::new(),
+        founder_proof: None,
     }
 }
 

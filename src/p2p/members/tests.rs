@@ -1,0 +1,157 @@
+use super::*;
+
+const CLUSTER: &str = "0123456789abcdef";
+
+struct Node {
+    keypair: Keypair,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new() -> Self {
+        Self { keypair: Keypair::generate_ed25519(), dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn peer(&self) -> PeerId {
+        self.keypair.public().to_peer_id()
+    }
+
+    fn roster(&self, admission_key: Option<[u8; 32]>) -> Roster {
+        Roster::load(self.dir.path(), CLUSTER, &self.keypair, admission_key)
+    }
+}
+
+fn not_revoked(_: &PeerId) -> bool {
+    false
+}
+
+const SECRET_KEY: [u8; 32] = [7; 32];
+
+#[test]
+fn founders_admit_each_other_by_proof_and_nobody_else() {
+    let (a, b) = (Node::new(), Node::new());
+    let mut first = a.roster(Some(SECRET_KEY));
+    let second = b.roster(Some(SECRET_KEY));
+    assert!(first.includes_this_node() && second.includes_this_node());
+    assert!(!first.is_member(&b.peer()));
+
+    let proof = second.founder_proof().unwrap();
+    let stranger = PeerId::random();
+    assert!(!first.admit_founder(stranger, &proof), "a proof is bound to its peer id");
+    assert!(!first.admit_founder(b.peer(), &founder_proof(&[8; 32], &b.peer())), "another secret");
+    assert!(first.admit_founder(b.peer(), &proof));
+    assert!(first.is_member(&b.peer()));
+
+    // A node without the secret cannot check proofs, so it admits no founder on its own.
+    let mut invited = Node::new().roster(None);
+    assert!(!invited.includes_this_node());
+    assert!(!invited.admit_founder(b.peer(), &proof));
+}
+
+#[test]
+fn an_invited_node_trusts_its_inviter_and_what_the_inviter_vouches_for() {
+    let (founder, other_founder, joiner) = (Node::new(), Node::new(), Node::new());
+    let mut inviter = founder.roster(Some(SECRET_KEY));
+    let proof = other_founder.roster(Some(SECRET_KEY)).founder_proof().unwrap();
+    assert!(inviter.admit_founder(other_founder.peer(), &proof));
+    assert!(inviter.admit(joiner.peer()));
+
+    let mut joined = joiner.roster(None);
+    joined.adopt(founder.peer(), &inviter.records(), not_revoked);
+    for peer in [founder.peer(), other_founder.peer(), joiner.peer()] {
+        assert!(joined.is_member(&peer), "{peer} should be a member");
+    }
+    // Its own record is the inviter's admission, which convinces nodes that trust the inviter.
+    let mut third = Node::new().roster(None);
+    third.adopt(other_founder.peer(), &[], not_revoked);
+    assert!(third.learn(&inviter.records(), not_revoked).is_empty(), "the inviter is unknown here");
+    third.admit(founder.peer());
+    assert!(third.learn(&joined.records()[..1], not_revoked) == vec![joiner.peer()]);
+}
+
+#[test]
+fn records_chain_within_one_batch_but_not_from_strangers() {
+    let (a, b, c, d) = (Node::new(), Node::new(), Node::new(), Node::new());
+    let mut first = a.roster(Some(SECRET_KEY));
+    first.admit(b.peer());
+    let mut second = b.roster(None);
+    second.adopt(a.peer(), &first.records(), not_revoked);
+    assert!(second.includes_this_node());
+    assert!(second.admit(c.peer()));
+    // A founder that knows only `a` learns of c through b's records, even with c's record before
+    // the one that makes b a member.
+    let mut other = d.roster(Some(SECRET_KEY));
+    assert!(other.admit_founder(a.peer(), &first.founder_proof().unwrap()));
+    let mut batch = second.records();
+    batch.reverse();
+    let mut learned = other.learn(&batch, not_revoked);
+    learned.sort();
+    let mut expected = vec![b.peer(), c.peer()];
+    expected.sort();
+    assert_eq!(learned, expected);
+
+    // A stranger's roster vouches for nobody here.
+    let stranger = Node::new();
+    let mut strange = stranger.roster(Some([9; 32]));
+    let puppet = PeerId::random();
+    strange.admit(puppet);
+    assert!(other.learn(&strange.records(), not_revoked).is_empty());
+    assert!(!other.is_member(&puppet) && !other.is_member(&stranger.peer()));
+}
+
+#[test]
+fn tampered_foreign_and_revoked_records_are_refused() {
+    let (a, b) = (Node::new(), Node::new());
+    let mut first = a.roster(Some(SECRET_KEY));
+    let mut second = b.roster(None);
+    second.adopt(a.peer(), &first.records(), not_revoked);
+    let newcomer = PeerId::random();
+    second.admit(newcomer);
+    let record = second.members[&newcomer].clone();
+    first.admit(b.peer());
+
+    let mut tampered = record.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 1;
+    assert!(first.learn(&[tampered], not_revoked).is_empty());
+    let revoked = |peer: &PeerId| *peer == newcomer;
+    assert!(first.learn(std::slice::from_ref(&record), revoked).is_empty());
+    for garbage in [vec![], vec![0xff; 40], vec![1; MAX_ADMISSION_BYTES + 1]] {
+        assert!(first.learn(&[garbage], not_revoked).is_empty());
+    }
+    let elsewhere = Roster::load(tempfile::tempdir().unwrap().path(), "another-cluster", &b.keypair, None);
+    assert!(matches!(elsewhere.check(&record), Err(MemberError::WrongCluster(_))));
+
+    assert_eq!(first.learn(&[record], not_revoked), vec![newcomer]);
+    first.remove(&newcomer);
+    assert!(!first.is_member(&newcomer));
+}
+
+#[test]
+fn the_roster_survives_a_restart_and_stays_with_its_cluster() {
+    let a = Node::new();
+    let newcomer = PeerId::random();
+    let mut roster = a.roster(Some(SECRET_KEY));
+    roster.admit(newcomer);
+    let reloaded = a.roster(None);
+    assert!(reloaded.is_member(&newcomer) && reloaded.includes_this_node());
+    let other_cluster = Roster::load(a.dir.path(), "another-cluster", &a.keypair, None);
+    assert!(!other_cluster.is_member(&newcomer));
+}
+
+#[test]
+fn probation_drops_non_members_after_the_grace_and_refuses_them_for_a_while() {
+    let (member, stranger) = (PeerId::random(), PeerId::random());
+    let start = Instant::now();
+    let mut probation = Probation::default();
+    probation.start(member, start);
+    probation.start(stranger, start);
+    let is_member = |peer: &PeerId| *peer == member;
+    assert!(probation.expired(start + MEMBER_GRACE / 2, is_member).is_empty());
+    assert_eq!(probation.expired(start + MEMBER_GRACE, is_member), vec![stranger]);
+    assert!(probation.recently_refused(&stranger, start + MEMBER_GRACE));
+    assert!(!probation.recently_refused(&member, start + MEMBER_GRACE));
+    let later = start + MEMBER_GRACE + REFUSAL_COOLDOWN;
+    probation.expired(later, is_member);
+    assert!(!probation.recently_refused(&stranger, later));
+}
