@@ -21,7 +21,9 @@ const JOINED_FILE: &str = "cluster.json";
 #[derive(Debug, Serialize, Deserialize)]
 enum JoinReply {
     /// Admitted: the inviter's roster, which now includes the new node.
-    Accepted { members: Vec<Vec<u8>> },
+    Accepted {
+        members: Vec<Vec<u8>>,
+    },
     Refused(InvitationError),
 }
 

@@ -105,7 +105,12 @@ pub struct Roster {
 impl Roster {
     /// Load the roster kept in `data_dir` for `cluster_id` (records for another cluster are
     /// dropped). A node holding the admission key is a founder and admits itself.
-    pub fn load(data_dir: &Path, cluster_id: &str, keypair: &Keypair, admission_key: Option<[u8; 32]>) -> Self {
+    pub fn load(
+        data_dir: &Path,
+        cluster_id: &str,
+        keypair: &Keypair,
+        admission_key: Option<[u8; 32]>,
+    ) -> Self {
         let local = keypair.public().to_peer_id();
         let mut roster = Self {
             path: data_dir.join(MEMBERS_FILE),

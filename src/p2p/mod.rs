@@ -99,14 +99,22 @@ enum Command {
     ConnectedPeers(oneshot::Sender<Vec<String>>),
     ProvideModels(Vec<String>),
     FindProviders(String, oneshot::Sender<Vec<String>>),
-    Invite { uses: u32, expires_at: u64, reply: oneshot::Sender<Result<String, P2pError>> },
+    Invite {
+        uses: u32,
+        expires_at: u64,
+        reply: oneshot::Sender<Result<String, P2pError>>,
+    },
     AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     Revoke(PeerId, oneshot::Sender<bool>),
     /// Admit a peer that redeemed a connection key here; replies with the roster to hand it, or
     /// `None` when the roster is full.
     Admit(PeerId, oneshot::Sender<Option<Vec<Vec<u8>>>>),
     /// Take the roster the inviting node handed over.
-    Adopt { inviter: PeerId, records: Vec<Vec<u8>>, reply: oneshot::Sender<()> },
+    Adopt {
+        inviter: PeerId,
+        records: Vec<Vec<u8>>,
+        reply: oneshot::Sender<()>,
+    },
     IsMember(PeerId, oneshot::Sender<bool>),
 }
 

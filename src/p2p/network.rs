@@ -525,26 +525,38 @@ impl Network {
         }
     }
 
-    /// Keep one connection per pair of nodes. When both sides dialed at once, keep the one dialed
-    /// by the smaller peer id (both ends pick the same one); when a second connection appears
-    /// later, keep the established one, which may carry requests in flight, and close the newcomer.
+    /// Keep one connection per pair of nodes. When a second connection appears later, keep the
+    /// established one, which may carry requests in flight, and close the newcomer. When they
+    /// opened together, both ends keep those dialed by the smaller peer id (or, if it dialed none,
+    /// by the other); among several of those, only the side that dialed them picks one (its
+    /// oldest), because the other end may have seen them open in another order.
     fn keep_one_connection(&mut self, peer: PeerId) {
         let Some(open) = self.connections.get(&peer) else { return };
         if open.len() < 2 {
             return;
         }
-        let oldest =
-            open.iter().min_by_key(|(_, _, opened)| *opened).map(|c| c.2).unwrap_or_else(Instant::now);
-        let newest =
-            open.iter().max_by_key(|(_, _, opened)| *opened).map(|c| c.2).unwrap_or_else(Instant::now);
-        let keep = if newest.duration_since(oldest) < SIMULTANEOUS_DIAL {
-            let preferred_dialer = (*self.swarm.local_peer_id()).min(peer);
-            open.iter().find(|(_, dialer, _)| *dialer == preferred_dialer).unwrap_or(&open[0]).0
-        } else {
-            open.iter().min_by_key(|(_, _, opened)| *opened).map_or(open[0].0, |c| c.0)
+        let local = *self.swarm.local_peer_id();
+        let opened = |c: &&(ConnectionId, PeerId, Instant)| c.2;
+        let (Some(oldest), Some(newest)) = (open.iter().min_by_key(opened), open.iter().max_by_key(opened))
+        else {
+            return;
         };
-        for (id, _, _) in open.iter().filter(|(id, _, _)| *id != keep) {
-            self.swarm.close_connection(*id);
+        let close: Vec<ConnectionId> = if newest.2.duration_since(oldest.2) >= SIMULTANEOUS_DIAL {
+            open.iter().filter(|c| c.0 != oldest.0).map(|c| c.0).collect()
+        } else {
+            let smaller = local.min(peer);
+            let chosen_dialer = if open.iter().any(|c| c.1 == smaller) { smaller } else { local.max(peer) };
+            let mut close: Vec<ConnectionId> =
+                open.iter().filter(|c| c.1 != chosen_dialer).map(|c| c.0).collect();
+            if chosen_dialer == local {
+                let mut ours: Vec<_> = open.iter().filter(|c| c.1 == local).collect();
+                ours.sort_by_key(opened);
+                close.extend(ours.iter().skip(1).map(|c| c.0));
+            }
+            close
+        };
+        for id in close {
+            self.swarm.close_connection(id);
         }
     }
 

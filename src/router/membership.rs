@@ -118,7 +118,7 @@ async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsag
         software_version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: router.node.started_at,
         issued_at_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-        // Filled in by the p2p task, which keeps the list.
+        // Filled in by the p2p task, which keeps the revoked list and the roster.
         revoked: Vec::new(),
         members: Vec::new(),
         founder_proof: None,
