@@ -9,7 +9,9 @@
 #             joins with a key from node-a; it then uses smollm2 on node-a and node-b uses
 #             smollm2-b on node-c, rejoins after a restart without the key, and is thrown out when
 #             node-a revokes it; node-d tries a used key and an expired one and must be refused
-#             with the reason
+#             with the reason; finally node-c comes back under a new identity with the cluster key
+#             and peers it remembered, and the members drop it: membership is by peer id, not by
+#             holding the key
 #
 #   scripts/netns-routed.sh
 #
@@ -243,5 +245,22 @@ stay_up 6
 lacks_model c smollm2 || fail "the revoked node-c lists smollm2 (or does not answer) after a restart"
 lacks_model b smollm2-b || fail "node-b lists smollm2-b (or does not answer) after the revoked node-c restarted"
 say "the revoked node-c still sees nobody after a restart"
+
+# --- 7. a new identity with the remembered cluster key is no member ---------------------------------
+
+say "restarting node-c under a new identity, keeping the cluster key and peers it remembered"
+stop_node c
+rm "$tmp/c/node.key"
+[ -s "$tmp/c/cluster.json" ] || fail "node-c kept no cluster.json to come back with"
+start_node c --model "smollm2-b=$chat_model"
+wait_for "node-c answers /health under its new identity" healthy c
+stay_up 15 # past the members' 10 s grace for peers that are not members
+lacks_model a smollm2-b || fail "node-a lists smollm2-b from node-c's new identity"
+lacks_model b smollm2-b || fail "node-b lists smollm2-b from node-c's new identity"
+wait_for "node-c under a new identity is dropped and stops listing smollm2" lacks_model c smollm2
+status=$(in_ns c curl -s -o /dev/null -w '%{http_code}' --max-time 30 -H 'content-type: application/json' \
+  -d "$(chat_body smollm2 4)" "$(url c /v1/chat/completions)") || true
+[ "$status" != 200 ] || fail "node-c under a new identity was answered by a member"
+say "node-c under a new identity is not a member: the members ignore it, its chat got HTTP $status"
 
 echo PASS

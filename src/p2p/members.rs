@@ -34,6 +34,7 @@ use libp2p::identity::Keypair;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use super::announcement::Announcement;
 use super::signed::{self, EnvelopeError};
 
 /// Members a roster holds (and one announcement carries).
@@ -42,8 +43,11 @@ pub const MAX_MEMBERS: usize = 128;
 pub const MAX_ADMISSION_BYTES: usize = 512;
 /// How long a connected peer that is not a member may stay connected to become one.
 pub const MEMBER_GRACE: Duration = Duration::from_secs(10);
-/// How long a peer dropped for not being a member is refused at once (and not dialed).
-const REFUSAL_COOLDOWN: Duration = Duration::from_secs(60);
+/// How long a peer dropped for not being a member is refused at once (and not dialed), unless it
+/// becomes a member meanwhile.
+const REFUSAL_COOLDOWN: Duration = Duration::from_secs(600);
+/// Refused peers remembered at once; the oldest refusal is forgotten first.
+const MAX_REFUSED: usize = 4096;
 const MEMBERS_FILE: &str = "members.json";
 
 /// "`member` belongs to the cluster", signed by the member that admitted it.
@@ -281,10 +285,13 @@ impl Roster {
     }
 }
 
-/// Connected peers that are not members, and peers recently dropped for it.
+/// Connected peers that are not members (with their latest announcement, taken in if they become
+/// members, so a node that just joined need not wait for the next heartbeat), and peers recently
+/// dropped for not being members.
 #[derive(Default)]
 pub struct Probation {
     since: HashMap<PeerId, Instant>,
+    held: HashMap<PeerId, Announcement>,
     refused: HashMap<PeerId, Instant>,
 }
 
@@ -297,6 +304,26 @@ impl Probation {
     /// The peer disconnected: its grace ends with it (a refusal stands).
     pub fn end(&mut self, peer: &PeerId) {
         self.since.remove(peer);
+        self.held.remove(peer);
+    }
+
+    /// Keep the latest announcement of a peer on probation.
+    pub fn hold(&mut self, peer: PeerId, announcement: Announcement) {
+        if self.since.contains_key(&peer) {
+            self.held.insert(peer, announcement);
+        }
+    }
+
+    /// The peers on probation that have become members, with the announcement held for each.
+    pub fn release(&mut self, is_member: impl Fn(&PeerId) -> bool) -> Vec<(PeerId, Option<Announcement>)> {
+        let members: Vec<PeerId> = self.since.keys().filter(|peer| is_member(peer)).copied().collect();
+        members
+            .into_iter()
+            .map(|peer| {
+                self.since.remove(&peer);
+                (peer, self.held.remove(&peer))
+            })
+            .collect()
     }
 
     /// Whether `peer` was dropped for not being a member within the cooldown.
@@ -308,6 +335,7 @@ impl Probation {
     /// are refused for the cooldown. Members and long-refused peers are forgotten.
     pub fn expired(&mut self, now: Instant, is_member: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
         self.since.retain(|peer, _| !is_member(peer));
+        self.held.retain(|peer, _| self.since.contains_key(peer));
         self.refused.retain(|peer, at| !is_member(peer) && now.duration_since(*at) < REFUSAL_COOLDOWN);
         let expired: Vec<PeerId> = self
             .since
@@ -317,6 +345,12 @@ impl Probation {
             .collect();
         for peer in &expired {
             self.since.remove(peer);
+            self.held.remove(peer);
+            if self.refused.len() >= MAX_REFUSED
+                && let Some(oldest) = self.refused.iter().min_by_key(|(_, at)| **at).map(|(peer, _)| *peer)
+            {
+                self.refused.remove(&oldest);
+            }
             self.refused.insert(*peer, now);
         }
         expired

@@ -383,6 +383,7 @@ impl Network {
                     roster.is_member(&peer).then(|| roster.records())
                 });
                 self.republish();
+                self.take_in_new_members();
                 let _ = reply.send(records);
             }
             Command::Adopt { inviter, records, reply } => {
@@ -390,6 +391,7 @@ impl Network {
                     let revoked = &self.revoked;
                     roster.adopt(inviter, &records, |peer| revoked.contains(peer));
                     self.republish();
+                    self.take_in_new_members();
                 }
                 let _ = reply.send(());
             }
@@ -627,7 +629,8 @@ impl Network {
     /// member, the revocations it carries and how to reach the author; then pass it on.
     fn receive_announcement(&mut self, source: PeerId, announcement: Announcement) {
         if !self.learn_members(&source, &announcement) {
-            tracing::debug!(peer = %source, "ignored an announcement from a peer that is not a member");
+            tracing::debug!(peer = %source, "held back an announcement from a peer that is not a member");
+            self.probation.hold(source, announcement);
             return;
         }
         for peer in announcement.revoked.iter().filter_map(|p| p.parse::<PeerId>().ok()) {
@@ -663,8 +666,20 @@ impl Network {
         }
         if !admitted.is_empty() {
             self.republish();
+            self.take_in_new_members();
         }
         is_member
+    }
+
+    /// Peers on probation that have become members: stop the clock, and take in the announcement
+    /// held back while they were not.
+    fn take_in_new_members(&mut self) {
+        let Some(roster) = &self.roster else { return };
+        for (peer, held) in self.probation.release(|peer| roster.is_member(peer)) {
+            if let Some(announcement) = held {
+                self.receive_announcement(peer, announcement);
+            }
+        }
     }
 
     /// Hand an event to the rest of the node without ever waiting: the consumer may itself be

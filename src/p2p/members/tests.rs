@@ -155,3 +155,36 @@ fn probation_drops_non_members_after_the_grace_and_refuses_them_for_a_while() {
     probation.expired(later, is_member);
     assert!(!probation.recently_refused(&stranger, later));
 }
+
+#[test]
+fn an_announcement_held_on_probation_is_released_when_its_author_becomes_a_member() {
+    let keypair = Keypair::generate_ed25519();
+    let (peer, bystander) = (keypair.public().to_peer_id(), PeerId::random());
+    let mut probation = Probation::default();
+    let announcement = Announcement {
+        version: super::super::ANNOUNCEMENT_VERSION,
+        peer_id: peer.to_string(),
+        name: "newcomer".into(),
+        addresses: Vec::new(),
+        models: Vec::new(),
+        hardware: Default::default(),
+        usage: Default::default(),
+        load: Default::default(),
+        software_version: "test".into(),
+        started_at: 0,
+        issued_at_ms: 0,
+        revoked: Vec::new(),
+        members: Vec::new(),
+        founder_proof: None,
+    };
+    probation.hold(bystander, announcement.clone());
+    assert!(probation.release(|_| true).is_empty(), "only peers on probation are held for");
+    let now = Instant::now();
+    probation.start(peer, now);
+    probation.hold(peer, announcement.clone());
+    assert!(probation.release(|_| false).is_empty());
+    let released = probation.release(|p| *p == peer);
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].1.as_ref(), Some(&announcement));
+    assert!(probation.expired(now + MEMBER_GRACE, |_| false).is_empty(), "a member's clock stopped");
+}
