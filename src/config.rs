@@ -41,6 +41,10 @@ pub struct Config {
     pub peers: Vec<String>,
     /// Discover peers on the LAN with mDNS.
     pub mdns: bool,
+    /// Relay connections between members that cannot reach each other directly, and reserve a
+    /// relayed address on the `peers` (or the inviter) so that others can reach this node through
+    /// them.
+    pub relay: bool,
     /// The cluster secret: nodes without the same one cannot connect. When unset, the API key
     /// (if any) is used; with neither, the cluster is open to any llmesh node that can reach it.
     pub cluster_key: Option<String>,
@@ -88,6 +92,7 @@ impl Default for Config {
             p2p_listen: vec![DEFAULT_P2P_LISTEN.to_string()],
             peers: Vec::new(),
             mdns: true,
+            relay: true,
             cluster_key: None,
             external_addresses: Vec::new(),
             join: None,

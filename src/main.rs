@@ -61,6 +61,9 @@ struct ServeArgs {
     /// Do not discover peers on the LAN with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// Neither relay for other members nor reserve relayed addresses on the peers.
+    #[arg(long)]
+    no_relay: bool,
     /// The cluster secret; nodes without it cannot connect [default: the API key, if any].
     #[arg(long, env = "LLMESH_CLUSTER_KEY", hide_env_values = true)]
     cluster_key: Option<String>,
@@ -132,6 +135,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.peers.extend(args.peers);
     if args.no_mdns {
         config.mdns = false;
+    }
+    if args.no_relay {
+        config.relay = false;
     }
     if args.cluster_key.is_some() {
         config.cluster_key = args.cluster_key;

@@ -59,6 +59,7 @@ impl Node {
             listen: config.p2p_listen.clone(),
             peers: membership.peers.clone(),
             mdns: config.mdns,
+            relay: config.relay,
             cluster_psk: membership.cluster_psk,
             admission_key: membership.admission_key,
             external_addresses: config.external_addresses.clone(),

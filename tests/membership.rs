@@ -40,6 +40,7 @@ async fn bare_peer(dir: &tempfile::TempDir, name: &str, key: &str, stop: &Cancel
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         peers: invitation.addresses,
         mdns: false,
+        relay: false,
         cluster_psk: invitation.cluster_psk,
         admission_key: None,
         external_addresses: Vec::new(),

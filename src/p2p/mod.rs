@@ -13,6 +13,7 @@ mod join;
 mod members;
 mod network;
 mod peer_store;
+mod relay;
 mod revoked;
 mod signed;
 mod transport;
@@ -53,6 +54,8 @@ pub struct P2pConfig {
     /// Multiaddresses of peers to dial (and redial) for networks where multicast does not pass.
     pub peers: Vec<String>,
     pub mdns: bool,
+    /// Relay circuits for other members, and reserve relayed addresses on the bootstrap peers.
+    pub relay: bool,
     /// The pre-shared key from the cluster secret (`cluster_psk`): nodes with another (or no)
     /// key cannot connect at all.
     pub cluster_psk: Option<[u8; 32]>,

@@ -15,7 +15,7 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, mdns, ping};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, mdns, ping, relay};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +25,7 @@ use super::invitation::{Invitation, InvitationLedger};
 use super::join::{Inviter, JOIN_PROTOCOL, serve_joins};
 use super::members::{Probation, Roster};
 use super::peer_store::PeerStore;
+use super::relay::{Relays, server_config};
 use super::revoked::RevokedPeers;
 use super::transport::{build_transport, cluster_id};
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
@@ -51,6 +52,8 @@ struct Behaviour {
     ping: ping::Behaviour,
     stream: libp2p_stream::Behaviour,
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    relay: Toggle<relay::Behaviour>,
+    relay_client: relay::client::Behaviour,
 }
 
 struct Network {
@@ -79,6 +82,8 @@ struct Network {
     /// Who belongs to the cluster; `None` in an open cluster (no secret), where anyone does.
     roster: Option<Roster>,
     probation: Probation,
+    /// Relayed addresses reserved on bootstrap peers (none when relaying is off).
+    relays: Relays,
 }
 
 pub async fn spawn(
@@ -89,7 +94,7 @@ pub async fn spawn(
     let peer_id = keypair.public().to_peer_id();
     let psk = config.cluster_psk;
     let topic = IdentTopic::new(format!("llmesh/{}/nodes/1", cluster_id(psk.as_ref())));
-    let mut swarm = build_swarm(&keypair, psk, config.mdns)?;
+    let mut swarm = build_swarm(&keypair, psk, config.mdns, config.relay)?;
     let mut control = swarm.behaviour().stream.new_control();
     let inbound = control.accept(INFER_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
     let join_requests = control.accept(JOIN_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
@@ -118,6 +123,7 @@ pub async fn spawn(
         swarm.listen_on(address.clone()).map_err(|e| P2pError::Setup(format!("listen on {address}: {e}")))?;
     }
     let mut explicit_peers = config.peers.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
+    let relays = Relays::new(if config.relay { &explicit_peers } else { &[] });
     let peer_store = PeerStore::load(&config.data_dir);
     for address in peer_store.addresses() {
         if !explicit_peers.contains(&address) {
@@ -151,6 +157,7 @@ pub async fn spawn(
         ledger,
         roster,
         probation: Probation::default(),
+        relays,
     };
     tokio::spawn(network.run(keypair, command_receiver, shutdown));
     let inbound = InboundStreams { incoming: inbound, commands: commands.clone() };
@@ -192,6 +199,7 @@ fn build_swarm(
     keypair: &Keypair,
     psk: Option<[u8; 32]>,
     use_mdns: bool,
+    use_relay: bool,
 ) -> Result<Swarm<Behaviour>, P2pError> {
     let setup = |e: &dyn std::fmt::Display| P2pError::Setup(e.to_string());
     let peer_id = keypair.public().to_peer_id();
@@ -209,6 +217,8 @@ fn build_swarm(
     } else {
         None
     };
+    let (relay_transport, relay_client) = relay::client::new(peer_id);
+    let relay_server = use_relay.then(|| relay::Behaviour::new(peer_id, server_config()));
     let mut kad_config = kad::Config::new(KAD_PROTOCOL);
     kad_config.set_replication_factor(NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN));
     let behaviour = Behaviour {
@@ -224,8 +234,10 @@ fn build_swarm(
         ),
         stream: libp2p_stream::Behaviour::new(),
         blocked: allow_block_list::Behaviour::default(),
+        relay: Toggle::from(relay_server),
+        relay_client,
     };
-    let transport = build_transport(keypair, psk).map_err(|e| setup(&e))?;
+    let transport = build_transport(keypair, psk, relay_transport).map_err(|e| setup(&e))?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_other_transport(|_| transport)
@@ -250,6 +262,7 @@ impl Network {
                 _ = shutdown.cancelled() => break,
                 _ = redial.tick() => {
                     self.enforce_membership();
+                    self.reserve_relays();
                     self.dial_explicit_peers();
                     self.bootstrap_dht();
                 }
@@ -276,6 +289,42 @@ impl Network {
             tracing::warn!(%peer, "disconnected a peer that is not a member (no valid key, no cluster secret)");
             let _ = self.swarm.disconnect_peer_id(peer);
             self.swarm.behaviour_mut().kademlia.remove_peer(&peer);
+        }
+    }
+
+    /// Reserve a relayed address on each bootstrap peer that is a connected member, once this node
+    /// is a member itself (a relay drops non-members that ask).
+    fn reserve_relays(&mut self) {
+        if !self.roster.as_ref().is_none_or(Roster::includes_this_node) {
+            return;
+        }
+        let now = Instant::now();
+        let due = self.relays.due(now, |relay| self.swarm.is_connected(relay) && self.is_member(relay));
+        for (relay, address) in due {
+            match self.swarm.listen_on(address.clone()) {
+                Ok(listener) => self.relays.listening(relay, listener),
+                Err(error) => {
+                    tracing::debug!(%address, %error, "cannot listen through a relay");
+                    self.relays.failed(relay, now);
+                }
+            }
+        }
+    }
+
+    /// Relays serve members only: a peer off the roster that asks for a reservation or a circuit
+    /// is disconnected at once.
+    fn handle_relay_event(&mut self, event: relay::Event) {
+        let (asking, what) = match event {
+            relay::Event::ReservationReqAccepted { src_peer_id, .. } => (src_peer_id, "a reservation"),
+            relay::Event::CircuitReqAccepted { src_peer_id, dst_peer_id } => {
+                tracing::debug!(from = %src_peer_id, to = %dst_peer_id, "relaying a circuit");
+                (src_peer_id, "a circuit")
+            }
+            _ => return,
+        };
+        if !self.is_member(&asking) {
+            tracing::warn!(peer = %asking, "disconnected a peer that is not a member and asked this relay for {what}");
+            let _ = self.swarm.disconnect_peer_id(asking);
         }
     }
 
@@ -488,6 +537,12 @@ impl Network {
                 self.listen_addresses.push(address);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addresses.retain(|a| *a != address),
+            SwarmEvent::ListenerClosed { listener_id, addresses, .. } => {
+                self.listen_addresses.retain(|a| !addresses.contains(a));
+                if let Some(relay) = self.relays.listener_closed(listener_id, Instant::now()) {
+                    tracing::info!(%relay, "the relayed address through this peer closed; will ask again");
+                }
+            }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                 let dialer = match endpoint {
                     ConnectedPoint::Dialer { .. } => *self.swarm.local_peer_id(),
@@ -596,6 +651,14 @@ impl Network {
                     Ok(announcement) => self.receive_announcement(source, announcement),
                     Err(error) => tracing::warn!(peer = %source, %error, "dropped an announcement"),
                 }
+            }
+            BehaviourEvent::Relay(event) => self.handle_relay_event(event),
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal: false,
+                ..
+            }) => {
+                tracing::info!(relay = %relay_peer_id, "reachable through a relay as well");
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, .. }) => {
                 tracing::debug!(peer = %peer_id, "peer joined the announcement topic");

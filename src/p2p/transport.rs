@@ -14,7 +14,7 @@ use libp2p::core::transport::Boxed;
 use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::pnet::{PnetConfig, PnetError, PreSharedKey};
-use libp2p::{PeerId, Transport, noise, tcp, yamux};
+use libp2p::{PeerId, Transport, noise, relay, tcp, yamux};
 use sha2::{Digest, Sha256};
 
 /// The pre-shared key for a cluster secret: SHA-256 of the secret with a domain prefix, so the
@@ -47,13 +47,16 @@ pub fn cluster_id(psk: Option<&[u8; 32]>) -> String {
     }
 }
 
+/// TCP or a relayed circuit, then the same layers on both: a relayed connection is keyed and
+/// authenticated end to end, the relay only passes bytes along.
 pub fn build_transport(
     keypair: &Keypair,
     psk: Option<[u8; 32]>,
+    relay: relay::client::Transport,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, noise::Error> {
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     let psk = psk.map(PreSharedKey::new);
-    let maybe_private = tcp.and_then(move |socket, _| async move {
+    let maybe_private = tcp.or_transport(relay).and_then(move |socket, _| async move {
         match psk {
             Some(psk) => PnetConfig::new(psk).handshake(socket).await.map(Either::Left),
             None => Ok::<_, PnetError>(Either::Right(socket)),
