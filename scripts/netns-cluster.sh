@@ -57,17 +57,6 @@ done
 
 # --- helpers ----------------------------------------------------------------------------------------
 
-start_node() { # NODE [EXTRA FLAGS...]
-  local node=$1
-  shift
-  mkdir -p "$tmp/$node"
-  # NO_COLOR: plain log files.
-  NO_COLOR=1 ip netns exec "${ns[$node]}" "$bin" serve \
-    --listen 127.0.0.1:8080 --p2p-listen /ip4/0.0.0.0/tcp/7690 \
-    --name "node-$node" --data-dir "$tmp/$node" "$@" >"$tmp/$node.log" 2>&1 &
-  pid[$node]=$!
-}
-
 kill_node() { # NODE: SIGKILL, as when a host loses power
   kill -KILL "${pid[$1]}"
   wait "${pid[$1]}" 2>/dev/null || true

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the network-namespace scripts share: FAIL/SKIP/PASS reporting, the cleanup that stops every
-# node and deletes every namespace on any exit, bounded waits, and questions asked of a node's API.
+# node and deletes every namespace on any exit, bounded waits, starting and stopping nodes (one log
+# per start), and questions asked of a node's API: models, invitations, chat.
 # Sourced by scripts/netns-*.sh after `set -euo pipefail -o errtrace`; they define `ns` (node ->
 # namespace), `timeout`, `bin` and `chat_model` before calling `netns_preflight`.
 # shellcheck disable=SC2317,SC2034,SC2154  # functions, state and settings shared with the scripts that source it
@@ -10,6 +11,7 @@ step_pid=""            # a slow request running in the background (run_killable)
 created_ns=()          # every namespace this run added, for the cleanup
 reported=0             # a FAIL or SKIP line was printed already
 tmp=""                 # this run's logs and scratch files
+declare -A runs=()     # node -> how many times it was started (one log file per start)
 
 say() { echo "--- $*"; }
 
@@ -190,4 +192,73 @@ run_killable() { # OUTPUT_FILE COMMAND...
   wait "$step_pid" || status=$?
   step_pid=""
   return "$status"
+}
+
+# --- nodes and their API (each node's API is on 127.0.0.1:8080 in its namespace) -------------------
+
+url() { echo "http://127.0.0.1:8080$2"; } # NODE PATH: NODE's API, seen from its host
+
+start_node() { # NODE [EXTRA FLAGS...]
+  local node=$1
+  shift
+  runs[$node]=$((${runs[$node]:-0} + 1))
+  mkdir -p "$tmp/$node"
+  # NO_COLOR: plain log files.
+  NO_COLOR=1 ip netns exec "${ns[$node]}" "$bin" serve \
+    --listen 127.0.0.1:8080 --p2p-listen /ip4/0.0.0.0/tcp/7690 \
+    --name "node-$node" --data-dir "$tmp/$node" "$@" >"$(log_of "$node")" 2>&1 &
+  pid[$node]=$!
+}
+
+log_of() { echo "$tmp/node-$1.${runs[$1]}.log"; } # NODE: the log of its latest start
+
+stop_node() { # NODE: SIGTERM, as on a clean shutdown
+  kill -TERM "${pid[$1]}"
+  stop_within "$timeout" "${pid[$1]}" || fail "node-$1 did not stop within $timeout s of SIGTERM"
+  unset "pid[$1]"
+}
+
+# POST BODY to NODE's PATH; the response body goes to $tmp/post.json; fails unless the status is 200.
+# (Not for command substitution: a fail there would end the subshell only, and its message with it.)
+post() { # NODE PATH BODY
+  local status
+  status=$(in_ns "$1" curl -sS -o "$tmp/post.json" -w '%{http_code}' --max-time 10 \
+    -H 'Content-Type: application/json' -d "$3" "$(url "$1" "$2")") ||
+    fail "POST $2 to node-$1: curl failed"
+  [ "$status" = 200 ] || fail "POST $2 to node-$1: status $status: $(head -c 500 "$tmp/post.json")"
+}
+
+json_field() { # FIELD: print FIELD of the JSON object on stdin
+  python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
+}
+
+# Sets $key to a connection key from NODE, good for one use within SECONDS.
+invite_from() { # NODE SECONDS
+  post "$1" /api/invitations "{\"uses\":1,\"valid_seconds\":$2}"
+  key=$(json_field key <"$tmp/post.json")
+  [[ "$key" == llmesh://join/* ]] || fail "node-$1's invitation is not a connection key: $key"
+}
+
+chat_request() { # MODEL MAX_TOKENS
+  printf '{"model":"%s","temperature":0,"max_tokens":%s,"messages":[%s,%s]}' "$1" "$2" \
+    '{"role":"system","content":"You are a helpful assistant."}' \
+    '{"role":"user","content":"What is the capital of France?"}'
+}
+
+# A chat request to NODE for MODEL must be answered by node-ANSWERER and mention Paris.
+chat_answered_by() { # NODE MODEL ANSWERER
+  local node=$1 model=$2 answerer=$3 status answered_by answer
+  run_killable "$tmp/chat.status" ip netns exec "${ns[$node]}" curl -sS -o "$tmp/chat.json" \
+    -D "$tmp/chat.headers" -w '%{http_code}' --max-time 120 -H 'Content-Type: application/json' \
+    -d "$(chat_request "$model" 30)" "$(url "$node" /v1/chat/completions)" ||
+    fail "chat request to node-$node for $model: curl failed (see above)"
+  status=$(cat "$tmp/chat.status")
+  [ "$status" = 200 ] || fail "chat request to node-$node for $model: status $status: $(head -c 500 "$tmp/chat.json")"
+  answered_by=$(tr -d '\r' <"$tmp/chat.headers" | awk -F': ' 'tolower($1) == "x-llmesh-node" { print $2 }')
+  [ "$answered_by" = "node-$answerer" ] ||
+    fail "chat request to node-$node for $model: x-llmesh-node is '$answered_by', not node-$answerer"
+  answer=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])' \
+    <"$tmp/chat.json")
+  [[ "$answer" == *Paris* ]] || fail "chat request to node-$node for $model: the answer lacks Paris: $answer"
+  say "node-$answerer answered $model through node-$node: $answer"
 }

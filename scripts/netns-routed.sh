@@ -45,7 +45,6 @@ subnet2="$net.2"
 declare -A ns=([a]="$prefix-a" [b]="$prefix-b" [c]="$prefix-c" [d]="$prefix-d")
 declare -A subnet_of=([a]=1 [b]=1 [c]=2 [d]=2)
 declare -A address=([a]="$subnet1.11" [b]="$subnet1.12" [c]="$subnet2.13" [d]="$subnet2.14")
-declare -A runs=()     # node -> how many times it was started (one log file per start)
 
 # shellcheck source=scripts/netns-lib.sh
 source "$repo/scripts/netns-lib.sh"
@@ -81,72 +80,7 @@ done
 
 # --- helpers ----------------------------------------------------------------------------------------
 
-url() { echo "http://127.0.0.1:8080$2"; } # NODE PATH: NODE's API, seen from its host
-
-start_node() { # NODE [EXTRA FLAGS...]
-  local node=$1
-  shift
-  runs[$node]=$((${runs[$node]:-0} + 1))
-  mkdir -p "$tmp/$node"
-  # NO_COLOR: plain log files.
-  NO_COLOR=1 ip netns exec "${ns[$node]}" "$bin" serve \
-    --listen 127.0.0.1:8080 --p2p-listen /ip4/0.0.0.0/tcp/7690 \
-    --name "node-$node" --data-dir "$tmp/$node" "$@" >"$(log_of "$node")" 2>&1 &
-  pid[$node]=$!
-}
-
-log_of() { echo "$tmp/node-$1.${runs[$1]}.log"; } # NODE: the log of its latest start
-
-stop_node() { # NODE: SIGTERM, as on a clean shutdown
-  kill -TERM "${pid[$1]}"
-  stop_within "$timeout" "${pid[$1]}" || fail "node-$1 did not stop within $timeout s of SIGTERM"
-  unset "pid[$1]"
-}
-
-# POST BODY to NODE's PATH; the response body goes to $tmp/post.json; fails unless the status is 200.
-# (Not for command substitution: a fail there would end the subshell only, and its message with it.)
-post() { # NODE PATH BODY
-  local status
-  status=$(in_ns "$1" curl -sS -o "$tmp/post.json" -w '%{http_code}' --max-time 10 \
-    -H 'Content-Type: application/json' -d "$3" "$(url "$1" "$2")") ||
-    fail "POST $2 to node-$1: curl failed"
-  [ "$status" = 200 ] || fail "POST $2 to node-$1: status $status: $(head -c 500 "$tmp/post.json")"
-}
-
-json_field() { # FIELD: print FIELD of the JSON object on stdin
-  python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
-}
-
-# Sets $key to a connection key from node-a, good for one use within SECONDS.
-invite() { # SECONDS
-  post a /api/invitations "{\"uses\":1,\"valid_seconds\":$1}"
-  key=$(json_field key <"$tmp/post.json")
-  [[ "$key" == llmesh://join/* ]] || fail "node-a's invitation is not a connection key: $key"
-}
-
-chat_body() { # MODEL MAX_TOKENS
-  printf '{"model":"%s","temperature":0,"max_tokens":%s,"messages":[%s,%s]}' "$1" "$2" \
-    '{"role":"system","content":"You are a helpful assistant."}' \
-    '{"role":"user","content":"What is the capital of France?"}'
-}
-
-# A chat request to NODE for MODEL must be answered by node-ANSWERER and mention Paris.
-chat_answered_by() { # NODE MODEL ANSWERER
-  local node=$1 model=$2 answerer=$3 status answered_by answer
-  run_killable "$tmp/chat.status" ip netns exec "${ns[$node]}" curl -sS -o "$tmp/chat.json" \
-    -D "$tmp/chat.headers" -w '%{http_code}' --max-time 120 -H 'Content-Type: application/json' \
-    -d "$(chat_body "$model" 30)" "$(url "$node" /v1/chat/completions)" ||
-    fail "chat request to node-$node for $model: curl failed (see above)"
-  status=$(cat "$tmp/chat.status")
-  [ "$status" = 200 ] || fail "chat request to node-$node for $model: status $status: $(head -c 500 "$tmp/chat.json")"
-  answered_by=$(tr -d '\r' <"$tmp/chat.headers" | awk -F': ' 'tolower($1) == "x-llmesh-node" { print $2 }')
-  [ "$answered_by" = "node-$answerer" ] ||
-    fail "chat request to node-$node for $model: x-llmesh-node is '$answered_by', not node-$answerer"
-  answer=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])' \
-    <"$tmp/chat.json")
-  [[ "$answer" == *Paris* ]] || fail "chat request to node-$node for $model: the answer lacks Paris: $answer"
-  say "node-$answerer answered $model through node-$node: $answer"
-}
+invite() { invite_from a "$1"; } # SECONDS: a key from node-a in $key
 
 # NODE, started with a connection key, must exit within $timeout s with a non-zero status and
 # REASON in its output.
@@ -259,7 +193,7 @@ lacks_model a smollm2-b || fail "node-a lists smollm2-b from node-c's new identi
 lacks_model b smollm2-b || fail "node-b lists smollm2-b from node-c's new identity"
 wait_for "node-c under a new identity is dropped and stops listing smollm2" lacks_model c smollm2
 status=$(in_ns c curl -s -o /dev/null -w '%{http_code}' --max-time 30 -H 'content-type: application/json' \
-  -d "$(chat_body smollm2 4)" "$(url c /v1/chat/completions)") || true
+  -d "$(chat_request smollm2 4)" "$(url c /v1/chat/completions)") || true
 [ "$status" != 200 ] || fail "node-c under a new identity was answered by a member"
 say "node-c under a new identity is not a member: the members ignore it, its chat got HTTP $status"
 

@@ -42,6 +42,8 @@ const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(30);
 /// Two connections to one peer opened this close together are a simultaneous dial.
 const SIMULTANEOUS_DIAL: Duration = Duration::from_secs(2);
 const COMMANDS_CAPACITY: usize = 64;
+/// Addresses one announcement carries (relayed ones included).
+const MAX_ANNOUNCED_ADDRESSES: usize = 16;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -188,6 +190,15 @@ fn reachable<'a>(addresses: impl Iterator<Item = &'a Multiaddr>) -> Vec<Multiadd
     unique
 }
 
+/// `address` ending in `/p2p/<peer>`, added unless it ends so already (a relayed listen address
+/// names this node after its `/p2p-circuit`).
+fn with_peer(address: Multiaddr, peer: PeerId) -> Multiaddr {
+    match address.iter().last() {
+        Some(Protocol::P2p(last)) if last == peer => address,
+        _ => address.with(Protocol::P2p(peer)),
+    }
+}
+
 fn parse_address(address: &str) -> Result<Multiaddr, P2pError> {
     address.parse().map_err(|e: libp2p::multiaddr::Error| P2pError::Address {
         address: address.to_string(),
@@ -218,7 +229,13 @@ fn build_swarm(
         None
     };
     let (relay_transport, relay_client) = relay::client::new(peer_id);
-    let relay_server = use_relay.then(|| relay::Behaviour::new(peer_id, server_config()));
+    let relay_server = use_relay.then(|| {
+        let mut server = relay::Behaviour::new(peer_id, server_config());
+        // By default libp2p relays only once it has confirmed public addresses; members relay for
+        // each other on any network they share.
+        server.set_status(Some(relay::Status::Enable));
+        server
+    });
     let mut kad_config = kad::Config::new(KAD_PROTOCOL);
     kad_config.set_replication_factor(NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN));
     let behaviour = Behaviour {
@@ -317,7 +334,7 @@ impl Network {
         let (asking, what) = match event {
             relay::Event::ReservationReqAccepted { src_peer_id, .. } => (src_peer_id, "a reservation"),
             relay::Event::CircuitReqAccepted { src_peer_id, dst_peer_id } => {
-                tracing::debug!(from = %src_peer_id, to = %dst_peer_id, "relaying a circuit");
+                tracing::info!(from = %src_peer_id, to = %dst_peer_id, "relaying a circuit");
                 (src_peer_id, "a circuit")
             }
             _ => return,
@@ -391,7 +408,7 @@ impl Network {
                 let peer = *self.swarm.local_peer_id();
                 let addresses = reachable(self.listen_addresses.iter())
                     .into_iter()
-                    .map(|address| address.with(Protocol::P2p(peer)).to_string())
+                    .map(|address| with_peer(address, peer).to_string())
                     .collect();
                 let _ = reply.send(addresses);
             }
@@ -406,13 +423,9 @@ impl Network {
                 for address in &addresses {
                     self.swarm.behaviour_mut().kademlia.add_address(&peer, address.clone());
                     // Keep it reachable: redialed like a --peer if the link drops.
-                    let with_peer = if address.iter().any(|p| matches!(p, Protocol::P2p(_))) {
-                        address.clone()
-                    } else {
-                        address.clone().with(Protocol::P2p(peer))
-                    };
-                    if !self.explicit_peers.contains(&with_peer) {
-                        self.explicit_peers.push(with_peer);
+                    let address = with_peer(address.clone(), peer);
+                    if !self.explicit_peers.contains(&address) {
+                        self.explicit_peers.push(address);
                     }
                 }
                 if !self.swarm.is_connected(&peer) {
@@ -458,7 +471,7 @@ impl Network {
         let peer = *self.swarm.local_peer_id();
         let addresses = reachable(self.external_addresses.iter().chain(&self.listen_addresses))
             .into_iter()
-            .map(|address| address.with(Protocol::P2p(peer)).to_string())
+            .map(|address| with_peer(address, peer).to_string())
             .take(MAX_INVITATION_ADDRESSES)
             .collect();
         let invitation = Invitation::new(
@@ -481,6 +494,12 @@ impl Network {
     /// Sign and publish the last announcement, with the current revoked list.
     fn republish(&mut self) {
         let Some(announcement) = &mut self.last_announcement else { return };
+        let peer = *self.swarm.local_peer_id();
+        announcement.addresses = reachable(self.listen_addresses.iter())
+            .into_iter()
+            .map(|address| with_peer(address, peer).to_string())
+            .take(MAX_ANNOUNCED_ADDRESSES)
+            .collect();
         announcement.revoked = self.revoked.list();
         if let Some(roster) = &self.roster {
             announcement.members = roster.records();
@@ -533,12 +552,23 @@ impl Network {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let peer = *self.swarm.local_peer_id();
-                tracing::info!(address = %address.clone().with(Protocol::P2p(peer)), "p2p listening");
+                tracing::info!(address = %with_peer(address.clone(), peer), "p2p listening");
+                // What a relay hands the members that reserve on it: the addresses it listens on
+                // (members share networks with it, so these are reachable to someone).
+                if !address.iter().any(|p| p == Protocol::P2pCircuit) {
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.listen_addresses.push(address);
+                self.republish();
             }
-            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addresses.retain(|a| *a != address),
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.swarm.remove_external_address(&address);
+                self.listen_addresses.retain(|a| *a != address);
+                self.republish();
+            }
             SwarmEvent::ListenerClosed { listener_id, addresses, .. } => {
                 self.listen_addresses.retain(|a| !addresses.contains(a));
+                self.republish();
                 if let Some(relay) = self.relays.listener_closed(listener_id, Instant::now()) {
                     tracing::info!(%relay, "the relayed address through this peer closed; will ask again");
                 }

@@ -18,7 +18,6 @@ use crate::p2p::{
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How often the node checks whether its announcement changed (its load, mostly).
 const CHANGE_CHECK: Duration = Duration::from_millis(250);
-const MAX_ANNOUNCED_ADDRESSES: usize = 16;
 
 pub async fn run(
     router: Arc<RouterInner>,
@@ -85,8 +84,6 @@ pub async fn run(
 
 /// This node's announcement as of now.
 async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsage) -> Announcement {
-    let mut addresses = router.p2p.listen_addresses().await.unwrap_or_default();
-    addresses.truncate(MAX_ANNOUNCED_ADDRESSES);
     let models = router
         .local
         .models()
@@ -107,7 +104,8 @@ async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsag
         version: ANNOUNCEMENT_VERSION,
         peer_id: router.node.peer_id.clone(),
         name: router.node.name.clone(),
-        addresses,
+        // Filled in by the p2p task, which knows the addresses and the relayed ones as they come.
+        addresses: Vec::new(),
         models,
         hardware: hardware.clone(),
         usage,
