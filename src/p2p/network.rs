@@ -405,12 +405,7 @@ impl Network {
                 let _ = reply.send(new);
             }
             Command::ListenAddresses(reply) => {
-                let peer = *self.swarm.local_peer_id();
-                let addresses = reachable(self.listen_addresses.iter())
-                    .into_iter()
-                    .map(|address| with_peer(address, peer).to_string())
-                    .collect();
-                let _ = reply.send(addresses);
+                let _ = reply.send(self.announced_addresses());
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().map(|peer| peer.to_string()).collect());
@@ -493,13 +488,9 @@ impl Network {
 
     /// Sign and publish the last announcement, with the current revoked list.
     fn republish(&mut self) {
+        let addresses = self.announced_addresses();
         let Some(announcement) = &mut self.last_announcement else { return };
-        let peer = *self.swarm.local_peer_id();
-        announcement.addresses = reachable(self.listen_addresses.iter())
-            .into_iter()
-            .map(|address| with_peer(address, peer).to_string())
-            .take(MAX_ANNOUNCED_ADDRESSES)
-            .collect();
+        announcement.addresses = addresses;
         announcement.revoked = self.revoked.list();
         if let Some(roster) = &self.roster {
             announcement.members = roster.records();
@@ -509,6 +500,16 @@ impl Network {
             Ok(bytes) => self.publish(bytes),
             Err(error) => tracing::error!(%error, "cannot sign our announcement"),
         }
+    }
+
+    /// The addresses to give other machines, relayed ones included, each ending in /p2p/<us>.
+    fn announced_addresses(&self) -> Vec<String> {
+        let peer = *self.swarm.local_peer_id();
+        reachable(self.listen_addresses.iter())
+            .into_iter()
+            .map(|address| with_peer(address, peer).to_string())
+            .take(MAX_ANNOUNCED_ADDRESSES)
+            .collect()
     }
 
     /// Block `peer` everywhere in this node; returns whether it is newly revoked.

@@ -84,6 +84,9 @@ pub async fn run(
 
 /// This node's announcement as of now.
 async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsage) -> Announcement {
+    // The p2p task puts in the addresses of the moment again when it publishes; these are for
+    // this node's own entry in the cluster views.
+    let addresses = router.p2p.listen_addresses().await.unwrap_or_default();
     let models = router
         .local
         .models()
@@ -104,8 +107,7 @@ async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsag
         version: ANNOUNCEMENT_VERSION,
         peer_id: router.node.peer_id.clone(),
         name: router.node.name.clone(),
-        // Filled in by the p2p task, which knows the addresses and the relayed ones as they come.
-        addresses: Vec::new(),
+        addresses,
         models,
         hardware: hardware.clone(),
         usage,
