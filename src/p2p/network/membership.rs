@@ -1,0 +1,122 @@
+//! The network task's side of membership: who is let in. Announcements count only from members
+//! (and teach the roster), connected non-members are on probation, relays serve members only, and
+//! a running node can move to another cluster when it joins one with a key.
+
+use std::time::Instant;
+
+use libp2p::{Multiaddr, PeerId, relay};
+
+use super::super::P2pEvent;
+use super::super::announcement::Announcement;
+use super::super::members::Roster;
+use super::Network;
+
+impl Network {
+    pub(super) fn is_member(&self, peer: &PeerId) -> bool {
+        self.roster.as_ref().is_none_or(|roster| roster.is_member(peer))
+    }
+
+    /// Disconnect the peers whose grace ran out without becoming members, and forget them in the
+    /// DHT so that no query dials them again.
+    pub(super) fn enforce_membership(&mut self) {
+        let Some(roster) = &self.roster else { return };
+        for peer in self.probation.expired(Instant::now(), |peer| roster.is_member(peer)) {
+            tracing::warn!(%peer, "disconnected a peer that is not a member (no valid key, no cluster secret)");
+            let _ = self.swarm.disconnect_peer_id(peer);
+            self.swarm.behaviour_mut().kademlia.remove_peer(&peer);
+        }
+    }
+
+    /// Reserve a relayed address on each bootstrap peer that is a connected member, once this node
+    /// is a member itself (a relay drops non-members that ask).
+    pub(super) fn reserve_relays(&mut self) {
+        if !self.roster.as_ref().is_none_or(Roster::includes_this_node) {
+            return;
+        }
+        let now = Instant::now();
+        let due = self.relays.due(now, |relay| self.swarm.is_connected(relay) && self.is_member(relay));
+        for (relay, address) in due {
+            match self.swarm.listen_on(address.clone()) {
+                Ok(listener) => self.relays.listening(relay, listener),
+                Err(error) => {
+                    tracing::debug!(%address, %error, "cannot listen through a relay");
+                    self.relays.failed(relay, now);
+                }
+            }
+        }
+    }
+
+    /// Relays serve members only: a peer off the roster that asks for a reservation or a circuit
+    /// is disconnected at once.
+    pub(super) fn handle_relay_event(&mut self, event: relay::Event) {
+        let (asking, what) = match event {
+            relay::Event::ReservationReqAccepted { src_peer_id, .. } => (src_peer_id, "a reservation"),
+            relay::Event::CircuitReqAccepted { src_peer_id, dst_peer_id } => {
+                tracing::info!(from = %src_peer_id, to = %dst_peer_id, "relaying a circuit");
+                (src_peer_id, "a circuit")
+            }
+            _ => return,
+        };
+        if !self.is_member(&asking) {
+            tracing::warn!(peer = %asking, "disconnected a peer that is not a member and asked this relay for {what}");
+            let _ = self.swarm.disconnect_peer_id(asking);
+        }
+    }
+
+    /// Take in a checked announcement: the members it vouches for first, then, if its author is a
+    /// member, the revocations it carries and how to reach the author; then pass it on.
+    pub(super) fn receive_announcement(&mut self, source: PeerId, announcement: Announcement) {
+        if !self.learn_members(&source, &announcement) {
+            tracing::debug!(peer = %source, "held back an announcement from a peer that is not a member");
+            self.probation.hold(source, announcement);
+            return;
+        }
+        for peer in announcement.revoked.iter().filter_map(|p| p.parse::<PeerId>().ok()) {
+            if peer != *self.swarm.local_peer_id() && self.revoke(peer) {
+                self.republish();
+            }
+        }
+        // Announcements may arrive through other nodes: learn how to reach the author directly,
+        // for forwarding requests to it, also after a restart.
+        self.peer_store.remember(&source, &announcement.addresses, super::super::unix_now());
+        for address in announcement.addresses.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+            self.swarm.behaviour_mut().kademlia.add_address(&source, address);
+        }
+        self.emit(P2pEvent::Announcement(Box::new(announcement)))
+    }
+
+    /// Accept the admission records an announcement carries, and its author if it proves it holds
+    /// the cluster secret. Returns whether the author is a member.
+    pub(super) fn learn_members(&mut self, source: &PeerId, announcement: &Announcement) -> bool {
+        let Some(roster) = &mut self.roster else { return true };
+        let revoked = &self.revoked;
+        let mut admitted = roster.learn(&announcement.members, |peer| revoked.contains(peer));
+        if let Some(proof) = &announcement.founder_proof
+            && !roster.is_member(source)
+            && !revoked.contains(source)
+            && roster.admit_founder(*source, proof)
+        {
+            admitted.push(*source);
+        }
+        let is_member = roster.is_member(source);
+        for peer in &admitted {
+            tracing::info!(%peer, vouched_by = %source, "a new member of the cluster");
+        }
+        if !admitted.is_empty() {
+            self.republish();
+            self.take_in_new_members();
+        }
+        is_member
+    }
+
+    /// Peers on probation that have become members: stop the clock, and take in the announcement
+    /// held back while they were not.
+    pub(super) fn take_in_new_members(&mut self) {
+        let Some(roster) = &self.roster else { return };
+        for (peer, held) in self.probation.release(|peer| roster.is_member(peer)) {
+            if let Some(announcement) = held {
+                self.receive_announcement(peer, announcement);
+            }
+        }
+    }
+}
