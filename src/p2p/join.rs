@@ -1,18 +1,21 @@
-//! The join protocol (`/llmesh/join/1`): a new node presents its connection key to the inviting
+//! The join protocol (`/llmesh/join/2`): a new node presents its connection key to the inviting
 //! node over an authenticated stream; the inviter checks that it issued the invitation, for this
-//! cluster, that it has not expired and has uses left, and answers yes or why not.
+//! cluster, that it has not expired and has uses left, admits the node and answers with its roster,
+//! or says why not. Presenting a key again once admitted (the answer was lost) spends no use.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use libp2p::StreamProtocol;
+use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::invitation::{Invitation, InvitationError, InvitationLedger};
+use super::members::Credentials;
 use super::wire::{read_frame, write_frame};
-use super::{Command, P2pError, P2pHandle};
+use super::{Command, P2pError, P2pHandle, P2pStream};
 
 pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/join/2");
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,9 +24,7 @@ const JOINED_FILE: &str = "cluster.json";
 #[derive(Debug, Serialize, Deserialize)]
 enum JoinReply {
     /// Admitted: the inviter's roster, which now includes the new node.
-    Accepted {
-        members: Vec<Vec<u8>>,
-    },
+    Accepted(Credentials),
     Refused(InvitationError),
 }
 
@@ -38,8 +39,21 @@ pub struct Inviter {
     pub ledger: Arc<Mutex<InvitationLedger>>,
 }
 
+/// Where a peer presenting a key stands with the roster (asked of the network task).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Already admitted: a retry after a lost answer, or a founder. No use is spent.
+    Member,
+    /// Not a member, and the roster has room.
+    Room,
+    /// Not a member, and the roster is full.
+    Full,
+}
+
 impl Inviter {
-    fn check(&self, key: &str) -> Result<Invitation, InvitationError> {
+    /// Check that `key` is an invitation of this node for this cluster, then spend one of its
+    /// uses unless the peer is a member already.
+    fn redeem(&self, key: &str, standing: Standing) -> Result<Invitation, InvitationError> {
         let invitation = Invitation::from_key(key)?;
         if invitation.inviter != self.peer_id {
             return Err(InvitationError::UnknownInvitation);
@@ -47,50 +61,84 @@ impl Inviter {
         if invitation.cluster_id != self.cluster_id {
             return Err(InvitationError::WrongCluster(invitation.cluster_id));
         }
-        let mut ledger = self.ledger.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        ledger.redeem(&invitation, unix_now())?;
-        Ok(invitation)
+        match standing {
+            Standing::Member => Ok(invitation),
+            Standing::Full => Err(InvitationError::ClusterFull),
+            Standing::Room => {
+                let mut ledger = self.ledger.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                ledger.redeem(&invitation, unix_now())?;
+                Ok(invitation)
+            }
+        }
     }
 }
 
-/// Answer join requests until the stream of inbound join streams ends; an accepted node is put on
-/// the roster by the network task (`commands`).
+/// Join requests answered at once; more are closed unanswered.
+const MAX_PENDING_JOINS: usize = 16;
+
+/// Answer join requests, each in its own task (a peer that opens a stream and says nothing holds
+/// one slot for `JOIN_TIMEOUT`, not the whole server), until the inbound join streams end. An
+/// accepted node is put on the roster by the network task (`commands`).
 pub async fn serve_joins(
     mut incoming: libp2p_stream::IncomingStreams,
     inviter: Inviter,
-    commands: tokio::sync::mpsc::Sender<Command>,
+    commands: mpsc::Sender<Command>,
 ) {
-    while let Some((peer, mut stream)) = incoming.next().await {
-        let key = match tokio::time::timeout(JOIN_TIMEOUT, read_frame::<_, String>(&mut stream)).await {
-            Ok(Ok(Some(key))) => key,
-            _ => continue,
+    let inviter = Arc::new(inviter);
+    let slots = Arc::new(Semaphore::new(MAX_PENDING_JOINS));
+    while let Some((peer, stream)) = incoming.next().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many join requests at once; closed one unanswered");
+            continue;
         };
-        let reply = match inviter.check(&key) {
-            Ok(invitation) => {
-                let (reply, answer) = tokio::sync::oneshot::channel();
-                if commands.send(Command::Admit(peer, reply)).await.is_err() {
-                    return;
-                }
-                match answer.await {
-                    Ok(Some(members)) => {
-                        tracing::info!(%peer, invitation = %invitation.id_hex(), "admitted a node with a connection key");
-                        JoinReply::Accepted { members }
-                    }
-                    Ok(None) => JoinReply::Refused(InvitationError::ClusterFull),
-                    Err(_) => return,
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%peer, %error, "refused a node's connection key");
-                JoinReply::Refused(error)
-            }
-        };
-        let _ = write_frame(&mut stream, &reply).await;
+        let (inviter, commands) = (inviter.clone(), commands.clone());
+        tokio::spawn(async move {
+            answer_join(peer, stream, &inviter, &commands).await;
+            drop(slot);
+        });
     }
 }
 
+async fn answer_join(
+    peer: PeerId,
+    mut stream: P2pStream,
+    inviter: &Inviter,
+    commands: &mpsc::Sender<Command>,
+) {
+    let key = match tokio::time::timeout(JOIN_TIMEOUT, read_frame::<_, String>(&mut stream)).await {
+        Ok(Ok(Some(key))) => key,
+        _ => return,
+    };
+    let Some(standing) = ask(commands, |reply| Command::Standing(peer, reply)).await else { return };
+    let reply = match inviter.redeem(&key, standing) {
+        Ok(invitation) => match ask(commands, |reply| Command::Admit(peer, reply)).await {
+            Some(Some(credentials)) => {
+                tracing::info!(%peer, invitation = %invitation.id_hex(), "admitted a node with a connection key");
+                JoinReply::Accepted(credentials)
+            }
+            Some(None) => JoinReply::Refused(InvitationError::ClusterFull),
+            None => return,
+        },
+        Err(error) => {
+            tracing::warn!(%peer, %error, "refused a node's connection key");
+            JoinReply::Refused(error)
+        }
+    };
+    let _ = tokio::time::timeout(JOIN_TIMEOUT, write_frame(&mut stream, &reply)).await;
+}
+
+/// Ask the network task; `None` once it has stopped.
+async fn ask<T>(
+    commands: &mpsc::Sender<Command>,
+    command: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Option<T> {
+    let (reply, answer) = oneshot::channel();
+    commands.send(command(reply)).await.ok()?;
+    answer.await.ok()
+}
+
 /// Present `key` to the node that issued it. Returns the invitation and the inviter's roster.
-pub async fn join(p2p: &P2pHandle, key: &str) -> Result<(Invitation, Vec<Vec<u8>>), P2pError> {
+pub async fn join(p2p: &P2pHandle, key: &str) -> Result<(Invitation, Credentials), P2pError> {
     let invitation = Invitation::from_key(key).map_err(P2pError::Invitation)?;
     let mut stream = p2p.open(&invitation.inviter, JOIN_PROTOCOL).await.map_err(|error| {
         P2pError::Join(format!(
@@ -107,7 +155,7 @@ pub async fn join(p2p: &P2pHandle, key: &str) -> Result<(Invitation, Vec<Vec<u8>
         read_frame::<_, JoinReply>(&mut stream).await
     };
     match tokio::time::timeout(JOIN_TIMEOUT, exchange).await {
-        Ok(Ok(Some(JoinReply::Accepted { members }))) => Ok((invitation, members)),
+        Ok(Ok(Some(JoinReply::Accepted(credentials)))) => Ok((invitation, credentials)),
         Ok(Ok(Some(JoinReply::Refused(error)))) => Err(P2pError::Invitation(error)),
         Ok(Ok(None)) | Ok(Err(_)) => Err(P2pError::Join("the inviting node closed the connection".into())),
         Err(_) => Err(P2pError::Join("the inviting node did not answer".into())),

@@ -43,9 +43,11 @@ pub const MAX_MEMBERS: usize = 128;
 pub const MAX_ADMISSION_BYTES: usize = 512;
 /// How long a connected peer that is not a member may stay connected to become one.
 pub const MEMBER_GRACE: Duration = Duration::from_secs(10);
-/// How long a peer dropped for not being a member is refused at once (and not dialed), unless it
-/// becomes a member meanwhile.
+/// How long a peer dropped for not being a member stays refused (not dialed, and given only
+/// `JOIN_WINDOW` when it connects), unless it becomes a member meanwhile.
 const REFUSAL_COOLDOWN: Duration = Duration::from_secs(600);
+/// How long a refused peer that connects again may stay: enough to redeem a connection key.
+pub const JOIN_WINDOW: Duration = Duration::from_secs(3);
 /// Refused peers remembered at once; the oldest refusal is forgotten first.
 const MAX_REFUSED: usize = 4096;
 const MEMBERS_FILE: &str = "members.json";
@@ -67,6 +69,16 @@ pub enum MemberError {
     WrongCluster(String),
     #[error("admission record names an invalid peer id")]
     BadPeer,
+    #[error("the inviting node {0} is not a member of this cluster")]
+    NotAMember(String),
+}
+
+/// What an inviter hands the node it admits: its roster, and its founder proof if it holds the
+/// secret (so that a founder joining with a key can check the inviter at once).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub records: Vec<Vec<u8>>,
+    pub founder_proof: Option<[u8; 32]>,
 }
 
 /// A checked admission: who was admitted, and by whom.
@@ -146,6 +158,10 @@ impl Roster {
         self.members.contains_key(peer)
     }
 
+    pub fn is_full(&self) -> bool {
+        self.members.len() >= MAX_MEMBERS
+    }
+
     /// Whether this node itself is on its roster (a founder, or admitted with a key).
     pub fn includes_this_node(&self) -> bool {
         self.is_member(&self.local)
@@ -156,6 +172,10 @@ impl Roster {
         let own = self.members.get(&self.local).into_iter();
         let others = self.members.iter().filter(|(peer, _)| **peer != self.local).map(|(_, record)| record);
         own.chain(others).take(MAX_MEMBERS).cloned().collect()
+    }
+
+    pub fn credentials(&self) -> Credentials {
+        Credentials { records: self.records(), founder_proof: self.founder_proof() }
     }
 
     /// This node's proof that it holds the cluster secret, when it does.
@@ -237,11 +257,33 @@ impl Roster {
         }
     }
 
-    /// Take the roster a node's inviter handed over: the inviter is trusted (it signed the key and
-    /// accepted us), and through it every record it vouches for.
-    pub fn adopt(&mut self, inviter: PeerId, records: &[Vec<u8>], is_revoked: impl Fn(&PeerId) -> bool) {
+    /// Take the roster a node's inviter handed over. A node that is not a member yet trusts its
+    /// inviter (it signed the key and accepted us), and through it every record it vouches for. A
+    /// member already has a roster to check the inviter against: anyone who kept an old key can
+    /// sign a key of their own, and a member that trusted it would vouch for them to everyone.
+    pub fn adopt(
+        &mut self,
+        inviter: PeerId,
+        credentials: &Credentials,
+        is_revoked: impl Fn(&PeerId) -> bool,
+    ) -> Result<(), MemberError> {
+        let records = &credentials.records;
+        if is_revoked(&inviter) {
+            return Err(MemberError::NotAMember(inviter.to_string()));
+        }
+        if self.includes_this_node() {
+            if let Some(proof) = &credentials.founder_proof {
+                self.admit_founder(inviter, proof);
+            }
+            self.learn(records, &is_revoked);
+            if !self.is_member(&inviter) {
+                return Err(MemberError::NotAMember(inviter.to_string()));
+            }
+            return Ok(());
+        }
         self.admit(inviter);
         self.learn(records, is_revoked);
+        Ok(())
     }
 
     /// Take `peer` off the roster (it was revoked).
@@ -288,39 +330,42 @@ impl Roster {
 /// Connected peers that are not members (with their latest announcement, taken in if they become
 /// members, so a node that just joined need not wait for the next heartbeat), and peers recently
 /// dropped for not being members.
+///
+/// The clock is per peer id, not per connection: reconnecting does not start it again. A refused
+/// peer that connects again gets `JOIN_WINDOW`, long enough to redeem a connection key.
 #[derive(Default)]
 pub struct Probation {
-    since: HashMap<PeerId, Instant>,
+    deadline: HashMap<PeerId, Instant>,
     held: HashMap<PeerId, Announcement>,
     refused: HashMap<PeerId, Instant>,
 }
 
 impl Probation {
-    /// Start the clock for a peer that connected without being a member.
+    /// Start the clock for a peer that connected without being a member (if it is not running).
     pub fn start(&mut self, peer: PeerId, now: Instant) {
-        self.since.entry(peer).or_insert(now);
+        let grace = if self.recently_refused(&peer, now) { JOIN_WINDOW } else { MEMBER_GRACE };
+        self.deadline.entry(peer).or_insert(now + grace);
     }
 
-    /// The peer disconnected: its grace ends with it (a refusal stands).
+    /// The peer disconnected: what it announced is dropped; its clock runs on.
     pub fn end(&mut self, peer: &PeerId) {
-        self.since.remove(peer);
         self.held.remove(peer);
     }
 
     /// Keep the latest announcement of a peer on probation.
     pub fn hold(&mut self, peer: PeerId, announcement: Announcement) {
-        if self.since.contains_key(&peer) {
+        if self.deadline.contains_key(&peer) {
             self.held.insert(peer, announcement);
         }
     }
 
     /// The peers on probation that have become members, with the announcement held for each.
     pub fn release(&mut self, is_member: impl Fn(&PeerId) -> bool) -> Vec<(PeerId, Option<Announcement>)> {
-        let members: Vec<PeerId> = self.since.keys().filter(|peer| is_member(peer)).copied().collect();
+        let members: Vec<PeerId> = self.deadline.keys().filter(|peer| is_member(peer)).copied().collect();
         members
             .into_iter()
             .map(|peer| {
-                self.since.remove(&peer);
+                self.deadline.remove(&peer);
                 (peer, self.held.remove(&peer))
             })
             .collect()
@@ -331,29 +376,30 @@ impl Probation {
         self.refused.get(peer).is_some_and(|at| now.duration_since(*at) < REFUSAL_COOLDOWN)
     }
 
-    /// The peers whose grace ran out without becoming members: they are to be disconnected, and
+    /// The peers whose time ran out without becoming members: they are to be disconnected, and
     /// are refused for the cooldown. Members and long-refused peers are forgotten.
     pub fn expired(&mut self, now: Instant, is_member: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
-        self.since.retain(|peer, _| !is_member(peer));
-        self.held.retain(|peer, _| self.since.contains_key(peer));
+        self.deadline.retain(|peer, _| !is_member(peer));
+        self.held.retain(|peer, _| self.deadline.contains_key(peer));
         self.refused.retain(|peer, at| !is_member(peer) && now.duration_since(*at) < REFUSAL_COOLDOWN);
-        let expired: Vec<PeerId> = self
-            .since
-            .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= MEMBER_GRACE)
-            .map(|(peer, _)| *peer)
-            .collect();
+        let expired: Vec<PeerId> =
+            self.deadline.iter().filter(|(_, deadline)| now >= **deadline).map(|(peer, _)| *peer).collect();
         for peer in &expired {
-            self.since.remove(peer);
-            self.held.remove(peer);
-            if self.refused.len() >= MAX_REFUSED
-                && let Some(oldest) = self.refused.iter().min_by_key(|(_, at)| **at).map(|(peer, _)| *peer)
-            {
-                self.refused.remove(&oldest);
-            }
-            self.refused.insert(*peer, now);
+            self.refuse(*peer, now);
         }
         expired
+    }
+
+    /// Refuse `peer` from now on for the cooldown (it is being disconnected).
+    pub fn refuse(&mut self, peer: PeerId, now: Instant) {
+        self.deadline.remove(&peer);
+        self.held.remove(&peer);
+        if self.refused.len() >= MAX_REFUSED
+            && let Some(oldest) = self.refused.iter().min_by_key(|(_, at)| **at).map(|(peer, _)| *peer)
+        {
+            self.refused.remove(&oldest);
+        }
+        self.refused.insert(peer, now);
     }
 }
 

@@ -111,14 +111,15 @@ enum Command {
     Revoke(PeerId, oneshot::Sender<bool>),
     /// Admit a peer that redeemed a connection key here; replies with the roster to hand it, or
     /// `None` when the roster is full.
-    Admit(PeerId, oneshot::Sender<Option<Vec<Vec<u8>>>>),
+    Admit(PeerId, oneshot::Sender<Option<members::Credentials>>),
     /// Take the roster the inviting node handed over.
     Adopt {
         inviter: PeerId,
-        records: Vec<Vec<u8>>,
-        reply: oneshot::Sender<()>,
+        credentials: members::Credentials,
+        reply: oneshot::Sender<Result<(), P2pError>>,
     },
     IsMember(PeerId, oneshot::Sender<bool>),
+    Standing(PeerId, oneshot::Sender<join::Standing>),
 }
 
 /// A cloneable handle to the network task.
@@ -251,8 +252,8 @@ impl P2pHandle {
             invitation.inviter.parse().map_err(|_| P2pError::PeerId(invitation.inviter.clone()))?;
         let addresses = invitation.addresses.iter().filter_map(|address| address.parse().ok()).collect();
         self.ask(|reply| Command::AddAddresses(peer, addresses, reply)).await?;
-        let (invitation, records) = join::join(self, key).await?;
-        self.ask(|reply| Command::Adopt { inviter: peer, records, reply }).await?;
+        let (invitation, credentials) = join::join(self, key).await?;
+        self.ask(|reply| Command::Adopt { inviter: peer, credentials, reply }).await??;
         Ok(invitation)
     }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::core::ConnectedPoint;
-use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use super::announcement::{Announcement, MAX_ANNOUNCEMENT_BYTES};
 use super::identity::load_or_create_keypair;
 use super::invitation::{Invitation, InvitationLedger};
-use super::join::{Inviter, JOIN_PROTOCOL, serve_joins};
-use super::members::{Probation, Roster};
+use super::join::{Inviter, JOIN_PROTOCOL, Standing, serve_joins};
+use super::members::{Credentials, Probation, Roster};
 use super::peer_store::PeerStore;
 use super::relay::{Relays, server_config};
 use super::revoked::RevokedPeers;
@@ -41,8 +41,6 @@ const REDIAL_MAX_BACKOFF: Duration = Duration::from_secs(60);
 const EVENTS_CAPACITY: usize = 256;
 const MAX_INVITATION_ADDRESSES: usize = 16;
 const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(30);
-/// Two connections to one peer opened this close together are a simultaneous dial.
-const SIMULTANEOUS_DIAL: Duration = Duration::from_secs(2);
 const COMMANDS_CAPACITY: usize = 64;
 /// Addresses one announcement carries (relayed ones included).
 const MAX_ANNOUNCED_ADDRESSES: usize = 16;
@@ -60,6 +58,15 @@ struct Behaviour {
     relay_client: relay::client::Behaviour,
 }
 
+struct OpenConnection {
+    id: ConnectionId,
+    /// The peer id of the side that dialed.
+    dialer: PeerId,
+    opened: Instant,
+    /// Through a relay (`/p2p-circuit`), which both ends can tell.
+    relayed: bool,
+}
+
 struct Network {
     swarm: Swarm<Behaviour>,
     topic: IdentTopic,
@@ -74,8 +81,8 @@ struct Network {
     explicit_peers: Vec<Multiaddr>,
     /// Per explicit peer address: when to dial next, and the delay after that.
     redial_backoff: HashMap<Multiaddr, (Instant, Duration)>,
-    /// Open connections per peer: id, the peer id of the side that dialed, when it opened.
-    connections: HashMap<PeerId, Vec<(ConnectionId, PeerId, Instant)>>,
+    /// Open connections per peer.
+    connections: HashMap<PeerId, Vec<OpenConnection>>,
     listen_addresses: Vec<Multiaddr>,
     provided: HashSet<String>,
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<String>>, HashSet<PeerId>)>,
@@ -219,6 +226,7 @@ fn build_swarm(
     let gossip_config = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_secs(1))
         .validation_mode(ValidationMode::Strict)
+        .validate_messages()
         .max_transmit_size(MAX_ANNOUNCEMENT_BYTES)
         .build()
         .map_err(|e| setup(&e))?;
@@ -386,22 +394,31 @@ impl Network {
                 let _ = reply.send(());
             }
             Command::Admit(peer, reply) => {
-                let records = self.roster.as_mut().map_or(Some(Vec::new()), |roster| {
+                let credentials = self.roster.as_mut().map_or(Some(Credentials::default()), |roster| {
                     roster.admit(peer);
-                    roster.is_member(&peer).then(|| roster.records())
+                    roster.is_member(&peer).then(|| roster.credentials())
                 });
                 self.republish();
                 self.take_in_new_members();
-                let _ = reply.send(records);
+                let _ = reply.send(credentials);
             }
-            Command::Adopt { inviter, records, reply } => {
+            Command::Adopt { inviter, credentials, reply } => {
+                let mut adopted = Ok(());
                 if let Some(roster) = &mut self.roster {
                     let revoked = &self.revoked;
-                    roster.adopt(inviter, &records, |peer| revoked.contains(peer));
+                    adopted = roster.adopt(inviter, &credentials, |peer| revoked.contains(peer));
                     self.republish();
                     self.take_in_new_members();
                 }
-                let _ = reply.send(());
+                let _ = reply.send(adopted.map_err(|error| P2pError::Join(error.to_string())));
+            }
+            Command::Standing(peer, reply) => {
+                let standing = match &self.roster {
+                    Some(roster) if roster.is_member(&peer) => Standing::Member,
+                    Some(roster) if roster.is_full() => Standing::Full,
+                    _ => Standing::Room,
+                };
+                let _ = reply.send(standing);
             }
             Command::IsMember(peer, reply) => {
                 let _ = reply.send(self.is_member(&peer));
@@ -530,21 +547,21 @@ impl Network {
                     ConnectedPoint::Dialer { .. } => *self.swarm.local_peer_id(),
                     ConnectedPoint::Listener { .. } => peer_id,
                 };
-                tracing::debug!(peer = %peer_id, "connected");
-                self.connections.entry(peer_id).or_default().push((connection_id, dialer, Instant::now()));
-                if !self.is_member(&peer_id) {
-                    let now = Instant::now();
-                    if self.probation.recently_refused(&peer_id, now) {
-                        self.swarm.close_connection(connection_id);
-                        return;
-                    }
-                    self.probation.start(peer_id, now);
+                let relayed = endpoint.get_remote_address().iter().any(|p| p == Protocol::P2pCircuit);
+                tracing::debug!(peer = %peer_id, relayed, "connected");
+                let opened = Instant::now();
+                let connection = OpenConnection { id: connection_id, dialer, opened, relayed };
+                self.connections.entry(peer_id).or_default().push(connection);
+                // A node that is not a member itself has nothing to keep others out of, and must
+                // reach its inviter.
+                if !self.is_member(&peer_id) && self.roster.as_ref().is_some_and(Roster::includes_this_node) {
+                    self.probation.start(peer_id, Instant::now());
                 }
                 self.keep_one_connection(peer_id);
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 if let Some(open) = self.connections.get_mut(&peer_id) {
-                    open.retain(|(id, _, _)| *id != connection_id);
+                    open.retain(|connection| connection.id != connection_id);
                 }
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
@@ -564,36 +581,30 @@ impl Network {
         }
     }
 
-    /// Keep one connection per pair of nodes. When a second connection appears later, keep the
-    /// established one, which may carry requests in flight, and close the newcomer. When they
-    /// opened together, both ends keep those dialed by the smaller peer id (or, if it dialed none,
-    /// by the other); among several of those, only the side that dialed them picks one (its
-    /// oldest), because the other end may have seen them open in another order.
+    /// Keep one connection per pair of nodes, choosing by what both ends see alike, never by
+    /// timing: a direct connection beats a relayed one; then the connections dialed by the smaller
+    /// peer id win (or, if it dialed none, those dialed by the other); among several of those, only
+    /// the side that dialed them picks one (its oldest), because the other end may have seen them
+    /// open in another order.
     fn keep_one_connection(&mut self, peer: PeerId) {
         let Some(open) = self.connections.get(&peer) else { return };
         if open.len() < 2 {
             return;
         }
         let local = *self.swarm.local_peer_id();
-        let opened = |c: &&(ConnectionId, PeerId, Instant)| c.2;
-        let (Some(oldest), Some(newest)) = (open.iter().min_by_key(opened), open.iter().max_by_key(opened))
-        else {
-            return;
-        };
-        let close: Vec<ConnectionId> = if newest.2.duration_since(oldest.2) >= SIMULTANEOUS_DIAL {
-            open.iter().filter(|c| c.0 != oldest.0).map(|c| c.0).collect()
-        } else {
-            let smaller = local.min(peer);
-            let chosen_dialer = if open.iter().any(|c| c.1 == smaller) { smaller } else { local.max(peer) };
-            let mut close: Vec<ConnectionId> =
-                open.iter().filter(|c| c.1 != chosen_dialer).map(|c| c.0).collect();
-            if chosen_dialer == local {
-                let mut ours: Vec<_> = open.iter().filter(|c| c.1 == local).collect();
-                ours.sort_by_key(opened);
-                close.extend(ours.iter().skip(1).map(|c| c.0));
-            }
-            close
-        };
+        let any_direct = open.iter().any(|c| !c.relayed);
+        let (pool, mut close): (Vec<&OpenConnection>, Vec<&OpenConnection>) =
+            open.iter().partition(|c| !c.relayed || !any_direct);
+        let smaller = local.min(peer);
+        let chosen_dialer = if pool.iter().any(|c| c.dialer == smaller) { smaller } else { local.max(peer) };
+        let (mut chosen, others): (Vec<&OpenConnection>, Vec<&OpenConnection>) =
+            pool.into_iter().partition(|c| c.dialer == chosen_dialer);
+        close.extend(others);
+        if chosen_dialer == local {
+            chosen.sort_by_key(|c| c.opened);
+            close.extend(chosen.into_iter().skip(1));
+        }
+        let close: Vec<ConnectionId> = close.iter().map(|c| c.id).collect();
         for id in close {
             self.swarm.close_connection(id);
         }
@@ -624,15 +635,32 @@ impl Network {
                     self.swarm.behaviour_mut().kademlia.add_address(&peer_id, address);
                 }
             }
-            BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
-                let Some(source) = message.source else { return };
-                if self.revoked.contains(&source) {
-                    return;
-                }
-                match Announcement::verify(&message.data, &source) {
-                    Ok(announcement) => self.receive_announcement(source, announcement),
-                    Err(error) => tracing::warn!(peer = %source, %error, "dropped an announcement"),
-                }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                // Only members' announcements travel on: gossip forwards nothing else.
+                let acceptance = match message.source {
+                    Some(source) if !self.revoked.contains(&source) => {
+                        match Announcement::verify(&message.data, &source) {
+                            Ok(announcement) => match self.receive_announcement(source, announcement) {
+                                true => MessageAcceptance::Accept,
+                                false => MessageAcceptance::Ignore,
+                            },
+                            Err(error) => {
+                                tracing::warn!(peer = %source, %error, "dropped an announcement");
+                                MessageAcceptance::Reject
+                            }
+                        }
+                    }
+                    _ => MessageAcceptance::Reject,
+                };
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
             }
             BehaviourEvent::Relay(event) => self.handle_relay_event(event),
             BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {

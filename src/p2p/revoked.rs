@@ -9,6 +9,8 @@ use libp2p::PeerId;
 use super::announcement::MAX_REVOKED;
 
 const REVOKED_FILE: &str = "revoked.json";
+/// Revoked peers a node keeps.
+const MAX_KEPT: usize = 8 * MAX_REVOKED;
 
 #[derive(Debug)]
 pub struct RevokedPeers {
@@ -33,12 +35,18 @@ impl RevokedPeers {
         self.peers.contains(peer)
     }
 
-    /// Add a peer and save; returns whether it is new. The list is capped at what one
-    /// announcement can carry.
+    /// Add a peer and save; returns whether it is new. The list a node keeps is capped at
+    /// `MAX_KEPT` (a revocation past that is still enforced by the caller until a restart);
+    /// announcements carry the first `MAX_REVOKED`.
     pub fn insert(&mut self, peer: PeerId) -> bool {
-        if self.peers.len() >= MAX_REVOKED || !self.peers.insert(peer) {
+        if self.peers.contains(&peer) {
             return false;
         }
+        if self.peers.len() >= MAX_KEPT {
+            tracing::error!(%peer, "the revoked list is full: this revocation is not kept across restarts");
+            return true;
+        }
+        self.peers.insert(peer);
         if let Err(error) = self.save() {
             tracing::error!(%error, path = %self.path.display(), "cannot save the revoked peers");
         }
@@ -49,15 +57,17 @@ impl RevokedPeers {
         self.peers.iter()
     }
 
+    /// What an announcement carries.
     pub fn list(&self) -> Vec<String> {
-        self.peers.iter().map(PeerId::to_string).collect()
+        self.peers.iter().take(MAX_REVOKED).map(PeerId::to_string).collect()
     }
 
     fn save(&self) -> std::io::Result<()> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let bytes = serde_json::to_vec_pretty(&self.list()).map_err(std::io::Error::other)?;
+        let all: Vec<String> = self.peers.iter().map(PeerId::to_string).collect();
+        let bytes = serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?;
         let temporary = self.path.with_extension("json.tmp");
         std::fs::write(&temporary, bytes)?;
         std::fs::rename(&temporary, &self.path)

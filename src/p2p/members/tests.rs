@@ -21,6 +21,10 @@ impl Node {
     }
 }
 
+fn with_records(records: impl Into<Vec<Vec<u8>>>) -> Credentials {
+    Credentials { records: records.into(), founder_proof: None }
+}
+
 fn not_revoked(_: &PeerId) -> bool {
     false
 }
@@ -57,13 +61,13 @@ fn an_invited_node_trusts_its_inviter_and_what_the_inviter_vouches_for() {
     assert!(inviter.admit(joiner.peer()));
 
     let mut joined = joiner.roster(None);
-    joined.adopt(founder.peer(), &inviter.records(), not_revoked);
+    joined.adopt(founder.peer(), &with_records(inviter.records()), not_revoked).unwrap();
     for peer in [founder.peer(), other_founder.peer(), joiner.peer()] {
         assert!(joined.is_member(&peer), "{peer} should be a member");
     }
     // Its own record is the inviter's admission, which convinces nodes that trust the inviter.
     let mut third = Node::new().roster(None);
-    third.adopt(other_founder.peer(), &[], not_revoked);
+    third.adopt(other_founder.peer(), &with_records([]), not_revoked).unwrap();
     assert!(third.learn(&inviter.records(), not_revoked).is_empty(), "the inviter is unknown here");
     third.admit(founder.peer());
     assert!(third.learn(&joined.records()[..1], not_revoked) == vec![joiner.peer()]);
@@ -75,7 +79,7 @@ fn records_chain_within_one_batch_but_not_from_strangers() {
     let mut first = a.roster(Some(SECRET_KEY));
     first.admit(b.peer());
     let mut second = b.roster(None);
-    second.adopt(a.peer(), &first.records(), not_revoked);
+    second.adopt(a.peer(), &with_records(first.records()), not_revoked).unwrap();
     assert!(second.includes_this_node());
     assert!(second.admit(c.peer()));
     // A founder that knows only `a` learns of c through b's records, even with c's record before
@@ -104,7 +108,7 @@ fn tampered_foreign_and_revoked_records_are_refused() {
     let (a, b) = (Node::new(), Node::new());
     let mut first = a.roster(Some(SECRET_KEY));
     let mut second = b.roster(None);
-    second.adopt(a.peer(), &first.records(), not_revoked);
+    second.adopt(a.peer(), &with_records(first.records()), not_revoked).unwrap();
     let newcomer = PeerId::random();
     second.admit(newcomer);
     let record = second.members[&newcomer].clone();
@@ -148,10 +152,19 @@ fn probation_drops_non_members_after_the_grace_and_refuses_them_for_a_while() {
     probation.start(stranger, start);
     let is_member = |peer: &PeerId| *peer == member;
     assert!(probation.expired(start + MEMBER_GRACE / 2, is_member).is_empty());
-    assert_eq!(probation.expired(start + MEMBER_GRACE, is_member), vec![stranger]);
-    assert!(probation.recently_refused(&stranger, start + MEMBER_GRACE));
-    assert!(!probation.recently_refused(&member, start + MEMBER_GRACE));
-    let later = start + MEMBER_GRACE + REFUSAL_COOLDOWN;
+    // Reconnecting does not start the clock again.
+    probation.end(&stranger);
+    probation.start(stranger, start + MEMBER_GRACE / 2);
+    let refused_at = start + MEMBER_GRACE;
+    assert_eq!(probation.expired(refused_at, is_member), vec![stranger]);
+    assert!(probation.recently_refused(&stranger, refused_at));
+    assert!(!probation.recently_refused(&member, refused_at));
+
+    // Refused, it may come back only long enough to redeem a key.
+    probation.start(stranger, refused_at);
+    assert!(probation.expired(refused_at + JOIN_WINDOW / 2, is_member).is_empty());
+    assert_eq!(probation.expired(refused_at + JOIN_WINDOW, is_member), vec![stranger]);
+    let later = refused_at + JOIN_WINDOW + REFUSAL_COOLDOWN;
     probation.expired(later, is_member);
     assert!(!probation.recently_refused(&stranger, later));
 }
@@ -187,4 +200,30 @@ fn an_announcement_held_on_probation_is_released_when_its_author_becomes_a_membe
     assert_eq!(released.len(), 1);
     assert_eq!(released[0].1.as_ref(), Some(&announcement));
     assert!(probation.expired(now + MEMBER_GRACE, |_| false).is_empty(), "a member's clock stopped");
+}
+
+#[test]
+fn a_member_does_not_take_a_stranger_as_its_inviter() {
+    let (founder, stranger) = (Node::new(), Node::new());
+    let mut member = founder.roster(Some(SECRET_KEY));
+    // Someone who kept an old key signs one of their own, and a member's operator uses it.
+    let rogue = stranger.roster(None);
+    let refused = member.adopt(stranger.peer(), &with_records(rogue.records()), not_revoked);
+    assert_eq!(refused, Err(MemberError::NotAMember(stranger.peer().to_string())));
+    assert!(!member.is_member(&stranger.peer()));
+    assert_eq!(member.records().len(), 1, "it vouches for nobody new");
+
+    // A founder inviting a founder shows its proof with the roster.
+    let other_founder = Node::new();
+    let theirs = other_founder.roster(Some(SECRET_KEY));
+    assert_eq!(member.adopt(other_founder.peer(), &theirs.credentials(), not_revoked), Ok(()));
+    assert!(member.is_member(&other_founder.peer()));
+
+    // An inviter that is a member is fine, and a revoked one never.
+    let other = Node::new();
+    member.admit(other.peer());
+    assert_eq!(member.adopt(other.peer(), &with_records([]), not_revoked), Ok(()));
+    let mut newcomer = Node::new().roster(None);
+    let revoked = |peer: &PeerId| *peer == founder.peer();
+    assert!(newcomer.adopt(founder.peer(), &with_records(member.records()), revoked).is_err());
 }

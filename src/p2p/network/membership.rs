@@ -58,18 +58,20 @@ impl Network {
             _ => return,
         };
         if !self.is_member(&asking) {
+            self.probation.refuse(asking, Instant::now());
             tracing::warn!(peer = %asking, "disconnected a peer that is not a member and asked this relay for {what}");
             let _ = self.swarm.disconnect_peer_id(asking);
         }
     }
 
     /// Take in a checked announcement: the members it vouches for first, then, if its author is a
-    /// member, the revocations it carries and how to reach the author; then pass it on.
-    pub(super) fn receive_announcement(&mut self, source: PeerId, announcement: Announcement) {
+    /// member, the revocations it carries and how to reach the author; then pass it on. Returns
+    /// whether the author is a member (else the announcement is held back).
+    pub(super) fn receive_announcement(&mut self, source: PeerId, announcement: Announcement) -> bool {
         if !self.learn_members(&source, &announcement) {
             tracing::debug!(peer = %source, "held back an announcement from a peer that is not a member");
             self.probation.hold(source, announcement);
-            return;
+            return false;
         }
         for peer in announcement.revoked.iter().filter_map(|p| p.parse::<PeerId>().ok()) {
             if peer != *self.swarm.local_peer_id() && self.revoke(peer) {
@@ -82,7 +84,8 @@ impl Network {
         for address in announcement.addresses.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
             self.swarm.behaviour_mut().kademlia.add_address(&source, address);
         }
-        self.emit(P2pEvent::Announcement(Box::new(announcement)))
+        self.emit(P2pEvent::Announcement(Box::new(announcement)));
+        true
     }
 
     /// Accept the admission records an announcement carries, and its author if it proves it holds
@@ -90,7 +93,13 @@ impl Network {
     pub(super) fn learn_members(&mut self, source: &PeerId, announcement: &Announcement) -> bool {
         let Some(roster) = &mut self.roster else { return true };
         let revoked = &self.revoked;
-        let mut admitted = roster.learn(&announcement.members, |peer| revoked.contains(peer));
+        // A stranger's records cost a signature check each: from a peer that is not a member yet,
+        // only its own admission (the first record) is worth one.
+        let records = match roster.is_member(source) {
+            true => &announcement.members[..],
+            false => &announcement.members[..announcement.members.len().min(1)],
+        };
+        let mut admitted = roster.learn(records, |peer| revoked.contains(peer));
         if let Some(proof) = &announcement.founder_proof
             && !roster.is_member(source)
             && !revoked.contains(source)
@@ -115,7 +124,7 @@ impl Network {
         let Some(roster) = &self.roster else { return };
         for (peer, held) in self.probation.release(|peer| roster.is_member(peer)) {
             if let Some(announcement) = held {
-                self.receive_announcement(peer, announcement);
+                let _ = self.receive_announcement(peer, announcement);
             }
         }
     }
