@@ -6,9 +6,12 @@
 //! needs to know about membership. pnet wraps TCP only, so a node with a secret does not listen
 //! on QUIC.
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use futures::future::Either;
+use hmac::{Hmac, KeyInit, Mac};
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::Boxed;
 use libp2p::core::upgrade::Version;
@@ -17,23 +20,61 @@ use libp2p::pnet::{PnetConfig, PnetError, PreSharedKey};
 use libp2p::{PeerId, Transport, noise, relay, tcp, yamux};
 use sha2::{Digest, Sha256};
 
-/// The pre-shared key for a cluster secret: SHA-256 of the secret with a domain prefix, so the
-/// same string used elsewhere gives an unrelated key.
+/// PBKDF2 rounds for keys derived from the cluster secret. Every connection key carries the
+/// pre-shared key, so a guessable secret (the API key, by default) must be expensive to find from
+/// it: about 40-80 ms per guess here, paid once per node start.
+const SECRET_ROUNDS: u32 = 200_000;
+
+/// The pre-shared key for a cluster secret, stretched with PBKDF2 under a domain salt, so that
+/// the same string used elsewhere gives an unrelated key.
 pub fn cluster_psk(secret: &str) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    hasher.update(b"llmesh cluster key v1\0");
-    hasher.update(secret.as_bytes());
-    hasher.finalize().into()
+    stretch(secret, b"llmesh cluster key v2")
 }
 
-/// The founders' admission key for a cluster secret, from the same secret under another domain
-/// prefix. Invitations carry only the pre-shared key, so a node that joined with a key can pass
-/// the transport's handshake but cannot prove it knows the secret (see `members.rs`).
+/// The founders' admission key for a cluster secret, from the same secret under another salt.
+/// Invitations carry only the pre-shared key, so a node that joined with a key can pass the
+/// transport's handshake but cannot prove it knows the secret (see `members.rs`).
 pub fn admission_key(secret: &str) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    hasher.update(b"llmesh admission key v1\0");
-    hasher.update(secret.as_bytes());
-    hasher.finalize().into()
+    stretch(secret, b"llmesh admission key v2")
+}
+
+/// `pbkdf2_sha256` with `SECRET_ROUNDS`, remembered for the life of the process: a node derives
+/// the same keys several times as it starts (and tests start many nodes with one secret).
+fn stretch(secret: &str, salt: &'static [u8]) -> [u8; 32] {
+    type Derived = HashMap<(&'static [u8], [u8; 32]), [u8; 32]>;
+    static DERIVED: LazyLock<Mutex<Derived>> = LazyLock::new(Mutex::default);
+    // Keyed by a digest, so the map holds no secret in the clear.
+    let entry = (salt, <[u8; 32]>::from(Sha256::digest(secret.as_bytes())));
+    if let Some(key) = DERIVED.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&entry) {
+        return *key;
+    }
+    let key = pbkdf2_sha256(secret.as_bytes(), salt, SECRET_ROUNDS);
+    let mut derived = DERIVED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if derived.len() >= 16 {
+        derived.clear();
+    }
+    derived.insert(entry, key);
+    key
+}
+
+/// PBKDF2-HMAC-SHA256 (RFC 8018) for one 32-byte block.
+fn pbkdf2_sha256(password: &[u8], salt: &[u8], rounds: u32) -> [u8; 32] {
+    let keyed = <Hmac<Sha256> as KeyInit>::new_from_slice(password)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    let mut mac = keyed.clone();
+    mac.update(salt);
+    mac.update(&1u32.to_be_bytes());
+    let mut block: [u8; 32] = mac.finalize().into_bytes().into();
+    let mut key = block;
+    for _ in 1..rounds {
+        let mut mac = keyed.clone();
+        mac.update(&block);
+        block = mac.finalize().into_bytes().into();
+        for (byte, next) in key.iter_mut().zip(block) {
+            *byte ^= next;
+        }
+    }
+    key
 }
 
 /// A short public name for the cluster, used in the gossip topic (never the secret itself).
@@ -73,6 +114,24 @@ pub fn build_transport(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pbkdf2_matches_the_published_test_vectors() {
+        let hex = |key: [u8; 32]| key.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        // RFC 7914 section 11 / the common PBKDF2-HMAC-SHA256 vectors.
+        assert_eq!(
+            hex(pbkdf2_sha256(b"password", b"salt", 1)),
+            "120fb6cffcf8b32c43e7225256c4f837a86548c92ccc35480805987cb70be17b"
+        );
+        assert_eq!(
+            hex(pbkdf2_sha256(b"password", b"salt", 2)),
+            "ae4d0c95af6b46d32d0adff928f06dd02a303f8ef3c251dfd6e2d85a95474c43"
+        );
+        assert_eq!(
+            hex(pbkdf2_sha256(b"password", b"salt", 4096)),
+            "c5e478d59288c841aa530db6845c4c8d962893a001ce4e11a4963873aa98134a"
+        );
+    }
 
     #[test]
     fn secrets_map_to_distinct_keys_and_public_ids() {
