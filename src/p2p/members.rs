@@ -48,6 +48,8 @@ pub const MEMBER_GRACE: Duration = Duration::from_secs(10);
 const REFUSAL_COOLDOWN: Duration = Duration::from_secs(600);
 /// How long a refused peer that connects again may stay: enough to redeem a connection key.
 pub const JOIN_WINDOW: Duration = Duration::from_secs(3);
+/// Announcements of non-members held at once (one per peer).
+const MAX_HELD: usize = 64;
 /// Refused peers remembered at once; the oldest refusal is forgotten first.
 const MAX_REFUSED: usize = 4096;
 const MEMBERS_FILE: &str = "members.json";
@@ -352,23 +354,27 @@ impl Probation {
         self.held.remove(peer);
     }
 
-    /// Keep the latest announcement of a peer on probation.
+    /// Keep the latest announcement of a connected peer that is not a member (yet): a node that
+    /// is joining holds its inviter's. At most `MAX_HELD` are kept.
     pub fn hold(&mut self, peer: PeerId, announcement: Announcement) {
-        if self.deadline.contains_key(&peer) {
+        if self.held.len() < MAX_HELD || self.held.contains_key(&peer) {
             self.held.insert(peer, announcement);
         }
     }
 
-    /// The peers on probation that have become members, with the announcement held for each.
+    /// The peers that have become members: their clock stops, and the announcement held for
+    /// each (if any) is handed back.
     pub fn release(&mut self, is_member: impl Fn(&PeerId) -> bool) -> Vec<(PeerId, Option<Announcement>)> {
-        let members: Vec<PeerId> = self.deadline.keys().filter(|peer| is_member(peer)).copied().collect();
-        members
-            .into_iter()
-            .map(|peer| {
-                self.deadline.remove(&peer);
-                (peer, self.held.remove(&peer))
-            })
-            .collect()
+        let members: Vec<PeerId> =
+            self.deadline.keys().chain(self.held.keys()).filter(|peer| is_member(peer)).copied().collect();
+        let mut released: Vec<(PeerId, Option<Announcement>)> = Vec::new();
+        for peer in members {
+            self.deadline.remove(&peer);
+            if !released.iter().any(|(known, _)| *known == peer) {
+                released.push((peer, self.held.remove(&peer)));
+            }
+        }
+        released
     }
 
     /// Whether `peer` was dropped for not being a member within the cooldown.
@@ -380,7 +386,6 @@ impl Probation {
     /// are refused for the cooldown. Members and long-refused peers are forgotten.
     pub fn expired(&mut self, now: Instant, is_member: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
         self.deadline.retain(|peer, _| !is_member(peer));
-        self.held.retain(|peer, _| self.deadline.contains_key(peer));
         self.refused.retain(|peer, at| !is_member(peer) && now.duration_since(*at) < REFUSAL_COOLDOWN);
         let expired: Vec<PeerId> =
             self.deadline.iter().filter(|(_, deadline)| now >= **deadline).map(|(peer, _)| *peer).collect();
