@@ -73,8 +73,8 @@ can_connect() { # NODE ADDRESS: a TCP connection attempt gets an answer (accepte
   output=$(in_ns "$1" timeout 3 bash -c "exec 3<>/dev/tcp/$2/9" 2>&1) && return 0
   [[ "$output" == *"refused"* ]]
 }
-can_connect x "$net.1.10" || fail "node-x cannot reach node-r"
-can_connect y "$net.2.10" || fail "node-y cannot reach node-r"
+wait_for "node-x reaches node-r" can_connect x "$net.1.10"
+wait_for "node-y reaches node-r" can_connect y "$net.2.10"
 ! can_connect x "${address[y]}" || fail "node-x reaches node-y directly: the premise does not hold"
 say "node-x and node-y each reach node-r, and not each other"
 

@@ -76,8 +76,8 @@ pub struct JoinArgs {
     pub node: NodeArgs,
 }
 
-/// Have a running node join with a connection key (it must run with the same cluster key, or
-/// none; otherwise restart it with `llmesh serve --join KEY`).
+/// Have a running node join with a connection key; it moves to the key's cluster unless it was
+/// started with `--cluster-key` for another one.
 pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
     let answer = call(&args.node, "/api/join", Some(serde_json::json!({"key": args.key.trim()})))?;
     if args.node.json {

@@ -62,6 +62,7 @@ impl Node {
             relay: config.relay,
             cluster_psk: membership.cluster_psk,
             admission_key: membership.admission_key,
+            fixed_cluster: config.cluster_key.is_some(),
             external_addresses: config.external_addresses.clone(),
         };
         let (p2p, events, inbound) = p2p::spawn(p2p_config, cluster_shutdown.clone()).await?;

@@ -126,10 +126,10 @@ async fn a_revoked_node_loses_access_everywhere_and_cannot_return() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_node_joins_with_a_key_when_it_shares_the_cluster_key() {
+async fn a_running_node_joins_with_a_key_and_moves_to_its_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let inviter = private_inviter(&dir).await;
-    let (key, _) = inviter.router().invite(2, Duration::from_secs(3600)).await.unwrap();
+    let (key, _) = inviter.router().invite(3, Duration::from_secs(3600)).await.unwrap();
     let engine =
         || Arc::new(LocalEngine::load(&[], QueueLimits::default(), &candle_core::Device::Cpu).unwrap());
 
@@ -142,11 +142,28 @@ async fn a_running_node_joins_with_a_key_when_it_shares_the_cluster_key() {
     eventually("the node joined while running", async || hosts_of(&lonely, "tiny").await == ["inviter"])
         .await;
 
-    // Another cluster key: the transport cannot change under running connections.
+    // A node running on its own (no cluster key) moves to the key's cluster, and stays there
+    // after a restart.
+    let solo = Node::spawn_with_engine(config("solo", &dir, Vec::new(), None), engine()).await.unwrap();
+    let joined = call(&solo, "POST", "/api/join", Some(json!({"key": key}))).await;
+    assert_eq!(joined.status, StatusCode::OK, "{}", joined.body);
+    eventually("the solo node moved into the cluster", async || hosts_of(&solo, "tiny").await == ["inviter"])
+        .await;
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let answer = call(&solo, "POST", "/v1/chat/completions", Some(chat)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    drop(solo);
+    let restarted = joining_node("solo", &dir, None).await.unwrap();
+    eventually("the moved node rejoins after a restart", async || {
+        hosts_of(&restarted, "tiny").await == ["inviter"]
+    })
+    .await;
+
+    // A node configured with another cluster's key would go back to it at its next start.
     let other = Node::spawn_with_engine(config("other", &dir, Vec::new(), Some("other-secret")), engine())
         .await
         .unwrap();
     let refused = call(&other, "POST", "/api/join", Some(json!({"key": key}))).await;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
-    assert!(refused.body.contains("restart it with"), "{}", refused.body);
+    assert!(refused.body.contains("--cluster-key"), "{}", refused.body);
 }

@@ -43,6 +43,7 @@ async fn bare_peer(dir: &tempfile::TempDir, name: &str, key: &str, stop: &Cancel
         relay: false,
         cluster_psk: invitation.cluster_psk,
         admission_key: None,
+        fixed_cluster: false,
         external_addresses: Vec::new(),
     };
     let (handle, _events, _inbound) = p2p::spawn(config, stop.clone()).await.unwrap();

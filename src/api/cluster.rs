@@ -261,7 +261,8 @@ impl FromJsonObject for JoinRequest {
     }
 }
 
-/// `POST /api/join` with `{"key": "llmesh://join/..."}`: join while running (same cluster key).
+/// `POST /api/join` with `{"key": "llmesh://join/..."}`: join while running, moving to the key's
+/// cluster if need be.
 pub async fn join_cluster(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<JoinRequest>,

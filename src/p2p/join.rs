@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::invitation::{Invitation, InvitationError, InvitationLedger};
 use super::members::Credentials;
+use super::transport::ClusterKey;
 use super::wire::{read_frame, write_frame};
 use super::{Command, P2pError, P2pHandle, P2pStream};
 
@@ -35,7 +36,8 @@ pub fn unix_now() -> u64 {
 /// What the inviter checks a presented key against.
 pub struct Inviter {
     pub peer_id: String,
-    pub cluster_id: String,
+    /// The cluster key in force (it changes when this node joins another cluster while running).
+    pub cluster: ClusterKey,
     pub ledger: Arc<Mutex<InvitationLedger>>,
 }
 
@@ -58,7 +60,7 @@ impl Inviter {
         if invitation.inviter != self.peer_id {
             return Err(InvitationError::UnknownInvitation);
         }
-        if invitation.cluster_id != self.cluster_id {
+        if invitation.cluster_id != self.cluster.cluster_id() {
             return Err(InvitationError::WrongCluster(invitation.cluster_id));
         }
         match standing {

@@ -62,6 +62,9 @@ pub struct P2pConfig {
     /// The founders' key from the cluster secret (`admission_key`), only on nodes configured with
     /// the secret itself; nodes that joined with a connection key have the pre-shared key only.
     pub admission_key: Option<[u8; 32]>,
+    /// The cluster key was configured explicitly (`--cluster-key`): joining another cluster while
+    /// running is refused, since the next start would go back to the configured one.
+    pub fixed_cluster: bool,
     /// Addresses others can reach this node at beyond its listen addresses (a VPN address, a
     /// port forward), put into invitations and advertised.
     pub external_addresses: Vec<String>,
@@ -119,6 +122,11 @@ enum Command {
         reply: oneshot::Sender<Result<(), P2pError>>,
     },
     IsMember(PeerId, oneshot::Sender<bool>),
+    /// Move to the cluster of this pre-shared key: connections to the old one close.
+    SwitchCluster {
+        psk: Option<[u8; 32]>,
+        reply: oneshot::Sender<()>,
+    },
     Standing(PeerId, oneshot::Sender<join::Standing>),
 }
 
@@ -129,7 +137,8 @@ pub struct P2pHandle {
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
     data_dir: PathBuf,
-    cluster_psk: Option<[u8; 32]>,
+    cluster_key: transport::ClusterKey,
+    fixed_cluster: bool,
 }
 
 /// Inbound inference streams from members, with the peer that opened each. Streams from peers
@@ -222,17 +231,33 @@ impl P2pHandle {
         self.ask(|reply| Command::Revoke(peer_id, reply)).await
     }
 
-    /// Join with a connection key while running. Only possible within the same cluster key (the
-    /// transport's pre-shared key cannot change under running connections): a node in another
-    /// cluster must restart with `llmesh serve --join KEY`.
+    /// Join with a connection key while running. A node in another cluster moves to the key's
+    /// cluster (its old connections close; it goes back if the join fails), unless its cluster
+    /// key was configured explicitly, which the next start would return to.
     pub async fn join_running(&self, key: &str) -> Result<Invitation, P2pError> {
         let invitation = Invitation::from_key(key).map_err(P2pError::Invitation)?;
-        if invitation.cluster_psk != self.cluster_psk {
-            return Err(P2pError::Join(
-                "this node runs with another cluster key; restart it with `llmesh serve --join KEY`".into(),
-            ));
+        let previous = self.cluster_key.get();
+        let moving = invitation.cluster_psk != previous;
+        if moving {
+            if self.fixed_cluster {
+                return Err(P2pError::Join(
+                    "this node is configured with another cluster's key (--cluster-key); remove it and \
+                     restart with `llmesh serve --join KEY`"
+                        .into(),
+                ));
+            }
+            let psk = invitation.cluster_psk;
+            self.ask(|reply| Command::SwitchCluster { psk, reply }).await?;
         }
-        let invitation = self.join(key).await?;
+        let invitation = match self.join(key).await {
+            Ok(invitation) => invitation,
+            Err(error) => {
+                if moving {
+                    let _ = self.ask(|reply| Command::SwitchCluster { psk: previous, reply }).await;
+                }
+                return Err(error);
+            }
+        };
         let joined = JoinedCluster {
             invitation: invitation.id_hex(),
             cluster_psk: invitation.cluster_psk,

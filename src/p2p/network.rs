@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ use super::members::{Credentials, Probation, Roster};
 use super::peer_store::PeerStore;
 use super::relay::{Relays, server_config};
 use super::revoked::RevokedPeers;
-use super::transport::{build_transport, cluster_id};
+use super::transport::{ClusterKey, build_transport, cluster_id};
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
 
 mod membership;
@@ -87,7 +88,12 @@ struct Network {
     provided: HashSet<String>,
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<String>>, HashSet<PeerId>)>,
     cluster_id: String,
-    cluster_psk: Option<[u8; 32]>,
+    /// The pre-shared key in force, shared with the transport and the join server.
+    cluster_key: ClusterKey,
+    /// The configured cluster key and the admission key that goes with it (a founder's), kept to
+    /// reload the roster when the node moves between clusters.
+    founder: Option<([u8; 32], [u8; 32])>,
+    data_dir: PathBuf,
     external_addresses: Vec<Multiaddr>,
     ledger: Arc<Mutex<InvitationLedger>>,
     /// Who belongs to the cluster; `None` in an open cluster (no secret), where anyone does.
@@ -104,8 +110,9 @@ pub async fn spawn(
     let keypair = load_or_create_keypair(&config.data_dir)?;
     let peer_id = keypair.public().to_peer_id();
     let psk = config.cluster_psk;
-    let topic = IdentTopic::new(format!("llmesh/{}/nodes/1", cluster_id(psk.as_ref())));
-    let mut swarm = build_swarm(&keypair, psk, config.mdns, config.relay)?;
+    let cluster_key = ClusterKey::new(psk);
+    let topic = announcement_topic(&cluster_key.cluster_id());
+    let mut swarm = build_swarm(&keypair, cluster_key.clone(), config.mdns, config.relay)?;
     let mut control = swarm.behaviour().stream.new_control();
     let inbound = control.accept(INFER_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
     let join_requests = control.accept(JOIN_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
@@ -113,7 +120,7 @@ pub async fn spawn(
     let cluster = cluster_id(psk.as_ref());
     let (commands, command_receiver) = mpsc::channel(COMMANDS_CAPACITY);
     let inviter =
-        Inviter { peer_id: peer_id.to_string(), cluster_id: cluster.clone(), ledger: ledger.clone() };
+        Inviter { peer_id: peer_id.to_string(), cluster: cluster_key.clone(), ledger: ledger.clone() };
     tokio::spawn(serve_joins(join_requests, inviter, commands.clone()));
     let roster = psk.map(|_| Roster::load(&config.data_dir, &cluster, &keypair, config.admission_key));
     if roster.as_ref().is_some_and(|roster| !roster.includes_this_node()) {
@@ -134,7 +141,7 @@ pub async fn spawn(
         swarm.listen_on(address.clone()).map_err(|e| P2pError::Setup(format!("listen on {address}: {e}")))?;
     }
     let mut explicit_peers = config.peers.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
-    let relays = Relays::new(if config.relay { &explicit_peers } else { &[] });
+    let relays = Relays::new(config.relay, &explicit_peers);
     let peer_store = PeerStore::load(&config.data_dir);
     for address in peer_store.addresses() {
         if !explicit_peers.contains(&address) {
@@ -163,7 +170,9 @@ pub async fn spawn(
         provided: HashSet::new(),
         provider_queries: HashMap::new(),
         cluster_id: cluster,
-        cluster_psk: config.cluster_psk,
+        cluster_key: cluster_key.clone(),
+        founder: psk.zip(config.admission_key),
+        data_dir: config.data_dir.clone(),
         external_addresses,
         ledger,
         roster,
@@ -172,9 +181,20 @@ pub async fn spawn(
     };
     tokio::spawn(network.run(keypair, command_receiver, shutdown));
     let inbound = InboundStreams { incoming: inbound, commands: commands.clone() };
-    let handle =
-        P2pHandle { peer_id, commands, control, data_dir: config.data_dir, cluster_psk: config.cluster_psk };
+    let handle = P2pHandle {
+        peer_id,
+        commands,
+        control,
+        data_dir: config.data_dir,
+        cluster_key,
+        fixed_cluster: config.fixed_cluster,
+    };
     Ok((handle, events_receiver, inbound))
+}
+
+/// The gossip topic of a cluster's announcements.
+fn announcement_topic(cluster_id: &str) -> IdentTopic {
+    IdentTopic::new(format!("llmesh/{cluster_id}/nodes/1"))
 }
 
 /// The addresses worth giving to other machines: each once, and loopback ones only when there is
@@ -217,7 +237,7 @@ fn parse_address(address: &str) -> Result<Multiaddr, P2pError> {
 
 fn build_swarm(
     keypair: &Keypair,
-    psk: Option<[u8; 32]>,
+    cluster_key: ClusterKey,
     use_mdns: bool,
     use_relay: bool,
 ) -> Result<Swarm<Behaviour>, P2pError> {
@@ -264,7 +284,7 @@ fn build_swarm(
         relay: Toggle::from(relay_server),
         relay_client,
     };
-    let transport = build_transport(keypair, psk, relay_transport).map_err(|e| setup(&e))?;
+    let transport = build_transport(keypair, cluster_key, relay_transport).map_err(|e| setup(&e))?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_other_transport(|_| transport)
@@ -378,6 +398,7 @@ impl Network {
                     self.swarm.behaviour_mut().kademlia.add_address(&peer, address.clone());
                     // Keep it reachable: redialed like a --peer if the link drops.
                     let address = with_peer(address.clone(), peer);
+                    self.relays.add_candidate(&address);
                     if !self.explicit_peers.contains(&address) {
                         self.explicit_peers.push(address);
                     }
@@ -420,6 +441,10 @@ impl Network {
                 };
                 let _ = reply.send(standing);
             }
+            Command::SwitchCluster { psk, reply } => {
+                self.switch_cluster(psk);
+                let _ = reply.send(());
+            }
             Command::IsMember(peer, reply) => {
                 let _ = reply.send(self.is_member(&peer));
             }
@@ -439,7 +464,7 @@ impl Network {
             .collect();
         let invitation = Invitation::new(
             self.cluster_id.clone(),
-            self.cluster_psk,
+            self.cluster_key.get(),
             peer.to_string(),
             addresses,
             expires_at,

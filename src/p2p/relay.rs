@@ -39,27 +39,35 @@ enum Reservation {
 
 /// The relays this node reserves an address on, and how each reservation stands.
 pub struct Relays {
+    enabled: bool,
     /// Bootstrap peers: each peer id with an address it was given at.
     candidates: Vec<(PeerId, Multiaddr)>,
     reservations: HashMap<PeerId, Reservation>,
 }
 
 impl Relays {
-    /// Relay candidates are the bootstrap addresses that name their peer.
-    pub fn new(bootstrap: &[Multiaddr]) -> Self {
-        let mut candidates: Vec<(PeerId, Multiaddr)> = Vec::new();
+    /// Relay candidates are the bootstrap addresses that name their peer (none when relaying is
+    /// off).
+    pub fn new(enabled: bool, bootstrap: &[Multiaddr]) -> Self {
+        let mut relays = Self { enabled, candidates: Vec::new(), reservations: HashMap::new() };
         for address in bootstrap {
-            let peer = address.iter().find_map(|p| match p {
-                Protocol::P2p(peer) => Some(peer),
-                _ => None,
-            });
-            if let Some(peer) = peer
-                && !candidates.iter().any(|(known, _)| *known == peer)
-            {
-                candidates.push((peer, address.clone()));
-            }
+            relays.add_candidate(address);
         }
-        Self { candidates, reservations: HashMap::new() }
+        relays
+    }
+
+    /// Another bootstrap address (an inviter met while running).
+    pub fn add_candidate(&mut self, address: &Multiaddr) {
+        let peer = address.iter().find_map(|p| match p {
+            Protocol::P2p(peer) => Some(peer),
+            _ => None,
+        });
+        if let Some(peer) = peer
+            && self.enabled
+            && !self.candidates.iter().any(|(known, _)| *known == peer)
+        {
+            self.candidates.push((peer, address.clone()));
+        }
     }
 
     /// The circuit addresses to listen on now: relays that `usable` accepts (connected members)
@@ -107,7 +115,8 @@ mod tests {
         let relay = PeerId::random();
         let address: Multiaddr = format!("/ip4/10.0.0.1/tcp/7690/p2p/{relay}").parse().unwrap();
         let unnamed: Multiaddr = "/ip4/10.0.0.2/tcp/7690".parse().unwrap();
-        let mut relays = Relays::new(&[address.clone(), unnamed, address.clone()]);
+        assert!(Relays::new(false, std::slice::from_ref(&address)).due(Instant::now(), |_| true).is_empty());
+        let mut relays = Relays::new(true, &[address.clone(), unnamed, address.clone()]);
         let now = Instant::now();
         assert!(relays.due(now, |_| false).is_empty(), "not connected, or not a member");
         let due = relays.due(now, |_| true);

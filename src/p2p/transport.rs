@@ -7,7 +7,7 @@
 //! on QUIC.
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::future::Either;
@@ -88,19 +88,45 @@ pub fn cluster_id(psk: Option<&[u8; 32]>) -> String {
     }
 }
 
+/// The pre-shared key in force, read at every handshake, so that a running node can move to
+/// another cluster (`llmesh join`) without rebinding its sockets.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterKey(Arc<RwLock<Option<[u8; 32]>>>);
+
+impl ClusterKey {
+    pub fn new(psk: Option<[u8; 32]>) -> Self {
+        Self(Arc::new(RwLock::new(psk)))
+    }
+
+    pub fn get(&self) -> Option<[u8; 32]> {
+        *self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn set(&self, psk: Option<[u8; 32]>) {
+        *self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = psk;
+    }
+
+    /// The cluster's public id under the key in force.
+    pub fn cluster_id(&self) -> String {
+        cluster_id(self.get().as_ref())
+    }
+}
+
 /// TCP or a relayed circuit, then the same layers on both: a relayed connection is keyed and
 /// authenticated end to end, the relay only passes bytes along.
 pub fn build_transport(
     keypair: &Keypair,
-    psk: Option<[u8; 32]>,
+    cluster_key: ClusterKey,
     relay: relay::client::Transport,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, noise::Error> {
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
-    let psk = psk.map(PreSharedKey::new);
-    let maybe_private = tcp.or_transport(relay).and_then(move |socket, _| async move {
-        match psk {
-            Some(psk) => PnetConfig::new(psk).handshake(socket).await.map(Either::Left),
-            None => Ok::<_, PnetError>(Either::Right(socket)),
+    let maybe_private = tcp.or_transport(relay).and_then(move |socket, _| {
+        let psk = cluster_key.get().map(PreSharedKey::new);
+        async move {
+            match psk {
+                Some(psk) => PnetConfig::new(psk).handshake(socket).await.map(Either::Left),
+                None => Ok::<_, PnetError>(Either::Right(socket)),
+            }
         }
     });
     Ok(maybe_private

@@ -8,8 +8,9 @@ use libp2p::{Multiaddr, PeerId, relay};
 
 use super::super::P2pEvent;
 use super::super::announcement::Announcement;
-use super::super::members::Roster;
-use super::Network;
+use super::super::members::{Probation, Roster};
+use super::super::transport::cluster_id;
+use super::{Network, announcement_topic};
 
 impl Network {
     pub(super) fn is_member(&self, peer: &PeerId) -> bool {
@@ -116,6 +117,30 @@ impl Network {
             self.take_in_new_members();
         }
         is_member
+    }
+
+    /// Move to the cluster of `psk` while running (`llmesh join`): the transport takes the new key
+    /// for every handshake from now on, connections to the old cluster close, the announcements go
+    /// to the new cluster's topic, and the roster is the new cluster's (the configured secret's
+    /// admission key applies only to its own cluster).
+    pub(super) fn switch_cluster(&mut self, psk: Option<[u8; 32]>) {
+        self.cluster_key.set(psk);
+        self.cluster_id = cluster_id(psk.as_ref());
+        let old_topic = std::mem::replace(&mut self.topic, announcement_topic(&self.cluster_id));
+        let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+        gossipsub.unsubscribe(&old_topic);
+        if let Err(error) = gossipsub.subscribe(&self.topic) {
+            tracing::error!(%error, "cannot subscribe to the new cluster's announcements");
+        }
+        let admission_key = self.founder.filter(|(founded, _)| Some(*founded) == psk).map(|(_, key)| key);
+        self.roster =
+            psk.map(|_| Roster::load(&self.data_dir, &self.cluster_id, &self.keypair, admission_key));
+        self.probation = Probation::default();
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in connected {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        tracing::info!(cluster = %self.cluster_id, "moved to another cluster; connections to the old one closed");
     }
 
     /// Peers on probation that have become members: stop the clock, and take in the announcement
