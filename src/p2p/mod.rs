@@ -122,6 +122,8 @@ enum Command {
         reply: oneshot::Sender<Result<(), P2pError>>,
     },
     IsMember(PeerId, oneshot::Sender<bool>),
+    /// Reply once connected to the peer (dialing it if need be), or why not.
+    Connect(PeerId, oneshot::Sender<Result<(), String>>),
     /// Move to the cluster of this pre-shared key: connections to the old one close.
     SwitchCluster {
         psk: Option<[u8; 32]>,
@@ -205,15 +207,19 @@ impl P2pHandle {
         self.open(peer, INFER_PROTOCOL).await
     }
 
+    /// Open a stream once the peer is connected. libp2p-stream dials by itself when it sees no
+    /// connection, but a stream asked for while a connection is being set up can wait forever
+    /// (its dial is refused as redundant and the stream never finds the connection), so the
+    /// network task connects first.
     async fn open(&self, peer: &str, protocol: StreamProtocol) -> Result<P2pStream, P2pError> {
         let peer_id: PeerId = peer.parse().map_err(|_| P2pError::PeerId(peer.to_string()))?;
         let mut control = self.control.clone();
         let unreachable = |reason: String| P2pError::Unreachable { peer: peer.to_string(), reason };
-        match tokio::time::timeout(OPEN_STREAM_TIMEOUT, control.open_stream(peer_id, protocol)).await {
-            Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(error)) => Err(unreachable(error.to_string())),
-            Err(_) => Err(unreachable("timed out".to_string())),
-        }
+        let open = async {
+            self.ask(|reply| Command::Connect(peer_id, reply)).await?.map_err(unreachable)?;
+            control.open_stream(peer_id, protocol).await.map_err(|error| unreachable(error.to_string()))
+        };
+        tokio::time::timeout(OPEN_STREAM_TIMEOUT, open).await.map_err(|_| unreachable("timed out".into()))?
     }
 
     /// Issue a connection key for `uses` joins until `expires_at` (Unix seconds).

@@ -86,6 +86,8 @@ struct Network {
     connections: HashMap<PeerId, Vec<OpenConnection>>,
     listen_addresses: Vec<Multiaddr>,
     provided: HashSet<String>,
+    /// Who waits for a connection to a peer (`Command::Connect`).
+    awaiting_connection: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<String>>, HashSet<PeerId>)>,
     cluster_id: String,
     /// The pre-shared key in force, shared with the transport and the join server.
@@ -168,6 +170,7 @@ pub async fn spawn(
         connections: HashMap::new(),
         listen_addresses: Vec::new(),
         provided: HashSet::new(),
+        awaiting_connection: HashMap::new(),
         provider_queries: HashMap::new(),
         cluster_id: cluster,
         cluster_key: cluster_key.clone(),
@@ -445,6 +448,7 @@ impl Network {
                 self.switch_cluster(psk);
                 let _ = reply.send(());
             }
+            Command::Connect(peer, reply) => self.connect(peer, reply),
             Command::IsMember(peer, reply) => {
                 let _ = reply.send(self.is_member(&peer));
             }
@@ -583,6 +587,9 @@ impl Network {
                     self.probation.start(peer_id, Instant::now());
                 }
                 self.keep_one_connection(peer_id);
+                for reply in self.awaiting_connection.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(()));
+                }
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 if let Some(open) = self.connections.get_mut(&peer_id) {
@@ -600,9 +607,37 @@ impl Network {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "could not connect");
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                    && let Some(waiting) = self.awaiting_connection.remove(&peer)
+                {
+                    for reply in waiting {
+                        let _ = reply.send(Err(error.to_string()));
+                    }
+                }
             }
             SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
             _ => {}
+        }
+    }
+
+    /// Answer `reply` once connected to `peer`: at once if it is, else when a dial (this one, or
+    /// one already under way) succeeds or fails.
+    fn connect(&mut self, peer: PeerId, reply: oneshot::Sender<Result<(), String>>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        let options = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+        match self.swarm.dial(options) {
+            Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
+                let waiting = self.awaiting_connection.entry(peer).or_default();
+                waiting.retain(|reply| !reply.is_closed());
+                waiting.push(reply);
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error.to_string()));
+            }
         }
     }
 
