@@ -43,6 +43,10 @@ const EVENTS_CAPACITY: usize = 256;
 const MAX_INVITATION_ADDRESSES: usize = 16;
 const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(30);
 const COMMANDS_CAPACITY: usize = 64;
+/// How old a redundant connection gets before it is closed (see `keep_one_connection`).
+const SETTLE: Duration = Duration::from_secs(3);
+/// How long a connected peer may go without our knowing it subscribed to the announcements.
+const GOSSIP_GREETING: Duration = Duration::from_secs(6);
 /// Addresses one announcement carries (relayed ones included).
 const MAX_ANNOUNCED_ADDRESSES: usize = 16;
 
@@ -311,7 +315,13 @@ impl Network {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = redial.tick() => {
+                    let doubled: Vec<PeerId> =
+                        self.connections.iter().filter(|(_, open)| open.len() > 1).map(|(peer, _)| *peer).collect();
+                    for peer in doubled {
+                        self.keep_one_connection(peer);
+                    }
                     self.enforce_membership();
+                    self.reconnect_silent_peers();
                     self.reserve_relays();
                     self.dial_explicit_peers();
                     self.bootstrap_dht();
@@ -621,6 +631,35 @@ impl Network {
         }
     }
 
+    /// Gossipsub tells a peer which topics it follows once, when they connect. Should that greeting
+    /// be lost (it rides whichever connection comes first, and two nodes that dial each other at
+    /// once may lose one), the peer never sends us its announcements. A peer connected for
+    /// `GOSSIP_GREETING` whose subscription we have not heard of is disconnected, and the redial
+    /// that follows greets afresh.
+    fn reconnect_silent_peers(&mut self) {
+        let topic = self.topic.hash();
+        let greeted: HashSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_peers()
+            .filter(|(_, topics)| topics.contains(&&topic))
+            .map(|(peer, _)| *peer)
+            .collect();
+        let silent: Vec<PeerId> = self
+            .connections
+            .iter()
+            .filter(|(peer, open)| {
+                !greeted.contains(peer) && open.iter().all(|c| c.opened.elapsed() >= GOSSIP_GREETING)
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in silent {
+            tracing::info!(%peer, "no announcements can come from this peer (lost gossip greeting); reconnecting");
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     /// Answer `reply` once connected to `peer`: at once if it is, else when a dial (this one, or
     /// one already under way) succeeds or fails.
     fn connect(&mut self, peer: PeerId, reply: oneshot::Sender<Result<(), String>>) {
@@ -645,7 +684,9 @@ impl Network {
     /// timing: a direct connection beats a relayed one; then the connections dialed by the smaller
     /// peer id win (or, if it dialed none, those dialed by the other); among several of those, only
     /// the side that dialed them picks one (its oldest), because the other end may have seen them
-    /// open in another order.
+    /// open in another order. A loser is closed once it is `SETTLE` old: gossipsub greets a peer
+    /// on whichever connection comes first, and a greeting lost with a connection closed at once
+    /// left one side never sending announcements to the other.
     fn keep_one_connection(&mut self, peer: PeerId) {
         let Some(open) = self.connections.get(&peer) else { return };
         if open.len() < 2 {
@@ -664,7 +705,8 @@ impl Network {
             chosen.sort_by_key(|c| c.opened);
             close.extend(chosen.into_iter().skip(1));
         }
-        let close: Vec<ConnectionId> = close.iter().map(|c| c.id).collect();
+        let close: Vec<ConnectionId> =
+            close.iter().filter(|c| c.opened.elapsed() >= SETTLE).map(|c| c.id).collect();
         for id in close {
             self.swarm.close_connection(id);
         }
