@@ -43,8 +43,6 @@ const EVENTS_CAPACITY: usize = 256;
 const MAX_INVITATION_ADDRESSES: usize = 16;
 const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(30);
 const COMMANDS_CAPACITY: usize = 64;
-/// How old a redundant connection gets before it is closed (see `keep_one_connection`).
-const SETTLE: Duration = Duration::from_secs(3);
 /// How long a connected peer may go without our knowing it subscribed to the announcements.
 const GOSSIP_GREETING: Duration = Duration::from_secs(6);
 /// Addresses one announcement carries (relayed ones included).
@@ -315,11 +313,6 @@ impl Network {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = redial.tick() => {
-                    let doubled: Vec<PeerId> =
-                        self.connections.iter().filter(|(_, open)| open.len() > 1).map(|(peer, _)| *peer).collect();
-                    for peer in doubled {
-                        self.keep_one_connection(peer);
-                    }
                     self.enforce_membership();
                     self.reconnect_silent_peers();
                     self.reserve_relays();
@@ -684,9 +677,8 @@ impl Network {
     /// timing: a direct connection beats a relayed one; then the connections dialed by the smaller
     /// peer id win (or, if it dialed none, those dialed by the other); among several of those, only
     /// the side that dialed them picks one (its oldest), because the other end may have seen them
-    /// open in another order. A loser is closed once it is `SETTLE` old: gossipsub greets a peer
-    /// on whichever connection comes first, and a greeting lost with a connection closed at once
-    /// left one side never sending announcements to the other.
+    /// open in another order. Losers close at once, before requests use them (a stream on a
+    /// connection closed under it can wait for an answer that never comes).
     fn keep_one_connection(&mut self, peer: PeerId) {
         let Some(open) = self.connections.get(&peer) else { return };
         if open.len() < 2 {
@@ -705,8 +697,7 @@ impl Network {
             chosen.sort_by_key(|c| c.opened);
             close.extend(chosen.into_iter().skip(1));
         }
-        let close: Vec<ConnectionId> =
-            close.iter().filter(|c| c.opened.elapsed() >= SETTLE).map(|c| c.id).collect();
+        let close: Vec<ConnectionId> = close.iter().map(|c| c.id).collect();
         for id in close {
             self.swarm.close_connection(id);
         }
