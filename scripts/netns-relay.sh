@@ -118,6 +118,9 @@ measure relay_ready_seconds "$(seconds_since "$relay_waited")" s
 started=$(now)
 chat_answered_by x smollm2-y y
 measure relayed_chat_seconds "$(seconds_since "$started")" s
+started=$(now)
+chat_answered_by y smollm2-y y
+measure local_chat_seconds "$(seconds_since "$started")" s
 chat_answered_by y smollm2-x x
 grep -q "relaying a circuit" "$(log_of r)" || fail "node-r logged no relayed circuit"
 say "node-r relayed: $(grep -c "relaying a circuit" "$(log_of r)") circuit(s)"
