@@ -19,13 +19,7 @@
 #   LLMESH_NETNS_SAMPLES  requests per latency measurement (default 20)
 #   LLMESH_NETNS_KEEP_LOGS=1  keep the nodes' logs after a success too
 set -euo pipefail -o errtrace
-export LC_ALL=C # a decimal point in $EPOCHREALTIME and awk's numbers
-
 repo=$(cd "$(dirname "$0")/.." && pwd)
-bin=${LLMESH_BIN:-${CARGO_TARGET_DIR:-/var/tmp/llmesh-target}/debug/llmesh}
-models_dir=${LLMESH_MODELS_DIR:-$repo/models}
-chat_model="$models_dir/SmolLM2-135M-Instruct.Q4_1.gguf"
-timeout=${LLMESH_NETNS_TIMEOUT:-60}
 samples=${LLMESH_NETNS_SAMPLES:-20}
 
 nodes=(a b c)

@@ -2,9 +2,17 @@
 # What the network-namespace scripts share: FAIL/SKIP/PASS reporting, the cleanup that stops every
 # node and deletes every namespace on any exit, bounded waits, starting and stopping nodes (one log
 # per start), and questions asked of a node's API: models, invitations, chat.
-# Sourced by scripts/netns-*.sh after `set -euo pipefail -o errtrace`; they define `ns` (node ->
-# namespace), `timeout`, `bin` and `chat_model` before calling `netns_preflight`.
+# Sourced by scripts/netns-*.sh after `set -euo pipefail -o errtrace` and `repo=...`; they define
+# `ns` (node -> namespace) before calling `netns_preflight`.
 # shellcheck disable=SC2317,SC2034,SC2154  # functions, state and settings shared with the scripts that source it
+
+export LC_ALL=C # a decimal point in $EPOCHREALTIME and awk's numbers
+
+# Settings every script takes from the environment (see each script's header).
+bin=${LLMESH_BIN:-${CARGO_TARGET_DIR:-/var/tmp/llmesh-target}/debug/llmesh}
+models_dir=${LLMESH_MODELS_DIR:-$repo/models}
+chat_model="$models_dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+timeout=${LLMESH_NETNS_TIMEOUT:-60}
 
 declare -A pid=()      # node -> pid of its llmesh, while it runs
 step_pid=""            # a slow request running in the background (run_killable)
