@@ -31,6 +31,7 @@ use super::revoked::RevokedPeers;
 use super::transport::{ClusterKey, build_transport, cluster_id};
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
 
+mod links;
 mod membership;
 
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/kad/1.0.0");
@@ -330,52 +331,6 @@ impl Network {
         tracing::info!("p2p node stopped");
     }
 
-    /// Walk the DHT now and then, so a node that joined through one member learns of the others
-    /// (and they of it) beyond gossip.
-    fn bootstrap_dht(&mut self) {
-        let due = self.last_bootstrap.is_none_or(|at| at.elapsed() >= BOOTSTRAP_INTERVAL);
-        if due && !self.connections.is_empty() {
-            self.last_bootstrap = Some(Instant::now());
-            self.peer_store.save();
-            if let Err(error) = self.swarm.behaviour_mut().kademlia.bootstrap() {
-                tracing::debug!(%error, "DHT bootstrap skipped");
-            }
-        }
-    }
-
-    /// Dial explicit peers that are not connected, each with its own exponential backoff
-    /// (1 s doubling to a minute), reset once connected.
-    fn dial_explicit_peers(&mut self) {
-        let now = Instant::now();
-        for address in self.explicit_peers.clone() {
-            let peer = address.iter().find_map(|p| match p {
-                Protocol::P2p(peer) => Some(peer),
-                _ => None,
-            });
-            if peer.is_some_and(|peer| self.swarm.is_connected(&peer)) {
-                self.redial_backoff.remove(&address);
-                continue;
-            }
-            let (next_attempt, delay) =
-                self.redial_backoff.get(&address).copied().unwrap_or((now, REDIAL_FIRST_BACKOFF));
-            if now < next_attempt {
-                continue;
-            }
-            self.redial_backoff.insert(address.clone(), (now + delay, (delay * 2).min(REDIAL_MAX_BACKOFF)));
-            let options = match peer {
-                Some(peer) => DialOpts::peer_id(peer)
-                    .addresses(vec![address.clone()])
-                    .condition(PeerCondition::DisconnectedAndNotDialing)
-                    .build(),
-                None if !self.connections.is_empty() => continue,
-                None => DialOpts::unknown_peer_id().address(address.clone()).build(),
-            };
-            if let Err(error) = self.swarm.dial(options) {
-                tracing::debug!(%address, %error, "dial failed");
-            }
-        }
-    }
-
     fn handle_command(&mut self, command: Command, keypair: &Keypair) {
         match command {
             Command::Announce(announcement) => {
@@ -621,85 +576,6 @@ impl Network {
             }
             SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
             _ => {}
-        }
-    }
-
-    /// Gossipsub tells a peer which topics it follows once, when they connect. Should that greeting
-    /// be lost (it rides whichever connection comes first, and two nodes that dial each other at
-    /// once may lose one), the peer never sends us its announcements. A peer connected for
-    /// `GOSSIP_GREETING` whose subscription we have not heard of is disconnected, and the redial
-    /// that follows greets afresh.
-    fn reconnect_silent_peers(&mut self) {
-        let topic = self.topic.hash();
-        let greeted: HashSet<PeerId> = self
-            .swarm
-            .behaviour()
-            .gossipsub
-            .all_peers()
-            .filter(|(_, topics)| topics.contains(&&topic))
-            .map(|(peer, _)| *peer)
-            .collect();
-        let silent: Vec<PeerId> = self
-            .connections
-            .iter()
-            .filter(|(peer, open)| {
-                !greeted.contains(peer) && open.iter().all(|c| c.opened.elapsed() >= GOSSIP_GREETING)
-            })
-            .map(|(peer, _)| *peer)
-            .collect();
-        for peer in silent {
-            tracing::info!(%peer, "no announcements can come from this peer (lost gossip greeting); reconnecting");
-            let _ = self.swarm.disconnect_peer_id(peer);
-        }
-    }
-
-    /// Answer `reply` once connected to `peer`: at once if it is, else when a dial (this one, or
-    /// one already under way) succeeds or fails.
-    fn connect(&mut self, peer: PeerId, reply: oneshot::Sender<Result<(), String>>) {
-        if self.swarm.is_connected(&peer) {
-            let _ = reply.send(Ok(()));
-            return;
-        }
-        let options = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
-        match self.swarm.dial(options) {
-            Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
-                let waiting = self.awaiting_connection.entry(peer).or_default();
-                waiting.retain(|reply| !reply.is_closed());
-                waiting.push(reply);
-            }
-            Err(error) => {
-                let _ = reply.send(Err(error.to_string()));
-            }
-        }
-    }
-
-    /// Keep one connection per pair of nodes, choosing by what both ends see alike, never by
-    /// timing: a direct connection beats a relayed one; then the connections dialed by the smaller
-    /// peer id win (or, if it dialed none, those dialed by the other); among several of those, only
-    /// the side that dialed them picks one (its oldest), because the other end may have seen them
-    /// open in another order. Losers close at once, before requests use them (a stream on a
-    /// connection closed under it can wait for an answer that never comes).
-    fn keep_one_connection(&mut self, peer: PeerId) {
-        let Some(open) = self.connections.get(&peer) else { return };
-        if open.len() < 2 {
-            return;
-        }
-        let local = *self.swarm.local_peer_id();
-        let any_direct = open.iter().any(|c| !c.relayed);
-        let (pool, mut close): (Vec<&OpenConnection>, Vec<&OpenConnection>) =
-            open.iter().partition(|c| !c.relayed || !any_direct);
-        let smaller = local.min(peer);
-        let chosen_dialer = if pool.iter().any(|c| c.dialer == smaller) { smaller } else { local.max(peer) };
-        let (mut chosen, others): (Vec<&OpenConnection>, Vec<&OpenConnection>) =
-            pool.into_iter().partition(|c| c.dialer == chosen_dialer);
-        close.extend(others);
-        if chosen_dialer == local {
-            chosen.sort_by_key(|c| c.opened);
-            close.extend(chosen.into_iter().skip(1));
-        }
-        let close: Vec<ConnectionId> = close.iter().map(|c| c.id).collect();
-        for id in close {
-            self.swarm.close_connection(id);
         }
     }
 
