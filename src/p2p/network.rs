@@ -28,7 +28,7 @@ use super::members::{Credentials, Probation, Roster};
 use super::peer_store::PeerStore;
 use super::relay::{Relays, server_config};
 use super::revoked::RevokedPeers;
-use super::transport::{ClusterKey, build_transport, cluster_id};
+use super::transport::{ClusterKey, build_transport};
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
 
 mod links;
@@ -92,7 +92,6 @@ struct Network {
     /// Who waits for a connection to a peer (`Command::Connect`).
     awaiting_connection: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<String>>, HashSet<PeerId>)>,
-    cluster_id: String,
     /// The pre-shared key in force, shared with the transport and the join server.
     cluster_key: ClusterKey,
     /// The configured cluster key and the admission key that goes with it (a founder's), kept to
@@ -122,7 +121,7 @@ pub async fn spawn(
     let inbound = control.accept(INFER_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
     let join_requests = control.accept(JOIN_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
     let ledger = Arc::new(Mutex::new(InvitationLedger::load(&config.data_dir)));
-    let cluster = cluster_id(psk.as_ref());
+    let cluster = cluster_key.cluster_id();
     let (commands, command_receiver) = mpsc::channel(COMMANDS_CAPACITY);
     let inviter =
         Inviter { peer_id: peer_id.to_string(), cluster: cluster_key.clone(), ledger: ledger.clone() };
@@ -175,7 +174,6 @@ pub async fn spawn(
         provided: HashSet::new(),
         awaiting_connection: HashMap::new(),
         provider_queries: HashMap::new(),
-        cluster_id: cluster,
         cluster_key: cluster_key.clone(),
         founder: psk.zip(config.admission_key),
         data_dir: config.data_dir.clone(),
@@ -425,7 +423,7 @@ impl Network {
             .take(MAX_INVITATION_ADDRESSES)
             .collect();
         let invitation = Invitation::new(
-            self.cluster_id.clone(),
+            self.cluster_key.cluster_id(),
             self.cluster_key.get(),
             peer.to_string(),
             addresses,

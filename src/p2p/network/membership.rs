@@ -9,7 +9,6 @@ use libp2p::{Multiaddr, PeerId, relay};
 use super::super::P2pEvent;
 use super::super::announcement::Announcement;
 use super::super::members::{Probation, Roster};
-use super::super::transport::cluster_id;
 use super::{Network, announcement_topic};
 
 impl Network {
@@ -125,22 +124,21 @@ impl Network {
     /// admission key applies only to its own cluster).
     pub(super) fn switch_cluster(&mut self, psk: Option<[u8; 32]>) {
         self.cluster_key.set(psk);
-        self.cluster_id = cluster_id(psk.as_ref());
-        let old_topic = std::mem::replace(&mut self.topic, announcement_topic(&self.cluster_id));
+        let cluster = self.cluster_key.cluster_id();
+        let old_topic = std::mem::replace(&mut self.topic, announcement_topic(&cluster));
         let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
         gossipsub.unsubscribe(&old_topic);
         if let Err(error) = gossipsub.subscribe(&self.topic) {
             tracing::error!(%error, "cannot subscribe to the new cluster's announcements");
         }
         let admission_key = self.founder.filter(|(founded, _)| Some(*founded) == psk).map(|(_, key)| key);
-        self.roster =
-            psk.map(|_| Roster::load(&self.data_dir, &self.cluster_id, &self.keypair, admission_key));
+        self.roster = psk.map(|_| Roster::load(&self.data_dir, &cluster, &self.keypair, admission_key));
         self.probation = Probation::default();
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in connected {
             let _ = self.swarm.disconnect_peer_id(peer);
         }
-        tracing::info!(cluster = %self.cluster_id, "moved to another cluster; connections to the old one closed");
+        tracing::info!(%cluster, "moved to another cluster; connections to the old one closed");
     }
 
     /// Peers on probation that have become members: stop the clock, and take in the announcement
