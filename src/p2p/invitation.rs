@@ -13,6 +13,7 @@ use libp2p::identity::Keypair;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
+use super::json_file::save_json;
 use super::signed::{self, EnvelopeError};
 
 pub const KEY_PREFIX: &str = "llmesh://join/";
@@ -169,13 +170,7 @@ impl InvitationLedger {
     }
 
     fn save(&self) -> std::io::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let bytes = serde_json::to_vec_pretty(&self.entries).map_err(std::io::Error::other)?;
-        let temporary = self.path.with_extension("json.tmp");
-        std::fs::write(&temporary, bytes)?;
-        std::fs::rename(&temporary, &self.path)
+        save_json(&self.path, &self.entries)
     }
 }
 

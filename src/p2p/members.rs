@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::announcement::Announcement;
+use super::json_file::save_json;
 use super::signed::{self, EnvelopeError};
 
 /// Members a roster holds (and one announcement carries).
@@ -314,16 +315,7 @@ impl Roster {
             cluster_id: self.cluster_id.clone(),
             records: self.members.values().map(|record| STANDARD.encode(record)).collect(),
         };
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-            let temporary = self.path.with_extension("json.tmp");
-            std::fs::write(&temporary, bytes)?;
-            std::fs::rename(&temporary, &self.path)
-        };
-        if let Err(error) = write() {
+        if let Err(error) = save_json(&self.path, &file) {
             tracing::error!(%error, path = %self.path.display(), "cannot save the cluster's members");
         }
     }

@@ -10,6 +10,7 @@ mod announcement;
 mod identity;
 pub mod invitation;
 mod join;
+mod json_file;
 mod members;
 mod network;
 mod peer_store;

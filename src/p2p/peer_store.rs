@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
+use super::json_file::save_json;
+
 const PEERS_FILE: &str = "peers.json";
 /// Peers remembered at most; the ones seen longest ago are forgotten first.
 const MAX_PEERS: usize = 256;
@@ -74,16 +76,7 @@ impl PeerStore {
         if !self.dirty {
             return;
         }
-        let result = (|| -> std::io::Result<()> {
-            if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let bytes = serde_json::to_vec_pretty(&self.peers).map_err(std::io::Error::other)?;
-            let temporary = self.path.with_extension("json.tmp");
-            std::fs::write(&temporary, bytes)?;
-            std::fs::rename(&temporary, &self.path)
-        })();
-        match result {
+        match save_json(&self.path, &self.peers) {
             Ok(()) => self.dirty = false,
             Err(error) => tracing::warn!(%error, path = %self.path.display(), "cannot save the known peers"),
         }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use libp2p::PeerId;
 
 use super::announcement::MAX_REVOKED;
+use super::json_file::save_json;
 
 const REVOKED_FILE: &str = "revoked.json";
 /// Revoked peers a node keeps.
@@ -63,14 +64,8 @@ impl RevokedPeers {
     }
 
     fn save(&self) -> std::io::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
         let all: Vec<String> = self.peers.iter().map(PeerId::to_string).collect();
-        let bytes = serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?;
-        let temporary = self.path.with_extension("json.tmp");
-        std::fs::write(&temporary, bytes)?;
-        std::fs::rename(&temporary, &self.path)
+        save_json(&self.path, &all)
     }
 }
 
