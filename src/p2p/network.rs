@@ -4,38 +4,38 @@
 //! by a swarm call, and events go out with `try_send` (never waiting on their consumer).
 
 use std::collections::{HashMap, HashSet};
-use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::core::ConnectedPoint;
-use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::identity::Keypair;
-use libp2p::kad::{self, store::MemoryStore};
+use libp2p::kad;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, mdns, ping, relay};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, relay};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::announcement::{Announcement, MAX_ANNOUNCEMENT_BYTES};
+use super::announcement::Announcement;
 use super::identity::load_or_create_keypair;
 use super::invitation::{Invitation, InvitationLedger};
 use super::join::{Inviter, JOIN_PROTOCOL, Standing, serve_joins};
 use super::members::{Credentials, Probation, Roster};
 use super::peer_store::PeerStore;
-use super::relay::{Relays, server_config};
+use super::relay::Relays;
 use super::revoked::RevokedPeers;
-use super::transport::{ClusterKey, build_transport};
+use super::transport::ClusterKey;
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
 
 mod links;
 mod membership;
+mod swarm;
 
-const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/kad/1.0.0");
-const IDENTIFY_PROTOCOL: &str = "/llmesh/id/1.0.0";
+use swarm::{Behaviour, BehaviourEvent, build_swarm};
+
 /// How often explicit peers are checked (each is dialed again on its own backoff).
 const REDIAL_INTERVAL: Duration = Duration::from_secs(1);
 const REDIAL_FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -48,19 +48,6 @@ const COMMANDS_CAPACITY: usize = 64;
 const GOSSIP_GREETING: Duration = Duration::from_secs(6);
 /// Addresses one announcement carries (relayed ones included).
 const MAX_ANNOUNCED_ADDRESSES: usize = 16;
-
-#[derive(NetworkBehaviour)]
-struct Behaviour {
-    gossipsub: gossipsub::Behaviour,
-    mdns: Toggle<mdns::tokio::Behaviour>,
-    kademlia: kad::Behaviour<MemoryStore>,
-    identify: identify::Behaviour,
-    ping: ping::Behaviour,
-    stream: libp2p_stream::Behaviour,
-    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
-    relay: Toggle<relay::Behaviour>,
-    relay_client: relay::client::Behaviour,
-}
 
 struct OpenConnection {
     id: ConnectionId,
@@ -237,67 +224,6 @@ fn parse_address(address: &str) -> Result<Multiaddr, P2pError> {
         address: address.to_string(),
         reason: e.to_string(),
     })
-}
-
-fn build_swarm(
-    keypair: &Keypair,
-    cluster_key: ClusterKey,
-    use_mdns: bool,
-    use_relay: bool,
-) -> Result<Swarm<Behaviour>, P2pError> {
-    let setup = |e: &dyn std::fmt::Display| P2pError::Setup(e.to_string());
-    let peer_id = keypair.public().to_peer_id();
-    let gossip_config = gossipsub::ConfigBuilder::default()
-        .heartbeat_interval(Duration::from_secs(1))
-        .validation_mode(ValidationMode::Strict)
-        .validate_messages()
-        .max_transmit_size(MAX_ANNOUNCEMENT_BYTES)
-        .build()
-        .map_err(|e| setup(&e))?;
-    let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(keypair.clone()), gossip_config)
-        .map_err(|e| setup(&e))?;
-    let mdns = if use_mdns {
-        let config = mdns::Config { query_interval: Duration::from_secs(5), ..mdns::Config::default() };
-        Some(mdns::tokio::Behaviour::new(config, peer_id).map_err(|e| setup(&e))?)
-    } else {
-        None
-    };
-    let (relay_transport, relay_client) = relay::client::new(peer_id);
-    let relay_server = use_relay.then(|| {
-        let mut server = relay::Behaviour::new(peer_id, server_config());
-        // By default libp2p relays only once it has confirmed public addresses; members relay for
-        // each other on any network they share.
-        server.set_status(Some(relay::Status::Enable));
-        server
-    });
-    let mut kad_config = kad::Config::new(KAD_PROTOCOL);
-    kad_config.set_replication_factor(NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN));
-    let behaviour = Behaviour {
-        gossipsub,
-        mdns: Toggle::from(mdns),
-        kademlia: kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config),
-        identify: identify::Behaviour::new(
-            identify::Config::new(IDENTIFY_PROTOCOL.to_string(), keypair.public())
-                .with_agent_version(format!("llmesh/{}", env!("CARGO_PKG_VERSION"))),
-        ),
-        ping: ping::Behaviour::new(
-            ping::Config::new().with_interval(Duration::from_secs(2)).with_timeout(Duration::from_secs(4)),
-        ),
-        stream: libp2p_stream::Behaviour::new(),
-        blocked: allow_block_list::Behaviour::default(),
-        relay: Toggle::from(relay_server),
-        relay_client,
-    };
-    let transport = build_transport(keypair, cluster_key, relay_transport).map_err(|e| setup(&e))?;
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
-        .with_tokio()
-        .with_other_transport(|_| transport)
-        .map_err(|e| setup(&e))?
-        .with_behaviour(|_| behaviour)
-        .map_err(|e| setup(&e))?
-        .with_swarm_config(|config| config.with_idle_connection_timeout(Duration::from_secs(30)))
-        .build();
-    Ok(swarm)
 }
 
 impl Network {
