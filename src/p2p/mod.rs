@@ -144,16 +144,26 @@ pub struct P2pHandle {
     fixed_cluster: bool,
 }
 
+/// Inbound inference streams waiting to be served. libp2p-stream holds one inbound stream at a
+/// time and resets any that arrives while one is waiting, so a task moves them here at once.
+const INBOUND_BACKLOG: usize = 256;
+
 /// Inbound inference streams from members, with the peer that opened each. Streams from peers
 /// that are not members are closed unanswered.
 pub struct InboundStreams {
-    incoming: libp2p_stream::IncomingStreams,
+    backlog: mpsc::Receiver<(PeerId, P2pStream)>,
     commands: mpsc::Sender<Command>,
 }
 
 impl InboundStreams {
+    fn new(incoming: libp2p_stream::IncomingStreams, commands: mpsc::Sender<Command>) -> Self {
+        let (sender, backlog) = mpsc::channel(INBOUND_BACKLOG);
+        tokio::spawn(move_to_backlog(incoming, sender));
+        Self { backlog, commands }
+    }
+
     pub async fn next(&mut self) -> Option<(String, P2pStream)> {
-        while let Some((peer, stream)) = self.incoming.next().await {
+        while let Some((peer, stream)) = self.backlog.recv().await {
             let (reply, answer) = oneshot::channel();
             self.commands.send(Command::IsMember(peer, reply)).await.ok()?;
             if answer.await.ok()? {
@@ -162,6 +172,21 @@ impl InboundStreams {
             tracing::warn!(%peer, "refused an inference stream from a peer that is not a member");
         }
         None
+    }
+}
+
+async fn move_to_backlog(
+    mut incoming: libp2p_stream::IncomingStreams,
+    backlog: mpsc::Sender<(PeerId, P2pStream)>,
+) {
+    while let Some((peer, stream)) = incoming.next().await {
+        match backlog.try_send((peer, stream)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(%peer, "too many inference streams waiting; closed one unanswered");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
     }
 }
 

@@ -171,7 +171,7 @@ pub async fn spawn(
         relays,
     };
     tokio::spawn(network.run(keypair, command_receiver, shutdown));
-    let inbound = InboundStreams { incoming: inbound, commands: commands.clone() };
+    let inbound = InboundStreams::new(inbound, commands.clone());
     let handle = P2pHandle {
         peer_id,
         commands,

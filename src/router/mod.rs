@@ -25,7 +25,7 @@ pub use balance::{Balancer, Candidate, Strategy};
 pub use breaker::{Breaker, BreakerState};
 pub use cluster::{ClusterView, DEPARTED_GRACE, NodeRecord, OFFLINE_AFTER, OFFLINE_LISTED_FOR, RemoteHost};
 /// Speaking to a host directly, as the router does (tools and tests use it too).
-pub use remote::{forward_embed, forward_generate};
+pub use remote::{InferReply, InferRequest, forward_embed, forward_generate};
 pub use stats::{CountersSnapshot, Histogram, LATENCY_BUCKETS, Percentiles, RoutingStats, StatsSnapshot};
 
 use std::collections::{HashMap, HashSet};

@@ -23,6 +23,11 @@ const MAX_INBOUND_REQUESTS: usize = 256;
 /// How long a host waits for the request frame after a stream opens.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const EVENTS_PER_FORWARD: usize = 32;
+/// Times a request is sent again to a host that is still connected but reset its stream before
+/// answering. A host that has too many streams waiting to be accepted resets the newest without
+/// reading it, so sending again is safe: nothing ran.
+const MAX_RESENDS: u32 = 4;
+const FIRST_RESEND_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum InferRequest {
@@ -43,8 +48,36 @@ fn lost(host: &str, reason: impl std::fmt::Display) -> EngineError {
     EngineError::Unavailable(format!("host {host} failed before answering: {reason}"))
 }
 
-async fn open(p2p: &P2pHandle, peer_id: &str, host: &str) -> Result<P2pStream, EngineError> {
-    p2p.open_stream(peer_id).await.map_err(|error| lost(host, error))
+/// Send `request` to `peer_id` (named `host`) and read the first reply, sending it again while
+/// the host stays connected but resets the stream before answering.
+async fn send(
+    p2p: &P2pHandle,
+    peer_id: &str,
+    host: &str,
+    request: &InferRequest,
+) -> Result<(P2pStream, InferReply), EngineError> {
+    let mut pause = FIRST_RESEND_PAUSE;
+    let mut resends = 0;
+    loop {
+        let mut stream = p2p.open_stream(peer_id).await.map_err(|error| lost(host, error))?;
+        let reply = match write_frame(&mut stream, request).await {
+            Ok(()) => read_frame::<_, InferReply>(&mut stream).await,
+            Err(error) => Err(error),
+        };
+        let reason = match reply {
+            Ok(Some(reply)) => return Ok((stream, reply)),
+            Ok(None) => "the stream closed".to_string(),
+            Err(error) => error.to_string(),
+        };
+        let connected = p2p.connected_peers().await.is_ok_and(|peers| peers.iter().any(|p| p == peer_id));
+        if !connected || resends == MAX_RESENDS {
+            return Err(lost(host, reason));
+        }
+        tracing::debug!(%host, %reason, "the host reset the stream before answering; sending again");
+        resends += 1;
+        tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
+        pause *= 2;
+    }
 }
 
 /// Run a generation on `peer_id` (named `host`), relaying its events.
@@ -54,14 +87,11 @@ pub async fn forward_generate(
     host: &str,
     request: GenerateRequest,
 ) -> Result<GenerationStream, EngineError> {
-    let mut stream = open(p2p, peer_id, host).await?;
-    write_frame(&mut stream, &InferRequest::Generate(request)).await.map_err(|e| lost(host, e))?;
-    match read_frame::<_, InferReply>(&mut stream).await {
-        Ok(Some(InferReply::Accepted)) => {}
-        Ok(Some(InferReply::Error(error))) => return Err(error),
-        Ok(Some(other)) => return Err(lost(host, format!("unexpected reply {other:?}"))),
-        Ok(None) => return Err(lost(host, "the stream closed")),
-        Err(error) => return Err(lost(host, error)),
+    let (mut stream, reply) = send(p2p, peer_id, host, &InferRequest::Generate(request)).await?;
+    match reply {
+        InferReply::Accepted => {}
+        InferReply::Error(error) => return Err(error),
+        other => return Err(lost(host, format!("unexpected reply {other:?}"))),
     }
     // Wait for the first event, so a host that dies before answering can still be replaced
     // without the client noticing.
@@ -111,16 +141,13 @@ pub async fn forward_embed(
     host: &str,
     request: EmbedRequest,
 ) -> Result<Embeddings, EngineError> {
-    let mut stream = open(p2p, peer_id, host).await?;
-    write_frame(&mut stream, &InferRequest::Embed(request)).await.map_err(|e| lost(host, e))?;
-    match read_frame::<_, InferReply>(&mut stream).await {
-        Ok(Some(InferReply::Embeddings(embeddings))) => {
+    let (_, reply) = send(p2p, peer_id, host, &InferRequest::Embed(request)).await?;
+    match reply {
+        InferReply::Embeddings(embeddings) => {
             Ok(Embeddings { served_by: Some(host.to_string()), ..embeddings })
         }
-        Ok(Some(InferReply::Error(error))) => Err(error),
-        Ok(Some(other)) => Err(lost(host, format!("unexpected reply {other:?}"))),
-        Ok(None) => Err(lost(host, "the stream closed")),
-        Err(error) => Err(lost(host, error)),
+        InferReply::Error(error) => Err(error),
+        other => Err(lost(host, format!("unexpected reply {other:?}"))),
     }
 }
 

@@ -48,6 +48,7 @@ pub fn config(
     peers: Vec<String>,
     cluster_key: Option<&str>,
 ) -> Config {
+    log_when_asked();
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         name: Some(name.into()),
@@ -57,6 +58,14 @@ pub fn config(
         mdns: false,
         cluster_key: cluster_key.map(str::to_string),
         ..Config::default()
+    }
+}
+
+/// Print the nodes' logs (captured per test) when `RUST_LOG` is set, e.g. `RUST_LOG=llmesh=debug`.
+fn log_when_asked() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let filter = tracing_subscriber::EnvFilter::from_default_env();
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
 }
 
