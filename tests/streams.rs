@@ -1,13 +1,16 @@
 //! Inference streams between two bare overlay peers on loopback: a burst of streams that arrives
-//! while the host is busy waits to be served instead of being reset unread, and a request whose
-//! stream a connected host reset unread is sent again.
+//! while the host is busy waits to be served instead of being reset unread, a request whose
+//! stream a connected host reset unread is sent again, and a host that falls silent mid-answer is
+//! given up while one that keeps saying it is working is waited for.
 
 use std::time::Duration;
 
-use llmesh::engine::{EmbedRequest, Embeddings};
+use llmesh::engine::{
+    EmbedRequest, Embeddings, EngineError, GenerateRequest, GenerationEvent, Prompt, SamplingParams,
+};
 use llmesh::p2p::wire::{read_frame, write_frame};
 use llmesh::p2p::{self, InboundStreams, P2pConfig, P2pHandle};
-use llmesh::router::{InferReply, InferRequest, forward_embed};
+use llmesh::router::{InferReply, InferRequest, forward_embed, forward_generate};
 use tokio_util::sync::CancellationToken;
 
 async fn peer(dir: &tempfile::TempDir, name: &str, peers: Vec<String>) -> (P2pHandle, InboundStreams) {
@@ -118,4 +121,56 @@ async fn a_request_reset_unread_is_sent_again() {
     });
     let error = forward_embed(&entry, &host.peer_id(), "host", embed_request("a")).await.unwrap_err();
     assert!(error.to_string().contains("host host failed before answering"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_falls_silent_mid_answer_is_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, mut inbound, entry) = host_and_entry(&dir).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (_, mut stream) = inbound.next().await.unwrap();
+        let _request: InferRequest = read_frame(&mut stream).await.unwrap().unwrap();
+        write_frame(&mut stream, &InferReply::Accepted).await.unwrap();
+        let first = InferReply::Event(GenerationEvent::Text("Once".into()));
+        write_frame(&mut stream, &first).await.unwrap();
+        // Then nothing, with the stream and its connection left open: a host whose cable was
+        // pulled, or a stream whose connection was closed under it.
+        let _ = stopped.await;
+    });
+    let request = GenerateRequest {
+        model: "m".into(),
+        prompt: Prompt::Text("tell me".into()),
+        params: SamplingParams { max_tokens: 10, ..SamplingParams::default() },
+    };
+    let mut answer = forward_generate(&entry, &host.peer_id(), "host", request).await.unwrap();
+    assert_eq!(answer.recv().await, Some(GenerationEvent::Text("Once".into())));
+    let next = tokio::time::timeout(Duration::from_secs(60), answer.recv()).await.expect("still waiting");
+    let Some(GenerationEvent::Error(EngineError::Unavailable(reason))) = next else {
+        panic!("a silent host was not given up")
+    };
+    assert!(reason.contains("went away in the middle of the answer: nothing heard for"), "{reason}");
+    drop(stop);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_keeps_saying_it_is_working_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, mut inbound, entry) = host_and_entry(&dir).await;
+    tokio::spawn(async move {
+        let (_, mut stream) = inbound.next().await.unwrap();
+        let Some(InferRequest::Embed(request)) = read_frame(&mut stream).await.unwrap() else {
+            panic!("not an embedding request")
+        };
+        // Longer than an entry node waits without a word, with a word every second.
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            write_frame(&mut stream, &InferReply::Working).await.unwrap();
+        }
+        let vectors = vec![vec![7.0]; request.inputs.len()];
+        let embeddings = Embeddings { vectors, prompt_tokens: 1, served_by: None };
+        write_frame(&mut stream, &InferReply::Embeddings(embeddings)).await.unwrap();
+    });
+    let embeddings = forward_embed(&entry, &host.peer_id(), "host", embed_request("slow")).await.unwrap();
+    assert_eq!(embeddings.vectors, vec![vec![7.0]]);
 }

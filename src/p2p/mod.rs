@@ -38,7 +38,7 @@ pub use members::MAX_MEMBERS;
 pub use transport::{admission_key, cluster_id, cluster_psk};
 
 /// The protocol requests are forwarded on. A new incompatible framing gets a new number.
-pub const INFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/infer/1");
+pub const INFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/infer/2");
 
 /// A bidirectional stream to a peer (futures' AsyncRead + AsyncWrite).
 pub type P2pStream = libp2p::Stream;

@@ -15,7 +15,7 @@ use libp2p::kad;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, relay};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, ping, relay};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -554,6 +554,12 @@ impl Network {
                     &propagation_source,
                     acceptance,
                 );
+            }
+            BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(error) }) => {
+                // A peer whose machine vanished (power, cable, sleep) sends no reset: without
+                // this its connection, and every request on it, would wait for TCP to give up.
+                tracing::info!(%peer, %error, "the peer stopped answering pings; closing its connection");
+                self.swarm.close_connection(connection);
             }
             BehaviourEvent::Relay(event) => self.handle_relay_event(event),
             BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {

@@ -1,4 +1,4 @@
-//! Requests carried over the overlay on `/llmesh/infer/1` streams.
+//! Requests carried over the overlay on `/llmesh/infer/2` streams.
 //!
 //! One stream per request. The entry node writes an `InferRequest`; the host answers `Accepted`
 //! (the engine took it) or `Error` (the same `EngineError` a local call gives), then, for a
@@ -7,8 +7,16 @@
 //! turns an early end into a clear `Unavailable` error instead of hanging. `forward_*` return
 //! only once the host has sent its first answer, so anything that fails before that is safe to
 //! retry elsewhere.
+//!
+//! A connection can also die without a word: a pulled cable sends no reset, and a connection
+//! closed gracefully under a stream leaves its reads waiting forever. So a host with nothing to
+//! send for `HEARTBEAT` sends `Working`, and each side gives the other up after `SILENCE_LIMIT`
+//! without a frame read or written.
 
-use futures::AsyncReadExt;
+use std::future::Future;
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -18,16 +26,20 @@ use crate::engine::{
 use crate::p2p::wire::{read_frame, write_frame};
 use crate::p2p::{InboundStreams, P2pHandle, P2pStream};
 
+/// How long a host with nothing to send waits before saying it is still working.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long either side waits for a frame to arrive or to leave before giving the other up.
+const SILENCE_LIMIT: Duration = Duration::from_secs(8);
 /// Requests served at once for other nodes; more wait for the stream to be accepted.
 const MAX_INBOUND_REQUESTS: usize = 256;
 /// How long a host waits for the request frame after a stream opens.
-const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const EVENTS_PER_FORWARD: usize = 32;
 /// Times a request is sent again to a host that is still connected but reset its stream before
 /// answering. A host that has too many streams waiting to be accepted resets the newest without
 /// reading it, so sending again is safe: nothing ran.
 const MAX_RESENDS: u32 = 4;
-const FIRST_RESEND_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
+const FIRST_RESEND_PAUSE: Duration = Duration::from_millis(25);
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum InferRequest {
@@ -42,6 +54,32 @@ pub enum InferReply {
     Event(GenerationEvent),
     Embeddings(Embeddings),
     Error(EngineError),
+    /// The host is still at it (queued, prefilling, computing) and has nothing else to send.
+    Working,
+}
+
+fn silent(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("nothing {what} for {} s", SILENCE_LIMIT.as_secs()),
+    )
+}
+
+/// The next reply other than `Working`, or an error after `SILENCE_LIMIT` without any frame.
+async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R) -> std::io::Result<Option<InferReply>> {
+    loop {
+        match tokio::time::timeout(SILENCE_LIMIT, read_frame(stream)).await {
+            Ok(Ok(Some(InferReply::Working))) => continue,
+            Ok(result) => return result,
+            Err(_) => return Err(silent("heard")),
+        }
+    }
+}
+
+/// Write one frame, giving up after `SILENCE_LIMIT` (a reader that went away without a word
+/// stops taking bytes).
+async fn write_within<W: AsyncWrite + Unpin, T: Serialize>(stream: &mut W, frame: &T) -> std::io::Result<()> {
+    tokio::time::timeout(SILENCE_LIMIT, write_frame(stream, frame)).await.map_err(|_| silent("sent"))?
 }
 
 fn lost(host: &str, reason: impl std::fmt::Display) -> EngineError {
@@ -60,8 +98,8 @@ async fn send(
     let mut resends = 0;
     loop {
         let mut stream = p2p.open_stream(peer_id).await.map_err(|error| lost(host, error))?;
-        let reply = match write_frame(&mut stream, request).await {
-            Ok(()) => read_frame::<_, InferReply>(&mut stream).await,
+        let reply = match write_within(&mut stream, request).await {
+            Ok(()) => read_reply(&mut stream).await,
             Err(error) => Err(error),
         };
         let reason = match reply {
@@ -95,7 +133,7 @@ pub async fn forward_generate(
     }
     // Wait for the first event, so a host that dies before answering can still be replaced
     // without the client noticing.
-    let first = match read_frame::<_, InferReply>(&mut stream).await {
+    let first = match read_reply(&mut stream).await {
         Ok(Some(InferReply::Event(GenerationEvent::Error(error)))) => return Err(error),
         Ok(Some(InferReply::Event(event))) => event,
         Ok(Some(other)) => return Err(lost(host, format!("unexpected reply {other:?}"))),
@@ -117,14 +155,17 @@ pub async fn forward_generate(
 async fn relay_events(mut stream: P2pStream, events: mpsc::Sender<GenerationEvent>, host: String) {
     loop {
         let frame = tokio::select! {
-            frame = read_frame::<_, InferReply>(&mut stream) => frame,
+            frame = read_reply(&mut stream) => frame,
             _ = events.closed() => return,
         };
         let event = match frame {
             Ok(Some(InferReply::Event(event))) => event,
             Ok(Some(other)) => GenerationEvent::Error(lost(&host, format!("unexpected reply {other:?}"))),
-            Ok(None) | Err(_) => GenerationEvent::Error(EngineError::Unavailable(format!(
+            Ok(None) => GenerationEvent::Error(EngineError::Unavailable(format!(
                 "host {host} went away in the middle of the answer"
+            ))),
+            Err(error) => GenerationEvent::Error(EngineError::Unavailable(format!(
+                "host {host} went away in the middle of the answer: {error}"
             ))),
         };
         let last = !matches!(event, GenerationEvent::Text(_));
@@ -181,25 +222,26 @@ async fn serve_one(mut stream: P2pStream, engine: SharedEngine) -> std::io::Resu
     match request {
         InferRequest::Embed(request) => {
             tracing::debug!(model = %request.model, inputs = request.inputs.len(), "embedding for a peer");
-            let reply = match engine.embed(request).await {
+            let reply = match working(&mut stream, engine.embed(request)).await? {
                 Ok(embeddings) => InferReply::Embeddings(embeddings),
                 Err(error) => InferReply::Error(error),
             };
-            write_frame(&mut stream, &reply).await
+            write_within(&mut stream, &reply).await
         }
         InferRequest::Generate(request) => {
             tracing::debug!(model = %request.model, "generating for a peer");
-            let mut generation = match engine.generate(request).await {
+            let mut generation = match working(&mut stream, engine.generate(request)).await? {
                 Ok(generation) => generation,
-                Err(error) => return write_frame(&mut stream, &InferReply::Error(error)).await,
+                Err(error) => return write_within(&mut stream, &InferReply::Error(error)).await,
             };
             let (mut reader, mut writer) = stream.split();
-            write_frame(&mut writer, &InferReply::Accepted).await?;
+            write_within(&mut writer, &InferReply::Accepted).await?;
             // The entry node sends nothing more: any read result means it closed or reset.
             let mut closed = Box::pin(async move {
                 let mut byte = [0u8; 1];
                 reader.read(&mut byte).await
             });
+            let mut heartbeat = heartbeats();
             loop {
                 let event = tokio::select! {
                     event = generation.recv() => event,
@@ -207,14 +249,38 @@ async fn serve_one(mut stream: P2pStream, engine: SharedEngine) -> std::io::Resu
                         tracing::debug!("the entry node went away; cancelling");
                         return Ok(());
                     }
+                    _ = heartbeat.tick() => {
+                        write_within(&mut writer, &InferReply::Working).await?;
+                        continue;
+                    }
                 };
                 let Some(event) = event else { return Ok(()) };
                 let last = !matches!(event, GenerationEvent::Text(_));
-                write_frame(&mut writer, &InferReply::Event(event)).await?;
+                write_within(&mut writer, &InferReply::Event(event)).await?;
                 if last {
                     return Ok(());
                 }
+                heartbeat.reset();
             }
+        }
+    }
+}
+
+/// Ticks every `HEARTBEAT`, starting one `HEARTBEAT` from now.
+fn heartbeats() -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
+}
+
+/// Run `work`, telling the entry node on `stream` every `HEARTBEAT` that it is still going.
+async fn working<W: AsyncWrite + Unpin, F: Future>(stream: &mut W, work: F) -> std::io::Result<F::Output> {
+    let mut work = std::pin::pin!(work);
+    let mut heartbeat = heartbeats();
+    loop {
+        tokio::select! {
+            output = &mut work => return Ok(output),
+            _ = heartbeat.tick() => write_within(stream, &InferReply::Working).await?,
         }
     }
 }
