@@ -31,12 +31,6 @@ fail() {
   exit 1
 }
 
-fail() {
-  echo "FAIL: $*"
-  reported=1
-  exit 1
-}
-
 skip() {
   echo "SKIP: $*"
   reported=1
