@@ -163,7 +163,8 @@ measure stream_total_seconds "$total" s
 say "plugging node-$cut's cable back in"
 cable "$cut" up
 plugged_at=$(now)
-wait_for "node-a lists smollm2 on node-$cut again" lists_model a smollm2 "node-$cut"
+# Redials back off up to 60 s while the cable is out, so this wait gets twice the usual time.
+timeout=$((timeout * 2)) wait_for "node-a lists smollm2 on node-$cut again" lists_model a smollm2 "node-$cut"
 measure reconnect_seconds "$(seconds_since "$plugged_at")" s
 wait_for "node-$cut lists smollm2 on $other again" lists_model "$cut" smollm2 "$other"
 
