@@ -51,6 +51,8 @@ cleanup() {
   local status=$? log
   set +e
   trap - ERR
+  # A second signal (timeout(1) signals the whole process group) must not cut the cleanup short.
+  trap '' INT TERM
   if [ -n "$step_pid" ]; then
     kill -KILL "$step_pid" 2>/dev/null
     wait "$step_pid" 2>/dev/null

@@ -1,13 +1,22 @@
 //! Inference streams between two bare overlay peers on loopback: a burst of streams that arrives
 //! while the host is busy waits to be served instead of being reset unread, a request whose
 //! stream a connected host reset unread is sent again, and a host that falls silent mid-answer is
-//! given up while one that keeps saying it is working is waited for.
+//! given up while one that keeps saying it is working is waited for (a real node's serving code
+//! says so while its engine works).
+
+mod support;
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use llmesh::engine::{
-    EmbedRequest, Embeddings, EngineError, GenerateRequest, GenerationEvent, Prompt, SamplingParams,
+    EmbedRequest, Embeddings, Engine, EngineError, GenerateRequest, GenerationEvent, GenerationStream,
+    ModelInfo, ModelKind, Prompt, SamplingParams,
 };
+use llmesh::node::Node;
 use llmesh::p2p::wire::{read_frame, write_frame};
 use llmesh::p2p::{self, InboundStreams, P2pConfig, P2pHandle};
 use llmesh::router::{InferReply, InferRequest, forward_embed, forward_generate};
@@ -40,9 +49,14 @@ async fn host_and_entry(dir: &tempfile::TempDir) -> (P2pHandle, InboundStreams, 
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let (entry, _) = peer(dir, "entry", host_addresses).await;
+    wait_until_connected(&entry, &host.peer_id()).await;
+    (host, inbound, entry)
+}
+
+async fn wait_until_connected(entry: &P2pHandle, host: &str) {
     for _ in 0..100 {
-        if entry.connected_peers().await.unwrap().contains(&host.peer_id()) {
-            return (host, inbound, entry);
+        if entry.connected_peers().await.unwrap().iter().any(|peer| peer == host) {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -149,7 +163,7 @@ async fn a_host_that_falls_silent_mid_answer_is_given_up() {
     let Some(GenerationEvent::Error(EngineError::Unavailable(reason))) = next else {
         panic!("a silent host was not given up")
     };
-    assert!(reason.contains("went away in the middle of the answer: nothing heard for"), "{reason}");
+    assert!(reason.contains("went away in the middle of the answer: nothing moved for"), "{reason}");
     drop(stop);
 }
 
@@ -173,4 +187,47 @@ async fn a_host_that_keeps_saying_it_is_working_is_waited_for() {
     });
     let embeddings = forward_embed(&entry, &host.peer_id(), "host", embed_request("slow")).await.unwrap();
     assert_eq!(embeddings.vectors, vec![vec![7.0]]);
+}
+
+/// An embeddings model that takes longer than an entry node waits without a word.
+struct SlowEngine;
+
+impl Engine for SlowEngine {
+    fn models(&self) -> Vec<ModelInfo> {
+        let mut model = support::fake_engine::model("slow", ModelKind::Embeddings);
+        model.architecture = "slow".into();
+        vec![model]
+    }
+
+    fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> BoxFuture<'static, Result<GenerationStream, EngineError>> {
+        async move { Err(EngineError::UnknownModel(request.model)) }.boxed()
+    }
+
+    fn embed(&self, request: EmbedRequest) -> BoxFuture<'static, Result<Embeddings, EngineError>> {
+        async move {
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            Ok(Embeddings {
+                vectors: vec![vec![0.5]; request.inputs.len()],
+                prompt_tokens: 1,
+                served_by: None,
+            })
+        }
+        .boxed()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_says_it_is_working_while_its_engine_takes_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::cluster::config("host", &dir, Vec::new(), None);
+    let host = Node::spawn_with_engine(config, Arc::new(SlowEngine)).await.unwrap();
+    let (entry, _) = peer(&dir, "entry", host.p2p_addresses().to_vec()).await;
+    let host_id = host.router().node().peer_id.clone();
+    wait_until_connected(&entry, &host_id).await;
+    let request = EmbedRequest { model: "slow".into(), inputs: vec!["a".into()] };
+    let embeddings = forward_embed(&entry, &host_id, "host", request).await.unwrap();
+    assert_eq!(embeddings.vectors, vec![vec![0.5]]);
 }

@@ -145,7 +145,9 @@ pub struct P2pHandle {
 }
 
 /// Inbound inference streams waiting to be served. libp2p-stream holds one inbound stream at a
-/// time and resets any that arrives while one is waiting, so a task moves them here at once.
+/// time and resets any that arrives while one is waiting, so a task moves them here as soon as
+/// they come. (Streams opened in the same instant can still be reset; entry nodes send those
+/// requests again.)
 const INBOUND_BACKLOG: usize = 256;
 
 /// Inbound inference streams from members, with the peer that opened each. Streams from peers
@@ -179,7 +181,15 @@ async fn move_to_backlog(
     mut incoming: libp2p_stream::IncomingStreams,
     backlog: mpsc::Sender<(PeerId, P2pStream)>,
 ) {
-    while let Some((peer, stream)) = incoming.next().await {
+    loop {
+        let (peer, stream) = tokio::select! {
+            next = incoming.next() => match next {
+                Some(next) => next,
+                None => return,
+            },
+            // Dropping `incoming` stops libp2p-stream offering the protocol to peers.
+            _ = backlog.closed() => return,
+        };
         match backlog.try_send((peer, stream)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {

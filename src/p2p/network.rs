@@ -555,6 +555,7 @@ impl Network {
                     acceptance,
                 );
             }
+            BehaviourEvent::Ping(ping::Event { result: Err(ping::Failure::Unsupported), .. }) => {}
             BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(error) }) => {
                 // A peer whose machine vanished (power, cable, sleep) sends no reset: without
                 // this its connection, and every request on it, would wait for TCP to give up.

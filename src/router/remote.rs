@@ -11,24 +11,25 @@
 //! A connection can also die without a word: a pulled cable sends no reset, and a connection
 //! closed gracefully under a stream leaves its reads waiting forever. So a host with nothing to
 //! send for `HEARTBEAT` sends `Working`, and each side gives the other up after `SILENCE_LIMIT`
-//! without a frame read or written.
+//! without a byte moving.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, FutureExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::engine::{
     EmbedRequest, Embeddings, EngineError, GenerateRequest, GenerationEvent, GenerationStream, SharedEngine,
 };
-use crate::p2p::wire::{read_frame, write_frame};
+use crate::p2p::wire::{Watchdog, read_frame, write_frame};
 use crate::p2p::{InboundStreams, P2pHandle, P2pStream};
 
 /// How long a host with nothing to send waits before saying it is still working.
 const HEARTBEAT: Duration = Duration::from_secs(2);
-/// How long either side waits for a frame to arrive or to leave before giving the other up.
+/// How long either side waits for a byte to arrive or to leave before giving the other up.
 const SILENCE_LIMIT: Duration = Duration::from_secs(8);
 /// Requests served at once for other nodes; more wait for the stream to be accepted.
 const MAX_INBOUND_REQUESTS: usize = 256;
@@ -58,36 +59,36 @@ pub enum InferReply {
     Working,
 }
 
-fn silent(what: &str) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("nothing {what} for {} s", SILENCE_LIMIT.as_secs()),
-    )
-}
-
-/// The next reply other than `Working`, or an error after `SILENCE_LIMIT` without any frame.
-async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R) -> std::io::Result<Option<InferReply>> {
+/// The next reply other than `Working`, or `TimedOut` after `SILENCE_LIMIT` without a byte.
+/// `heard` is set once any frame arrived: the host has read the request.
+async fn read_reply<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    heard: &mut bool,
+) -> std::io::Result<Option<InferReply>> {
     loop {
-        match tokio::time::timeout(SILENCE_LIMIT, read_frame(stream)).await {
-            Ok(Ok(Some(InferReply::Working))) => continue,
-            Ok(result) => return result,
-            Err(_) => return Err(silent("heard")),
+        let frame = read_frame(&mut Watchdog::new(stream, SILENCE_LIMIT)).await?;
+        *heard |= frame.is_some();
+        match frame {
+            Some(InferReply::Working) => continue,
+            frame => return Ok(frame),
         }
     }
 }
 
-/// Write one frame, giving up after `SILENCE_LIMIT` (a reader that went away without a word
-/// stops taking bytes).
+/// Write one frame, failing with `TimedOut` after `SILENCE_LIMIT` without a byte taken (a
+/// reader that went away without a word stops taking bytes).
 async fn write_within<W: AsyncWrite + Unpin, T: Serialize>(stream: &mut W, frame: &T) -> std::io::Result<()> {
-    tokio::time::timeout(SILENCE_LIMIT, write_frame(stream, frame)).await.map_err(|_| silent("sent"))?
+    write_frame(&mut Watchdog::new(stream, SILENCE_LIMIT), frame).await
 }
 
 fn lost(host: &str, reason: impl std::fmt::Display) -> EngineError {
     EngineError::Unavailable(format!("host {host} failed before answering: {reason}"))
 }
 
-/// Send `request` to `peer_id` (named `host`) and read the first reply, sending it again while
-/// the host stays connected but resets the stream before answering.
+/// Send `request` to `peer_id` (named `host`) and read the first reply. A host that is still
+/// connected but reset the stream before saying anything did not read the request (its accept
+/// queue was full), so the request is sent again; never after a timeout or a `Working`, when
+/// the host may have it.
 async fn send(
     p2p: &P2pHandle,
     peer_id: &str,
@@ -98,20 +99,22 @@ async fn send(
     let mut resends = 0;
     loop {
         let mut stream = p2p.open_stream(peer_id).await.map_err(|error| lost(host, error))?;
+        let mut heard = false;
         let reply = match write_within(&mut stream, request).await {
-            Ok(()) => read_reply(&mut stream).await,
+            Ok(()) => read_reply(&mut stream, &mut heard).await,
             Err(error) => Err(error),
         };
-        let reason = match reply {
+        let (reason, unread) = match reply {
             Ok(Some(reply)) => return Ok((stream, reply)),
-            Ok(None) => "the stream closed".to_string(),
-            Err(error) => error.to_string(),
+            Ok(None) => ("the stream closed".to_string(), !heard),
+            Err(error) => (error.to_string(), !heard && error.kind() != std::io::ErrorKind::TimedOut),
         };
-        let connected = p2p.connected_peers().await.is_ok_and(|peers| peers.iter().any(|p| p == peer_id));
-        if !connected || resends == MAX_RESENDS {
+        let connected =
+            || async { p2p.connected_peers().await.is_ok_and(|peers| peers.iter().any(|p| p == peer_id)) };
+        if !unread || resends == MAX_RESENDS || !connected().await {
             return Err(lost(host, reason));
         }
-        tracing::debug!(%host, %reason, "the host reset the stream before answering; sending again");
+        tracing::debug!(%host, %reason, "the host reset the stream unread; sending again");
         resends += 1;
         tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
         pause *= 2;
@@ -133,7 +136,7 @@ pub async fn forward_generate(
     }
     // Wait for the first event, so a host that dies before answering can still be replaced
     // without the client noticing.
-    let first = match read_reply(&mut stream).await {
+    let first = match read_reply(&mut stream, &mut true).await {
         Ok(Some(InferReply::Event(GenerationEvent::Error(error)))) => return Err(error),
         Ok(Some(InferReply::Event(event))) => event,
         Ok(Some(other)) => return Err(lost(host, format!("unexpected reply {other:?}"))),
@@ -153,9 +156,10 @@ pub async fn forward_generate(
 /// Copy event frames to `events` until the generation ends, the host goes away, or the reader
 /// drops `events` (then the stream is dropped too, which cancels the remote generation).
 async fn relay_events(mut stream: P2pStream, events: mpsc::Sender<GenerationEvent>, host: String) {
+    let mut heard = true;
     loop {
         let frame = tokio::select! {
-            frame = read_reply(&mut stream) => frame,
+            frame = read_reply(&mut stream, &mut heard) => frame,
             _ = events.closed() => return,
         };
         let event = match frame {
@@ -192,23 +196,49 @@ pub async fn forward_embed(
     }
 }
 
-/// Serve other nodes' requests on the local engine until the inbound streams end.
+/// Serve other nodes' requests on the local engine until the inbound streams end. Beyond
+/// `MAX_INBOUND_REQUESTS` at once, requests are refused as `QueueFull` (the entry node tries
+/// another host or waits), up to as many refusals at once again; past that, streams are dropped.
 pub async fn serve_inbound(mut inbound: InboundStreams, engine: SharedEngine) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_REQUESTS));
+    let slots = Arc::new(Semaphore::new(MAX_INBOUND_REQUESTS));
+    let refusals = Arc::new(Semaphore::new(MAX_INBOUND_REQUESTS));
     while let Some((peer, stream)) = inbound.next().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let engine = engine.clone();
         let span = tracing::info_span!("inbound", peer = %peer, request_id = %uuid::Uuid::new_v4());
-        tokio::spawn(tracing::Instrument::instrument(
-            async move {
-                if let Err(error) = serve_one(stream, engine).await {
-                    tracing::debug!(%error, "inbound request ended early");
+        let work = match (slots.clone().try_acquire_owned(), refusals.clone().try_acquire_owned()) {
+            (Ok(slot), _) => {
+                let engine = engine.clone();
+                async move {
+                    if let Err(error) = serve_one(stream, engine).await {
+                        tracing::debug!(%error, "inbound request ended early");
+                    }
+                    drop(slot);
                 }
-                drop(permit);
-            },
-            span,
-        ));
+                .boxed()
+            }
+            (Err(_), Ok(refusal)) => async move {
+                refuse(stream).await;
+                drop(refusal);
+            }
+            .boxed(),
+            (Err(_), Err(_)) => {
+                tracing::warn!(%peer, "too many inbound requests; dropped one unread");
+                continue;
+            }
+        };
+        tokio::spawn(tracing::Instrument::instrument(work, span));
     }
+}
+
+/// Answer a request with `QueueFull` for its model.
+async fn refuse(mut stream: P2pStream) {
+    let model = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<_, InferRequest>(&mut stream)).await
+    {
+        Ok(Ok(Some(InferRequest::Generate(request)))) => request.model,
+        Ok(Ok(Some(InferRequest::Embed(request)))) => request.model,
+        _ => return,
+    };
+    tracing::debug!(%model, "refused a request: this host serves too many already");
+    let _ = write_within(&mut stream, &InferReply::Error(EngineError::QueueFull(model))).await;
 }
 
 async fn serve_one(mut stream: P2pStream, engine: SharedEngine) -> std::io::Result<()> {
