@@ -1,6 +1,7 @@
 //! Several nodes in one process on loopback (port 0, mDNS off, explicit peers): models hosted on
 //! one node are listed and served through the others over the overlay; a node that leaves
-//! disappears; a node with another cluster key sees nothing.
+//! disappears; a node with another cluster key sees nothing; a peer listed first at an address
+//! that never answers is reached at its next one.
 
 mod support;
 
@@ -109,4 +110,30 @@ async fn a_node_with_another_cluster_key_is_kept_out() {
     let refused = call(&stranger, "POST", "/v1/chat/completions", Some(chat(false))).await;
     assert_eq!(refused.status, StatusCode::NOT_FOUND, "{}", refused.body);
     assert!(c.router().cluster_nodes().iter().all(|node| node.announcement.name != "stranger"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_is_reached_at_its_next_address_when_the_first_never_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = hosting_node("host", &dir, None).await;
+    // A port that takes connections and never says a word (a stale VPN address behind a firewall
+    // that drops packets), listed first. The handshake on it would wait 20 s before failing.
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mute_address = format!(
+        "/ip4/127.0.0.1/tcp/{}/p2p/{}",
+        mute.local_addr().unwrap().port(),
+        host.router().node().peer_id
+    );
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = mute.accept().await {
+            held.push(socket);
+        }
+    });
+    let peers = [vec![mute_address], host.p2p_addresses().to_vec()].concat();
+    let entry = empty_node("entry", &dir, peers, None).await;
+    eventually("the entry reaches the host at its live address", async || {
+        hosts_of(&entry, "tiny").await == ["host"]
+    })
+    .await;
 }

@@ -5,10 +5,10 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use libp2p::PeerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::ConnectionId;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, PeerId};
 use tokio::sync::oneshot;
 
 use super::{
@@ -29,10 +29,12 @@ impl Network {
         }
     }
 
-    /// Dial explicit peers that are not connected, each with its own exponential backoff
-    /// (1 s doubling to a minute), reset once connected.
+    /// Dial explicit peers that are not connected, each address with its own exponential backoff
+    /// (1 s doubling to a minute), reset once connected. A peer's due addresses go into one dial:
+    /// a dial to one of them alone would keep the others from being tried until it failed.
     pub(super) fn dial_explicit_peers(&mut self) {
         let now = Instant::now();
+        let mut due: Vec<(Option<PeerId>, Vec<Multiaddr>)> = Vec::new();
         for address in self.explicit_peers.clone() {
             let peer = address.iter().find_map(|p| match p {
                 Protocol::P2p(peer) => Some(peer),
@@ -44,20 +46,25 @@ impl Network {
             }
             let (next_attempt, delay) =
                 self.redial_backoff.get(&address).copied().unwrap_or((now, REDIAL_FIRST_BACKOFF));
-            if now < next_attempt {
+            if now < next_attempt || (peer.is_none() && !self.connections.is_empty()) {
                 continue;
             }
             self.redial_backoff.insert(address.clone(), (now + delay, (delay * 2).min(REDIAL_MAX_BACKOFF)));
+            match due.iter_mut().find(|(known, _)| known.is_some() && *known == peer) {
+                Some((_, addresses)) => addresses.push(address),
+                None => due.push((peer, vec![address])),
+            }
+        }
+        for (peer, addresses) in due {
             let options = match peer {
                 Some(peer) => DialOpts::peer_id(peer)
-                    .addresses(vec![address.clone()])
+                    .addresses(addresses.clone())
                     .condition(PeerCondition::DisconnectedAndNotDialing)
                     .build(),
-                None if !self.connections.is_empty() => continue,
-                None => DialOpts::unknown_peer_id().address(address.clone()).build(),
+                None => DialOpts::unknown_peer_id().address(addresses[0].clone()).build(),
             };
             if let Err(error) = self.swarm.dial(options) {
-                tracing::debug!(%address, %error, "dial failed");
+                tracing::debug!(?addresses, %error, "dial failed");
             }
         }
     }
