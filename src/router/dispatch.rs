@@ -59,12 +59,29 @@ fn in_flight(inner: &Arc<RouterInner>, key: &str) -> InFlight {
     InFlight { inner: inner.clone(), key: key.to_string() }
 }
 
-/// Run `attempt` on a host, trying others when one fails before answering. Refusals for being
+/// Hosts a request must not go to (`excluded`), and hosts it goes back to, after a pause, only
+/// once no other is left (`set_aside`: members that failed, which may have lost a connection
+/// only; a model's only host may just be changing connections).
+#[derive(Default)]
+struct Avoid {
+    excluded: HashSet<String>,
+    set_aside: HashSet<String>,
+}
+
+impl Avoid {
+    fn set_aside(&mut self, key: &str) {
+        self.excluded.insert(key.to_string());
+        self.set_aside.insert(key.to_string());
+    }
+}
+
+/// Run `attempt` on a host, trying others when one fails before answering (at most
+/// `max_attempts` failures in all; a member that failed twice is set aside). Refusals for being
 /// full are waited out until `saturation_wait` passes, then reported as `QueueFull`.
 async fn with_retries<T, F, Fut>(
     inner: &Arc<RouterInner>,
     model: &str,
-    excluded: &mut HashSet<String>,
+    avoid: &mut Avoid,
     mut attempt: F,
 ) -> Result<(Target, T, InFlight), EngineError>
 where
@@ -78,12 +95,20 @@ where
     let mut failed_hosts: HashSet<String> = HashSet::new();
     let mut last_error: Option<EngineError> = None;
     loop {
-        let Some(target) = inner.choose(model, excluded).await? else {
+        let Some(target) = inner.choose(model, &avoid.excluded).await? else {
             if !saturated.is_empty() && Instant::now() + backoff < deadline {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
-                excluded.retain(|key| !saturated.contains(key));
+                avoid.excluded.retain(|key| !saturated.contains(key));
                 saturated.clear();
+                continue;
+            }
+            if !avoid.set_aside.is_empty() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                let Avoid { excluded, set_aside } = avoid;
+                excluded.retain(|key| !set_aside.contains(key));
+                set_aside.clear();
                 continue;
             }
             return Err(last_error.unwrap_or_else(|| inner.no_host_error(model)));
@@ -97,7 +122,7 @@ where
             Err(EngineError::QueueFull(model)) => {
                 tracing::debug!(host = %target.name, "host is full");
                 saturated.insert(target.key.clone());
-                excluded.insert(target.key);
+                avoid.excluded.insert(target.key);
                 last_error = Some(EngineError::QueueFull(model));
             }
             Err(error @ (EngineError::Unavailable(_) | EngineError::ShuttingDown(_))) => {
@@ -107,8 +132,10 @@ where
                 // A host that is still a member may have lost only a connection (a new one is
                 // dialed for the next stream): give it one more chance, others first.
                 let failed_before = !failed_hosts.insert(target.key.clone());
-                if failed_before || !inner.is_member(&target) {
-                    excluded.insert(target.key);
+                if !inner.is_member(&target) {
+                    avoid.excluded.insert(target.key);
+                } else if failed_before {
+                    avoid.set_aside(&target.key);
                 }
                 failures += 1;
                 if failures >= inner.routing.max_attempts {
@@ -127,7 +154,7 @@ pub async fn generate(
 ) -> Result<GenerationStream, EngineError> {
     let started = Instant::now();
     let _waiting = inner.waiting_slot(&request.model)?;
-    let start = start_generation(&inner, &request, &mut HashSet::new()).await;
+    let start = start_generation(&inner, &request, &mut Avoid::default()).await;
     let (target, stream, guard) = match start {
         Ok(started) => started,
         Err(error) => {
@@ -150,9 +177,9 @@ struct Running {
 async fn start_generation(
     inner: &Arc<RouterInner>,
     request: &GenerateRequest,
-    excluded: &mut HashSet<String>,
+    avoid: &mut Avoid,
 ) -> Result<(Target, GenerationStream, InFlight), EngineError> {
-    with_retries(inner, &request.model, excluded, |target| {
+    with_retries(inner, &request.model, avoid, |target| {
         let inner = inner.clone();
         let request = request.clone();
         async move {
@@ -178,7 +205,7 @@ async fn relay(
     let mut pieces: usize = 0;
     let mut first_token = None;
     let mut failovers = 0;
-    let mut excluded = HashSet::new();
+    let mut avoid = Avoid::default();
     loop {
         let event = tokio::select! {
             event = running.stream.recv() => event,
@@ -215,8 +242,13 @@ async fn relay(
             tracing::warn!(host = %running.target.name, error = %event, "host died mid-answer; resuming elsewhere");
             inner.breaker_failed(&running.target);
             inner.stats.failed_over(&request.model, &running.target.name);
-            excluded.insert(running.target.key.clone());
-            match resume(&inner, &request, &delivered, pieces, &mut excluded).await {
+            // Others first; the same host again only if it is still a member and the only one.
+            if inner.is_member(&running.target) {
+                avoid.set_aside(&running.target.key);
+            } else {
+                avoid.excluded.insert(running.target.key.clone());
+            }
+            match resume(&inner, &request, &delivered, pieces, &mut avoid).await {
                 Ok(Some(next)) => {
                     running = next;
                     failovers += 1;
@@ -245,7 +277,7 @@ async fn resume(
     request: &GenerateRequest,
     delivered: &str,
     pieces: usize,
-    excluded: &mut HashSet<String>,
+    avoid: &mut Avoid,
 ) -> Result<Option<Running>, EngineError> {
     // Each text piece carries at least one token, so this never grants more than was asked.
     let remaining = request.params.max_tokens.saturating_sub(pieces);
@@ -258,7 +290,7 @@ async fn resume(
         generated: delivered.to_string(),
     };
     continued.params.max_tokens = remaining;
-    let (target, stream, guard) = start_generation(inner, &continued, excluded).await?;
+    let (target, stream, guard) = start_generation(inner, &continued, avoid).await?;
     tracing::info!(host = %target.name, "answer resumed");
     Ok(Some(Running { target, stream, _guard: guard }))
 }
@@ -279,7 +311,7 @@ fn failed<'a>(model: &'a str, node: Option<&'a str>, started: Instant) -> Outcom
 pub async fn embed(inner: Arc<RouterInner>, request: EmbedRequest) -> Result<Embeddings, EngineError> {
     let started = Instant::now();
     let _waiting = inner.waiting_slot(&request.model)?;
-    let result = with_retries(&inner, &request.model, &mut HashSet::new(), |target| {
+    let result = with_retries(&inner, &request.model, &mut Avoid::default(), |target| {
         let inner = inner.clone();
         let request = request.clone();
         async move {
