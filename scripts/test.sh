@@ -16,6 +16,12 @@ venv=${LLMESH_VENV:-/var/tmp/llmesh-venv}
 
 LLMESH_FETCH_GEMMA=1 scripts/fetch-models.sh "$LLMESH_MODELS_DIR"
 
+# scripts/netns-holepunch.sh builds its NAT routers with iptables (Debian's package, when root).
+if ! command -v iptables >/dev/null && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null
+fi
+
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo build --locked

@@ -61,7 +61,8 @@ struct ServeArgs {
     /// Do not discover peers on the LAN with mDNS.
     #[arg(long)]
     no_mdns: bool,
-    /// Neither relay for other members nor reserve relayed addresses on the peers.
+    /// Neither relay for other members nor reserve relayed addresses on the peers (and no hole
+    /// punching, which starts from a relayed connection).
     #[arg(long)]
     no_relay: bool,
     /// The cluster secret; nodes without it cannot connect [default: the API key, if any].

@@ -8,14 +8,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use libp2p::core::ConnectedPoint;
+use libp2p::core::{ConnectedPoint, Endpoint};
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::identity::Keypair;
 use libp2p::kad;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, ping, relay};
+use libp2p::{Multiaddr, PeerId, Swarm, dcutr, identify, mdns, ping, relay};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +40,8 @@ use swarm::{Behaviour, BehaviourEvent, build_swarm};
 const REDIAL_INTERVAL: Duration = Duration::from_secs(1);
 const REDIAL_FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const REDIAL_MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a relayed connection stays open beside the direct one a hole punch made.
+const RELAYED_OVERLAP: Duration = Duration::from_secs(2);
 const EVENTS_CAPACITY: usize = 256;
 const MAX_INVITATION_ADDRESSES: usize = 16;
 const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(30);
@@ -74,6 +76,8 @@ struct Network {
     redial_backoff: HashMap<Multiaddr, (Instant, Duration)>,
     /// Open connections per peer.
     connections: HashMap<PeerId, Vec<OpenConnection>>,
+    /// Relayed connections that a direct one replaced, and when to close them.
+    superseded: Vec<(Instant, ConnectionId)>,
     listen_addresses: Vec<Multiaddr>,
     provided: HashSet<String>,
     /// Who waits for a connection to a peer (`Command::Connect`).
@@ -157,6 +161,7 @@ pub async fn spawn(
         redial_backoff: HashMap::new(),
         explicit_peers,
         connections: HashMap::new(),
+        superseded: Vec::new(),
         listen_addresses: Vec::new(),
         provided: HashSet::new(),
         awaiting_connection: HashMap::new(),
@@ -242,6 +247,7 @@ impl Network {
                     self.reconnect_silent_peers();
                     self.reserve_relays();
                     self.dial_explicit_peers();
+                    self.close_superseded();
                     self.bootstrap_dht();
                 }
                 command = commands.recv() => match command {
@@ -454,11 +460,16 @@ impl Network {
                 }
             }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                // A hole-punched connection is dialed by both ends at once; the role each was
+                // given names its one dialer, the same on both ends.
                 let dialer = match endpoint {
-                    ConnectedPoint::Dialer { .. } => *self.swarm.local_peer_id(),
-                    ConnectedPoint::Listener { .. } => peer_id,
+                    ConnectedPoint::Dialer { role_override: Endpoint::Dialer, .. } => {
+                        *self.swarm.local_peer_id()
+                    }
+                    ConnectedPoint::Dialer { .. } | ConnectedPoint::Listener { .. } => peer_id,
                 };
-                let relayed = endpoint.get_remote_address().iter().any(|p| p == Protocol::P2pCircuit);
+                // (On the listening end of a circuit only the local address says it is relayed.)
+                let relayed = endpoint.is_relayed();
                 tracing::debug!(peer = %peer_id, relayed, "connected");
                 let opened = Instant::now();
                 let connection = OpenConnection { id: connection_id, dialer, opened, relayed };
@@ -561,6 +572,12 @@ impl Network {
                 // this its connection, and every request on it, would wait for TCP to give up.
                 tracing::info!(%peer, %error, "the peer stopped answering pings; closing its connection");
                 self.swarm.close_connection(connection);
+            }
+            BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result: Ok(connection) }) => {
+                tracing::info!(peer = %remote_peer_id, ?connection, "connected directly through a hole punched in NAT");
+            }
+            BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result: Err(error) }) => {
+                tracing::info!(peer = %remote_peer_id, %error, "no direct connection through NAT; staying relayed");
             }
             BehaviourEvent::Relay(event) => self.handle_relay_event(event),
             BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {

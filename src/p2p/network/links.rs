@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 
 use super::{
     BOOTSTRAP_INTERVAL, GOSSIP_GREETING, Network, OpenConnection, REDIAL_FIRST_BACKOFF, REDIAL_MAX_BACKOFF,
+    RELAYED_OVERLAP,
 };
 
 impl Network {
@@ -123,7 +124,11 @@ impl Network {
     /// peer id win (or, if it dialed none, those dialed by the other); among several of those, only
     /// the side that dialed them picks one (its oldest), because the other end may have seen them
     /// open in another order. Losers close at once, before requests use them (a stream on a
-    /// connection closed under it can wait for an answer that never comes).
+    /// connection closed under it can wait for an answer that never comes), except a relayed
+    /// connection that a hole punch replaced: it stays for `RELAYED_OVERLAP`, so that the other
+    /// end sees the direct connection before the relayed one goes. (Were the relayed one gone
+    /// first, the other end would have no connection for a moment, forget what gossip topics
+    /// this node follows, and not be told again.)
     pub(super) fn keep_one_connection(&mut self, peer: PeerId) {
         let Some(open) = self.connections.get(&peer) else { return };
         if open.len() < 2 {
@@ -142,8 +147,27 @@ impl Network {
             chosen.sort_by_key(|c| c.opened);
             close.extend(chosen.into_iter().skip(1));
         }
-        let close: Vec<ConnectionId> = close.iter().map(|c| c.id).collect();
-        for id in close {
+        let (later, now): (Vec<&OpenConnection>, Vec<&OpenConnection>) =
+            close.into_iter().partition(|c| c.relayed && any_direct);
+        let close_at = Instant::now() + RELAYED_OVERLAP;
+        let later: Vec<ConnectionId> = later.iter().map(|c| c.id).collect();
+        let now: Vec<ConnectionId> = now.iter().map(|c| c.id).collect();
+        for id in later {
+            if !self.superseded.iter().any(|(_, superseded)| *superseded == id) {
+                self.superseded.push((close_at, id));
+            }
+        }
+        for id in now {
+            self.swarm.close_connection(id);
+        }
+    }
+
+    /// Close the relayed connections whose overlap with their direct replacement is over.
+    pub(super) fn close_superseded(&mut self) {
+        let now = Instant::now();
+        let (due, waiting): (Vec<_>, Vec<_>) = self.superseded.drain(..).partition(|(at, _)| *at <= now);
+        self.superseded = waiting;
+        for (_, id) in due {
             self.swarm.close_connection(id);
         }
     }

@@ -8,7 +8,7 @@ use libp2p::gossipsub::{self, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
-use libp2p::{StreamProtocol, Swarm, allow_block_list, identify, mdns, ping, relay};
+use libp2p::{StreamProtocol, Swarm, allow_block_list, dcutr, identify, mdns, ping, relay};
 
 use super::super::P2pError;
 use super::super::announcement::MAX_ANNOUNCEMENT_BYTES;
@@ -29,6 +29,8 @@ pub(super) struct Behaviour {
     pub(super) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub(super) relay: Toggle<relay::Behaviour>,
     pub(super) relay_client: relay::client::Behaviour,
+    /// Hole punching: two members talking through a relay try to connect directly.
+    pub(super) dcutr: Toggle<dcutr::Behaviour>,
 }
 
 pub(super) fn build_swarm(
@@ -79,6 +81,7 @@ pub(super) fn build_swarm(
         blocked: allow_block_list::Behaviour::default(),
         relay: Toggle::from(relay_server),
         relay_client,
+        dcutr: Toggle::from(use_relay.then(|| dcutr::Behaviour::new(peer_id))),
     };
     let transport = build_transport(keypair, cluster_key, relay_transport).map_err(|e| setup(&e))?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
