@@ -106,6 +106,14 @@ in_ns() { # NODE COMMAND...: run COMMAND on NODE's "host"
   ip netns exec "${ns[$node]}" "$@"
 }
 
+# Does a TCP connection attempt from NODE to ADDRESS get an answer (accepted or refused) within
+# 3 s? For checking a script's premise: who can reach whom.
+can_connect() { # NODE ADDRESS
+  local output
+  output=$(in_ns "$1" timeout 3 bash -c "exec 3<>/dev/tcp/$2/9" 2>&1) && return 0
+  [[ "$output" == *"refused"* ]]
+}
+
 add_ns() { # NAME
   ip netns add "$1"
   created_ns+=("$1")

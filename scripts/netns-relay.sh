@@ -62,11 +62,6 @@ for node in x y; do
 done
 
 # The premise: node-x and node-y have no path to each other, only to node-r.
-can_connect() { # NODE ADDRESS: a TCP connection attempt gets an answer (accepted or refused)
-  local output
-  output=$(in_ns "$1" timeout 3 bash -c "exec 3<>/dev/tcp/$2/9" 2>&1) && return 0
-  [[ "$output" == *"refused"* ]]
-}
 wait_for "node-x reaches node-r" can_connect x "$net.1.10"
 wait_for "node-y reaches node-r" can_connect y "$net.2.10"
 ! can_connect x "${address[y]}" || fail "node-x reaches node-y directly: the premise does not hold"

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use libp2p::core::{ConnectedPoint, Endpoint};
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::identity::Keypair;
 use libp2p::kad;
@@ -30,6 +29,7 @@ use super::revoked::RevokedPeers;
 use super::transport::ClusterKey;
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
 
+mod dht;
 mod links;
 mod membership;
 mod swarm;
@@ -421,19 +421,6 @@ impl Network {
         }
     }
 
-    fn provide(&mut self, ids: HashSet<String>) {
-        let kademlia = &mut self.swarm.behaviour_mut().kademlia;
-        for gone in self.provided.difference(&ids) {
-            kademlia.stop_providing(&kad::RecordKey::new(gone));
-        }
-        for new in ids.difference(&self.provided) {
-            if let Err(error) = kademlia.start_providing(kad::RecordKey::new(new)) {
-                tracing::warn!(model = %new, %error, "cannot advertise model in the DHT");
-            }
-        }
-        self.provided = ids;
-    }
-
     fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -460,29 +447,12 @@ impl Network {
                 }
             }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
-                // A hole-punched connection is dialed by both ends at once; the role each was
-                // given names its one dialer, the same on both ends.
-                let dialer = match endpoint {
-                    ConnectedPoint::Dialer { role_override: Endpoint::Dialer, .. } => {
-                        *self.swarm.local_peer_id()
-                    }
-                    ConnectedPoint::Dialer { .. } | ConnectedPoint::Listener { .. } => peer_id,
-                };
-                // (On the listening end of a circuit only the local address says it is relayed.)
-                let relayed = endpoint.is_relayed();
-                tracing::debug!(peer = %peer_id, relayed, "connected");
-                let opened = Instant::now();
-                let connection = OpenConnection { id: connection_id, dialer, opened, relayed };
-                self.connections.entry(peer_id).or_default().push(connection);
                 // A node that is not a member itself has nothing to keep others out of, and must
                 // reach its inviter.
                 if !self.is_member(&peer_id) && self.roster.as_ref().is_some_and(Roster::includes_this_node) {
                     self.probation.start(peer_id, Instant::now());
                 }
-                self.keep_one_connection(peer_id);
-                for reply in self.awaiting_connection.remove(&peer_id).unwrap_or_default() {
-                    let _ = reply.send(Ok(()));
-                }
+                self.connection_opened(peer_id, connection_id, &endpoint);
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
                 if let Some(open) = self.connections.get_mut(&peer_id) {
@@ -592,24 +562,7 @@ impl Network {
                 self.republish();
             }
             BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
-                if let kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
-                    providers,
-                    ..
-                })) = &result
-                    && let Some((_, found)) = self.provider_queries.get_mut(&id)
-                {
-                    found.extend(providers.iter().copied());
-                }
-                if step.last
-                    && let Some((reply, found)) = self.provider_queries.remove(&id)
-                {
-                    for peer in &found {
-                        if !self.swarm.is_connected(peer) {
-                            let _ = self.swarm.dial(*peer);
-                        }
-                    }
-                    let _ = reply.send(found.iter().map(|peer| peer.to_string()).collect());
-                }
+                self.provider_query_progressed(id, result, step.last);
             }
             _ => {}
         }

@@ -1,10 +1,11 @@
-//! The network task's links to other nodes: bootstrap peers redialed with backoff, the DHT
-//! walked now and then, one connection per pair of nodes, a connection made before a stream is
-//! opened, and peers whose gossip greeting was lost reconnected.
+//! The network task's links to other nodes: bootstrap peers redialed with backoff, one connection
+//! per pair of nodes, a connection made before a stream is opened, and peers whose gossip
+//! greeting was lost reconnected.
 
 use std::collections::HashSet;
 use std::time::Instant;
 
+use libp2p::core::{ConnectedPoint, Endpoint};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::ConnectionId;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -12,24 +13,10 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::oneshot;
 
 use super::{
-    BOOTSTRAP_INTERVAL, GOSSIP_GREETING, Network, OpenConnection, REDIAL_FIRST_BACKOFF, REDIAL_MAX_BACKOFF,
-    RELAYED_OVERLAP,
+    GOSSIP_GREETING, Network, OpenConnection, REDIAL_FIRST_BACKOFF, REDIAL_MAX_BACKOFF, RELAYED_OVERLAP,
 };
 
 impl Network {
-    /// Walk the DHT now and then, so a node that joined through one member learns of the others
-    /// (and they of it) beyond gossip.
-    pub(super) fn bootstrap_dht(&mut self) {
-        let due = self.last_bootstrap.is_none_or(|at| at.elapsed() >= BOOTSTRAP_INTERVAL);
-        if due && !self.connections.is_empty() {
-            self.last_bootstrap = Some(Instant::now());
-            self.peer_store.save();
-            if let Err(error) = self.swarm.behaviour_mut().kademlia.bootstrap() {
-                tracing::debug!(%error, "DHT bootstrap skipped");
-            }
-        }
-    }
-
     /// Dial explicit peers that are not connected, each address with its own exponential backoff
     /// (1 s doubling to a minute), reset once connected. A peer's due addresses go into one dial:
     /// a dial to one of them alone would keep the others from being tried until it failed.
@@ -116,6 +103,25 @@ impl Network {
             Err(error) => {
                 let _ = reply.send(Err(error.to_string()));
             }
+        }
+    }
+
+    /// Record a new connection, keep one per pair, and answer whoever waited to connect.
+    pub(super) fn connection_opened(&mut self, peer: PeerId, id: ConnectionId, endpoint: &ConnectedPoint) {
+        // A hole-punched connection is dialed by both ends at once; the role each was given
+        // names its one dialer, the same on both ends.
+        let dialer = match endpoint {
+            ConnectedPoint::Dialer { role_override: Endpoint::Dialer, .. } => *self.swarm.local_peer_id(),
+            ConnectedPoint::Dialer { .. } | ConnectedPoint::Listener { .. } => peer,
+        };
+        // (On the listening end of a circuit only the local address says it is relayed.)
+        let relayed = endpoint.is_relayed();
+        tracing::debug!(%peer, relayed, "connected");
+        let connection = OpenConnection { id, dialer, opened: Instant::now(), relayed };
+        self.connections.entry(peer).or_default().push(connection);
+        self.keep_one_connection(peer);
+        for reply in self.awaiting_connection.remove(&peer).unwrap_or_default() {
+            let _ = reply.send(Ok(()));
         }
     }
 
