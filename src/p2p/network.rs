@@ -78,6 +78,9 @@ struct Network {
     connections: HashMap<PeerId, Vec<OpenConnection>>,
     /// Relayed connections that a direct one replaced, and when to close them.
     superseded: Vec<(Instant, ConnectionId)>,
+    /// Peers disconnected on purpose to be greeted afresh (`reconnect_silent_peers`), redialed
+    /// as soon as their connections are gone; the rest of the node is not told they left.
+    regreeting: HashSet<PeerId>,
     listen_addresses: Vec<Multiaddr>,
     provided: HashSet<String>,
     /// Who waits for a connection to a peer (`Command::Connect`).
@@ -162,6 +165,7 @@ pub async fn spawn(
         explicit_peers,
         connections: HashMap::new(),
         superseded: Vec::new(),
+        regreeting: HashSet::new(),
         listen_addresses: Vec::new(),
         provided: HashSet::new(),
         awaiting_connection: HashMap::new(),
@@ -461,8 +465,10 @@ impl Network {
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
                     self.probation.end(&peer_id);
-                    tracing::info!(peer = %peer_id, cause = ?cause, "peer disconnected");
-                    self.emit(P2pEvent::PeerDisconnected(peer_id.to_string()));
+                    if !self.redial_to_greet(peer_id) {
+                        tracing::info!(peer = %peer_id, cause = ?cause, "peer disconnected");
+                        self.emit(P2pEvent::PeerDisconnected(peer_id.to_string()));
+                    }
                 }
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
@@ -470,13 +476,8 @@ impl Network {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "could not connect");
-                if let Some(peer) = peer_id
-                    && !self.swarm.is_connected(&peer)
-                    && let Some(waiting) = self.awaiting_connection.remove(&peer)
-                {
-                    for reply in waiting {
-                        let _ = reply.send(Err(error.to_string()));
-                    }
+                if let Some(peer) = peer_id {
+                    self.dial_failed(peer, &error.to_string());
                 }
             }
             SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),

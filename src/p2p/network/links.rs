@@ -12,6 +12,7 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::oneshot;
 
+use super::super::P2pEvent;
 use super::{
     GOSSIP_GREETING, Network, OpenConnection, REDIAL_FIRST_BACKOFF, REDIAL_MAX_BACKOFF, RELAYED_OVERLAP,
 };
@@ -82,8 +83,40 @@ impl Network {
             .collect();
         for peer in silent {
             tracing::info!(%peer, "no announcements can come from this peer (lost gossip greeting); reconnecting");
-            let _ = self.swarm.disconnect_peer_id(peer);
+            if self.swarm.disconnect_peer_id(peer).is_ok() {
+                self.regreeting.insert(peer);
+            }
         }
+    }
+
+    /// A dial to `peer` failed: tell whoever waited to connect, and the rest of the node if the
+    /// peer was being greeted afresh (it is gone after all).
+    pub(super) fn dial_failed(&mut self, peer: PeerId, error: &str) {
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        if self.regreeting.remove(&peer) {
+            tracing::info!(%peer, "peer disconnected (not reached again after a lost gossip greeting)");
+            self.emit(P2pEvent::PeerDisconnected(peer.to_string()));
+        }
+        for reply in self.awaiting_connection.remove(&peer).unwrap_or_default() {
+            let _ = reply.send(Err(error.to_string()));
+        }
+    }
+
+    /// A peer's last connection closed: if it was closed to greet the peer afresh, dial it again
+    /// at once (gossipsub greets on a peer's first connection) and return true.
+    pub(super) fn redial_to_greet(&mut self, peer: PeerId) -> bool {
+        if !self.regreeting.contains(&peer) {
+            return false;
+        }
+        let options = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+        if let Err(error) = self.swarm.dial(options) {
+            tracing::info!(%peer, %error, "peer disconnected (cannot dial it again after a lost gossip greeting)");
+            self.regreeting.remove(&peer);
+            return false;
+        }
+        true
     }
 
     /// Answer `reply` once connected to `peer`: at once if it is, else when a dial (this one, or
@@ -118,6 +151,7 @@ impl Network {
         let relayed = endpoint.is_relayed();
         tracing::debug!(%peer, relayed, "connected");
         let connection = OpenConnection { id, dialer, opened: Instant::now(), relayed };
+        self.regreeting.remove(&peer);
         self.connections.entry(peer).or_default().push(connection);
         self.keep_one_connection(peer);
         for reply in self.awaiting_connection.remove(&peer).unwrap_or_default() {
