@@ -185,7 +185,10 @@ wait_for "node-c answers /health under its new identity" healthy c
 stay_up 15 # past the members' 10 s grace for peers that are not members
 lacks_model a smollm2-b || fail "node-a lists smollm2-b from node-c's new identity"
 lacks_model b smollm2-b || fail "node-b lists smollm2-b from node-c's new identity"
-wait_for "node-c under a new identity is dropped and stops listing smollm2" lacks_model c smollm2
+# What node-c itself lists is not checked: each of its new connections gets 3 s to redeem a key,
+# and with two members to reconnect to it can keep hearing their announcements (gossip is
+# readable by whoever holds the pre-shared key; see the threat model). Using them is what it
+# must not do.
 status=$(in_ns c curl -s -o /dev/null -w '%{http_code}' --max-time 30 -H 'content-type: application/json' \
   -d "$(chat_request smollm2 4)" "$(url c /v1/chat/completions)") || true
 [ "$status" != 200 ] || fail "node-c under a new identity was answered by a member"
