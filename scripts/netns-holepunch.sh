@@ -86,17 +86,7 @@ say "node-x and node-y each reach node-r through their NAT, and not each other"
 
 # --- the cluster ------------------------------------------------------------------------------------
 
-say "starting node-r with the cluster secret"
-start_node r --no-mdns --cluster-key team-secret
-wait_for "node-r answers /health" healthy r
-invite_from r 600
-key_x=$key
-invite_from r 600
-key_y=$key
-
-say "node-x and node-y join with keys from node-r"
-start_node x --no-mdns --model "smollm2-x=$chat_model" --join "$key_x"
-start_node y --no-mdns --model "smollm2-y=$chat_model" --join "$key_y"
+start_r_and_join_x_y
 started_both=$(now)
 wait_for "node-x lists smollm2-y hosted by node-y" lists_model x smollm2-y node-y
 wait_for "node-y lists smollm2-x hosted by node-x" lists_model y smollm2-x node-x

@@ -251,6 +251,22 @@ invite_from() { # NODE SECONDS
   [[ "$key" == llmesh://join/* ]] || fail "node-$1's invitation is not a connection key: $key"
 }
 
+# node-r founds a cluster with a secret (no models, no mDNS); node-x and node-y join it with a
+# connection key each and host smollm2-x and smollm2-y. (netns-relay.sh, netns-holepunch.sh)
+start_r_and_join_x_y() {
+  local key_x key_y
+  say "starting node-r with the cluster secret"
+  start_node r --no-mdns --cluster-key team-secret
+  wait_for "node-r answers /health" healthy r
+  invite_from r 600
+  key_x=$key
+  invite_from r 600
+  key_y=$key
+  say "node-x and node-y join with keys from node-r"
+  start_node x --no-mdns --model "smollm2-x=$chat_model" --join "$key_x"
+  start_node y --no-mdns --model "smollm2-y=$chat_model" --join "$key_y"
+}
+
 chat_request() { # MODEL MAX_TOKENS
   printf '{"model":"%s","temperature":0,"max_tokens":%s,"messages":[%s,%s]}' "$1" "$2" \
     '{"role":"system","content":"You are a helpful assistant."}' \

@@ -69,17 +69,7 @@ say "node-x and node-y each reach node-r, and not each other"
 
 # --- the cluster ------------------------------------------------------------------------------------
 
-say "starting node-r with the cluster secret"
-start_node r --no-mdns --cluster-key team-secret
-wait_for "node-r answers /health" healthy r
-invite_from r 600
-key_x=$key
-invite_from r 600
-key_y=$key
-
-say "node-x and node-y join with keys from node-r"
-start_node x --no-mdns --model "smollm2-x=$chat_model" --join "$key_x"
-start_node y --no-mdns --model "smollm2-y=$chat_model" --join "$key_y"
+start_r_and_join_x_y
 wait_for "node-r lists smollm2-x" lists_model r smollm2-x node-x
 wait_for "node-r lists smollm2-y" lists_model r smollm2-y node-y
 relay_waited=$(now)
