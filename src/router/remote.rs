@@ -229,12 +229,19 @@ pub async fn serve_inbound(mut inbound: InboundStreams, engine: SharedEngine) {
     }
 }
 
+/// The request frame a new stream starts with, within `REQUEST_TIMEOUT`; `None` if the entry
+/// node closed the stream first.
+async fn read_request(stream: &mut P2pStream) -> std::io::Result<Option<InferRequest>> {
+    tokio::time::timeout(REQUEST_TIMEOUT, read_frame(stream))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request frame"))?
+}
+
 /// Answer a request with `QueueFull` for its model.
 async fn refuse(mut stream: P2pStream) {
-    let model = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<_, InferRequest>(&mut stream)).await
-    {
-        Ok(Ok(Some(InferRequest::Generate(request)))) => request.model,
-        Ok(Ok(Some(InferRequest::Embed(request)))) => request.model,
+    let model = match read_request(&mut stream).await {
+        Ok(Some(InferRequest::Generate(request))) => request.model,
+        Ok(Some(InferRequest::Embed(request))) => request.model,
         _ => return,
     };
     tracing::debug!(%model, "refused a request: this host serves too many already");
@@ -242,13 +249,7 @@ async fn refuse(mut stream: P2pStream) {
 }
 
 async fn serve_one(mut stream: P2pStream, engine: SharedEngine) -> std::io::Result<()> {
-    let request =
-        match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<_, InferRequest>(&mut stream)).await {
-            Ok(Ok(Some(request))) => request,
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(error)) => return Err(error),
-            Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no request frame")),
-        };
+    let Some(request) = read_request(&mut stream).await? else { return Ok(()) };
     match request {
         InferRequest::Embed(request) => {
             tracing::debug!(model = %request.model, inputs = request.inputs.len(), "embedding for a peer");
