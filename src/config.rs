@@ -25,6 +25,10 @@ pub enum ConfigError {
 pub struct Config {
     /// Where the HTTP API listens. Loopback by default: exposing the port is an explicit choice.
     pub listen: SocketAddr,
+    /// Names (`name` or `name:port`) the HTTP API answers to besides `localhost`, `127.0.0.1` and
+    /// `[::1]`: a reverse proxy's or a VPN name. A node listening on loopback refuses every other
+    /// `Host` (a web page's DNS rebinding); one listening elsewhere does so once names are given.
+    pub allowed_hosts: Vec<String>,
     /// When set, every /v1 route requires `Authorization: Bearer <api_key>`.
     pub api_key: Option<String>,
     /// The models this node hosts.
@@ -84,6 +88,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            allowed_hosts: Vec::new(),
             api_key: None,
             models: Vec::new(),
             limits: Limits::default(),

@@ -40,6 +40,11 @@ struct ServeArgs {
     /// Address of the HTTP API [default: 127.0.0.1:8080].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// A name (or name:port) the HTTP API answers to besides localhost, 127.0.0.1 and [::1]: a
+    /// reverse proxy's or a VPN name. Repeatable. Other names are refused on a node listening on
+    /// loopback, and on any node once one is given.
+    #[arg(long = "allowed-host", value_name = "HOST")]
+    allowed_hosts: Vec<String>,
     /// A model to host, as ID=PATH (a .gguf file, an embeddings folder, or hf:owner/repo/file). Repeatable.
     #[arg(long = "model", value_name = "ID=PATH")]
     models: Vec<String>,
@@ -118,6 +123,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    config.allowed_hosts.extend(args.allowed_hosts);
     if args.api_key.is_some() {
         config.api_key = args.api_key;
     }

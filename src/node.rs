@@ -1,10 +1,10 @@
 //! A running llmesh node: the local engine, the p2p overlay, the router over both, and the HTTP
 //! API in front. Started by `Node::spawn`, stopped in order by `shutdown` + `join`.
 //!
-//! Shutdown order: stop accepting HTTP connections and let requests in flight finish (axum's
-//! graceful shutdown), then stop the router and the p2p task (peers see the connections close and
-//! drop this node at once), then drop the engine, whose worker threads finish and exit. Dropping a
-//! `Node` without `join` stops everything at once.
+//! Shutdown order: stop accepting HTTP connections and let requests in flight finish
+//! (axum's graceful shutdown), then stop the router and the p2p task (peers see the connections close
+//! and drop this node at once), then drop the engine, whose worker threads finish and exit.
+//! Dropping a `Node` without `join` stops everything at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -102,7 +102,11 @@ impl Node {
             listener.local_addr().map_err(|source| NodeError::Bind { address: config.listen, source })?;
         let app = api::node_app(
             router.clone(),
-            ApiConfig { api_key: config.api_key.clone(), max_body_bytes: config.limits.max_body_bytes },
+            ApiConfig {
+                api_key: config.api_key.clone(),
+                max_body_bytes: config.limits.max_body_bytes,
+                allowed_hosts: api::allowed_hosts(http_address, &config.allowed_hosts),
+            },
         );
         let stop = http_shutdown.clone();
         let server = tokio::spawn(async move {

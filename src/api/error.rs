@@ -35,6 +35,15 @@ pub enum ApiError {
     RouteNotFound { method: Method, path: String },
     #[error("{method} is not allowed on {path}")]
     MethodNotAllowed { method: Method, path: String },
+    /// An operator route was sent something other than `Content-Type: application/json`.
+    #[error("this route takes a JSON body sent as 'Content-Type: application/json'")]
+    UnsupportedMediaType,
+    /// A web page of another origin asked (the `Origin` header is not this node's).
+    #[error("a request from another web page (Origin {origin}) was refused")]
+    CrossOrigin { origin: String },
+    /// The `Host` header names something this node does not answer to (DNS rebinding).
+    #[error("the Host {host} is not one this node answers to")]
+    UnknownHost { host: String },
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// A server-side fault that is not the engine's (e.g. a generation stream that ended without
@@ -76,6 +85,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::CrossOrigin { .. } | Self::UnknownHost { .. } => StatusCode::FORBIDDEN,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Engine(error) => match error {
                 EngineError::UnknownModel(_) => StatusCode::NOT_FOUND,
@@ -108,6 +119,9 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => (INVALID_REQUEST, None, Some("request_too_large")),
             Self::RouteNotFound { .. } => (INVALID_REQUEST, None, Some("unknown_url")),
             Self::MethodNotAllowed { .. } => (INVALID_REQUEST, None, Some("method_not_allowed")),
+            Self::UnsupportedMediaType => (INVALID_REQUEST, None, Some("unsupported_media_type")),
+            Self::CrossOrigin { .. } => (INVALID_REQUEST, None, Some("cross_origin_request")),
+            Self::UnknownHost { .. } => (INVALID_REQUEST, None, Some("unknown_host")),
             Self::Internal(_) => (SERVER_ERROR, None, None),
             Self::Engine(error) => match error {
                 EngineError::UnknownModel(_) => {
@@ -155,6 +169,16 @@ impl ApiError {
             Self::MethodNotAllowed { method, path } => {
                 format!("Method {method} is not allowed for {path}.")
             }
+            Self::UnsupportedMediaType => {
+                "This route takes a JSON body: send it with 'Content-Type: application/json'.".into()
+            }
+            Self::CrossOrigin { origin } => format!(
+                "Requests from other web pages are refused: the Origin '{origin}' is not this node's own."
+            ),
+            Self::UnknownHost { host } => format!(
+                "This node does not answer to the name '{host}'. Use localhost, 127.0.0.1 or [::1], \
+                 or add the name with --allowed-host."
+            ),
             Self::Engine(EngineError::UnknownModel(model)) => {
                 format!("The model `{model}` does not exist.")
             }

@@ -93,9 +93,18 @@ fn parse_object(bytes: &[u8], headers: &HeaderMap) -> Result<JsonObject, ApiErro
 /// The `Content-Type`, when one was sent and it is not JSON.
 fn non_json_content_type(headers: &HeaderMap) -> Option<&str> {
     let content_type = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+    (!is_json_media_type(content_type)).then_some(content_type)
+}
+
+/// Whether the request says its body is JSON (`application/json` or a `+json` type).
+pub fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let content_type = headers.get(CONTENT_TYPE).and_then(|value| value.to_str().ok());
+    content_type.is_some_and(is_json_media_type)
+}
+
+fn is_json_media_type(content_type: &str) -> bool {
     let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    let is_json = essence == "application/json" || essence.ends_with("+json");
-    (!is_json).then_some(content_type)
+    essence == "application/json" || essence.ends_with("+json")
 }
 
 /// "a string", "an array"… for error messages.

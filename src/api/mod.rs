@@ -1,10 +1,11 @@
 //! The HTTP API: an OpenAI-compatible server over an `Engine`. This module is the only part of
 //! llmesh that knows JSON shapes and status codes.
 //!
-//! [`app`] builds the router; callers serve it (`axum::serve`) or drive it with
-//! `tower::ServiceExt::oneshot` in tests. Every failure is an [`ApiError`] rendered in OpenAI's
-//! error shape, unknown routes and wrong methods included. Each request runs in a `request` span
-//! carrying its `request_id` (also sent back as `x-request-id`) and, once parsed, its `model`.
+//! [`app`] builds the router; callers serve it (`axum::serve`) or drive it with `tower::ServiceExt::oneshot` in tests. A web page of another site
+//! cannot drive it (`origin.rs`: `Origin`, `Host` and JSON-only operator POSTs). Every failure is
+//! an [`ApiError`] rendered in OpenAI's error shape, unknown routes and wrong methods included.
+//! Each request runs in a `request` span carrying its `request_id` (also sent back as
+//! `x-request-id`) and, once parsed, its `model`.
 
 mod auth;
 mod chat;
@@ -17,6 +18,7 @@ mod extract;
 mod generation;
 mod metrics;
 mod models;
+mod origin;
 mod params;
 mod types;
 
@@ -36,6 +38,7 @@ use extract::BodyLimit;
 pub use chat::DEFAULT_CHAT_MAX_TOKENS;
 pub use completions::DEFAULT_COMPLETION_MAX_TOKENS;
 pub use error::ApiError;
+pub use origin::allowed_hosts;
 
 /// Bodies above this are refused with 413 unless configured otherwise: far more than any chat
 /// needs, small enough that a client cannot make the server buffer much.
@@ -48,11 +51,15 @@ pub struct ApiConfig {
     pub api_key: Option<String>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// The `Host` names answered besides `localhost`, `127.0.0.1` and `[::1]` (`name` or
+    /// `name:port`); `None` answers to any name. [`allowed_hosts`] gives what a node listening on
+    /// an address should use. A request from a web page of another origin is refused either way.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { api_key: None, max_body_bytes: DEFAULT_MAX_BODY_BYTES }
+        Self { api_key: None, max_body_bytes: DEFAULT_MAX_BODY_BYTES, allowed_hosts: None }
     }
 }
 
@@ -102,13 +109,14 @@ fn build(state: AppState, config: ApiConfig) -> Router {
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/embeddings", post(embeddings::create_embeddings));
     if state.router.is_some() {
-        v1 = v1
+        let operator = Router::new()
             .route("/api/nodes", get(cluster::list_nodes))
             .route("/api/stats", get(cluster::routing_stats))
             .route("/api/invitations", post(cluster::create_invitation))
             .route("/api/nodes/{peer_id}/revoke", post(cluster::revoke_node))
             .route("/api/join", post(cluster::join_cluster))
-            .route("/metrics", get(metrics::render));
+            .route_layer(middleware::from_fn(origin::require_json));
+        v1 = v1.merge(operator).route("/metrics", get(metrics::render));
     }
     if let Some(key) = config.api_key.as_deref() {
         v1 = v1.route_layer(middleware::from_fn_with_state(ApiKey::new(key), auth::require_api_key));
@@ -121,6 +129,10 @@ fn build(state: AppState, config: ApiConfig) -> Router {
         .fallback(route_not_found)
         // Must come after every route: it applies to the routes present when called.
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            origin::HostPolicy::new(config.allowed_hosts.as_deref()),
+            origin::refuse_other_sites,
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
