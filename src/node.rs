@@ -2,7 +2,7 @@
 //! API in front. Started by `Node::spawn`, stopped in order by `shutdown` + `join`.
 //!
 //! Shutdown order: stop accepting HTTP connections and let requests in flight finish
-//! (axum's graceful shutdown), then stop the router and the p2p task (peers see the connections close
+//! (`api::serve` drains), then stop the router and the p2p task (peers see the connections close
 //! and drop this node at once), then drop the engine, whose worker threads finish and exit.
 //! Dropping a `Node` without `join` stops everything at once.
 
@@ -109,12 +109,8 @@ impl Node {
             },
         );
         let stop = http_shutdown.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .map_err(NodeError::Serve)
-        });
+        let server =
+            tokio::spawn(async move { api::serve(listener, app, stop).await.map_err(NodeError::Serve) });
         tracing::info!(%http_address, "serving the OpenAI API");
         Ok(Self {
             http_address,

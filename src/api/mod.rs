@@ -1,7 +1,8 @@
 //! The HTTP API: an OpenAI-compatible server over an `Engine`. This module is the only part of
 //! llmesh that knows JSON shapes and status codes.
 //!
-//! [`app`] builds the router; callers serve it (`axum::serve`) or drive it with `tower::ServiceExt::oneshot` in tests. A web page of another site
+//! [`app`] builds the router; callers serve it ([`serve`]: HTTP/1.1 with a deadline on request
+//! heads) or drive it with `tower::ServiceExt::oneshot` in tests. A web page of another site
 //! cannot drive it (`origin.rs`: `Origin`, `Host` and JSON-only operator POSTs). Every failure is
 //! an [`ApiError`] rendered in OpenAI's error shape, unknown routes and wrong methods included.
 //! Each request runs in a `request` span carrying its `request_id` (also sent back as
@@ -20,6 +21,7 @@ mod metrics;
 mod models;
 mod origin;
 mod params;
+mod serve;
 mod types;
 
 use axum::extract::{FromRef, Request};
@@ -39,6 +41,7 @@ pub use chat::DEFAULT_CHAT_MAX_TOKENS;
 pub use completions::DEFAULT_COMPLETION_MAX_TOKENS;
 pub use error::ApiError;
 pub use origin::allowed_hosts;
+pub use serve::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, serve};
 
 /// Bodies above this are refused with 413 unless configured otherwise: far more than any chat
 /// needs, small enough that a client cannot make the server buffer much.
