@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible API and the local models.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Measure prompt and decode speed of a chat model on this machine.
     Bench(llmesh::bench::BenchArgs),
     /// List the cluster's nodes, as a running node sees them; `nodes revoke PEER_ID` throws one out.
@@ -92,7 +92,7 @@ async fn main() -> std::process::ExitCode {
         )
         .init();
     let result = match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Bench(args) => llmesh::bench::run(args).await,
         Command::Nodes(args) => ask_node(move || llmesh::cli::nodes(&args)).await,
         Command::Models(args) => ask_node(move || llmesh::cli::models(&args)).await,
