@@ -12,15 +12,22 @@ use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::invitation::{Invitation, InvitationError, InvitationLedger};
-use super::members::Credentials;
+use super::invitation::{Invitation, InvitationError, InvitationLedger, MAX_INVITATION_BYTES};
+use super::members::{Credentials, MAX_ADMISSION_BYTES, MAX_MEMBERS};
 use super::transport::ClusterKey;
-use super::wire::{read_frame, write_frame};
+use super::wire::{read_frame_within, write_frame};
 use super::{Command, P2pError, P2pHandle, P2pStream};
 
 pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/join/2");
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 const JOINED_FILE: &str = "cluster.json";
+/// The largest join frame either side reads. The largest message is the answer: a full roster of
+/// the largest admission records (each with its length), a founder proof and the tags; a key is
+/// at most twice `MAX_INVITATION_BYTES` (base64 of the sealed invitation). About 66 KiB, where
+/// the generic frame limit would let each of the `MAX_PENDING_JOINS` a stranger may hold open
+/// make the inviter buffer 8 MiB.
+pub const MAX_JOIN_FRAME_BYTES: usize = MAX_MEMBERS * (MAX_ADMISSION_BYTES + 8) + 64;
+const _: () = assert!(MAX_JOIN_FRAME_BYTES >= 2 * MAX_INVITATION_BYTES + 64);
 
 #[derive(Debug, Serialize, Deserialize)]
 enum JoinReply {
@@ -107,7 +114,12 @@ async fn answer_join(
     inviter: &Inviter,
     commands: &mpsc::Sender<Command>,
 ) {
-    let key = match tokio::time::timeout(JOIN_TIMEOUT, read_frame::<_, String>(&mut stream)).await {
+    let key = match tokio::time::timeout(
+        JOIN_TIMEOUT,
+        read_frame_within::<_, String>(&mut stream, MAX_JOIN_FRAME_BYTES),
+    )
+    .await
+    {
         Ok(Ok(Some(key))) => key,
         _ => return,
     };
@@ -154,7 +166,7 @@ pub async fn join(p2p: &P2pHandle, key: &str) -> Result<(Invitation, Credentials
     })?;
     let exchange = async {
         write_frame(&mut stream, &key.trim().to_string()).await?;
-        read_frame::<_, JoinReply>(&mut stream).await
+        read_frame_within::<_, JoinReply>(&mut stream, MAX_JOIN_FRAME_BYTES).await
     };
     match tokio::time::timeout(JOIN_TIMEOUT, exchange).await {
         Ok(Ok(Some(JoinReply::Accepted(credentials)))) => Ok((invitation, credentials)),
@@ -191,5 +203,32 @@ impl JoinedCluster {
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(path)?;
         file.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::p2p::wire::write_frame;
+
+    #[tokio::test]
+    async fn a_full_roster_of_the_largest_records_fits_a_join_frame() {
+        let credentials = Credentials {
+            records: vec![vec![0xff; MAX_ADMISSION_BYTES]; MAX_MEMBERS],
+            founder_proof: Some([7; 32]),
+        };
+        let mut bytes = futures::io::Cursor::new(Vec::new());
+        write_frame(&mut bytes, &JoinReply::Accepted(credentials.clone())).await.unwrap();
+        bytes.set_position(0);
+        let read = read_frame_within::<_, JoinReply>(&mut bytes, MAX_JOIN_FRAME_BYTES).await.unwrap();
+        assert!(matches!(read, Some(JoinReply::Accepted(roster)) if roster == credentials));
+    }
+
+    #[tokio::test]
+    async fn a_longer_frame_is_refused_from_its_length_alone() {
+        let length = (MAX_JOIN_FRAME_BYTES as u32 + 1).to_be_bytes();
+        let mut bytes = futures::io::Cursor::new(length.to_vec());
+        let error = read_frame_within::<_, String>(&mut bytes, MAX_JOIN_FRAME_BYTES).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
     }
 }

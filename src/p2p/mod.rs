@@ -35,6 +35,7 @@ pub use announcement::{
 pub use invitation::{Invitation, InvitationError};
 pub use join::{JoinedCluster, unix_now};
 pub use members::MAX_MEMBERS;
+pub use transport::UPGRADE_TIMEOUT;
 pub use transport::{admission_key, cluster_id, cluster_psk};
 
 /// The protocol requests are forwarded on. A new incompatible framing gets a new number.

@@ -565,6 +565,9 @@ impl Network {
             BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
                 self.provider_query_progressed(id, result, step.last);
             }
+            BehaviourEvent::Kademlia(kad::Event::InboundRequest { request }) => {
+                self.inbound_dht_request(request)
+            }
             _ => {}
         }
     }

@@ -112,6 +112,13 @@ impl ClusterKey {
     }
 }
 
+/// How long a connection may take from TCP accepted (or circuit opened) to ready: the pre-shared
+/// key's nonces, Noise's three messages and two protocol choices, about three round trips, under
+/// two seconds even relayed between continents. Ten leave room for a few lost packets; a peer
+/// that connects and says nothing holds a file descriptor this long (and the connection limits
+/// bound how many such peers there are at once).
+pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// TCP or a relayed circuit, then the same layers on both: a relayed connection is keyed and
 /// authenticated end to end, the relay only passes bytes along.
 pub fn build_transport(
@@ -133,7 +140,7 @@ pub fn build_transport(
         .upgrade(Version::V1Lazy)
         .authenticate(noise::Config::new(keypair)?)
         .multiplex(yamux::Config::default())
-        .timeout(Duration::from_secs(20))
+        .timeout(UPGRADE_TIMEOUT)
         .boxed())
 }
 

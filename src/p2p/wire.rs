@@ -41,6 +41,16 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
 pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     stream: &mut R,
 ) -> std::io::Result<Option<T>> {
+    read_frame_within(stream, MAX_FRAME_BYTES).await
+}
+
+/// [`read_frame`] for a protocol whose messages are known to be smaller: a frame longer than
+/// `max_bytes` (at most `MAX_FRAME_BYTES`) is refused before any of it is read or allocated.
+pub async fn read_frame_within<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    stream: &mut R,
+    max_bytes: usize,
+) -> std::io::Result<Option<T>> {
+    let max_bytes = max_bytes.min(MAX_FRAME_BYTES);
     let mut length = [0u8; 4];
     match stream.read_exact(&mut length).await {
         Ok(()) => {}
@@ -48,7 +58,7 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
         Err(error) => return Err(error),
     }
     let length = u32::from_be_bytes(length) as usize;
-    if length > MAX_FRAME_BYTES {
+    if length > max_bytes {
         return Err(invalid(format!("frame of {length} bytes is over the limit")));
     }
     let mut bytes = vec![0u8; length];

@@ -1,11 +1,14 @@
 //! The network task's use of the Kademlia DHT: walked now and then so a node that joined through
 //! one member learns of the others, and model ids advertised as provider records so a node can
-//! find a model's hosts before their announcements reach it.
+//! find a model's hosts before their announcements reach it. What others ask to store is
+//! filtered here (`StoreInserts::FilterBoth`): provider records of members only, and no values,
+//! which llmesh never puts.
 
 use std::collections::HashSet;
 use std::time::Instant;
 
 use libp2p::kad;
+use libp2p::kad::store::RecordStore;
 
 use super::{BOOTSTRAP_INTERVAL, Network};
 
@@ -35,6 +38,26 @@ impl Network {
             }
         }
         self.provided = ids;
+    }
+
+    /// Store what another peer asked to: a provider record if its provider (kad checked that it
+    /// is the sender) is a member; never a value.
+    pub(super) fn inbound_dht_request(&mut self, request: kad::InboundRequest) {
+        match request {
+            kad::InboundRequest::AddProvider { record: Some(record) } => {
+                if !self.is_member(&record.provider) {
+                    tracing::debug!(peer = %record.provider, "ignored a non-member's provider record");
+                    return;
+                }
+                if let Err(error) = self.swarm.behaviour_mut().kademlia.store_mut().add_provider(record) {
+                    tracing::debug!(%error, "provider record not stored");
+                }
+            }
+            kad::InboundRequest::PutRecord { source, record: Some(_), .. } => {
+                tracing::debug!(peer = %source, "ignored a DHT value: llmesh stores none");
+            }
+            _ => {}
+        }
     }
 
     /// Collect a provider query's finds; on its last step, dial them (their announcements follow)

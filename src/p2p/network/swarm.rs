@@ -8,18 +8,45 @@ use libp2p::gossipsub::{self, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
-use libp2p::{StreamProtocol, Swarm, allow_block_list, dcutr, identify, mdns, ping, relay};
+use libp2p::{
+    StreamProtocol, Swarm, allow_block_list, connection_limits, dcutr, identify, mdns, ping, relay,
+};
 
 use super::super::P2pError;
 use super::super::announcement::MAX_ANNOUNCEMENT_BYTES;
+use super::super::members::MAX_MEMBERS;
 use super::super::relay::server_config;
 use super::super::transport::{ClusterKey, build_transport};
 
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/kad/1.0.0");
 const IDENTIFY_PROTOCOL: &str = "/llmesh/id/1.0.0";
 
+/// Connections being set up (TCP accepted, the transport's handshakes not done) from others at
+/// once: each holds a file descriptor for up to the transport's upgrade timeout. A whole roster
+/// redialing this node at once fits; the rest retry with backoff.
+const MAX_PENDING_INCOMING: u32 = MAX_MEMBERS as u32;
+/// Established connections others opened: every member once, with as much again for peers on
+/// probation and the brief overlaps below.
+const MAX_ESTABLISHED_INCOMING: u32 = 2 * MAX_MEMBERS as u32;
+/// Established connections in all, dialed ones included.
+const MAX_ESTABLISHED: u32 = 4 * MAX_MEMBERS as u32;
+/// Connections to one peer. A pair keeps one (`links.rs`), but for a moment there can be three: a
+/// relayed one and the two a hole punch's simultaneous dials make.
+const MAX_ESTABLISHED_PER_PEER: u32 = 4;
+
+/// The connection limits above. A connection over a limit is refused before its handshake (a
+/// pending one) or closed once established, and the swarm reports it as a connection error.
+fn connection_limits() -> connection_limits::ConnectionLimits {
+    connection_limits::ConnectionLimits::default()
+        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+        .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING))
+        .with_max_established(Some(MAX_ESTABLISHED))
+        .with_max_established_per_peer(Some(MAX_ESTABLISHED_PER_PEER))
+}
+
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    pub(super) limits: connection_limits::Behaviour,
     pub(super) gossipsub: gossipsub::Behaviour,
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(super) kademlia: kad::Behaviour<MemoryStore>,
@@ -66,7 +93,12 @@ pub(super) fn build_swarm(
     });
     let mut kad_config = kad::Config::new(KAD_PROTOCOL);
     kad_config.set_replication_factor(NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN));
+    // Inbound provider records and values are handed to the network task, which stores members'
+    // provider records only (`dht.rs`): a peer on probation must not fill the store or pose as
+    // a model's host.
+    kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
     let behaviour = Behaviour {
+        limits: connection_limits::Behaviour::new(connection_limits()),
         gossipsub,
         mdns: Toggle::from(mdns),
         kademlia: kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config),
