@@ -107,17 +107,20 @@ timings = [once() for _ in range(samples)]
 print(f"{statistics.median(t for t, _ in timings):.1f} {statistics.median(t for _, t in timings):.1f}")
 EOF
 
+# Without a cluster secret the overlay stays on loopback (see src/p2p/exposure.rs).
+cluster_key=$(head -c 32 /dev/urandom | base64 | tr -d "/+=\n")
+
 # --- the cluster ------------------------------------------------------------------------------------
 
 say "starting node-a and node-b (no models)"
-start_node a
-start_node b
+start_node a --cluster-key "$cluster_key"
+start_node b --cluster-key "$cluster_key"
 wait_for "node-a answers /health" healthy a
 wait_for "node-b answers /health" healthy b
 
 say "starting node-c with smollm2"
 c_started=$(now)
-start_node c --model "smollm2=$chat_model"
+start_node c --model "smollm2=$chat_model" --cluster-key "$cluster_key"
 c_ready=""
 a_sees_c() {
   if [ -z "$c_ready" ] && healthy c; then

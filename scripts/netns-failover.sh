@@ -108,12 +108,15 @@ unlisted() { # NODE MODEL HOST
   [ "$status" -eq 1 ]
 }
 
+# Without a cluster secret the overlay stays on loopback (see src/p2p/exposure.rs).
+cluster_key=$(head -c 32 /dev/urandom | base64 | tr -d "/+=\n")
+
 # --- the cluster ------------------------------------------------------------------------------------
 
 say "starting node-a (no models), node-b and node-c (smollm2)"
-start_node a
-start_node b --model "smollm2=$chat_model"
-start_node c --model "smollm2=$chat_model"
+start_node a --cluster-key "$cluster_key"
+start_node b --model "smollm2=$chat_model" --cluster-key "$cluster_key"
+start_node c --model "smollm2=$chat_model" --cluster-key "$cluster_key"
 wait_for "node-a lists smollm2 on node-b (mDNS)" lists_model a smollm2 node-b
 wait_for "node-a lists smollm2 on node-c (mDNS)" lists_model a smollm2 node-c
 chat_answered_by_either() {

@@ -256,7 +256,7 @@ invite_from() { # NODE SECONDS
 start_r_and_join_x_y() {
   local key_x key_y
   say "starting node-r with the cluster secret"
-  start_node r --no-mdns --cluster-key team-secret
+  start_node r --no-mdns --cluster-key team-secret-for-tests
   wait_for "node-r answers /health" healthy r
   invite_from r 600
   key_x=$key

@@ -27,7 +27,7 @@
 #   LLMESH_NETNS_KEEP_LOGS=1  keep the nodes' logs after a success too
 set -euo pipefail -o errtrace
 repo=$(cd "$(dirname "$0")/.." && pwd)
-cluster_key=team-secret
+cluster_key=team-secret-for-tests
 
 prefix="llmesh-$$"
 bridge_ns="$prefix-br"

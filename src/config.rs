@@ -18,6 +18,23 @@ pub enum ConfigError {
     Parse { path: PathBuf, source: Box<toml::de::Error> },
     #[error("--model must look like ID=PATH (got '{0}')")]
     ModelFlag(String),
+    #[error(
+        "the cluster key has {0} characters; it must have at least {MIN_CLUSTER_KEY_CHARS} \
+         (`llmesh cluster-key` prints an unguessable one)"
+    )]
+    WeakClusterKey(usize),
+}
+
+/// The shortest cluster secret accepted. Anyone who records one connection can test guesses of the
+/// secret offline (see ARCHITECTURE.md's threat model), so a short one is refused outright; the
+/// keys `llmesh cluster-key` makes have 256 random bits.
+pub const MIN_CLUSTER_KEY_CHARS: usize = 16;
+
+/// A new cluster secret: 32 random bytes, base64url (43 characters).
+pub fn new_cluster_key() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,9 +66,15 @@ pub struct Config {
     /// relayed address on the `peers` (or the inviter) so that others can reach this node through
     /// them.
     pub relay: bool,
-    /// The cluster secret: nodes without the same one cannot connect. When unset, the API key
-    /// (if any) is used; with neither, the cluster is open to any llmesh node that can reach it.
+    /// The cluster secret: nodes without the same one cannot connect. At least
+    /// `MIN_CLUSTER_KEY_CHARS` characters; `llmesh cluster-key` prints a random one. Without it (and
+    /// without a cluster joined with a connection key) the overlay listens on loopback only, unless
+    /// `open_cluster` is set.
     pub cluster_key: Option<String>,
+    /// With no cluster secret, listen on the configured overlay addresses anyway and let any llmesh
+    /// node that reaches them in as a member (mDNS included). Off by default: an open cluster lets
+    /// anyone on the network use the models, announce fake ones to collect prompts, and revoke nodes.
+    pub open_cluster: bool,
     /// Addresses others reach this node at beyond its listen addresses (a VPN address, a port
     /// forward); put into connection keys.
     pub external_addresses: Vec<String>,
@@ -99,6 +122,7 @@ impl Default for Config {
             mdns: true,
             relay: true,
             cluster_key: None,
+            open_cluster: false,
             external_addresses: Vec::new(),
             join: None,
             routing: RoutingConfig::default(),
@@ -131,9 +155,15 @@ impl Config {
             .map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(source) })
     }
 
-    /// The secret that keeps strangers out of the overlay (see `cluster_key`).
-    pub fn cluster_secret(&self) -> Option<&str> {
-        self.cluster_key.as_deref().or(self.api_key.as_deref())
+    /// The secret that keeps strangers out of the overlay (see `cluster_key`). The API key never
+    /// doubles as one: it travels in every HTTP request, and a cluster secret must not.
+    pub fn cluster_secret(&self) -> Result<Option<&str>, ConfigError> {
+        match self.cluster_key.as_deref() {
+            Some(secret) if secret.chars().count() < MIN_CLUSTER_KEY_CHARS => {
+                Err(ConfigError::WeakClusterKey(secret.chars().count()))
+            }
+            secret => Ok(secret),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -186,12 +216,30 @@ mod tests {
     }
 
     #[test]
-    fn the_api_key_doubles_as_cluster_secret_unless_one_is_given() {
-        let mut config = Config { api_key: Some("api".into()), ..Config::default() };
-        assert_eq!(config.cluster_secret(), Some("api"));
-        config.cluster_key = Some("cluster".into());
-        assert_eq!(config.cluster_secret(), Some("cluster"));
-        assert_eq!(Config::default().cluster_secret(), None);
+    fn the_api_key_never_doubles_as_the_cluster_secret() {
+        let mut config =
+            Config { api_key: Some("an-api-key-long-enough-to-pass".into()), ..Config::default() };
+        assert_eq!(config.cluster_secret().unwrap(), None);
+        config.cluster_key = Some("a-cluster-secret-of-our-team".into());
+        assert_eq!(config.cluster_secret().unwrap(), Some("a-cluster-secret-of-our-team"));
+        assert_eq!(Config::default().cluster_secret().unwrap(), None);
+    }
+
+    #[test]
+    fn new_cluster_keys_are_random_and_long_enough() {
+        let (a, b) = (new_cluster_key(), new_cluster_key());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        let config = Config { cluster_key: Some(a), ..Config::default() };
+        assert!(config.cluster_secret().is_ok());
+    }
+
+    #[test]
+    fn short_cluster_secrets_are_refused() {
+        let config = Config { cluster_key: Some("team-secret".into()), ..Config::default() };
+        assert!(matches!(config.cluster_secret(), Err(ConfigError::WeakClusterKey(11))));
+        let config = Config { cluster_key: Some("é".repeat(MIN_CLUSTER_KEY_CHARS)), ..Config::default() };
+        assert!(config.cluster_secret().is_ok(), "counted in characters, not bytes");
     }
 
     #[test]

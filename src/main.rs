@@ -30,6 +30,8 @@ enum Command {
     Invite(llmesh::cli::InviteArgs),
     /// Have a running node join a cluster with a connection key.
     Join(llmesh::cli::JoinArgs),
+    /// Print a new random cluster secret (256 bits) for `--cluster-key`.
+    ClusterKey,
 }
 
 #[derive(clap::Args)]
@@ -70,9 +72,14 @@ struct ServeArgs {
     /// punching, which starts from a relayed connection).
     #[arg(long)]
     no_relay: bool,
-    /// The cluster secret; nodes without it cannot connect [default: the API key, if any].
+    /// The cluster secret, at least 16 characters (`llmesh cluster-key` prints one); nodes without
+    /// it cannot connect. Without one the overlay listens on loopback only.
     #[arg(long, env = "LLMESH_CLUSTER_KEY", hide_env_values = true)]
     cluster_key: Option<String>,
+    /// With no cluster secret, listen on the overlay addresses anyway and let in any llmesh node
+    /// that reaches them. Only for networks you control: every such node is a full member.
+    #[arg(long)]
+    open_cluster: bool,
     /// Join a cluster with a connection key from `llmesh invite` (needed once: the node remembers).
     #[arg(long, value_name = "KEY")]
     join: Option<String>,
@@ -99,6 +106,10 @@ async fn main() -> std::process::ExitCode {
         Command::Status(args) => ask_node(move || llmesh::cli::status(&args)).await,
         Command::Invite(args) => ask_node(move || llmesh::cli::invite(&args)).await,
         Command::Join(args) => ask_node(move || llmesh::cli::join(&args)).await,
+        Command::ClusterKey => {
+            println!("{}", llmesh::config::new_cluster_key());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -148,6 +159,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.cluster_key.is_some() {
         config.cluster_key = args.cluster_key;
+    }
+    if args.open_cluster {
+        config.open_cluster = true;
     }
     if args.join.is_some() {
         config.join = args.join;

@@ -30,6 +30,8 @@ pub enum NodeError {
     Bind { address: SocketAddr, source: std::io::Error },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 pub struct Node {
@@ -63,6 +65,7 @@ impl Node {
             cluster_psk: membership.cluster_psk,
             admission_key: membership.admission_key,
             fixed_cluster: config.cluster_key.is_some(),
+            open_cluster: config.open_cluster,
             external_addresses: config.external_addresses.clone(),
         };
         let (p2p, events, inbound) = p2p::spawn(p2p_config, cluster_shutdown.clone()).await?;
@@ -164,8 +167,8 @@ impl Drop for Node {
 /// the data dir), or the one the config describes.
 struct Membership {
     cluster_psk: Option<[u8; 32]>,
-    /// Only when the configured secret is this cluster's own (not an API key doubling as one on a
-    /// node that joined with a connection key).
+    /// Only when the configured secret is this cluster's own (not on a node that joins another
+    /// cluster with a connection key).
     admission_key: Option<[u8; 32]>,
     peers: Vec<String>,
     /// A key still to present to its inviter.
@@ -175,16 +178,19 @@ struct Membership {
 impl Membership {
     fn resolve(config: &Config, data_dir: &std::path::Path) -> Result<Self, NodeError> {
         let mut peers = config.peers.clone();
-        let joined = JoinedCluster::load(data_dir);
+        let secret = config.cluster_secret()?;
+        // A cluster.json that cannot be read is an error, never a reason to fall back to another
+        // cluster (or to none): the node would silently leave the one it joined.
+        let joined = JoinedCluster::load(data_dir).map_err(P2pError::Setup)?;
         let Some(key) = &config.join else {
-            let mut cluster_psk = config.cluster_secret().map(p2p::cluster_psk);
+            let mut cluster_psk = secret.map(p2p::cluster_psk);
             if let Some(joined) = joined {
-                if config.cluster_key.is_none() {
+                if secret.is_none() {
                     cluster_psk = joined.cluster_psk;
                 }
                 peers.extend(joined.peers);
             }
-            let admission_key = admission_key(config, cluster_psk);
+            let admission_key = admission_key(secret, cluster_psk);
             return Ok(Self { cluster_psk, admission_key, peers, joining: None });
         };
         let invitation = Invitation::from_key(key).map_err(P2pError::Invitation)?;
@@ -192,13 +198,13 @@ impl Membership {
         let already_joined = joined.is_some_and(|joined| joined.invitation == invitation.id_hex());
         let cluster_psk = invitation.cluster_psk;
         let joining = (!already_joined).then(|| (key.clone(), invitation));
-        let admission_key = admission_key(config, cluster_psk);
+        let admission_key = admission_key(secret, cluster_psk);
         Ok(Self { cluster_psk, admission_key, peers, joining })
     }
 }
 
-fn admission_key(config: &Config, cluster_psk: Option<[u8; 32]>) -> Option<[u8; 32]> {
-    let secret = config.cluster_secret()?;
+fn admission_key(secret: Option<&str>, cluster_psk: Option<[u8; 32]>) -> Option<[u8; 32]> {
+    let secret = secret?;
     (Some(p2p::cluster_psk(secret)) == cluster_psk).then(|| p2p::admission_key(secret))
 }
 

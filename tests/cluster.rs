@@ -97,9 +97,10 @@ async fn models_on_one_node_are_served_through_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_another_cluster_key_is_kept_out() {
     let dir = tempfile::tempdir().unwrap();
-    let c = hosting_node("node-c", &dir, Some("team-secret")).await;
-    let member = empty_node("member", &dir, c.p2p_addresses().to_vec(), Some("team-secret")).await;
-    let stranger = empty_node("stranger", &dir, c.p2p_addresses().to_vec(), Some("wrong-secret")).await;
+    let c = hosting_node("node-c", &dir, Some("team-secret-for-tests")).await;
+    let member = empty_node("member", &dir, c.p2p_addresses().to_vec(), Some("team-secret-for-tests")).await;
+    let stranger =
+        empty_node("stranger", &dir, c.p2p_addresses().to_vec(), Some("wrong-secret-for-tests")).await;
 
     eventually("the member sees C's models", async || hosts_of(&member, "tiny").await == ["node-c"]).await;
     // The stranger has dialed C several times by now (backing off from 1 s) and must have failed.

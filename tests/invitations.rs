@@ -26,7 +26,7 @@ async fn private_inviter(dir: &tempfile::TempDir) -> Node {
     support::tiny_model::write_tiny_llama(&path);
     let spec = ModelSpec { id: "tiny".into(), path };
     let engine = LocalEngine::load(&[spec], QueueLimits::default(), &candle_core::Device::Cpu).unwrap();
-    let config = config("inviter", dir, Vec::new(), Some("team-secret"));
+    let config = config("inviter", dir, Vec::new(), Some("team-secret-for-tests"));
     Node::spawn_with_engine(config, Arc::new(engine)).await.unwrap()
 }
 
@@ -134,9 +134,10 @@ async fn a_running_node_joins_with_a_key_and_moves_to_its_cluster() {
         || Arc::new(LocalEngine::load(&[], QueueLimits::default(), &candle_core::Device::Cpu).unwrap());
 
     // Same cluster key, but no peers: it cannot find the cluster until it joins.
-    let lonely = Node::spawn_with_engine(config("lonely", &dir, Vec::new(), Some("team-secret")), engine())
-        .await
-        .unwrap();
+    let lonely =
+        Node::spawn_with_engine(config("lonely", &dir, Vec::new(), Some("team-secret-for-tests")), engine())
+            .await
+            .unwrap();
     let joined = call(&lonely, "POST", "/api/join", Some(json!({"key": key}))).await;
     assert_eq!(joined.status, StatusCode::OK, "{}", joined.body);
     eventually("the node joined while running", async || hosts_of(&lonely, "tiny").await == ["inviter"])
@@ -160,9 +161,10 @@ async fn a_running_node_joins_with_a_key_and_moves_to_its_cluster() {
     .await;
 
     // A node configured with another cluster's key would go back to it at its next start.
-    let other = Node::spawn_with_engine(config("other", &dir, Vec::new(), Some("other-secret")), engine())
-        .await
-        .unwrap();
+    let other =
+        Node::spawn_with_engine(config("other", &dir, Vec::new(), Some("other-secret-for-tests")), engine())
+            .await
+            .unwrap();
     let refused = call(&other, "POST", "/api/join", Some(json!({"key": key}))).await;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
     assert!(refused.body.contains("--cluster-key"), "{}", refused.body);

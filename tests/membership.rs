@@ -20,7 +20,7 @@ use llmesh::router::{Strategy, forward_generate};
 use support::cluster::{call, config, eventually, hosts_of};
 use tokio_util::sync::CancellationToken;
 
-const SECRET: &str = "team-secret";
+const SECRET: &str = "team-secret-for-tests";
 
 /// A node hosting the tiny model in the cluster of `SECRET`, dialing `peers`.
 async fn private_host(name: &str, dir: &tempfile::TempDir, peers: Vec<String>) -> Node {
@@ -44,6 +44,7 @@ async fn bare_peer(dir: &tempfile::TempDir, name: &str, key: &str, stop: &Cancel
         cluster_psk: invitation.cluster_psk,
         admission_key: None,
         fixed_cluster: false,
+        open_cluster: false,
         external_addresses: Vec::new(),
     };
     let (handle, _events, _inbound) = p2p::spawn(config, stop.clone()).await.unwrap();

@@ -32,6 +32,7 @@ async fn peer(dir: &tempfile::TempDir, name: &str, peers: Vec<String>) -> (P2pHa
         cluster_psk: None,
         admission_key: None,
         fixed_cluster: false,
+        open_cluster: false,
         external_addresses: Vec::new(),
     };
     let (handle, _events, inbound) = p2p::spawn(config, CancellationToken::new()).await.unwrap();

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::invitation::{Invitation, InvitationError, InvitationLedger, MAX_INVITATION_BYTES};
+use super::json_file::save_json;
 use super::members::{Credentials, MAX_ADMISSION_BYTES, MAX_MEMBERS};
 use super::transport::ClusterKey;
 use super::wire::{read_frame_within, write_frame};
@@ -188,21 +189,26 @@ pub struct JoinedCluster {
 }
 
 impl JoinedCluster {
-    pub fn load(data_dir: &Path) -> Option<Self> {
-        let bytes = std::fs::read(data_dir.join(JOINED_FILE)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+    /// The cluster joined before, if any. A file that exists but cannot be read or parsed is an
+    /// error: falling back to the configured cluster (or to none) would quietly move the node.
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, String> {
+        let path = data_dir.join(JOINED_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|error| {
+            format!(
+                "{} is damaged ({error}); move it away and join again with a connection key",
+                path.display()
+            )
+        })
     }
 
+    /// Written whole and synced (mode 0600: it holds the pre-shared key).
     pub fn save(&self, data_dir: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        std::fs::create_dir_all(data_dir)?;
-        let path = data_dir.join(JOINED_FILE);
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(path)?;
-        file.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)
+        save_json(&data_dir.join(JOINED_FILE), self)
     }
 }
 

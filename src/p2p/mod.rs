@@ -7,6 +7,7 @@
 //! Peers are named by their peer id as a string at this border.
 
 mod announcement;
+mod exposure;
 mod identity;
 pub mod invitation;
 mod join;
@@ -67,6 +68,8 @@ pub struct P2pConfig {
     /// The cluster key was configured explicitly (`--cluster-key`): joining another cluster while
     /// running is refused, since the next start would go back to the configured one.
     pub fixed_cluster: bool,
+    /// Listen where configured, mDNS included, even with no cluster secret (see `exposure.rs`).
+    pub open_cluster: bool,
     /// Addresses others can reach this node at beyond its listen addresses (a VPN address, a
     /// port forward), put into invitations and advertised.
     pub external_addresses: Vec<String>,

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::announcement::Announcement;
+use super::exposure::Exposure;
 use super::identity::load_or_create_keypair;
 use super::invitation::{Invitation, InvitationLedger};
 use super::join::{Inviter, JOIN_PROTOCOL, Standing, serve_joins};
@@ -92,6 +93,8 @@ struct Network {
     /// reload the roster when the node moves between clusters.
     founder: Option<([u8; 32], [u8; 32])>,
     data_dir: PathBuf,
+    /// Listen addresses not used while the node had no cluster secret (see `exposure.rs`).
+    held_back_listen: Vec<Multiaddr>,
     external_addresses: Vec<Multiaddr>,
     ledger: Arc<Mutex<InvitationLedger>>,
     /// Who belongs to the cluster; `None` in an open cluster (no secret), where anyone does.
@@ -110,7 +113,23 @@ pub async fn spawn(
     let psk = config.cluster_psk;
     let cluster_key = ClusterKey::new(psk);
     let topic = announcement_topic(&cluster_key.cluster_id());
-    let mut swarm = build_swarm(&keypair, cluster_key.clone(), config.mdns, config.relay)?;
+    let configured = config.listen.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
+    let exposure = Exposure::plan(configured, config.mdns, psk.is_some(), config.open_cluster);
+    if psk.is_none() && config.open_cluster {
+        tracing::warn!(
+            "OPEN CLUSTER (--open-cluster): any llmesh node that can reach this machine's overlay \
+             is a member: it can use and serve the models, see every prompt it is sent, and revoke \
+             nodes. Use --cluster-key (see `llmesh cluster-key`) on a network you do not control."
+        );
+    } else if !exposure.held_back.is_empty() {
+        tracing::info!(
+            listen = ?exposure.listen,
+            "no cluster secret: the overlay listens on loopback only and mDNS is off. To let other \
+             machines in, set --cluster-key (`llmesh cluster-key` makes one), join with a connection \
+             key, or pass --open-cluster"
+        );
+    }
+    let mut swarm = build_swarm(&keypair, cluster_key.clone(), exposure.mdns, config.relay)?;
     let mut control = swarm.behaviour().stream.new_control();
     let inbound = control.accept(INFER_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
     let join_requests = control.accept(JOIN_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
@@ -134,8 +153,7 @@ pub async fn spawn(
     }
     swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| P2pError::Setup(e.to_string()))?;
     swarm.behaviour_mut().kademlia.set_mode(Some(kad::Mode::Server));
-    for address in &config.listen {
-        let address = parse_address(address)?;
+    for address in &exposure.listen {
         swarm.listen_on(address.clone()).map_err(|e| P2pError::Setup(format!("listen on {address}: {e}")))?;
     }
     let mut explicit_peers = config.peers.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
@@ -151,7 +169,7 @@ pub async fn spawn(
         swarm.behaviour_mut().blocked.block_peer(*peer);
     }
     let (events, events_receiver) = mpsc::channel(EVENTS_CAPACITY);
-    tracing::info!(%peer_id, cluster = %topic, mdns = config.mdns, private = psk.is_some(), "p2p node starting");
+    tracing::info!(%peer_id, cluster = %topic, mdns = exposure.mdns, private = psk.is_some(), "p2p node starting");
     let network = Network {
         swarm,
         topic,
@@ -173,6 +191,7 @@ pub async fn spawn(
         cluster_key: cluster_key.clone(),
         founder: psk.zip(config.admission_key),
         data_dir: config.data_dir.clone(),
+        held_back_listen: exposure.held_back,
         external_addresses,
         ledger,
         roster,

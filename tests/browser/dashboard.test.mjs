@@ -29,6 +29,7 @@ const MODELS_DIR = path.resolve(process.env.LLMESH_MODELS_DIR || path.join(REPO,
 const MODEL_FILE = path.join(MODELS_DIR, 'SmolLM2-135M-Instruct.Q4_1.gguf');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const API_KEY = 'dash-key';
+const CLUSTER_KEY = 'dash-cluster-secret-for-tests';
 /** The whole test, start to finish. */
 const DEADLINE_MS = 300_000;
 
@@ -80,7 +81,7 @@ async function startNode(name, extraArgs) {
   const dataDir = path.join(tempDirs[0], name);
   const args = [
     'serve', '--name', name, '--listen', `127.0.0.1:${port}`, '--p2p-listen', '/ip4/127.0.0.1/tcp/0',
-    '--no-mdns', '--data-dir', dataDir, '--api-key', API_KEY, ...extraArgs,
+    '--no-mdns', '--data-dir', dataDir, '--api-key', API_KEY, '--cluster-key', CLUSTER_KEY, ...extraArgs,
   ];
   const child = spawn(BIN, args, {
     stdio: ['ignore', 'pipe', 'pipe'],

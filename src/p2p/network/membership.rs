@@ -139,6 +139,15 @@ impl Network {
             let _ = self.swarm.disconnect_peer_id(peer);
         }
         tracing::info!(%cluster, "moved to another cluster; connections to the old one closed");
+        // A node that had no secret listened on loopback only; in a keyed cluster it can listen
+        // where it was configured to. (mDNS stays off until the next start.)
+        if psk.is_some() {
+            for address in std::mem::take(&mut self.held_back_listen) {
+                if let Err(error) = self.swarm.listen_on(address.clone()) {
+                    tracing::warn!(%address, %error, "cannot listen on a held-back overlay address");
+                }
+            }
+        }
     }
 
     /// Peers on probation that have become members: stop the clock, and take in the announcement
