@@ -157,6 +157,7 @@ async fn member(dir: &tempfile::TempDir, key: &str, stop: &CancellationToken) ->
         cluster_psk: invitation.cluster_psk,
         admission_key: None,
         fixed_cluster: false,
+        open_cluster: false,
         external_addresses: Vec::new(),
     };
     let (handle, _events, _inbound) = p2p::spawn(config, stop.clone()).await.unwrap();
