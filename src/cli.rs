@@ -282,9 +282,11 @@ fn items(list: &Value) -> Vec<Value> {
     list["data"].as_array().cloned().unwrap_or_default()
 }
 
+/// A value from a node, as printed: what a terminal would act on (escape sequences, newlines)
+/// is replaced, whoever put it there.
 fn text(value: &Value) -> String {
     match value {
-        Value::String(text) => text.clone(),
+        Value::String(text) => crate::p2p::printable(text),
         Value::Null => "-".into(),
         other => other.to_string(),
     }
@@ -316,5 +318,19 @@ fn print_table(rows: &[Vec<String>]) {
         let cells: Vec<String> =
             row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
         println!("{}", cells.join("  ").trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_nodes_are_printed_without_terminal_escapes() {
+        let hostile = Value::String("laptop\u{1b}[2J\nfake line\u{202e}".into());
+        let printed = text(&hostile);
+        assert!(!printed.contains(['\u{1b}', '\n', '\u{202e}']), "{printed:?}");
+        assert!(printed.starts_with("laptop"));
+        assert_eq!(list(&serde_json::json!(["a\rb"])), "a\u{fffd}b");
     }
 }

@@ -1,7 +1,8 @@
 //! What a node tells the cluster about itself on the gossipsub topic: name, addresses, models,
 //! hardware, load. Each announcement is signed with the node's key and checked strictly on
 //! receipt: size-bounded, decoded with a byte limit, signer equal to the gossip source, fields
-//! within bounds, protocol version known.
+//! within bounds, protocol version known, and its display strings made printable (no control
+//! characters reach a log line or a terminal).
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
@@ -117,7 +118,7 @@ impl Announcement {
 
     /// Decode and check an announcement that gossip says was published by `source`.
     pub fn verify(bytes: &[u8], source: &PeerId) -> Result<Self, AnnouncementError> {
-        let (announcement, signer): (Announcement, PeerId) =
+        let (mut announcement, signer): (Announcement, PeerId) =
             signed::open::<_, MAX_ANNOUNCEMENT_BYTES>(bytes)?;
         if signer != *source {
             return Err(AnnouncementError::WrongSigner {
@@ -135,19 +136,31 @@ impl Announcement {
             });
         }
         announcement.check_bounds()?;
+        announcement.make_printable();
         Ok(announcement)
     }
 
     fn check_bounds(&self) -> Result<(), AnnouncementError> {
         let text_ok = |text: &str| !text.is_empty() && text.len() <= MAX_TEXT;
+        // Names that identify something (a model, an address) are refused when unprintable:
+        // cleaned, they would name something else.
+        let identifier_ok = |text: &str| text_ok(text) && !text.chars().any(is_unprintable);
+        let display_ok = |text: &str| text.len() <= MAX_TEXT;
         if !text_ok(&self.name) {
             return Err(AnnouncementError::OutOfBounds("name"));
         }
-        if self.addresses.len() > MAX_ADDRESSES || self.addresses.iter().any(|a| !text_ok(a)) {
+        if self.addresses.len() > MAX_ADDRESSES || self.addresses.iter().any(|a| !identifier_ok(a)) {
             return Err(AnnouncementError::OutOfBounds("addresses"));
+        }
+        let hardware = &self.hardware;
+        if !display_ok(&hardware.cpu) || !hardware.gpu.as_deref().is_none_or(display_ok) {
+            return Err(AnnouncementError::OutOfBounds("hardware"));
         }
         if self.revoked.len() > MAX_REVOKED || self.revoked.iter().any(|peer| !text_ok(peer)) {
             return Err(AnnouncementError::OutOfBounds("revoked"));
+        }
+        if !display_ok(&self.software_version) {
+            return Err(AnnouncementError::OutOfBounds("software_version"));
         }
         if self.members.len() > MAX_MEMBERS || self.members.iter().any(|r| r.len() > MAX_ADMISSION_BYTES) {
             return Err(AnnouncementError::OutOfBounds("members"));
@@ -156,12 +169,46 @@ impl Announcement {
             return Err(AnnouncementError::OutOfBounds("models"));
         }
         for model in &self.models {
-            if !text_ok(&model.id) || !matches!(model.kind.as_str(), "chat" | "embeddings") {
+            if !identifier_ok(&model.id)
+                || !matches!(model.kind.as_str(), "chat" | "embeddings")
+                || !display_ok(&model.architecture)
+                || !display_ok(&model.quantization)
+            {
                 return Err(AnnouncementError::OutOfBounds("models"));
             }
         }
         Ok(())
     }
+
+    /// Replace what a terminal or a log would act on in the strings that are only shown.
+    fn make_printable(&mut self) {
+        let clean = |text: &mut String| {
+            if text.chars().any(is_unprintable) {
+                *text = printable(text);
+            }
+        };
+        clean(&mut self.name);
+        clean(&mut self.software_version);
+        clean(&mut self.hardware.cpu);
+        if let Some(gpu) = &mut self.hardware.gpu {
+            clean(gpu);
+        }
+        for model in &mut self.models {
+            clean(&mut model.architecture);
+            clean(&mut model.quantization);
+        }
+    }
+}
+
+/// Control characters (newlines, escape sequences) and the bidirectional overrides that make text
+/// read differently from what it is.
+fn is_unprintable(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` with every character a terminal or log reader would act on replaced by `\u{fffd}`.
+pub fn printable(text: &str) -> String {
+    text.chars().map(|c| if is_unprintable(c) { '\u{fffd}' } else { c }).collect()
 }
 
 #[cfg(test)]
@@ -251,6 +298,27 @@ mod tests {
         odd_kind.models[0].kind = "vision".into();
         let bytes = odd_kind.sign(&keypair).unwrap();
         assert_eq!(Announcement::verify(&bytes, &peer), Err(AnnouncementError::OutOfBounds("models")));
+    }
+
+    #[test]
+    fn control_characters_never_leave_an_announcement() {
+        let keypair = Keypair::generate_ed25519();
+        let peer = keypair.public().to_peer_id();
+        let mut hostile = sample(&keypair);
+        hostile.name = "box\n2025-01-01T00:00:00Z  WARN node revoked\u{1b}[2J\u{202e}".into();
+        hostile.hardware.cpu = "\u{1b}]0;owned\u{7}".into();
+        hostile.models[0].quantization = "Q4\r".into();
+        let decoded = Announcement::verify(&hostile.sign(&keypair).unwrap(), &peer).unwrap();
+        for text in [&decoded.name, &decoded.hardware.cpu, &decoded.models[0].quantization] {
+            assert!(!text.chars().any(is_unprintable), "{text:?}");
+        }
+        assert!(decoded.name.starts_with("box\u{fffd}2025"), "{:?}", decoded.name);
+        // An identifier is refused rather than cleaned into another one.
+        let mut odd_model = sample(&keypair);
+        odd_model.models[0].id = "tiny\u{1b}[0m".into();
+        let bytes = odd_model.sign(&keypair).unwrap();
+        assert_eq!(Announcement::verify(&bytes, &peer), Err(AnnouncementError::OutOfBounds("models")));
+        assert_eq!(printable("plain name é"), "plain name é");
     }
 
     #[test]

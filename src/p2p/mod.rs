@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use announcement::{ANNOUNCEMENT_VERSION, MAX_ANNOUNCEMENT_BYTES};
 pub use announcement::{
-    AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware, ResourceUsage,
+    AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware, ResourceUsage, printable,
 };
 pub use invitation::{Invitation, InvitationError};
 pub use join::{JoinedCluster, unix_now};

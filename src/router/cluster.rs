@@ -46,10 +46,15 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
-    /// Record an announcement; an older one than what we hold is ignored.
+    /// Record an announcement; an older one than what we hold is ignored, and so is one not newer
+    /// than the last of a node that went offline (played back, it would bring the node back).
     pub fn apply(&mut self, announcement: Announcement, now: Instant) {
         let previous = self.nodes.get(&announcement.peer_id);
         if previous.is_some_and(|known| known.announcement.issued_at_ms > announcement.issued_at_ms) {
+            return;
+        }
+        let departed = self.offline.get(&announcement.peer_id);
+        if departed.is_some_and(|left| left.announcement.issued_at_ms >= announcement.issued_at_ms) {
             return;
         }
         let dropped: Vec<String> = previous
@@ -133,7 +138,11 @@ impl ClusterView {
             .map(|record| RemoteHost {
                 peer_id: record.announcement.peer_id.clone(),
                 name: record.announcement.name.clone(),
-                announced_load: record.announcement.load.in_flight + record.announcement.load.queued,
+                announced_load: record
+                    .announcement
+                    .load
+                    .in_flight
+                    .saturating_add(record.announcement.load.queued),
             })
             .collect();
         hosts.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
@@ -211,7 +220,7 @@ mod tests {
             software_version: "test".into(),
             started_at: 0,
             issued_at_ms,
-            revoked: Vec::new(),
+            revoked: Default::default(),
             members: Vec::new(),
             founder_proof: None,
         }
@@ -283,5 +292,27 @@ mod tests {
         assert!(view.recently_departed("chat", now));
         view.apply(announcement("b", &["chat"], 2), now);
         assert!(!view.recently_departed("chat", now));
+    }
+
+    #[test]
+    fn a_departed_node_is_not_brought_back_by_its_last_announcement_played_again() {
+        let now = Instant::now();
+        let mut view = ClusterView::default();
+        view.apply(announcement("a", &["chat"], 5), now);
+        view.remove("a", now);
+        view.apply(announcement("a", &["chat"], 5), now + Duration::from_secs(70));
+        view.apply(announcement("a", &["chat"], 4), now + Duration::from_secs(70));
+        assert!(view.remote_hosts("chat").is_empty(), "replayed announcements stay ignored");
+        view.apply(announcement("a", &["chat"], 6), now + Duration::from_secs(71));
+        assert_eq!(view.remote_hosts("chat").len(), 1, "a new one brings it back");
+    }
+
+    #[test]
+    fn an_announced_load_at_the_limit_saturates() {
+        let mut huge = announcement("a", &["chat"], 1);
+        huge.load = AnnouncedLoad { in_flight: u32::MAX, queued: u32::MAX };
+        let mut view = ClusterView::default();
+        view.apply(huge, Instant::now());
+        assert_eq!(view.remote_hosts("chat")[0].announced_load, u32::MAX);
     }
 }
