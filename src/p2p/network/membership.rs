@@ -18,9 +18,19 @@ impl Network {
 
     /// Disconnect the peers whose grace ran out without becoming members, and forget them in the
     /// DHT so that no query dials them again.
+    ///
+    /// A node that is not a member itself lets everyone be (it must reach its inviter); once it
+    /// is one, every connected peer that is not a member is on the clock, also those that
+    /// connected before.
     pub(super) fn enforce_membership(&mut self) {
         let Some(roster) = &self.roster else { return };
-        for peer in self.probation.expired(Instant::now(), |peer| roster.is_member(peer)) {
+        let now = Instant::now();
+        if roster.includes_this_node() {
+            for peer in self.swarm.connected_peers().filter(|peer| !roster.is_member(peer)) {
+                self.probation.start(*peer, now);
+            }
+        }
+        for peer in self.probation.expired(now, |peer| roster.is_member(peer)) {
             tracing::warn!(%peer, "disconnected a peer that is not a member (no valid key, no cluster secret)");
             let _ = self.swarm.disconnect_peer_id(peer);
             self.swarm.behaviour_mut().kademlia.remove_peer(&peer);
