@@ -70,7 +70,7 @@ fn announcement(p2p: &P2pHandle, name: &str, model: &str) -> Announcement {
         software_version: "test".into(),
         started_at: 0,
         issued_at_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64,
-        revoked: Vec::new(),
+        revoked: Default::default(),
         members: Vec::new(),
         founder_proof: None,
     }

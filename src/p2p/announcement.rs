@@ -2,7 +2,8 @@
 //! hardware, load. Each announcement is signed with the node's key and checked strictly on
 //! receipt: size-bounded, decoded with a byte limit, signer equal to the gossip source, fields
 //! within bounds, protocol version known, and its display strings made printable (no control
-//! characters reach a log line or a terminal).
+//! characters reach a log line or a terminal). How recent it must be is the network task's check
+//! (`network/announcements.rs`).
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
@@ -12,14 +13,12 @@ use super::members::{MAX_ADMISSION_BYTES, MAX_MEMBERS};
 use super::signed::{self, EnvelopeError};
 
 /// Bumped when the announcement's shape changes; receivers ignore versions they don't know.
-pub const ANNOUNCEMENT_VERSION: u16 = 2;
+pub const ANNOUNCEMENT_VERSION: u16 = 3;
 /// The largest signed announcement accepted on the wire (also gossipsub's transmit limit).
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 64 * 1024;
 const MAX_MODELS: usize = 256;
 const MAX_ADDRESSES: usize = 32;
 const MAX_TEXT: usize = 256;
-/// Revoked peers one announcement may carry.
-pub const MAX_REVOKED: usize = 512;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
@@ -38,11 +37,12 @@ pub struct Announcement {
     pub software_version: String,
     /// Unix seconds when the node started.
     pub started_at: u64,
-    /// Unix milliseconds when this announcement was made; older ones are ignored.
+    /// Unix milliseconds when this announcement was made: each is later than the node's last,
+    /// and one not later than what was seen of its author, or too far from now, is ignored.
     pub issued_at_ms: u64,
-    /// Peer ids this node knows to be revoked, so revocations reach every node, late joiners
-    /// included.
-    pub revoked: Vec<String>,
+    /// The peers this node knows to be revoked, as a digest: a node whose own differs fetches
+    /// the list (see `revoked.rs`). Filled in by the network task.
+    pub revoked: RevokedDigest,
     /// Signed admission records, in a cluster with a secret: this node's own first, then those
     /// it vouches for (see `members.rs`). Filled in by the network task.
     pub members: Vec<Vec<u8>>,
@@ -76,6 +76,13 @@ pub struct ResourceUsage {
     pub memory_used_bytes: u64,
     pub gpu_percent: Option<f32>,
     pub gpu_memory_used_bytes: Option<u64>,
+}
+
+/// A set of revoked peers in a few bytes: how many, and a SHA-256 of their ids in order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RevokedDigest {
+    pub count: u32,
+    pub hash: [u8; 32],
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,9 +162,6 @@ impl Announcement {
         let hardware = &self.hardware;
         if !display_ok(&hardware.cpu) || !hardware.gpu.as_deref().is_none_or(display_ok) {
             return Err(AnnouncementError::OutOfBounds("hardware"));
-        }
-        if self.revoked.len() > MAX_REVOKED || self.revoked.iter().any(|peer| !text_ok(peer)) {
-            return Err(AnnouncementError::OutOfBounds("revoked"));
         }
         if !display_ok(&self.software_version) {
             return Err(AnnouncementError::OutOfBounds("software_version"));
@@ -243,7 +247,7 @@ mod tests {
             software_version: "0.1.0".into(),
             started_at: 1,
             issued_at_ms: 2,
-            revoked: Vec::new(),
+            revoked: RevokedDigest::default(),
             members: vec![vec![1; 200]; 2],
             founder_proof: Some([3; 32]),
         }

@@ -31,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use announcement::{ANNOUNCEMENT_VERSION, MAX_ANNOUNCEMENT_BYTES};
 pub use announcement::{
-    AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware, ResourceUsage, printable,
+    AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware, ResourceUsage, RevokedDigest,
+    printable,
 };
 pub use invitation::{Invitation, InvitationError};
 pub use join::{JoinedCluster, unix_now};
@@ -93,6 +94,8 @@ pub enum P2pError {
     Invitation(InvitationError),
     #[error("cannot join: {0}")]
     Join(String),
+    #[error("cannot revoke: {0}")]
+    Revocation(String),
 }
 
 /// What the network tells the rest of the node.
@@ -116,7 +119,16 @@ enum Command {
         reply: oneshot::Sender<Result<String, P2pError>>,
     },
     AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
-    Revoke(PeerId, oneshot::Sender<bool>),
+    Revoke(PeerId, oneshot::Sender<Result<bool, revoked::RevocationError>>),
+    /// A member asks for the revocation records: `None` when it is not a member.
+    RevocationsFor(PeerId, oneshot::Sender<Option<Vec<Vec<u8>>>>),
+    /// A page of the revocation records a member sent (`network/revocations.rs`).
+    RevocationPage(PeerId, Vec<Vec<u8>>),
+    /// A fetch of a member's revocation records ended; `complete` when it read them all.
+    RevocationFetchEnded {
+        from: PeerId,
+        complete: bool,
+    },
     /// Admit a peer that redeemed a connection key here; replies with the roster to hand it, or
     /// `None` when the roster is full.
     Admit(PeerId, oneshot::Sender<Option<members::Credentials>>),
@@ -268,13 +280,19 @@ impl P2pHandle {
     }
 
     /// Throw `peer` out of the cluster: close its connections and refuse it from now on, here
-    /// and (through announcements) on every node. Returns whether it was not revoked before.
+    /// and (through a signed record every member fetches) on every node. Returns whether it was
+    /// not revoked before.
     pub async fn revoke(&self, peer: &str) -> Result<bool, P2pError> {
         let peer_id: PeerId = peer.parse().map_err(|_| P2pError::PeerId(peer.to_string()))?;
         if peer_id == self.peer_id {
             return Err(P2pError::PeerId(format!("{peer} is this node itself")));
         }
-        self.ask(|reply| Command::Revoke(peer_id, reply)).await
+        if !revoked::is_ed25519(&peer_id) {
+            return Err(P2pError::PeerId(format!("{peer} is not the peer id of an llmesh node")));
+        }
+        self.ask(|reply| Command::Revoke(peer_id, reply))
+            .await?
+            .map_err(|error| P2pError::Revocation(error.to_string()))
     }
 
     /// Join with a connection key while running. A node in another cluster moves to the key's

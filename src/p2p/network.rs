@@ -30,11 +30,15 @@ use super::revoked::RevokedPeers;
 use super::transport::ClusterKey;
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
 
+mod announcements;
 mod dht;
 mod links;
 mod membership;
+mod revocations;
 mod swarm;
 
+use announcements::{Freshness, Greetings, Stale};
+use revocations::{REVOKED_PROTOCOL, RevocationFetches, serve_revocations};
 use swarm::{Behaviour, BehaviourEvent, build_swarm};
 
 /// How often explicit peers are checked (each is dialed again on its own backoff).
@@ -68,7 +72,19 @@ struct Network {
     /// The last announcement published, re-sent when a new peer subscribes or the revoked list
     /// changes.
     last_announcement: Option<Announcement>,
+    /// When the last announcement published was stamped (Unix milliseconds).
+    last_issued_ms: u64,
+    /// Greetings of new subscribers, limited per peer and in all.
+    greetings: Greetings,
+    /// The latest announcement taken from each author, so that none is taken twice.
+    freshness: Freshness,
     revoked: RevokedPeers,
+    /// Fetches of other members' revocation records.
+    fetches: RevocationFetches,
+    /// For the streams this task opens itself (fetching revocation records).
+    stream_control: libp2p_stream::Control,
+    /// This task's own command queue, for the tasks it starts to report back on.
+    commands: mpsc::Sender<Command>,
     keypair: Keypair,
     last_bootstrap: Option<Instant>,
     peer_store: PeerStore,
@@ -133,12 +149,14 @@ pub async fn spawn(
     let mut control = swarm.behaviour().stream.new_control();
     let inbound = control.accept(INFER_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
     let join_requests = control.accept(JOIN_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
+    let revocation_requests = control.accept(REVOKED_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
     let ledger = Arc::new(Mutex::new(InvitationLedger::load(&config.data_dir)));
     let cluster = cluster_key.cluster_id();
     let (commands, command_receiver) = mpsc::channel(COMMANDS_CAPACITY);
     let inviter =
         Inviter { peer_id: peer_id.to_string(), cluster: cluster_key.clone(), ledger: ledger.clone() };
     tokio::spawn(serve_joins(join_requests, inviter, commands.clone()));
+    tokio::spawn(serve_revocations(revocation_requests, commands.clone()));
     let roster = psk.map(|_| Roster::load(&config.data_dir, &cluster, &keypair, config.admission_key));
     if roster.as_ref().is_some_and(|roster| !roster.includes_this_node()) {
         tracing::warn!(
@@ -164,7 +182,7 @@ pub async fn spawn(
             explicit_peers.push(address);
         }
     }
-    let revoked = RevokedPeers::load(&config.data_dir);
+    let revoked = RevokedPeers::load(&config.data_dir, &cluster, &keypair);
     for peer in revoked.iter() {
         swarm.behaviour_mut().blocked.block_peer(*peer);
     }
@@ -175,7 +193,13 @@ pub async fn spawn(
         topic,
         events,
         last_announcement: None,
+        last_issued_ms: 0,
+        greetings: Greetings::default(),
+        freshness: Freshness::default(),
         revoked,
+        fetches: RevocationFetches::default(),
+        stream_control: control.clone(),
+        commands: commands.clone(),
         keypair: keypair.clone(),
         last_bootstrap: None,
         peer_store,
@@ -247,6 +271,12 @@ fn with_peer(address: Multiaddr, peer: PeerId) -> Multiaddr {
     }
 }
 
+/// Unix milliseconds now.
+fn unix_now_ms() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn parse_address(address: &str) -> Result<Multiaddr, P2pError> {
     address.parse().map_err(|e: libp2p::multiaddr::Error| P2pError::Address {
         address: address.to_string(),
@@ -266,6 +296,9 @@ impl Network {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = redial.tick() => {
+                    if self.greetings.due(Instant::now()) {
+                        self.republish();
+                    }
                     self.enforce_membership();
                     self.reconnect_silent_peers();
                     self.reserve_relays();
@@ -281,6 +314,7 @@ impl Network {
             }
         }
         self.peer_store.save();
+        self.revoked.save_if_changed();
         tracing::info!("p2p node stopped");
     }
 
@@ -291,12 +325,13 @@ impl Network {
                 self.republish();
             }
             Command::Revoke(peer, reply) => {
-                let new = self.revoke(peer);
-                if new {
-                    self.republish();
-                }
-                let _ = reply.send(new);
+                let _ = reply.send(self.revoke_here(peer));
             }
+            Command::RevocationsFor(peer, reply) => {
+                let _ = reply.send(self.revocations_for(&peer));
+            }
+            Command::RevocationPage(from, records) => self.take_revocation_page(from, records),
+            Command::RevocationFetchEnded { from, complete } => self.revocation_fetch_ended(from, complete),
             Command::ListenAddresses(reply) => {
                 let _ = reply.send(self.announced_addresses());
             }
@@ -394,12 +429,15 @@ impl Network {
         Ok(key)
     }
 
-    /// Sign and publish the last announcement, with the current revoked list.
+    /// Sign and publish the last announcement, with the current revoked digest and roster. Each
+    /// publication is stamped later than the one before (receivers take each once).
     fn republish(&mut self) {
         let addresses = self.announced_addresses();
         let Some(announcement) = &mut self.last_announcement else { return };
         announcement.addresses = addresses;
-        announcement.revoked = self.revoked.list();
+        announcement.revoked = self.revoked.digest();
+        announcement.issued_at_ms = announcement.issued_at_ms.max(self.last_issued_ms.saturating_add(1));
+        self.last_issued_ms = announcement.issued_at_ms;
         if let Some(roster) = &self.roster {
             announcement.members = roster.records();
             announcement.founder_proof = roster.founder_proof();
@@ -418,22 +456,6 @@ impl Network {
             .map(|address| with_peer(address, peer).to_string())
             .take(MAX_ANNOUNCED_ADDRESSES)
             .collect()
-    }
-
-    /// Block `peer` everywhere in this node; returns whether it is newly revoked.
-    fn revoke(&mut self, peer: PeerId) -> bool {
-        if !self.revoked.insert(peer) {
-            return false;
-        }
-        self.swarm.behaviour_mut().blocked.block_peer(peer);
-        if let Some(roster) = &mut self.roster {
-            roster.remove(&peer);
-        }
-        self.peer_store.forget(&peer);
-        self.explicit_peers.retain(|address| !address.iter().any(|p| p == Protocol::P2p(peer)));
-        tracing::warn!(%peer, "peer revoked: its connections are closed and refused from now on");
-        self.emit(P2pEvent::PeerDisconnected(peer.to_string()));
-        true
     }
 
     fn publish(&mut self, bytes: Vec<u8>) {
@@ -484,6 +506,8 @@ impl Network {
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
                     self.probation.end(&peer_id);
+                    self.greetings.forget(&peer_id);
+                    self.fetches.forget(&peer_id);
                     if !self.redial_to_greet(peer_id) {
                         tracing::info!(peer = %peer_id, cause = ?cause, "peer disconnected");
                         self.emit(P2pEvent::PeerDisconnected(peer_id.to_string()));
@@ -538,10 +562,7 @@ impl Network {
                 let acceptance = match message.source {
                     Some(source) if !self.revoked.contains(&source) => {
                         match Announcement::verify(&message.data, &source) {
-                            Ok(announcement) => match self.receive_announcement(source, announcement) {
-                                true => MessageAcceptance::Accept,
-                                false => MessageAcceptance::Ignore,
-                            },
+                            Ok(announcement) => self.take_announcement(source, announcement),
                             Err(error) => {
                                 tracing::warn!(peer = %source, %error, "dropped an announcement");
                                 MessageAcceptance::Reject
@@ -577,9 +598,14 @@ impl Network {
             }) => {
                 tracing::info!(relay = %relay_peer_id, "reachable through a relay as well");
             }
-            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, .. }) => {
-                tracing::debug!(peer = %peer_id, "peer joined the announcement topic");
-                self.republish();
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }) => {
+                tracing::debug!(peer = %peer_id, %topic, "peer subscribed");
+                if topic == self.topic.hash()
+                    && self.is_member(&peer_id)
+                    && self.greetings.subscribed(peer_id, Instant::now())
+                {
+                    self.republish();
+                }
             }
             BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
                 self.provider_query_progressed(id, result, step.last);
@@ -589,6 +615,26 @@ impl Network {
             }
             _ => {}
         }
+    }
+
+    /// Take a verified announcement if it is recent and newer than the last from its author (a
+    /// replay or an overtaken one is not passed on, and costs its forwarder nothing).
+    fn take_announcement(&mut self, source: PeerId, announcement: Announcement) -> MessageAcceptance {
+        let now_ms = unix_now_ms();
+        let issued_at_ms = announcement.issued_at_ms;
+        match self.freshness.check(&source, issued_at_ms, now_ms) {
+            Ok(()) => {}
+            Err(Stale::OutOfWindow) => {
+                tracing::debug!(peer = %source, issued_at_ms, now_ms, "ignored an announcement issued too far from now");
+                return MessageAcceptance::Ignore;
+            }
+            Err(Stale::NotNewer) => return MessageAcceptance::Ignore,
+        }
+        if !self.receive_announcement(source, announcement) {
+            return MessageAcceptance::Ignore;
+        }
+        self.freshness.taken(source, issued_at_ms, now_ms);
+        MessageAcceptance::Accept
     }
 
     /// Hand an event to the rest of the node without ever waiting: the consumer may itself be

@@ -11,6 +11,7 @@ use super::RouterInner;
 use crate::engine::ModelKind;
 use crate::p2p::{
     ANNOUNCEMENT_VERSION, AnnouncedLoad, AnnouncedModel, Announcement, Hardware, P2pEvent, ResourceUsage,
+    RevokedDigest,
 };
 
 /// Announcements go out at least this often; the cluster declares a node offline after three
@@ -119,7 +120,7 @@ async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsag
         started_at: router.node.started_at,
         issued_at_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         // Filled in by the p2p task, which keeps the revoked list and the roster.
-        revoked: Vec::new(),
+        revoked: RevokedDigest::default(),
         members: Vec::new(),
         founder_proof: None,
     }

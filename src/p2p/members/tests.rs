@@ -186,7 +186,7 @@ fn an_announcement_held_on_probation_is_released_when_its_author_becomes_a_membe
         software_version: "test".into(),
         started_at: 0,
         issued_at_ms: 0,
-        revoked: Vec::new(),
+        revoked: Default::default(),
         members: Vec::new(),
         founder_proof: None,
     };

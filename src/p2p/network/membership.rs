@@ -9,6 +9,8 @@ use libp2p::{Multiaddr, PeerId, relay};
 use super::super::P2pEvent;
 use super::super::announcement::Announcement;
 use super::super::members::{Probation, Roster};
+use super::super::revoked::RevokedPeers;
+use super::revocations::RevocationFetches;
 use super::{Network, announcement_topic};
 
 impl Network {
@@ -75,19 +77,16 @@ impl Network {
     }
 
     /// Take in a checked announcement: the members it vouches for first, then, if its author is a
-    /// member, the revocations it carries and how to reach the author; then pass it on. Returns
-    /// whether the author is a member (else the announcement is held back).
+    /// member, its revoked digest (fetching the author's list if it differs) and how to reach the
+    /// author; then pass it on. Returns whether the author is a member (else the announcement is
+    /// held back).
     pub(super) fn receive_announcement(&mut self, source: PeerId, announcement: Announcement) -> bool {
         if !self.learn_members(&source, &announcement) {
             tracing::debug!(peer = %source, "held back an announcement from a peer that is not a member");
             self.probation.hold(source, announcement);
             return false;
         }
-        for peer in announcement.revoked.iter().filter_map(|p| p.parse::<PeerId>().ok()) {
-            if peer != *self.swarm.local_peer_id() && self.revoke(peer) {
-                self.republish();
-            }
-        }
+        self.revocations_announced(source, announcement.revoked);
         // Announcements may arrive through other nodes: learn how to reach the author directly,
         // for forwarding requests to it, also after a restart.
         self.peer_store.remember(&source, &announcement.addresses, super::super::unix_now());
@@ -143,6 +142,13 @@ impl Network {
         }
         let admission_key = self.founder.filter(|(founded, _)| Some(*founded) == psk).map(|(_, key)| key);
         self.roster = psk.map(|_| Roster::load(&self.data_dir, &cluster, &self.keypair, admission_key));
+        // Revocations are per cluster too; peers blocked for the old one stay blocked until a
+        // restart.
+        self.revoked = RevokedPeers::load(&self.data_dir, &cluster, &self.keypair);
+        for peer in self.revoked.iter() {
+            self.swarm.behaviour_mut().blocked.block_peer(*peer);
+        }
+        self.fetches = RevocationFetches::default();
         self.probation = Probation::default();
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in connected {
@@ -166,7 +172,10 @@ impl Network {
         let Some(roster) = &self.roster else { return };
         for (peer, held) in self.probation.release(|peer| roster.is_member(peer)) {
             if let Some(announcement) = held {
-                let _ = self.receive_announcement(peer, announcement);
+                let issued_at_ms = announcement.issued_at_ms;
+                if self.receive_announcement(peer, announcement) {
+                    self.freshness.taken(peer, issued_at_ms, super::unix_now_ms());
+                }
             }
         }
     }
