@@ -1,8 +1,10 @@
 //! Hostile peers and clients against real nodes in one process on loopback: each module speaks
 //! the node's protocols (HTTP, the overlay's) with malformed and abusive messages, and checks that
-//! the node refuses them and keeps serving.
+//! the node refuses them, keeps serving, and takes in nothing it should not.
 
 mod support;
 
+#[path = "hostile/gossip.rs"]
+mod gossip;
 #[path = "hostile/limits.rs"]
 mod limits;
