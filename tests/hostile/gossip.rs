@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::cluster::{call, config, eventually};
 
-const SECRET: &str = "team-secret";
+const SECRET: &str = "team-secret-for-tests";
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
@@ -47,6 +47,7 @@ async fn bare_peer(
         cluster_psk: psk,
         admission_key,
         fixed_cluster: false,
+        open_cluster: false,
         external_addresses: Vec::new(),
     };
     let (handle, events, _inbound) = p2p::spawn(config, stop.clone()).await.unwrap();
