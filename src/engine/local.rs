@@ -18,7 +18,7 @@ use super::models::load_language_model;
 use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, WorkerLoad};
 use super::{
     EmbedRequest, Embeddings, Engine, EngineError, EngineLoad, GenerateRequest, GenerationStream, ModelInfo,
-    ModelKind, Prompt,
+    ModelKind, OriginalPrompt, Prompt,
 };
 
 /// Events buffered between the worker and the reader of one generation.
@@ -173,11 +173,16 @@ fn tokenizer_json_beside(model: &Path) -> Option<PathBuf> {
 
 impl ChatRunner {
     fn render(&self, prompt: &Prompt) -> Result<String, EngineError> {
-        match prompt {
-            Prompt::Chat(messages) => self.template.render(messages),
-            Prompt::Text(text) => Ok(text.clone()),
-            Prompt::Continue { prompt, generated } => Ok(self.render(prompt)? + generated),
-        }
+        Ok(match prompt {
+            Prompt::Chat(messages) => self.template.render(messages)?,
+            Prompt::Text(text) => text.clone(),
+            Prompt::Continue { prompt: OriginalPrompt::Chat(messages), generated } => {
+                self.template.render(messages)? + generated
+            }
+            Prompt::Continue { prompt: OriginalPrompt::Text(text), generated } => {
+                format!("{text}{generated}")
+            }
+        })
     }
 
     /// Render, tokenize, check the context window and queue. Runs on a blocking thread.

@@ -91,16 +91,29 @@ pub enum Prompt {
     Text(String),
     /// An answer cut short on another node, resumed here: the original prompt, then the text the
     /// client already has, which the model continues.
-    Continue { prompt: Box<Prompt>, generated: String },
+    Continue { prompt: OriginalPrompt, generated: String },
+}
+
+/// The prompt a client sent, which a continuation starts from. Its own type rather than a
+/// `Prompt`, so that a continuation cannot hold another: requests arrive from peers, and a type
+/// that nests lets one small frame nest deep enough to overflow the stack while it is decoded.
+/// (The same variants in the same order as `Prompt`'s first two, so both encode alike.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OriginalPrompt {
+    Chat(Vec<ChatMessage>),
+    Text(String),
 }
 
 impl Prompt {
-    /// The prompt a continuation started from.
-    pub fn original(&self) -> &Prompt {
-        match self {
-            Prompt::Continue { prompt, .. } => prompt.original(),
-            other => other,
-        }
+    /// This prompt's original followed by `generated`, everything the client has received since
+    /// the original prompt (a continuation's earlier `generated` is replaced, not added to).
+    pub fn continued(&self, generated: String) -> Prompt {
+        let prompt = match self {
+            Prompt::Chat(messages) => OriginalPrompt::Chat(messages.clone()),
+            Prompt::Text(text) => OriginalPrompt::Text(text.clone()),
+            Prompt::Continue { prompt, .. } => prompt.clone(),
+        };
+        Prompt::Continue { prompt, generated }
     }
 }
 
@@ -224,3 +237,19 @@ pub trait Engine: Send + Sync + 'static {
 }
 
 pub type SharedEngine = Arc<dyn Engine>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_continuation_continues_the_original_prompt() {
+        let once = Prompt::Text("once".into());
+        let continued = once.continued(" upon".into()).continued(" upon a time".into());
+        let expected = Prompt::Continue {
+            prompt: OriginalPrompt::Text("once".into()),
+            generated: " upon a time".into(),
+        };
+        assert_eq!(continued, expected);
+    }
+}

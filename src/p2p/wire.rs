@@ -1,6 +1,8 @@
 //! Framing for messages on p2p streams: a 4-byte big-endian length, then the bincode encoding.
 //! Every frame is bounded on both ends; a frame over the limit, or one that does not decode, is
-//! an error and the stream is dropped. [`Watchdog`] bounds how long a stream may go without
+//! an error and the stream is dropped. Bincode bounds what it allocates but not how deep it
+//! recurses, so a type read here must not contain itself (through a `Box`, `Vec` or `Option`):
+//! a few bytes per level would let one small frame overflow the stack. [`Watchdog`] bounds how long a stream may go without
 //! moving a byte.
 
 use std::pin::Pin;

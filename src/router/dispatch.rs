@@ -14,7 +14,7 @@ use super::stats::Outcome;
 use super::{RouterInner, remote};
 use crate::engine::{
     EmbedRequest, Embeddings, EngineError, FinishReason, GenerateRequest, GenerationEvent, GenerationStream,
-    Prompt, Usage,
+    Usage,
 };
 
 /// Events buffered between the router's relay and the API.
@@ -285,10 +285,7 @@ async fn resume(
         return Ok(None);
     }
     let mut continued = request.clone();
-    continued.prompt = Prompt::Continue {
-        prompt: Box::new(request.prompt.original().clone()),
-        generated: delivered.to_string(),
-    };
+    continued.prompt = request.prompt.continued(delivered.to_string());
     continued.params.max_tokens = remaining;
     let (target, stream, guard) = start_generation(inner, &continued, avoid).await?;
     tracing::info!(host = %target.name, "answer resumed");

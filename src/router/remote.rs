@@ -8,6 +8,9 @@
 //! only once the host has sent its first answer, so anything that fails before that is safe to
 //! retry elsewhere.
 //!
+//! A host trusts no request: it is decoded with the frame's byte limit, from types none of which
+//! contains itself, so the decoder's depth is bounded as well as its input.
+//!
 //! A connection can also die without a word: a pulled cable sends no reset, and a connection
 //! closed gracefully under a stream leaves its reads waiting forever. So a host with nothing to
 //! send for `HEARTBEAT` sends `Working`, and each side gives the other up after `SILENCE_LIMIT`
@@ -231,7 +234,7 @@ pub async fn serve_inbound(mut inbound: InboundStreams, engine: SharedEngine) {
 
 /// The request frame a new stream starts with, within `REQUEST_TIMEOUT`; `None` if the entry
 /// node closed the stream first.
-async fn read_request(stream: &mut P2pStream) -> std::io::Result<Option<InferRequest>> {
+async fn read_request<R: AsyncRead + Unpin>(stream: &mut R) -> std::io::Result<Option<InferRequest>> {
     tokio::time::timeout(REQUEST_TIMEOUT, read_frame(stream))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request frame"))?
@@ -313,5 +316,81 @@ async fn working<W: AsyncWrite + Unpin, F: Future>(stream: &mut W, work: F) -> s
             output = &mut work => return Ok(output),
             _ = heartbeat.tick() => write_within(stream, &InferReply::Working).await?,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{ChatMessage, Prompt, SamplingParams};
+
+    fn frame(bytes: &[u8]) -> futures::io::Cursor<Vec<u8>> {
+        let length = u32::try_from(bytes.len()).unwrap().to_be_bytes();
+        futures::io::Cursor::new([&length[..], bytes].concat())
+    }
+
+    /// The bincode of a generation request for model "m" whose prompt is `depth` continuations
+    /// nested around `Text("x")`, written by hand: what a hostile member can send whatever the
+    /// types say.
+    fn nested_continuations(depth: usize) -> Vec<u8> {
+        let plain = InferRequest::Generate(GenerateRequest {
+            model: "m".into(),
+            prompt: Prompt::Text("x".into()),
+            params: SamplingParams::default(),
+        });
+        let plain = bincode::serde::encode_to_vec(&plain, bincode::config::standard()).unwrap();
+        // Generate (variant 0), the model (length 1, "m"), Text (variant 1, length 1, "x"), params.
+        let (head, rest) = plain.split_at(3);
+        let (text, params) = rest.split_at(3);
+        assert_eq!((head, text), (&[0, 1, b'm'][..], &[1, 1, b'x'][..]));
+        // Continue is variant 2: its prompt comes first, then what was generated (empty here).
+        [head, &vec![2; depth], text, &vec![0; depth], params].concat()
+    }
+
+    /// `Prompt` as it was when a continuation held a `Box<Prompt>`.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum NestingPrompt {
+        Chat(Vec<ChatMessage>),
+        Text(String),
+        Continue { prompt: Box<NestingPrompt>, generated: String },
+    }
+
+    #[test]
+    fn every_continuation_the_router_sent_before_encodes_as_it_did() {
+        // The router only ever continued a client's prompt, one level deep; those bytes, and
+        // only those, are what `OriginalPrompt` takes, so nodes on either side of the change
+        // still understand each other on `/llmesh/infer/2`.
+        let codec = bincode::config::standard();
+        let messages = vec![ChatMessage { role: "user".into(), content: "hi".into() }];
+        let cases = [
+            (
+                Prompt::Chat(messages.clone()).continued("Hel".into()),
+                NestingPrompt::Continue {
+                    prompt: Box::new(NestingPrompt::Chat(messages)),
+                    generated: "Hel".into(),
+                },
+            ),
+            (
+                Prompt::Text("once".into()).continued(" upon".into()),
+                NestingPrompt::Continue {
+                    prompt: Box::new(NestingPrompt::Text("once".into())),
+                    generated: " upon".into(),
+                },
+            ),
+        ];
+        for (prompt, before) in cases {
+            let bytes = bincode::serde::encode_to_vec(&prompt, codec).unwrap();
+            assert_eq!(bytes, bincode::serde::encode_to_vec(&before, codec).unwrap());
+            let (decoded, _): (NestingPrompt, _) = bincode::serde::decode_from_slice(&bytes, codec).unwrap();
+            assert_eq!(decoded, before);
+        }
+    }
+
+    #[tokio::test]
+    async fn deeply_nested_continuations_are_refused_not_a_stack_overflow() {
+        let bytes = nested_continuations(100_000);
+        assert!(bytes.len() < 256 * 1024, "a small frame: {} bytes", bytes.len());
+        let error = read_request(&mut frame(&bytes)).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
     }
 }
