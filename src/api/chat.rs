@@ -16,16 +16,13 @@ use super::types::{
     unix_now,
 };
 use super::{AppState, served_by};
-use crate::engine::{ChatMessage, FinishReason, GenerateRequest, Prompt, Usage};
+use crate::engine::{ChatMessage, FinishReason, Prompt, Usage};
 
 /// `max_tokens` when the request sets none and the engine does not list the model (it will then
 /// answer "unknown model" anyway). A listed model gets its whole context length: like OpenAI, a
 /// chat runs to its end-of-turn token or to the end of the context window, and the engine clamps
 /// the limit to what the window leaves after the prompt.
 pub const DEFAULT_CHAT_MAX_TOKENS: usize = 4096;
-
-/// Roles a chat template understands. OpenAI's newer `developer` role is passed on as `system`.
-const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
 /// Separates the text parts of one message when they are joined.
 const PART_SEPARATOR: &str = "\n";
@@ -57,9 +54,6 @@ fn parse_messages(value: Option<Value>) -> Result<Vec<ChatMessage>, ApiError> {
             ));
         }
     };
-    if items.is_empty() {
-        return Err(ApiError::invalid_param("messages", "'messages' must contain at least one message."));
-    }
     items.into_iter().enumerate().map(|(index, item)| parse_message(index, item)).collect()
 }
 
@@ -70,18 +64,11 @@ fn parse_message(index: usize, item: Value) -> Result<ChatMessage, ApiError> {
             format!("Each message must be an object, not {}.", json_kind(&item)),
         ));
     };
+    // OpenAI's newer `developer` role is passed on as `system`. Which roles are known is
+    // `GenerateRequest::validate`'s to check.
     let role = match message.remove("role") {
         Some(Value::String(role)) if role == "developer" => "system".to_owned(),
-        Some(Value::String(role)) if ROLES.contains(&role.as_str()) => role,
-        Some(Value::String(role)) => {
-            return Err(ApiError::invalid_param(
-                format!("messages[{index}].role"),
-                format!(
-                    "Unsupported role '{role}' in messages[{index}]: expected one of system, \
-                     developer, user, assistant."
-                ),
-            ));
-        }
+        Some(Value::String(role)) => role,
         None | Some(Value::Null) => return Err(missing(&format!("messages[{index}].role"))),
         Some(other) => {
             return Err(ApiError::invalid_param(
@@ -143,14 +130,8 @@ pub async fn create_chat_completion(
     tracing::Span::current().record("model", request.model.as_str());
     let ChatCompletionRequest { model, messages, options } = request;
     let default_max_tokens = state.context_length(&model).unwrap_or(DEFAULT_CHAT_MAX_TOKENS);
-    let events = state
-        .engine
-        .generate(GenerateRequest {
-            model: model.clone(),
-            prompt: Prompt::Chat(messages),
-            params: options.sampling_params(default_max_tokens),
-        })
-        .await?;
+    let request = options.request(model.clone(), Prompt::Chat(messages), default_max_tokens)?;
+    let events = state.engine.generate(request).await?;
     let id = response_id("chatcmpl");
     let created = unix_now();
     let node = events.served_by.clone();
@@ -247,11 +228,11 @@ mod tests {
     }
 
     #[test]
-    fn image_parts_and_unknown_roles_are_refused() {
+    fn image_parts_and_roles_that_are_not_strings_are_refused() {
         let image = serde_json::json!([{"role": "user", "content": [{"type": "image_url"}]}]);
         assert!(messages(image).unwrap_err().to_string().contains("image_url"));
-        let tool = serde_json::json!([{"role": "tool", "content": "x"}]);
-        let error = messages(tool).unwrap_err();
+        let number = serde_json::json!([{"role": 3, "content": "x"}]);
+        let error = messages(number).unwrap_err();
         assert_eq!(error.body().error.param.as_deref(), Some("messages[0].role"));
     }
 

@@ -13,7 +13,7 @@ use super::generation::{ChunkWriter, collect, json_event, stream_sse};
 use super::params::GenerationOptions;
 use super::types::{TextChoice, TextCompletion, response_id, unix_now};
 use super::{AppState, served_by};
-use crate::engine::{FinishReason, GenerateRequest, Prompt, Usage};
+use crate::engine::{FinishReason, Prompt, Usage};
 
 /// `max_tokens` when the request sets none: 16, OpenAI's documented default for this endpoint,
 /// which clients of the legacy API rely on.
@@ -35,7 +35,7 @@ impl FromJsonObject for CompletionRequest {
     }
 }
 
-/// A prompt is one non-empty string, possibly wrapped in a one-element array. Batches and token
+/// A prompt is one string, possibly wrapped in a one-element array. Batches and token
 /// arrays are not supported.
 fn parse_prompt(value: Option<Value>) -> Result<String, ApiError> {
     let invalid = |message: String| ApiError::invalid_param("prompt", message);
@@ -59,9 +59,6 @@ fn parse_prompt(value: Option<Value>) -> Result<String, ApiError> {
             return Err(invalid(format!("'prompt' must be a string, not {}.", json_kind(&other))));
         }
     };
-    if prompt.is_empty() {
-        return Err(invalid("'prompt' must not be empty.".into()));
-    }
     Ok(prompt)
 }
 
@@ -71,14 +68,8 @@ pub async fn create_completion(
 ) -> Result<Response, ApiError> {
     tracing::Span::current().record("model", request.model.as_str());
     let CompletionRequest { model, prompt, options } = request;
-    let events = state
-        .engine
-        .generate(GenerateRequest {
-            model: model.clone(),
-            prompt: Prompt::Text(prompt),
-            params: options.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS),
-        })
-        .await?;
+    let request = options.request(model.clone(), Prompt::Text(prompt), DEFAULT_COMPLETION_MAX_TOKENS)?;
+    let events = state.engine.generate(request).await?;
     let writer = TextChunks {
         id: response_id("cmpl"),
         created: unix_now(),
@@ -145,12 +136,7 @@ mod tests {
     fn prompt_is_one_string() {
         assert_eq!(parse_prompt(Some(serde_json::json!("hi"))).unwrap(), "hi");
         assert_eq!(parse_prompt(Some(serde_json::json!(["hi"]))).unwrap(), "hi");
-        for bad in [
-            serde_json::json!(["a", "b"]),
-            serde_json::json!([1, 2]),
-            serde_json::json!([]),
-            serde_json::json!(""),
-        ] {
+        for bad in [serde_json::json!(["a", "b"]), serde_json::json!([1, 2]), serde_json::json!([])] {
             let error = parse_prompt(Some(bad.clone())).unwrap_err();
             assert_eq!(error.body().error.param.as_deref(), Some("prompt"), "{bad}");
         }

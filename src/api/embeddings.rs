@@ -14,9 +14,6 @@ use super::types::{EmbeddingList, EmbeddingObject, EmbeddingUsage, EmbeddingVect
 use super::{AppState, served_by};
 use crate::engine::EmbedRequest;
 
-/// OpenAI's limit on inputs per request; it bounds the work one request can queue.
-pub const MAX_EMBEDDING_INPUTS: usize = 2048;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EncodingFormat {
     Float,
@@ -54,46 +51,30 @@ impl FromJsonObject for EmbeddingRequest {
     }
 }
 
-/// `input` is a non-empty string or a non-empty array of non-empty strings.
+/// `input` is a string or an array of strings. (How many, and that none is empty, is
+/// `EmbedRequest::validate`'s to check.)
 fn parse_inputs(value: Option<Value>) -> Result<Vec<String>, ApiError> {
     let invalid = |message: String| ApiError::invalid_param("input", message);
-    let inputs = match value {
-        None => return Err(missing("input")),
-        Some(Value::String(input)) => vec![input],
-        Some(Value::Array(items)) => {
-            if items.is_empty() {
-                return Err(invalid("'input' must not be an empty array.".into()));
-            }
-            if items.len() > MAX_EMBEDDING_INPUTS {
-                return Err(invalid(format!(
-                    "'input' holds {} texts; the limit is {MAX_EMBEDDING_INPUTS}.",
-                    items.len()
-                )));
-            }
-            items
-                .into_iter()
-                .map(|item| match item {
-                    Value::String(input) => Ok(input),
-                    Value::Number(_) | Value::Array(_) => Err(invalid(
-                        "Token arrays are not supported: send 'input' as a string or an array \
-                         of strings."
-                            .into(),
-                    )),
-                    other => Err(invalid(format!("Each input must be a string, not {}.", json_kind(&other)))),
-                })
-                .collect::<Result<_, _>>()?
-        }
-        Some(other) => {
-            return Err(invalid(format!(
-                "'input' must be a string or an array of strings, not {}.",
-                json_kind(&other)
-            )));
-        }
-    };
-    if inputs.iter().any(String::is_empty) {
-        return Err(invalid("Inputs must not be empty strings.".into()));
+    match value {
+        None => Err(missing("input")),
+        Some(Value::String(input)) => Ok(vec![input]),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(input) => Ok(input),
+                Value::Number(_) | Value::Array(_) => Err(invalid(
+                    "Token arrays are not supported: send 'input' as a string or an array of \
+                     strings."
+                        .into(),
+                )),
+                other => Err(invalid(format!("Each input must be a string, not {}.", json_kind(&other)))),
+            })
+            .collect(),
+        Some(other) => Err(invalid(format!(
+            "'input' must be a string or an array of strings, not {}.",
+            json_kind(&other)
+        ))),
     }
-    Ok(inputs)
 }
 
 pub async fn create_embeddings(
@@ -103,7 +84,9 @@ pub async fn create_embeddings(
     tracing::Span::current().record("model", request.model.as_str());
     let EmbeddingRequest { model, inputs, encoding_format } = request;
     let expected = inputs.len();
-    let embeddings = state.engine.embed(EmbedRequest { model: model.clone(), inputs }).await?;
+    let request = EmbedRequest { model: model.clone(), inputs };
+    request.validate()?;
+    let embeddings = state.engine.embed(request).await?;
     if embeddings.vectors.len() != expected {
         return Err(ApiError::Internal(format!(
             "the engine returned {} vectors for {expected} inputs",
@@ -150,13 +133,12 @@ mod tests {
     }
 
     #[test]
-    fn token_arrays_and_empty_inputs_are_refused() {
+    fn token_arrays_and_other_shapes_are_refused() {
         for bad in [
             serde_json::json!([1, 2, 3]),
             serde_json::json!([[1, 2]]),
-            serde_json::json!([]),
-            serde_json::json!(""),
-            serde_json::json!(["a", ""]),
+            serde_json::json!(["a", null]),
+            serde_json::json!({"text": "a"}),
         ] {
             let error = parse_inputs(Some(bad.clone())).unwrap_err();
             assert_eq!(error.body().error.param.as_deref(), Some("input"), "{bad}");

@@ -9,7 +9,7 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::engine::EngineError;
+use crate::engine::{EngineError, InvalidParam};
 
 /// Seconds a client should wait before retrying a model whose queue is full.
 const QUEUE_FULL_RETRY_AFTER_SECS: u64 = 1;
@@ -190,6 +190,12 @@ impl ApiError {
             }
             other => other.to_string(),
         }
+    }
+}
+
+impl From<InvalidParam> for ApiError {
+    fn from(error: InvalidParam) -> Self {
+        Self::invalid_param(error.param, error.message)
     }
 }
 

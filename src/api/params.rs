@@ -1,5 +1,8 @@
 //! The request fields that chat and legacy completions share (sampling, `stop`, `n`, streaming),
-//! validated against OpenAI's ranges and turned into the engine's `SamplingParams`.
+//! read from JSON into the engine's `SamplingParams`. Their ranges are checked by
+//! `GenerateRequest::validate`, the one check that a host also applies to its peers' requests;
+//! this module only refuses what the engine types cannot hold (a string for a number, a negative
+//! count) and names the field the client used.
 //!
 //! Two llmesh extensions, as vLLM has them: `top_k` (0 keeps every token) and `ignore_eos`
 //! (generate through end-of-sequence tokens, for benchmarks).
@@ -8,10 +11,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::extract::{JsonObject, json_kind};
-use crate::engine::SamplingParams;
-
-/// OpenAI accepts at most this many stop sequences.
-const MAX_STOP_SEQUENCES: usize = 4;
+use crate::engine::{GenerateRequest, InvalidParam, Prompt, SamplingParams};
 
 /// What a generation request asks for besides its prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +20,8 @@ pub struct GenerationOptions {
     sampling: SamplingParams,
     /// `max_completion_tokens`, or else `max_tokens`, when the request sets one.
     pub max_tokens: Option<usize>,
+    /// Which of the two the request used, to name it in errors.
+    max_tokens_field: &'static str,
     pub stream: bool,
     /// `stream_options.include_usage`: end the stream with a usage chunk.
     pub include_usage: bool,
@@ -31,27 +33,39 @@ impl GenerationOptions {
         SamplingParams { max_tokens: self.max_tokens.unwrap_or(default_max_tokens), ..self.sampling.clone() }
     }
 
+    /// The engine request for `prompt` with these options, checked against the limits every
+    /// request meets (a 400 naming the field otherwise).
+    pub fn request(
+        &self,
+        model: String,
+        prompt: Prompt,
+        default_max_tokens: usize,
+    ) -> Result<GenerateRequest, ApiError> {
+        let request = GenerateRequest { model, prompt, params: self.sampling_params(default_max_tokens) };
+        request.validate().map_err(|error| self.invalid(error))?;
+        Ok(request)
+    }
+
+    fn invalid(&self, error: InvalidParam) -> ApiError {
+        match error.param.as_str() {
+            "max_tokens" => ApiError::invalid_param(self.max_tokens_field, error.message),
+            _ => error.into(),
+        }
+    }
+
     /// Take the shared fields out of `fields`.
     pub fn parse(fields: &mut JsonObject) -> Result<Self, ApiError> {
         let defaults = SamplingParams::default();
-        let temperature = optional_in_range(fields, "temperature", 0.0, 2.0)?;
-        let top_p = match fields.optional::<f64>("top_p")? {
-            Some(top_p) if top_p <= 0.0 || top_p > 1.0 => {
-                return Err(ApiError::invalid_param(
-                    "top_p",
-                    format!("{top_p} is out of range for 'top_p': it must be above 0 and at most 1."),
-                ));
-            }
-            top_p => top_p,
-        };
-        let top_k = optional_at_least(fields, "top_k", 0)?;
+        let temperature = fields.optional::<f64>("temperature")?;
+        let top_p = fields.optional::<f64>("top_p")?;
+        let top_k = optional_count(fields, "top_k")?;
         // `max_completion_tokens` is OpenAI's newer name; it wins when both are sent.
-        let max_completion_tokens = optional_at_least(fields, "max_completion_tokens", 1)?;
-        let max_tokens = optional_at_least(fields, "max_tokens", 1)?;
+        let max_completion_tokens = optional_count(fields, "max_completion_tokens")?;
+        let max_tokens = optional_count(fields, "max_tokens")?;
         let stop = parse_stop(fields.take("stop"))?;
         let seed = parse_seed(fields.take("seed"))?;
-        let frequency_penalty = optional_in_range(fields, "frequency_penalty", -2.0, 2.0)?;
-        let presence_penalty = optional_in_range(fields, "presence_penalty", -2.0, 2.0)?;
+        let frequency_penalty = fields.optional::<f64>("frequency_penalty")?;
+        let presence_penalty = fields.optional::<f64>("presence_penalty")?;
         if let Some(n) = fields.optional::<i64>("n")?
             && n != 1
         {
@@ -89,35 +103,19 @@ impl GenerationOptions {
             presence_penalty: presence_penalty.map_or(defaults.presence_penalty, |v| v as f32),
             ignore_eos,
         };
+        let max_tokens_field =
+            if max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
         let max_tokens = max_completion_tokens.or(max_tokens).map(to_usize);
-        Ok(Self { sampling, max_tokens, stream, include_usage })
+        Ok(Self { sampling, max_tokens, max_tokens_field, stream, include_usage })
     }
 }
 
-fn optional_in_range(
-    fields: &mut JsonObject,
-    name: &str,
-    min: f64,
-    max: f64,
-) -> Result<Option<f64>, ApiError> {
-    let value = fields.optional::<f64>(name)?;
-    if let Some(value) = value
-        && !(min..=max).contains(&value)
-    {
-        return Err(ApiError::invalid_param(
-            name,
-            format!("{value} is out of range for '{name}': it must be between {min} and {max}."),
-        ));
-    }
-    Ok(value)
-}
-
-fn optional_at_least(fields: &mut JsonObject, name: &str, min: i64) -> Result<Option<u64>, ApiError> {
+/// An integer that counts something, so cannot be negative.
+fn optional_count(fields: &mut JsonObject, name: &str) -> Result<Option<u64>, ApiError> {
     match fields.optional::<i64>(name)? {
-        Some(value) if value < min => Err(ApiError::invalid_param(
-            name,
-            format!("{value} is less than the minimum of {min} for '{name}'."),
-        )),
+        Some(value) if value < 0 => {
+            Err(ApiError::invalid_param(name, format!("'{name}' must not be negative, not {value}.")))
+        }
         Some(value) => Ok(Some(value.unsigned_abs())),
         None => Ok(None),
     }
@@ -128,41 +126,26 @@ fn to_usize(value: u64) -> usize {
     usize::try_from(value).unwrap_or(usize::MAX)
 }
 
-/// `stop` is a string or an array of at most four non-empty strings.
+/// `stop` is a string or an array of strings.
 fn parse_stop(value: Option<Value>) -> Result<Vec<String>, ApiError> {
     let invalid = |message: String| ApiError::invalid_param("stop", message);
-    let stops = match value {
-        None => return Ok(Vec::new()),
-        Some(Value::String(stop)) => vec![stop],
-        Some(Value::Array(items)) => {
-            if items.len() > MAX_STOP_SEQUENCES {
-                return Err(invalid(format!(
-                    "'stop' takes at most {MAX_STOP_SEQUENCES} sequences, not {}.",
-                    items.len()
-                )));
-            }
-            items
-                .into_iter()
-                .map(|item| match item {
-                    Value::String(stop) => Ok(stop),
-                    other => Err(invalid(format!(
-                        "Each stop sequence must be a string, not {}.",
-                        json_kind(&other)
-                    ))),
-                })
-                .collect::<Result<_, _>>()?
-        }
-        Some(other) => {
-            return Err(invalid(format!(
-                "'stop' must be a string or an array of strings, not {}.",
-                json_kind(&other)
-            )));
-        }
-    };
-    if stops.iter().any(String::is_empty) {
-        return Err(invalid("Stop sequences must not be empty.".into()));
+    match value {
+        None => Ok(Vec::new()),
+        Some(Value::String(stop)) => Ok(vec![stop]),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(stop) => Ok(stop),
+                other => {
+                    Err(invalid(format!("Each stop sequence must be a string, not {}.", json_kind(&other))))
+                }
+            })
+            .collect(),
+        Some(other) => Err(invalid(format!(
+            "'stop' must be a string or an array of strings, not {}.",
+            json_kind(&other)
+        ))),
     }
-    Ok(stops)
 }
 
 /// OpenAI seeds are signed 64-bit integers; any integer is accepted and its bits kept.
@@ -182,8 +165,13 @@ mod tests {
         GenerationOptions::parse(&mut JsonObject(map))
     }
 
+    /// Parsed and checked as a handler does.
+    fn request(json: Value) -> Result<GenerateRequest, ApiError> {
+        parse(json)?.request("m".into(), Prompt::Text("hi".into()), 100)
+    }
+
     fn param_of(json: Value) -> Option<String> {
-        parse(json).unwrap_err().body().error.param
+        request(json).unwrap_err().body().error.param
     }
 
     #[test]
@@ -207,6 +195,10 @@ mod tests {
         assert_eq!(param_of(serde_json::json!({"top_k": -1})).as_deref(), Some("top_k"));
         assert_eq!(param_of(serde_json::json!({"max_tokens": 0})).as_deref(), Some("max_tokens"));
         assert_eq!(
+            param_of(serde_json::json!({"max_completion_tokens": 0})).as_deref(),
+            Some("max_completion_tokens")
+        );
+        assert_eq!(
             param_of(serde_json::json!({"presence_penalty": -3})).as_deref(),
             Some("presence_penalty")
         );
@@ -216,7 +208,7 @@ mod tests {
 
     #[test]
     fn stop_accepts_a_string_or_up_to_four_strings() {
-        assert_eq!(parse(serde_json::json!({"stop": "x"})).unwrap().sampling.stop, ["x"]);
+        assert_eq!(request(serde_json::json!({"stop": "x"})).unwrap().params.stop, ["x"]);
         assert_eq!(param_of(serde_json::json!({"stop": ["a", "b", "c", "d", "e"]})).as_deref(), Some("stop"));
         assert_eq!(param_of(serde_json::json!({"stop": [""]})).as_deref(), Some("stop"));
         assert_eq!(param_of(serde_json::json!({"stop": [1]})).as_deref(), Some("stop"));

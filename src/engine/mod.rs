@@ -15,6 +15,7 @@ mod models;
 mod sampling;
 mod scheduler;
 mod source;
+mod validation;
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ pub use local::{LocalEngine, ModelSpec, default_device};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{QueueLimits, WorkerLoad};
 pub use source::resolve_model_path;
+pub use validation::{InvalidParam, MAX_EMBEDDING_INPUTS, MAX_STOP_SEQUENCES};
 
 /// What a model is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,8 +8,10 @@
 //! only once the host has sent its first answer, so anything that fails before that is safe to
 //! retry elsewhere.
 //!
-//! A host trusts no request: it is decoded with the frame's byte limit, from types none of which
-//! contains itself, so the decoder's depth is bounded as well as its input.
+//! A host trusts no request. It is decoded with the frame's byte limit, from types none of which
+//! contains itself, so the decoder's depth is bounded as well as its input; then it is held to
+//! the limits an HTTP client's request meets (`GenerateRequest::validate`, `EmbedRequest::validate`)
+//! before the engine sees it.
 //!
 //! A connection can also die without a word: a pulled cable sends no reset, and a connection
 //! closed gracefully under a stream leaves its reads waiting forever. So a host with nothing to
@@ -25,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::engine::{
-    EmbedRequest, Embeddings, EngineError, GenerateRequest, GenerationEvent, GenerationStream, SharedEngine,
+    EmbedRequest, Embeddings, EngineError, GenerateRequest, GenerationEvent, GenerationStream, InvalidParam,
+    SharedEngine,
 };
 use crate::p2p::wire::{Watchdog, read_frame, write_frame};
 use crate::p2p::{InboundStreams, P2pHandle, P2pStream};
@@ -49,6 +52,16 @@ const FIRST_RESEND_PAUSE: Duration = Duration::from_millis(25);
 pub enum InferRequest {
     Generate(GenerateRequest),
     Embed(EmbedRequest),
+}
+
+impl InferRequest {
+    /// The limits an HTTP client's request meets, which a peer's must meet too.
+    fn validate(&self) -> Result<(), InvalidParam> {
+        match self {
+            InferRequest::Generate(request) => request.validate(),
+            InferRequest::Embed(request) => request.validate(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -253,6 +266,11 @@ async fn refuse(mut stream: P2pStream) {
 
 async fn serve_one(mut stream: P2pStream, engine: SharedEngine) -> std::io::Result<()> {
     let Some(request) = read_request(&mut stream).await? else { return Ok(()) };
+    if let Err(invalid) = request.validate() {
+        // Only the field is logged: the message may quote the peer's text.
+        tracing::warn!(param = %invalid.param, "refused a peer's request that breaks a limit");
+        return write_within(&mut stream, &InferReply::Error(invalid.into())).await;
+    }
     match request {
         InferRequest::Embed(request) => {
             tracing::debug!(model = %request.model, inputs = request.inputs.len(), "embedding for a peer");
