@@ -156,20 +156,41 @@ async fn dropping_the_stream_cancels_the_generation() {
     assert_eq!((load.active, load.cancelled, load.finished), (0, 1, 0));
 }
 
-#[tokio::test]
-async fn a_full_queue_is_refused_at_once() {
-    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1 });
-    let _running = engine.generate(request("in", greedy(200))).await.unwrap();
+/// Start a long generation on a model that runs one at a time, and wait until it runs (its
+/// stream is returned: dropping it would end the generation).
+async fn start_running(engine: &LocalEngine) -> GenerationStream {
+    let running = engine.generate(request("in", greedy(200))).await.unwrap();
     for _ in 0..500 {
         if engine.load_of("tiny").unwrap().active == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    running
+}
+
+#[tokio::test]
+async fn a_full_queue_is_refused_at_once() {
+    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1 });
+    let _running = start_running(&engine).await;
     let _queued = engine.generate(request("in", greedy(200))).await.unwrap();
     let refused = engine.generate(request("in", greedy(200))).await;
     assert!(matches!(refused, Err(EngineError::QueueFull(_))), "{:?}", refused.map(|_| ()));
     assert_eq!(engine.load_of("tiny").unwrap().queued, 1);
+}
+
+#[tokio::test]
+async fn readers_that_stop_reading_do_not_let_more_generations_run() {
+    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1 });
+    // Never read: within a few tokens its events fill their buffer and it waits for its reader.
+    let _running = start_running(&engine).await;
+    let _queued = engine.generate(request("in", greedy(200))).await.unwrap();
+    // With nothing to do but wait, the worker must still not start what is queued.
+    for _ in 0..100 {
+        let load = engine.load_of("tiny").unwrap();
+        assert_eq!((load.active, load.queued), (1, 1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]

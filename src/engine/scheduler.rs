@@ -171,11 +171,17 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, max_active: usize, st
             }
         });
         if !progressed {
-            // Every generation waits on a slow reader: sleep a little, but wake for new work.
-            match queue.recv_timeout(Duration::from_millis(2)) {
-                Ok(job) => active.push(start(job)),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => queue_open = false,
+            // Every generation waits on a slow reader: sleep a little, but wake for new work if
+            // there is room for it. (Readers that stop reading must not let more than
+            // `max_active` run: each holds a KV cache, and the queue would never fill.)
+            if active.len() >= max_active {
+                std::thread::sleep(Duration::from_millis(2));
+            } else {
+                match queue.recv_timeout(Duration::from_millis(2)) {
+                    Ok(job) => active.push(start(job)),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => queue_open = false,
+                }
             }
         }
     }
