@@ -194,6 +194,30 @@ async fn readers_that_stop_reading_do_not_let_more_generations_run() {
 }
 
 #[tokio::test]
+async fn a_full_queue_refuses_before_any_work_on_the_prompt() {
+    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1 });
+    let _running = start_running(&engine).await;
+    let _queued = engine.generate(request("in", greedy(200))).await.unwrap();
+    // Only rendering and tokenizing this prompt can tell that it is too long for the window: a
+    // full model answers QueueFull without finding out.
+    let too_long = "a ".repeat(tiny_model::CONTEXT);
+    let refused = engine.generate(request(&too_long, greedy(1))).await;
+    assert!(matches!(refused, Err(EngineError::QueueFull(_))), "{:?}", refused.map(|_| ()));
+}
+
+#[tokio::test]
+async fn a_prompt_that_fails_gives_its_place_in_the_queue_back() {
+    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1 });
+    let _running = start_running(&engine).await;
+    let too_long = "a ".repeat(tiny_model::CONTEXT);
+    let refused = engine.generate(request(&too_long, greedy(1))).await;
+    assert!(matches!(refused, Err(EngineError::ContextLength { .. })), "{:?}", refused.map(|_| ()));
+    assert_eq!(engine.load_of("tiny").unwrap().queued, 0);
+    let _queued = engine.generate(request("in", greedy(200))).await.expect("the place is free again");
+    assert_eq!(engine.load_of("tiny").unwrap().queued, 1);
+}
+
+#[tokio::test]
 async fn concurrent_generations_are_interleaved() {
     let (engine, _dir) = tiny_engine(QueueLimits::default());
     let mut long = engine.generate(request("in", greedy(150))).await.unwrap();

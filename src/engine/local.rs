@@ -15,7 +15,7 @@ use super::chat_template::ChatTemplate;
 use super::embedding::EmbeddingWorker;
 use super::gguf_tokenizer::tokenizer_from_metadata;
 use super::models::load_language_model;
-use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, WorkerLoad};
+use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, QueuePlace, WorkerLoad};
 use super::{
     EmbedRequest, Embeddings, Engine, EngineError, EngineLoad, GenerateRequest, GenerationStream, ModelInfo,
     ModelKind, OriginalPrompt, Prompt,
@@ -185,8 +185,13 @@ impl ChatRunner {
         })
     }
 
-    /// Render, tokenize, check the context window and queue. Runs on a blocking thread.
-    fn submit(&self, request: GenerateRequest, span: tracing::Span) -> Result<GenerationStream, EngineError> {
+    /// Render, tokenize, check the context window and queue in `place`. Runs on a blocking thread.
+    fn submit(
+        &self,
+        request: GenerateRequest,
+        place: QueuePlace,
+        span: tracing::Span,
+    ) -> Result<GenerationStream, EngineError> {
         let text = self.render(&request.prompt)?;
         let encoding = self
             .tokenizer
@@ -219,7 +224,7 @@ impl ChatRunner {
         params.max_tokens = params.max_tokens.min(self.context_length - prompt_tokens.len());
         let (events, stream) = mpsc::channel(EVENTS_PER_GENERATION);
         tracing::debug!(parent: &span, prompt_tokens = prompt_tokens.len(), max_tokens = params.max_tokens, "queued");
-        self.worker.submit(Job { prompt_tokens, params, events, span })?;
+        place.submit(Job { prompt_tokens, params, events, span })?;
         Ok(GenerationStream::new(stream))
     }
 }
@@ -242,9 +247,14 @@ impl Engine for LocalEngine {
             }
             Err(error) => return futures::future::ready(Err(error)).boxed(),
         };
+        // Before any work on the prompt: a full model refuses at once, on this thread.
+        let place = match runner.worker.reserve() {
+            Ok(place) => place,
+            Err(error) => return futures::future::ready(Err(error)).boxed(),
+        };
         let span = tracing::Span::current();
         async move {
-            tokio::task::spawn_blocking(move || runner.submit(request, span))
+            tokio::task::spawn_blocking(move || runner.submit(request, place, span))
                 .await
                 .map_err(|e| EngineError::Inference(format!("prompt preparation panicked: {e}")))?
         }

@@ -68,7 +68,7 @@ pub struct WorkerStats {
 /// A copy of `WorkerStats` at one instant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerLoad {
-    /// Accepted, waiting for a place.
+    /// Accepted, waiting for a place (or being prepared for the queue).
     pub queued: usize,
     /// Being generated now.
     pub active: usize,
@@ -94,6 +94,8 @@ impl WorkerStats {
 pub struct GenerationWorker {
     model_id: String,
     jobs: SyncSender<Job>,
+    /// Places in the queue, counting those reserved by jobs still being prepared.
+    places: usize,
     stats: Arc<WorkerStats>,
 }
 
@@ -106,23 +108,65 @@ impl GenerationWorker {
         std::thread::Builder::new()
             .name(format!("generate-{model_id}"))
             .spawn(move || run_worker(runtime, queue, limits.max_active.max(1), &worker_stats))?;
-        Ok(Self { model_id, jobs, stats })
+        // With no queue (`max_queued` 0) a job is handed over only to an idle worker; one may be
+        // prepared at a time, and the hand-over decides.
+        Ok(Self { model_id, jobs, places: limits.max_queued.max(1), stats })
     }
 
-    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
-        // Counted before sending so the worker's decrement can never come first.
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        self.jobs.try_send(job).map_err(|error| {
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            match error {
-                TrySendError::Full(_) => EngineError::QueueFull(self.model_id.clone()),
-                TrySendError::Disconnected(_) => EngineError::ShuttingDown(self.model_id.clone()),
-            }
+    /// Take a place in the queue for a job about to be prepared, or `QueueFull` at once. Taken
+    /// before the prompt is rendered and tokenized, so that a full model costs a refused request
+    /// nothing, and no more prompts are prepared at once than there are places to put them.
+    pub fn reserve(&self) -> Result<QueuePlace, EngineError> {
+        // Counted as queued from now on, so the worker's decrement can never come first.
+        self.stats
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                (queued < self.places).then_some(queued + 1)
+            })
+            .map_err(|_| EngineError::QueueFull(self.model_id.clone()))?;
+        Ok(QueuePlace {
+            model_id: self.model_id.clone(),
+            jobs: self.jobs.clone(),
+            stats: self.stats.clone(),
+            held: true,
         })
     }
 
     pub fn load(&self) -> WorkerLoad {
         self.stats.snapshot()
+    }
+}
+
+/// A place in a model's queue, held while a job is prepared; given back if it is dropped unused.
+pub struct QueuePlace {
+    model_id: String,
+    jobs: SyncSender<Job>,
+    stats: Arc<WorkerStats>,
+    /// Still this place's to give back: no job was handed over in it.
+    held: bool,
+}
+
+impl QueuePlace {
+    /// Queue `job` in this place. (The place was counted, so the queue has room for it, except
+    /// with no queue at all when the worker is busy.)
+    pub fn submit(mut self, job: Job) -> Result<(), EngineError> {
+        match self.jobs.try_send(job) {
+            Ok(()) => {
+                // The job counts as queued until the worker takes it.
+                self.held = false;
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(EngineError::QueueFull(self.model_id.clone())),
+            Err(TrySendError::Disconnected(_)) => Err(EngineError::ShuttingDown(self.model_id.clone())),
+        }
+    }
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        if self.held {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
