@@ -10,6 +10,7 @@ mod chat_template;
 mod detokenize;
 mod embedding;
 mod gguf_tokenizer;
+pub mod kernels;
 mod local;
 mod models;
 mod sampling;

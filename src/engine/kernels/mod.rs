@@ -1,0 +1,310 @@
+//! CPU matrix-vector kernels on GGUF weights in their native encoding (Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q8_0): nothing is re-encoded at load, the raw block bytes are the weights.
+//!
+//! Laid out as ggml-cpu is: `scalar.rs` holds the reference kernel of every type, `x86.rs` the
+//! SIMD variants beside them; `Kernels::detect` picks the best variant this CPU runs, once, at
+//! run time (never from compile-time target features), and tests hold every variant to its
+//! scalar twin. A matmul quantizes its input once to 8-bit activation blocks, then splits the
+//! weight rows across candle's CPU thread pool (`candle_core::utils::barrier_pool`) in one go, so
+//! llmesh runs one pool, not two.
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use candle_core::quantized::GgmlDType;
+
+use scalar::DotRow;
+pub use scalar::{ActivationBlock, BLOCK};
+
+/// A GGUF weight type this module reads rows of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl WeightType {
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::F32 => Self::F32,
+            GgmlDType::F16 => Self::F16,
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            _ => return None,
+        })
+    }
+
+    /// Values per block and bytes per block.
+    fn layout(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 => (1, 2),
+            Self::Q4_0 => (BLOCK, 18),
+            Self::Q4_1 => (BLOCK, 20),
+            Self::Q5_0 => (BLOCK, 22),
+            Self::Q5_1 => (BLOCK, 24),
+            Self::Q8_0 => (BLOCK, 34),
+        }
+    }
+
+    /// Bytes of one row of `columns` values; `None` unless `columns` fills whole blocks.
+    pub fn row_bytes(self, columns: usize) -> Option<usize> {
+        let (values, bytes) = self.layout();
+        (columns % values == 0).then_some(columns / values * bytes)
+    }
+
+    /// Whether matmuls of this type run here (the float types are left to candle).
+    pub fn has_dot_kernel(self) -> bool {
+        !matches!(self, Self::F32 | Self::F16)
+    }
+
+    fn dequantize(self) -> fn(&[u8], &mut [f32]) {
+        match self {
+            Self::F32 => scalar::dequantize_f32,
+            Self::F16 => scalar::dequantize_f16,
+            Self::Q4_0 => scalar::dequantize_q4_0,
+            Self::Q4_1 => scalar::dequantize_q4_1,
+            Self::Q5_0 => scalar::dequantize_q5_0,
+            Self::Q5_1 => scalar::dequantize_q5_1,
+            Self::Q8_0 => scalar::dequantize_q8_0,
+        }
+    }
+}
+
+/// Which implementation of the dot products runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Scalar,
+    Avx2,
+    Vnni,
+}
+
+/// The dot product of every type, for one variant.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub variant: Variant,
+    q4_0: DotRow,
+    q4_1: DotRow,
+    q5_0: DotRow,
+    q5_1: DotRow,
+    q8_0: DotRow,
+}
+
+impl Kernels {
+    pub fn scalar() -> Self {
+        Self {
+            variant: Variant::Scalar,
+            q4_0: scalar::dot_q4_0,
+            q4_1: scalar::dot_q4_1,
+            q5_0: scalar::dot_q5_0,
+            q5_1: scalar::dot_q5_1,
+            q8_0: scalar::dot_q8_0,
+        }
+    }
+
+    /// A variant, or `None` when this CPU cannot run it.
+    pub fn variant(variant: Variant) -> Option<Self> {
+        match variant {
+            Variant::Scalar => Some(Self::scalar()),
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx2 if x86::avx2::available() => Some(Self {
+                variant,
+                // SAFETY (each closure): `available()` confirmed the CPU has the features.
+                q4_0: |r, a| unsafe { x86::avx2::dot_q4_0(r, a) },
+                q4_1: |r, a| unsafe { x86::avx2::dot_q4_1(r, a) },
+                q5_0: |r, a| unsafe { x86::avx2::dot_q5_0(r, a) },
+                q5_1: |r, a| unsafe { x86::avx2::dot_q5_1(r, a) },
+                q8_0: |r, a| unsafe { x86::avx2::dot_q8_0(r, a) },
+            }),
+            #[cfg(target_arch = "x86_64")]
+            Variant::Vnni if x86::vnni::available() => Some(Self {
+                variant,
+                // SAFETY (each closure): as above.
+                q4_0: |r, a| unsafe { x86::vnni::dot_q4_0(r, a) },
+                q4_1: |r, a| unsafe { x86::vnni::dot_q4_1(r, a) },
+                q5_0: |r, a| unsafe { x86::vnni::dot_q5_0(r, a) },
+                q5_1: |r, a| unsafe { x86::vnni::dot_q5_1(r, a) },
+                q8_0: |r, a| unsafe { x86::vnni::dot_q8_0(r, a) },
+            }),
+            _ => None,
+        }
+    }
+
+    /// The fastest variant this CPU runs. `LLMESH_KERNELS=scalar|avx2|vnni` asks for one (for
+    /// measuring); one the CPU lacks falls back to detection.
+    pub fn detect() -> Self {
+        static DETECTED: OnceLock<Kernels> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let requested = match std::env::var("LLMESH_KERNELS").as_deref() {
+                Ok("scalar") => Some(Variant::Scalar),
+                Ok("avx2") => Some(Variant::Avx2),
+                Ok("vnni") => Some(Variant::Vnni),
+                _ => None,
+            };
+            let kernels = requested
+                .and_then(Self::variant)
+                .or_else(|| Self::variant(Variant::Vnni))
+                .or_else(|| Self::variant(Variant::Avx2))
+                .unwrap_or_else(Self::scalar);
+            tracing::debug!(variant = ?kernels.variant, "CPU kernels");
+            kernels
+        })
+    }
+
+    pub fn dot(&self, weight_type: WeightType) -> Option<DotRow> {
+        match weight_type {
+            WeightType::Q4_0 => Some(self.q4_0),
+            WeightType::Q4_1 => Some(self.q4_1),
+            WeightType::Q5_0 => Some(self.q5_0),
+            WeightType::Q5_1 => Some(self.q5_1),
+            WeightType::Q8_0 => Some(self.q8_0),
+            WeightType::F32 | WeightType::F16 => None,
+        }
+    }
+}
+
+/// A weight matrix as GGUF stores it: `rows` rows of `columns` values, row after row of blocks.
+pub struct QuantizedMatrix {
+    weight_type: WeightType,
+    rows: usize,
+    columns: usize,
+    row_bytes: usize,
+    bytes: Vec<u8>,
+}
+
+/// Rows handed to a thread at a time: small enough to balance two to sixteen threads on the
+/// smallest matrices (192 rows), large enough that the per-chunk cost vanishes.
+const ROWS_PER_CHUNK: usize = 16;
+
+thread_local! {
+    static ACTIVATIONS: RefCell<Vec<ActivationBlock>> = const { RefCell::new(Vec::new()) };
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("a {rows}x{columns} {weight_type:?} matrix needs {expected} bytes, got {got}")]
+    WrongSize { weight_type: WeightType, rows: usize, columns: usize, expected: usize, got: usize },
+    #[error("{0:?} rows of {1} values do not fill whole blocks")]
+    PartialBlock(WeightType, usize),
+}
+
+impl QuantizedMatrix {
+    pub fn new(
+        weight_type: WeightType,
+        rows: usize,
+        columns: usize,
+        bytes: Vec<u8>,
+    ) -> Result<Self, KernelError> {
+        let row_bytes =
+            weight_type.row_bytes(columns).ok_or(KernelError::PartialBlock(weight_type, columns))?;
+        if bytes.len() != rows * row_bytes {
+            return Err(KernelError::WrongSize {
+                weight_type,
+                rows,
+                columns,
+                expected: rows * row_bytes,
+                got: bytes.len(),
+            });
+        }
+        Ok(Self { weight_type, rows, columns, row_bytes, bytes })
+    }
+
+    pub fn weight_type(&self) -> WeightType {
+        self.weight_type
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn columns(&self) -> usize {
+        self.columns
+    }
+
+    /// Row `index` as f32 values into `out` (`columns` long); false when out of range.
+    pub fn dequantize_row(&self, index: usize, out: &mut [f32]) -> bool {
+        if index >= self.rows || out.len() != self.columns {
+            return false;
+        }
+        let row = &self.bytes[index * self.row_bytes..(index + 1) * self.row_bytes];
+        (self.weight_type.dequantize())(row, out);
+        true
+    }
+
+    /// `out[t][r] = Σ_c input[t][c] · self[r][c]` for `tokens` rows of input (`tokens × columns`,
+    /// row-major) into `out` (`tokens × rows`). Panics on a type without a dot kernel (see
+    /// `has_dot_kernel`) or on lengths that do not fit.
+    pub fn matmul(&self, kernels: &Kernels, input: &[f32], out: &mut [f32]) {
+        matmul_fused(kernels, &[self], input, out);
+    }
+}
+
+/// Several matrices over the same input (query, key and value; gate and up) in one go: the input
+/// is quantized once and the rows of all of them are split across the threads in one dispatch.
+/// `out` is `tokens × Σ rows`, each token's row holding the first matrix's outputs, then the
+/// second's, and so on. Every matrix must have the input's width and a dot kernel.
+pub fn matmul_fused(kernels: &Kernels, matrices: &[&QuantizedMatrix], input: &[f32], out: &mut [f32]) {
+    let Some(first) = matrices.first() else { return };
+    let columns = first.columns;
+    assert!(matrices.iter().all(|matrix| matrix.columns == columns), "matrices of different widths");
+    let dots: Vec<DotRow> = matrices
+        .iter()
+        .map(|matrix| kernels.dot(matrix.weight_type).expect("matmul on a type without a dot kernel"))
+        .collect();
+    assert_eq!(input.len() % columns, 0, "input is not whole rows");
+    let tokens = input.len() / columns;
+    let total_rows: usize = matrices.iter().map(|matrix| matrix.rows).sum();
+    assert_eq!(out.len(), tokens * total_rows, "output size");
+    // Work item i covers rows [ROWS_PER_CHUNK·(i - first_chunk[m]), …) of matrix m.
+    let mut first_chunk = Vec::with_capacity(matrices.len() + 1);
+    let mut first_column = Vec::with_capacity(matrices.len());
+    let (mut chunks, mut column) = (0, 0);
+    for matrix in matrices {
+        first_chunk.push(chunks);
+        first_column.push(column);
+        chunks += matrix.rows.div_ceil(ROWS_PER_CHUNK);
+        column += matrix.rows;
+    }
+    first_chunk.push(chunks);
+    let blocks = columns / BLOCK;
+    ACTIVATIONS.with(|scratch| {
+        let mut activations = scratch.borrow_mut();
+        activations.resize(tokens * blocks, ActivationBlock::default());
+        scalar::quantize_activations(input, &mut activations);
+        let activations: &[ActivationBlock] = &activations;
+        let out_address = out.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
+            for chunk in range {
+                let which = first_chunk.partition_point(|&start| start <= chunk) - 1;
+                let (matrix, dot) = (matrices[which], dots[which]);
+                let first_row = (chunk - first_chunk[which]) * ROWS_PER_CHUNK;
+                for row in first_row..matrix.rows.min(first_row + ROWS_PER_CHUNK) {
+                    let weights = &matrix.bytes[row * matrix.row_bytes..(row + 1) * matrix.row_bytes];
+                    for token in 0..tokens {
+                        let value = dot(weights, &activations[token * blocks..(token + 1) * blocks]);
+                        let at = token * total_rows + first_column[which] + row;
+                        // SAFETY: `out` holds tokens × total_rows values (asserted above) and
+                        // outlives this call; each (token, row) is written by exactly one chunk,
+                        // so no two threads write the same element.
+                        unsafe { *(out_address as *mut f32).add(at) = value };
+                    }
+                }
+            }
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+//! Every SIMD variant against its scalar twin on random blocks; the scalar kernels against
+//! candle's own dequantization of the same bytes, so the block layouts are read as ggml writes
+//! them.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use super::*;
+
+const TYPES: [WeightType; 5] =
+    [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q5_0, WeightType::Q5_1, WeightType::Q8_0];
+
+/// A small deterministic generator (no dependency on `rand`'s algorithms across versions).
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    fn float(&mut self) -> f32 {
+        self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+    }
+}
+
+/// Random bytes shaped as valid blocks: finite f16 scales and minimums, anything elsewhere.
+fn random_row(weight_type: WeightType, columns: usize, random: &mut Random) -> Vec<u8> {
+    let (_, block_bytes) = weight_type.layout();
+    let scales = match weight_type {
+        WeightType::Q4_1 | WeightType::Q5_1 => 2,
+        _ => 1,
+    };
+    let mut row = Vec::new();
+    for _ in 0..columns / BLOCK {
+        let start = row.len();
+        for _ in 0..scales {
+            row.extend_from_slice(&half::f16::from_f32(random.float() * 0.05).to_le_bytes());
+        }
+        while row.len() < start + block_bytes {
+            row.push(random.next() as u8);
+        }
+    }
+    row
+}
+
+fn random_activations(columns: usize, random: &mut Random) -> Vec<ActivationBlock> {
+    let input: Vec<f32> = (0..columns).map(|_| random.float() * 3.0).collect();
+    let mut blocks = vec![ActivationBlock::default(); columns / BLOCK];
+    scalar::quantize_activations(&input, &mut blocks);
+    blocks
+}
+
+fn close(a: f32, b: f32) -> bool {
+    (a - b).abs() <= 1e-4 * (1.0 + a.abs().max(b.abs()))
+}
+
+#[test]
+fn every_simd_variant_matches_the_scalar_kernels() {
+    let reference = Kernels::scalar();
+    let variants: Vec<Kernels> =
+        [Variant::Avx2, Variant::Vnni].into_iter().filter_map(Kernels::variant).collect();
+    if variants.is_empty() {
+        eprintln!("no SIMD variant runs on this CPU: only the scalar kernels are in use");
+    }
+    let mut random = Random(7);
+    for weight_type in TYPES {
+        for columns in [32, 64, 576, 1536] {
+            for _ in 0..20 {
+                let row = random_row(weight_type, columns, &mut random);
+                let activations = random_activations(columns, &mut random);
+                let expected = (reference.dot(weight_type).unwrap())(&row, &activations);
+                for kernels in &variants {
+                    let got = (kernels.dot(weight_type).unwrap())(&row, &activations);
+                    assert!(
+                        close(expected, got),
+                        "{:?} {weight_type:?} × {columns}: {got} vs scalar {expected}",
+                        kernels.variant
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn scalar_dots_equal_the_dot_of_the_dequantized_rows() {
+    let mut random = Random(11);
+    for weight_type in TYPES {
+        let columns = 256;
+        let row = random_row(weight_type, columns, &mut random);
+        let activations = random_activations(columns, &mut random);
+        let mut weights = vec![0.0; columns];
+        (weight_type.dequantize())(&row, &mut weights);
+        let expected: f32 = activations
+            .iter()
+            .flat_map(|block| block.values.iter().map(move |&q| f32::from(q) * block.scale))
+            .zip(&weights)
+            .map(|(a, w)| a * w)
+            .sum();
+        let got = (Kernels::scalar().dot(weight_type).unwrap())(&row, &activations);
+        assert!(close(expected, got), "{weight_type:?}: {got} vs {expected}");
+    }
+}
+
+#[test]
+fn rows_dequantize_as_candle_does() {
+    let (rows, columns) = (3, 96);
+    let mut random = Random(3);
+    let values: Vec<f32> = (0..rows * columns).map(|_| random.float()).collect();
+    let tensor = Tensor::from_vec(values, (rows, columns), &Device::Cpu).unwrap();
+    for (dtype, weight_type) in [
+        (GgmlDType::Q4_0, WeightType::Q4_0),
+        (GgmlDType::Q4_1, WeightType::Q4_1),
+        (GgmlDType::Q5_0, WeightType::Q5_0),
+        (GgmlDType::Q5_1, WeightType::Q5_1),
+        (GgmlDType::Q8_0, WeightType::Q8_0),
+        (GgmlDType::F16, WeightType::F16),
+        (GgmlDType::F32, WeightType::F32),
+    ] {
+        let quantized = QTensor::quantize(&tensor, dtype).unwrap();
+        let expected = quantized.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let bytes = quantized.data().unwrap().into_owned();
+        let matrix = QuantizedMatrix::new(weight_type, rows, columns, bytes).unwrap();
+        for (index, expected) in expected.iter().enumerate() {
+            let mut row = vec![0.0; columns];
+            assert!(matrix.dequantize_row(index, &mut row));
+            assert_eq!(&row, expected, "{weight_type:?} row {index}");
+        }
+        assert!(!matrix.dequantize_row(rows, &mut vec![0.0; columns]));
+    }
+}
+
+#[test]
+fn matmul_over_threads_equals_row_by_row_dots() {
+    let (rows, columns, tokens) = (200, 128, 3);
+    let mut random = Random(5);
+    let kernels = Kernels::detect();
+    for weight_type in TYPES {
+        let bytes: Vec<u8> = (0..rows).flat_map(|_| random_row(weight_type, columns, &mut random)).collect();
+        let matrix = QuantizedMatrix::new(weight_type, rows, columns, bytes).unwrap();
+        let input: Vec<f32> = (0..tokens * columns).map(|_| random.float()).collect();
+        let mut out = vec![0.0; tokens * rows];
+        matrix.matmul(&kernels, &input, &mut out);
+        for token in 0..tokens {
+            let mut activations = vec![ActivationBlock::default(); columns / BLOCK];
+            scalar::quantize_activations(&input[token * columns..(token + 1) * columns], &mut activations);
+            for row in 0..rows {
+                let weights = &matrix.bytes[row * matrix.row_bytes..(row + 1) * matrix.row_bytes];
+                let expected = (Kernels::scalar().dot(weight_type).unwrap())(weights, &activations);
+                assert!(close(expected, out[token * rows + row]), "{weight_type:?} token {token} row {row}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_matrix_of_the_wrong_size_is_refused() {
+    assert!(QuantizedMatrix::new(WeightType::Q4_1, 2, 32, vec![0; 39]).is_err());
+    assert!(QuantizedMatrix::new(WeightType::Q4_1, 2, 48, vec![0; 60]).is_err());
+    assert!(QuantizedMatrix::new(WeightType::Q4_1, 2, 32, vec![0; 40]).is_ok());
+}
+
+#[test]
+fn fused_matmuls_equal_separate_ones() {
+    let (columns, tokens) = (64, 2);
+    let mut random = Random(9);
+    let kernels = Kernels::detect();
+    let matrix = |rows: usize, weight_type, random: &mut Random| {
+        let bytes: Vec<u8> = (0..rows).flat_map(|_| random_row(weight_type, columns, random)).collect();
+        QuantizedMatrix::new(weight_type, rows, columns, bytes).unwrap()
+    };
+    let matrices = [
+        matrix(40, WeightType::Q4_1, &mut random),
+        matrix(7, WeightType::Q8_0, &mut random),
+        matrix(17, WeightType::Q5_0, &mut random),
+    ];
+    let input: Vec<f32> = (0..tokens * columns).map(|_| random.float()).collect();
+    let total: usize = matrices.iter().map(QuantizedMatrix::rows).sum();
+    let mut fused = vec![0.0; tokens * total];
+    matmul_fused(&kernels, &matrices.iter().collect::<Vec<_>>(), &input, &mut fused);
+    let mut column = 0;
+    for matrix in &matrices {
+        let mut alone = vec![0.0; tokens * matrix.rows()];
+        matrix.matmul(&kernels, &input, &mut alone);
+        for token in 0..tokens {
+            let start = token * total + column;
+            assert_eq!(
+                &fused[start..start + matrix.rows()],
+                &alone[token * matrix.rows()..(token + 1) * matrix.rows()]
+            );
+        }
+        column += matrix.rows();
+    }
+}
