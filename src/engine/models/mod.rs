@@ -1,19 +1,27 @@
-//! Causal language models read from GGUF files, one file per architecture.
+//! Causal language models read from GGUF files.
 //!
-//! An architecture turns GGUF tensors into shared weights (`LanguageModel`); each generation gets
-//! its own `Sequence` holding its KV cache, so many sequences share one copy of the weights. To add
-//! an architecture (qwen2, phi3, ...), add a file with a `load` function and one arm in
-//! `load_language_model`.
+//! One decoder (`decoder.rs`) serves every supported architecture; `config.rs` says how the
+//! families differ. The weights are shared (`LanguageModel`); each generation gets its own
+//! `Sequence` holding its KV cache (`kv_cache.rs`). To add a family (qwen2, phi3, ...), add its
+//! arm in `DecoderConfig::from_metadata` and its name to `ARCHITECTURES`.
 
-mod gemma3;
-mod llama;
-mod requantize;
+mod config;
+mod decoder;
+mod kv_cache;
+#[cfg(test)]
+mod tests;
+mod weights;
 
 use std::fs::File;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
+
+pub use config::DecoderConfig;
+pub use decoder::{Decoder, DecoderModel};
 
 use super::EngineError;
 
@@ -57,37 +65,24 @@ pub fn load_language_model(path: &Path, device: &Device) -> Result<LoadedLanguag
         .map(|length| length as usize);
     let quantization = quantization_name(&content);
     let metadata = content.metadata.clone();
-    if !matches!(architecture.as_str(), "llama" | "gemma3") {
+    if !ARCHITECTURES.contains(&architecture.as_str()) {
         return Err(load_error(&format!(
-            "architecture '{architecture}' is not supported (llama, gemma3 are)"
+            "architecture '{architecture}' is not supported ({} are)",
+            ARCHITECTURES.join(", ")
         )));
     }
-    let requantized = if device.is_cpu() {
-        requantize::requantize_slow_types(&content, &mut file).map_err(|e| load_error(&e))?
-    } else {
-        None
-    };
-    let (model, supported_context) = match requantized {
-        Some((content, mut memory)) => load_architecture(&architecture, content, &mut memory, device),
-        None => load_architecture(&architecture, content, &mut file, device),
-    }
-    .map_err(|e| load_error(&e))?;
+    let config =
+        DecoderConfig::from_metadata(&architecture, &content.metadata).map_err(|e| load_error(&e))?;
+    let supported_context = config.context_length;
+    let decoder = Decoder::load(config, &content, &mut file, device).map_err(|e| load_error(&e))?;
+    let model: Box<dyn LanguageModel> = Box::new(DecoderModel(Arc::new(decoder)));
     let context_length =
         declared_context.map_or(supported_context, |declared| declared.min(supported_context));
     Ok(LoadedLanguageModel { model, metadata, architecture, quantization, context_length })
 }
 
-fn load_architecture<R: std::io::Read + std::io::Seek>(
-    architecture: &str,
-    content: gguf_file::Content,
-    reader: &mut R,
-    device: &Device,
-) -> candle_core::Result<(Box<dyn LanguageModel>, usize)> {
-    match architecture {
-        "gemma3" => gemma3::load(content, reader, device),
-        _ => llama::load(content, reader, device),
-    }
-}
+/// The architectures (`general.architecture`) the decoder serves.
+const ARCHITECTURES: [&str; 2] = ["llama", "gemma3"];
 
 /// The name llama.cpp gives the file's quantisation (`general.file_type`), else the type of the
 /// first weight matrix.
@@ -119,31 +114,4 @@ fn quantization_name(content: &gguf_file::Content) -> String {
         .get("blk.0.attn_q.weight")
         .map(|info| format!("{:?}", info.ggml_dtype))
         .unwrap_or_else(|| "unknown".to_string())
-}
-
-/// The forward pass of a candle-transformers model whose KV cache lives inside its weights
-/// struct, and whose clones share the weight tensors.
-trait CandleWeights: Clone + Send + Sync + 'static {
-    fn forward(&mut self, input: &Tensor, position: usize) -> candle_core::Result<Tensor>;
-}
-
-/// Weights that are never run themselves: each sequence clones them (sharing the tensors) and so
-/// owns its KV cache.
-#[derive(Clone)]
-struct ClonedPerSequence<W> {
-    weights: W,
-    device: Device,
-}
-
-impl<W: CandleWeights> LanguageModel for ClonedPerSequence<W> {
-    fn new_sequence(&self) -> Box<dyn Sequence> {
-        Box::new(self.clone())
-    }
-}
-
-impl<W: CandleWeights> Sequence for ClonedPerSequence<W> {
-    fn forward(&mut self, tokens: &[u32], position: usize) -> candle_core::Result<Tensor> {
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        self.weights.forward(&input, position)?.squeeze(0)
-    }
 }

@@ -1,0 +1,142 @@
+//! What distinguishes one decoder family from another, read from GGUF metadata: sizes, the rotary
+//! embedding's layout and base, and the few structural differences (norms around the blocks,
+//! per-head norms, the feed-forward activation, sliding-window layers). A new family (qwen2,
+//! qwen3, phi3, …) is a new arm of `DecoderConfig::from_metadata` plus, where the structure truly
+//! differs, one more field here.
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::{Result, bail};
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1): llama, mistral (GGUF llama files are converted for this).
+    Interleaved,
+    /// Pairs (i, i + d/2): gemma, qwen, phi3 ("neox").
+    Halves,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation.
+    Gelu,
+}
+
+/// Gemma 3's local layers: they attend to the last `size` positions only and use their own
+/// rotary base; every `global_every`-th layer is global.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlidingWindow {
+    pub size: usize,
+    pub global_every: usize,
+    pub rope_base: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f32,
+    pub rope_style: RopeStyle,
+    pub rope_base: f32,
+    /// The longest sequence this config runs (the rotary tables are this long).
+    pub context_length: usize,
+    /// Token embeddings are multiplied by this (gemma: √hidden).
+    pub embedding_scale: Option<f32>,
+    /// RMS norm on every query and key head before the rotary embedding (gemma3, qwen3).
+    pub qk_norm: bool,
+    /// RMS norms on the attention and feed-forward outputs too, before the residual add (gemma).
+    pub post_norms: bool,
+    pub activation: Activation,
+    pub sliding_window: Option<SlidingWindow>,
+}
+
+/// The window used when a file declares none; candle-transformers' quantized llama had the same.
+const DEFAULT_CONTEXT: usize = 4096;
+
+impl DecoderConfig {
+    pub fn from_metadata(architecture: &str, metadata: &HashMap<String, Value>) -> Result<Self> {
+        let get = |key: &str| metadata.get(&format!("{architecture}.{key}"));
+        let count = |key: &str| -> Result<usize> {
+            match get(key) {
+                Some(value) => Ok(value.to_u32()? as usize),
+                None => bail!("the file has no {architecture}.{key}"),
+            }
+        };
+        let float =
+            |key: &str, default: f32| get(key).and_then(|value| value.to_f32().ok()).unwrap_or(default);
+        let hidden = count("embedding_length")?;
+        let heads = count("attention.head_count")?;
+        if heads == 0 {
+            bail!("{architecture}.attention.head_count is 0");
+        }
+        let kv_heads = count("attention.head_count_kv").unwrap_or(heads);
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            bail!("{heads} query heads cannot share {kv_heads} key/value heads");
+        }
+        let context_length = count("context_length").unwrap_or(DEFAULT_CONTEXT);
+        let mut config = Self {
+            layers: count("block_count")?,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim: count("attention.key_length").unwrap_or(hidden / heads),
+            rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_style: RopeStyle::Interleaved,
+            rope_base: float("rope.freq_base", 10_000.0),
+            context_length,
+            embedding_scale: None,
+            qk_norm: false,
+            post_norms: false,
+            activation: Activation::Silu,
+            sliding_window: None,
+        };
+        match architecture {
+            "llama" => {
+                if let Ok(rope_dims) = count("rope.dimension_count")
+                    && rope_dims != config.head_dim
+                {
+                    bail!(
+                        "partial rotary embeddings ({rope_dims} of {} dims) are not supported",
+                        config.head_dim
+                    );
+                }
+            }
+            "gemma3" => {
+                config.rope_style = RopeStyle::Halves;
+                config.rope_base = float("rope.freq_base", 1_000_000.0);
+                config.embedding_scale = Some((hidden as f32).sqrt());
+                config.qk_norm = true;
+                config.post_norms = true;
+                config.activation = Activation::Gelu;
+                config.sliding_window = Some(SlidingWindow {
+                    size: count("attention.sliding_window")?,
+                    global_every: count("attention.sliding_window_type").unwrap_or(6).max(1),
+                    rope_base: float("rope.local_freq_base", 10_000.0),
+                });
+            }
+            other => bail!("the decoder has no configuration for architecture '{other}'"),
+        }
+        if count("expert_count").unwrap_or(0) > 1 {
+            bail!("mixture-of-experts models are not supported");
+        }
+        Ok(config)
+    }
+
+    /// The window of layer `layer`: `Some(size)` for a sliding-window layer.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        self.sliding_window.filter(|window| (layer + 1) % window.global_every != 0).map(|window| window.size)
+    }
+
+    pub fn rope_base_of(&self, layer: usize) -> f32 {
+        match (self.window_of(layer), self.sliding_window) {
+            (Some(_), Some(window)) => window.rope_base,
+            _ => self.rope_base,
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! llmesh's own decoder-only transformer, one implementation for the llama family and gemma3
+//! (`DecoderConfig` holds what differs). The weights are read once and shared (`Arc<Decoder>`);
+//! each sequence owns a `KvCache`. The forward is split so that a node can run a contiguous
+//! range of layers on hidden states it is handed: `embed`, `forward_layers`, `logits`.
+//!
+//! Tensors are candle tensors, so the same code runs on candle's CUDA and Metal devices; on the
+//! CPU the linear layers run llmesh's kernels on the GGUF blocks (`weights::Linear`).
+
+use std::io::{Read, Seek};
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Result, Tensor, bail};
+
+use super::config::{Activation, DecoderConfig, RopeStyle};
+use super::kv_cache::KvCache;
+use super::weights::{Linear, TokenEmbedding, WeightReader};
+use super::{LanguageModel, Sequence};
+
+/// RMS norm weights with their epsilon.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load<R: Read + Seek>(weights: &mut WeightReader<'_, R>, name: &str, eps: f32) -> Result<Self> {
+        Ok(Self { weight: weights.vector(name)?, eps })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+/// Rotary embeddings of one base. The angles of the positions a step needs are computed for that
+/// step (a few hundred values), rather than tables for the whole window kept in memory.
+struct Rope {
+    frequencies: Vec<f32>,
+    style: RopeStyle,
+}
+
+/// Cosine and sine, `(tokens, head_dim / 2)`, of one step's positions.
+struct RopeAngles {
+    cos: Tensor,
+    sin: Tensor,
+    style: RopeStyle,
+}
+
+impl Rope {
+    fn new(config: &DecoderConfig, base: f32) -> Self {
+        let half = config.head_dim / 2;
+        let frequencies =
+            (0..half).map(|i| 1.0 / base.powf(2.0 * i as f32 / config.head_dim as f32)).collect();
+        Self { frequencies, style: config.rope_style }
+    }
+
+    fn angles(&self, position: usize, tokens: usize, device: &Device) -> Result<RopeAngles> {
+        let mut angles = Vec::with_capacity(tokens * self.frequencies.len());
+        for position in position..position + tokens {
+            angles.extend(self.frequencies.iter().map(|frequency| position as f32 * frequency));
+        }
+        let angles = Tensor::from_vec(angles, (tokens, self.frequencies.len()), device)?;
+        Ok(RopeAngles { cos: angles.cos()?, sin: angles.sin()?, style: self.style })
+    }
+}
+
+impl RopeAngles {
+    /// `x` is `(1, heads, tokens, head_dim)`.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self.style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &self.cos, &self.sin),
+            RopeStyle::Halves => candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin),
+        }
+    }
+}
+
+struct Layer {
+    attention_norm: RmsNorm,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
+    query_norm: Option<RmsNorm>,
+    key_norm: Option<RmsNorm>,
+    post_attention_norm: Option<RmsNorm>,
+    ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<RmsNorm>,
+    /// Index into `Decoder::ropes` (layers of one base share it).
+    rope: usize,
+    window: Option<usize>,
+}
+
+pub struct Decoder {
+    config: DecoderConfig,
+    embedding: TokenEmbedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: Linear,
+    ropes: Vec<Rope>,
+    device: Device,
+}
+
+impl Decoder {
+    pub fn load<R: Read + Seek>(
+        config: DecoderConfig,
+        content: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut weights = WeightReader::new(content, reader, device);
+        let (embedding, output) = weights.embeddings("token_embd.weight", "output.weight")?;
+        if embedding.columns() != config.hidden {
+            bail!("token embeddings of {} values in a model of width {}", embedding.columns(), config.hidden);
+        }
+        let eps = config.rms_eps;
+        let norm = RmsNorm::load(&mut weights, "output_norm.weight", eps)?;
+        let mut rope_bases: Vec<f32> = Vec::new();
+        let mut layers = Vec::with_capacity(config.layers);
+        for index in 0..config.layers {
+            let name = |part: &str| format!("blk.{index}.{part}.weight");
+            let optional_norm = |weights: &mut WeightReader<'_, R>, part: &str, wanted: bool| {
+                wanted.then(|| RmsNorm::load(weights, &name(part), eps)).transpose()
+            };
+            let base = config.rope_base_of(index);
+            let rope = match rope_bases.iter().position(|&known| known == base) {
+                Some(known) => known,
+                None => {
+                    rope_bases.push(base);
+                    rope_bases.len() - 1
+                }
+            };
+            layers.push(Layer {
+                attention_norm: RmsNorm::load(&mut weights, &name("attn_norm"), eps)?,
+                query: weights.linear(&name("attn_q"))?,
+                key: weights.linear(&name("attn_k"))?,
+                value: weights.linear(&name("attn_v"))?,
+                output: weights.linear(&name("attn_output"))?,
+                query_norm: optional_norm(&mut weights, "attn_q_norm", config.qk_norm)?,
+                key_norm: optional_norm(&mut weights, "attn_k_norm", config.qk_norm)?,
+                post_attention_norm: optional_norm(&mut weights, "post_attention_norm", config.post_norms)?,
+                ffn_norm: RmsNorm::load(&mut weights, &name("ffn_norm"), eps)?,
+                gate: weights.linear(&name("ffn_gate"))?,
+                up: weights.linear(&name("ffn_up"))?,
+                down: weights.linear(&name("ffn_down"))?,
+                post_ffn_norm: optional_norm(&mut weights, "post_ffw_norm", config.post_norms)?,
+                rope,
+                window: config.window_of(index),
+            });
+        }
+        let ropes = rope_bases.iter().map(|&base| Rope::new(&config, base)).collect();
+        let decoder = Self { config, embedding, layers, norm, output, ropes, device: device.clone() };
+        tracing::debug!(native = decoder.runs_natively(), "decoder loaded");
+        Ok(decoder)
+    }
+
+    /// Whether every linear layer runs on llmesh's CPU kernels.
+    pub fn runs_natively(&self) -> bool {
+        self.output.is_native()
+            && self.layers.iter().all(|layer| {
+                [&layer.query, &layer.key, &layer.value, &layer.output, &layer.gate, &layer.up, &layer.down]
+                    .iter()
+                    .all(|linear| linear.is_native())
+            })
+    }
+
+    /// A fresh KV cache for every layer.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.layers, self.config.context_length)
+    }
+
+    /// Hidden states `(tokens, hidden)` of `tokens`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let hidden = self.embedding.forward(tokens)?;
+        match self.config.embedding_scale {
+            Some(scale) => hidden * f64::from(scale),
+            None => Ok(hidden),
+        }
+    }
+
+    /// Run `layers` on `hidden` (`(tokens, hidden)`, the first token at `position`), appending
+    /// to those layers' caches; the hidden states after the last of them.
+    pub fn forward_layers(
+        &self,
+        cache: &mut KvCache,
+        mut hidden: Tensor,
+        position: usize,
+        layers: Range<usize>,
+    ) -> Result<Tensor> {
+        let Some(selected) = self.layers.get(layers.clone()) else {
+            bail!("layers {layers:?} are outside the model's {}", self.layers.len())
+        };
+        let tokens = hidden.dim(0)?;
+        if position + tokens > self.config.context_length {
+            bail!(
+                "position {} is beyond the context window of {}",
+                position + tokens,
+                self.config.context_length
+            );
+        }
+        let angles: Vec<RopeAngles> = self
+            .ropes
+            .iter()
+            .map(|rope| rope.angles(position, tokens, &self.device))
+            .collect::<Result<_>>()?;
+        for (index, layer) in layers.zip(selected) {
+            hidden = self.layer_forward(layer, index, cache, &hidden, position, &angles[layer.rope])?;
+        }
+        Ok(hidden)
+    }
+
+    /// Logits `(vocabulary,)` predicting the token after the last row of `hidden`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
+        self.output.forward(&self.norm.forward(&last)?)?.squeeze(0)?.to_dtype(DType::F32)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        index: usize,
+        cache: &mut KvCache,
+        hidden: &Tensor,
+        position: usize,
+        rope: &RopeAngles,
+    ) -> Result<Tensor> {
+        let x = layer.attention_norm.forward(hidden)?;
+        let mut attention = self.attention(layer, index, cache, &x, position, rope)?;
+        if let Some(norm) = &layer.post_attention_norm {
+            attention = norm.forward(&attention)?;
+        }
+        let hidden = (hidden + attention)?;
+        let x = layer.ffn_norm.forward(&hidden)?;
+        let [gate, up]: [Tensor; 2] = Linear::forward_fused(&[&layer.gate, &layer.up], &x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("two projections expected".into()))?;
+        let gate = match self.config.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::Gelu => gate.gelu()?,
+        };
+        let mut feed_forward = layer.down.forward(&(gate * up)?)?;
+        if let Some(norm) = &layer.post_ffn_norm {
+            feed_forward = norm.forward(&feed_forward)?;
+        }
+        hidden + feed_forward
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        index: usize,
+        cache: &mut KvCache,
+        x: &Tensor,
+        position: usize,
+        rope: &RopeAngles,
+    ) -> Result<Tensor> {
+        let config = &self.config;
+        let (tokens, _) = x.dims2()?;
+        let (heads, kv_heads, head_dim) = (config.heads, config.kv_heads, config.head_dim);
+        // (tokens, heads · head_dim) → (1, heads, tokens, head_dim)
+        let split = |projected: Tensor, heads: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let mut per_head = projected.reshape((1, tokens, heads, head_dim))?;
+            if let Some(norm) = norm {
+                per_head = norm.forward(&per_head)?;
+            }
+            per_head.transpose(1, 2)?.contiguous()
+        };
+        let [queries, keys, values]: [Tensor; 3] =
+            Linear::forward_fused(&[&layer.query, &layer.key, &layer.value], x)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("three projections expected".into()))?;
+        let queries = split(queries, heads, layer.query_norm.as_ref())?;
+        let queries = rope.apply(&queries)?;
+        let keys = split(keys, kv_heads, layer.key_norm.as_ref())?;
+        let keys = rope.apply(&keys)?.squeeze(0)?;
+        let values = split(values, kv_heads, None)?.squeeze(0)?;
+        if cache.len(index) != position {
+            bail!("layer {index} holds {} positions, the input starts at {position}", cache.len(index));
+        }
+        let (keys, values) = cache.append(index, &keys, &values)?;
+        let len = position + tokens;
+
+        // Query heads that share a key/value head sit next to each other: group them as extra
+        // rows of one matmul per key/value head instead of repeating the cache.
+        let group = heads / kv_heads;
+        let queries = queries.reshape((kv_heads, group * tokens, head_dim))?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let mut scores = (queries.matmul(&keys.t()?)? * scale)?;
+        if let Some(mask) = self.mask(tokens, position, layer.window)? {
+            scores = scores.reshape((kv_heads, group, tokens, len))?.broadcast_add(&mask)?.reshape((
+                kv_heads,
+                group * tokens,
+                len,
+            ))?;
+        }
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let attended = weights.matmul(&values)?; // (kv_heads, group · tokens, head_dim)
+        let attended = attended
+            .reshape((heads, tokens, head_dim))?
+            .transpose(0, 1)?
+            .reshape((tokens, heads * head_dim))?;
+        layer.output.forward(&attended)
+    }
+
+    /// An additive mask `(tokens, position + tokens)`: −∞ where a query may not look (the future;
+    /// beyond the window of a sliding-window layer). `None` when nothing is hidden.
+    fn mask(&self, tokens: usize, position: usize, window: Option<usize>) -> Result<Option<Tensor>> {
+        let len = position + tokens;
+        let hidden = |query: usize, key: usize| key > query || window.is_some_and(|size| query - key >= size);
+        let any_hidden = tokens > 1 || window.is_some_and(|size| len > size);
+        if !any_hidden {
+            return Ok(None);
+        }
+        let mut mask = Vec::with_capacity(tokens * len);
+        for row in 0..tokens {
+            let query = position + row;
+            mask.extend((0..len).map(|key| if hidden(query, key) { f32::NEG_INFINITY } else { 0.0 }));
+        }
+        Ok(Some(Tensor::from_vec(mask, (tokens, len), &self.device)?))
+    }
+}
+
+/// The decoder as the engine holds it.
+pub struct DecoderModel(pub Arc<Decoder>);
+
+impl LanguageModel for DecoderModel {
+    fn new_sequence(&self) -> Box<dyn Sequence> {
+        Box::new(DecoderSequence { cache: self.0.new_cache(), decoder: self.0.clone() })
+    }
+}
+
+/// One generation: the shared decoder and its own KV cache.
+pub struct DecoderSequence {
+    decoder: Arc<Decoder>,
+    cache: KvCache,
+}
+
+impl Sequence for DecoderSequence {
+    fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
+        if tokens.is_empty() {
+            bail!("no tokens to run");
+        }
+        let held = self.cache.len(0);
+        if position > held {
+            bail!("position {position} is past the {held} positions the sequence holds");
+        }
+        // An earlier position reruns from there (the cache beyond it is dropped).
+        self.cache.truncate(position);
+        let decoder = &self.decoder;
+        let hidden = decoder.embed(tokens)?;
+        let hidden = decoder.forward_layers(&mut self.cache, hidden, position, 0..decoder.layers.len())?;
+        decoder.logits(&hidden)
+    }
+}
