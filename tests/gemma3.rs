@@ -1,7 +1,8 @@
 //! The second architecture end to end: gemma-3-270m (Q4_K_M, a base model without a chat
-//! template) continues a simple sequence greedily. Its own test binary, because candle's gemma3
-//! loader peaks near 3.6 GB. Needs `LLMESH_FETCH_GEMMA=1 scripts/fetch-models.sh` (the test
-//! script does it).
+//! template) continues a simple sequence greedily, through llmesh's decoder (GELU, sliding-window
+//! layers, per-head norms; Q5_0 layers on llmesh's kernels, Q4_K/Q6_K on candle's). Its own test
+//! binary, as it loads a second model. Needs `LLMESH_FETCH_GEMMA=1 scripts/fetch-models.sh` (the
+//! test script does it).
 
 use std::path::PathBuf;
 

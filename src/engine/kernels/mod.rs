@@ -62,7 +62,7 @@ impl WeightType {
     /// Bytes of one row of `columns` values; `None` unless `columns` fills whole blocks.
     pub fn row_bytes(self, columns: usize) -> Option<usize> {
         let (values, bytes) = self.layout();
-        (columns % values == 0).then_some(columns / values * bytes)
+        columns.is_multiple_of(values).then_some(columns / values * bytes)
     }
 
     /// Whether matmuls of this type run here (the float types are left to candle).

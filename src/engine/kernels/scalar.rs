@@ -61,12 +61,12 @@ pub type DotRow = fn(row: &[u8], activations: &[ActivationBlock]) -> f32;
 pub fn dot_q4_0(row: &[u8], activations: &[ActivationBlock]) -> f32 {
     let mut total = 0.0;
     for (block, a) in row.chunks_exact(18).zip(activations) {
-        let nibbles = &block[2..18];
+        let (low_values, high_values) = a.values.split_at(16);
         let mut sum = 0i32;
-        for j in 0..16 {
-            let low = i32::from(nibbles[j] & 0x0F) - 8;
-            let high = i32::from(nibbles[j] >> 4) - 8;
-            sum += low * i32::from(a.values[j]) + high * i32::from(a.values[j + 16]);
+        for ((&byte, &low_value), &high_value) in block[2..18].iter().zip(low_values).zip(high_values) {
+            let low = i32::from(byte & 0x0F) - 8;
+            let high = i32::from(byte >> 4) - 8;
+            sum += low * i32::from(low_value) + high * i32::from(high_value);
         }
         total += f16_at(block, 0) * a.scale * sum as f32;
     }
@@ -76,11 +76,11 @@ pub fn dot_q4_0(row: &[u8], activations: &[ActivationBlock]) -> f32 {
 pub fn dot_q4_1(row: &[u8], activations: &[ActivationBlock]) -> f32 {
     let mut total = 0.0;
     for (block, a) in row.chunks_exact(20).zip(activations) {
-        let nibbles = &block[4..20];
+        let (low_values, high_values) = a.values.split_at(16);
         let mut sum = 0i32;
-        for j in 0..16 {
-            sum += i32::from(nibbles[j] & 0x0F) * i32::from(a.values[j])
-                + i32::from(nibbles[j] >> 4) * i32::from(a.values[j + 16]);
+        for ((&byte, &low_value), &high_value) in block[4..20].iter().zip(low_values).zip(high_values) {
+            sum +=
+                i32::from(byte & 0x0F) * i32::from(low_value) + i32::from(byte >> 4) * i32::from(high_value);
         }
         total += f16_at(block, 0) * a.scale * sum as f32 + f16_at(block, 2) * a.sum;
     }

@@ -130,7 +130,9 @@ impl DecoderConfig {
 
     /// The window of layer `layer`: `Some(size)` for a sliding-window layer.
     pub fn window_of(&self, layer: usize) -> Option<usize> {
-        self.sliding_window.filter(|window| (layer + 1) % window.global_every != 0).map(|window| window.size)
+        self.sliding_window
+            .filter(|window| !(layer + 1).is_multiple_of(window.global_every))
+            .map(|window| window.size)
     }
 
     pub fn rope_base_of(&self, layer: usize) -> f32 {
