@@ -6,16 +6,13 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use llmesh::engine::{
     GenerateRequest, GenerationEvent, LocalEngine, ModelSpec, Prompt, QueueLimits, SamplingParams,
 };
 use llmesh::node::Node;
-use llmesh::p2p::{
-    self, ANNOUNCEMENT_VERSION, AnnouncedLoad, AnnouncedModel, Announcement, Hardware, Invitation, P2pConfig,
-    P2pHandle, ResourceUsage,
-};
+use llmesh::p2p::{self, Announcement, P2pHandle};
 use llmesh::router::{Strategy, forward_generate};
 use support::cluster::{call, config, eventually, hosts_of};
 use tokio_util::sync::CancellationToken;
@@ -34,46 +31,13 @@ async fn private_host(name: &str, dir: &tempfile::TempDir, peers: Vec<String>) -
 /// A bare overlay peer holding what a connection key carries (the pre-shared key and the
 /// inviter's addresses) under a fresh identity: what someone who kept an old key can run.
 async fn bare_peer(dir: &tempfile::TempDir, name: &str, key: &str, stop: &CancellationToken) -> P2pHandle {
-    let invitation = Invitation::from_key(key).unwrap();
-    let config = P2pConfig {
-        data_dir: dir.path().join(name),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        peers: invitation.addresses,
-        mdns: false,
-        relay: false,
-        cluster_psk: invitation.cluster_psk,
-        admission_key: None,
-        fixed_cluster: false,
-        open_cluster: false,
-        external_addresses: Vec::new(),
-    };
+    let config = support::overlay::key_holder_config(dir.path(), name, key);
     let (handle, _events, _inbound) = p2p::spawn(config, stop.clone()).await.unwrap();
     handle
 }
 
 fn announcement(p2p: &P2pHandle, name: &str, model: &str) -> Announcement {
-    Announcement {
-        version: ANNOUNCEMENT_VERSION,
-        peer_id: p2p.peer_id(),
-        name: name.into(),
-        addresses: Vec::new(),
-        models: vec![AnnouncedModel {
-            id: model.into(),
-            kind: "chat".into(),
-            architecture: "llama".into(),
-            quantization: "Q8_0".into(),
-            context_length: 64,
-        }],
-        hardware: Hardware::default(),
-        usage: ResourceUsage::default(),
-        load: AnnouncedLoad::default(),
-        software_version: "test".into(),
-        started_at: 0,
-        issued_at_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64,
-        revoked: Default::default(),
-        members: Vec::new(),
-        founder_proof: None,
-    }
+    support::overlay::announcement(p2p.peer_id(), name, model, support::overlay::now_ms())
 }
 
 /// Ask `host` for three tokens directly over the overlay; the text, or why not.

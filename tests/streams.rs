@@ -18,23 +18,12 @@ use llmesh::engine::{
 };
 use llmesh::node::Node;
 use llmesh::p2p::wire::{read_frame, write_frame};
-use llmesh::p2p::{self, InboundStreams, P2pConfig, P2pHandle};
+use llmesh::p2p::{self, InboundStreams, P2pHandle};
 use llmesh::router::{InferReply, InferRequest, forward_embed, forward_generate};
 use tokio_util::sync::CancellationToken;
 
 async fn peer(dir: &tempfile::TempDir, name: &str, peers: Vec<String>) -> (P2pHandle, InboundStreams) {
-    let config = P2pConfig {
-        data_dir: dir.path().join(name),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        peers,
-        mdns: false,
-        relay: false,
-        cluster_psk: None,
-        admission_key: None,
-        fixed_cluster: false,
-        open_cluster: false,
-        external_addresses: Vec::new(),
-    };
+    let config = support::overlay::bare_peer_config(dir.path(), name, None, peers);
     let (handle, _events, inbound) = p2p::spawn(config, CancellationToken::new()).await.unwrap();
     (handle, inbound)
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use futures::StreamExt;
@@ -14,20 +14,14 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, noise, tcp, yamux};
 use llmesh::engine::{LocalEngine, QueueLimits};
 use llmesh::node::Node;
-use llmesh::p2p::{
-    self, ANNOUNCEMENT_VERSION, AnnouncedLoad, AnnouncedModel, Announcement, Hardware, Invitation, P2pConfig,
-    P2pEvent, P2pHandle, ResourceUsage,
-};
+use llmesh::p2p::{self, Announcement, Invitation, P2pConfig, P2pEvent, P2pHandle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::cluster::{call, config, eventually};
+use crate::support::cluster::{call, config, eventually, eventually_within};
+use crate::support::overlay::{bare_peer_config, now_ms};
 
 const SECRET: &str = "team-secret-for-tests";
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 /// A bare overlay peer (no router, no heartbeat: it announces only when told to), once listening.
 async fn bare_peer(
@@ -38,18 +32,7 @@ async fn bare_peer(
     peers: Vec<String>,
     stop: &CancellationToken,
 ) -> (P2pHandle, mpsc::Receiver<P2pEvent>) {
-    let config = P2pConfig {
-        data_dir: dir.join(name),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        peers,
-        mdns: false,
-        relay: false,
-        cluster_psk: psk,
-        admission_key,
-        fixed_cluster: false,
-        open_cluster: false,
-        external_addresses: Vec::new(),
-    };
+    let config = P2pConfig { admission_key, ..bare_peer_config(dir, name, psk, peers) };
     let (handle, events, _inbound) = p2p::spawn(config, stop.clone()).await.unwrap();
     eventually("the peer listens", async || !handle.listen_addresses().await.unwrap().is_empty()).await;
     (handle, events)
@@ -68,28 +51,7 @@ async fn key_holder(dir: &Path, name: &str, key: &str, stop: &CancellationToken)
 }
 
 fn announcement(p2p: &P2pHandle, model: &str, issued_at_ms: u64) -> Announcement {
-    Announcement {
-        version: ANNOUNCEMENT_VERSION,
-        peer_id: p2p.peer_id(),
-        name: model.into(),
-        addresses: Vec::new(),
-        models: vec![AnnouncedModel {
-            id: model.into(),
-            kind: "chat".into(),
-            architecture: "llama".into(),
-            quantization: "Q8_0".into(),
-            context_length: 64,
-        }],
-        hardware: Hardware::default(),
-        usage: ResourceUsage::default(),
-        load: AnnouncedLoad::default(),
-        software_version: "test".into(),
-        started_at: 0,
-        issued_at_ms,
-        revoked: Default::default(),
-        members: Vec::new(),
-        founder_proof: None,
-    }
+    crate::support::overlay::announcement(p2p.peer_id(), model, model, issued_at_ms)
 }
 
 /// Wait until `peer` is connected to `other`, and a moment more for gossipsub to learn that
@@ -307,8 +269,11 @@ async fn a_stranger_connected_before_a_node_became_a_member_is_put_on_probation(
 
     joining.join(&key).await.expect("the joining node becomes a member");
     let stranger_peer = stranger.peer_id();
-    eventually("the new member drops the stranger after its grace", async || {
-        !joining.connected_peers().await.unwrap().contains(&stranger_peer)
-    })
+    // Probation is 10 s; the wait allows for a loaded machine.
+    eventually_within(
+        Duration::from_secs(60),
+        "the new member drops the stranger after its grace",
+        async || !joining.connected_peers().await.unwrap().contains(&stranger_peer),
+    )
     .await;
 }

@@ -22,7 +22,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, Transport, noise, tcp, ya
 use llmesh::api::HEADER_READ_TIMEOUT;
 use llmesh::engine::{LocalEngine, ModelSpec, QueueLimits};
 use llmesh::node::Node;
-use llmesh::p2p::{self, Invitation, P2pConfig, P2pHandle, UPGRADE_TIMEOUT};
+use llmesh::p2p::{self, Invitation, P2pHandle, UPGRADE_TIMEOUT};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -147,19 +147,7 @@ enum HostileCommand {
 
 /// A member made by redeeming a key, as in `tests/membership.rs`.
 async fn member(dir: &tempfile::TempDir, key: &str, stop: &CancellationToken) -> P2pHandle {
-    let invitation = Invitation::from_key(key).unwrap();
-    let config = P2pConfig {
-        data_dir: dir.path().join("member"),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        peers: invitation.addresses,
-        mdns: false,
-        relay: false,
-        cluster_psk: invitation.cluster_psk,
-        admission_key: None,
-        fixed_cluster: false,
-        open_cluster: false,
-        external_addresses: Vec::new(),
-    };
+    let config = crate::support::overlay::key_holder_config(dir.path(), "member", key);
     let (handle, _events, _inbound) = p2p::spawn(config, stop.clone()).await.unwrap();
     handle.join(key).await.expect("redeem the key");
     handle

@@ -12,7 +12,7 @@ use futures::future::join_all;
 use llmesh::engine::{EmbedRequest, EngineError, GenerateRequest, GenerationEvent, Prompt, SamplingParams};
 use llmesh::node::Node;
 use llmesh::p2p::wire::{MAX_FRAME_BYTES, read_frame, write_frame};
-use llmesh::p2p::{self, Invitation, P2pConfig, P2pHandle, P2pStream};
+use llmesh::p2p::{self, P2pHandle, P2pStream};
 use llmesh::router::{InferReply, InferRequest, forward_embed, forward_generate};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -41,20 +41,8 @@ async fn node_and_member() -> Hostile {
         .await
         .unwrap();
     let (key, _) = node.router().invite(1, Duration::from_secs(3600)).await.unwrap();
-    let invitation = Invitation::from_key(&key).unwrap();
     let stop = CancellationToken::new();
-    let peer = P2pConfig {
-        data_dir: dir.path().join("member"),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        peers: invitation.addresses,
-        mdns: false,
-        relay: false,
-        cluster_psk: invitation.cluster_psk,
-        admission_key: None,
-        fixed_cluster: false,
-        open_cluster: false,
-        external_addresses: Vec::new(),
-    };
+    let peer = crate::support::overlay::key_holder_config(dir.path(), "member", &key);
     let (member, _events, _inbound) = p2p::spawn(peer, stop.clone()).await.unwrap();
     member.join(&key).await.expect("redeem the key");
     let host = node.router().node().peer_id.clone();

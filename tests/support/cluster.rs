@@ -110,7 +110,14 @@ pub async fn hosts_of(node: &Node, model: &str) -> Vec<String> {
 
 /// Poll until `condition` holds, for at most 20 s.
 pub async fn eventually<F: AsyncFn() -> bool>(what: &str, condition: F) {
-    for _ in 0..200 {
+    eventually_within(Duration::from_secs(20), what, condition).await
+}
+
+/// Poll until `condition` holds, for at most `limit` (for waits that include a protocol's own
+/// timeouts, which a loaded machine stretches).
+pub async fn eventually_within<F: AsyncFn() -> bool>(limit: Duration, what: &str, condition: F) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
         if condition().await {
             return;
         }

@@ -3,4 +3,5 @@
 pub mod cluster;
 pub mod fake_engine;
 pub mod netns;
+pub mod overlay;
 pub mod tiny_model;
