@@ -42,7 +42,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.embeddings {
         specs.push(ModelSpec { id: "embeddings".into(), path: path.clone() });
     }
-    let limits = QueueLimits { max_active: args.concurrency.max(1), max_queued: args.concurrency.max(1) };
+    let limits = QueueLimits {
+        max_active: args.concurrency.max(1),
+        max_queued: args.concurrency.max(1),
+        ..QueueLimits::default()
+    };
     let started = Instant::now();
     let engine =
         tokio::task::spawn_blocking(move || LocalEngine::load(&specs, limits, &engine::default_device()))

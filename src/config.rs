@@ -103,6 +103,9 @@ pub struct Limits {
     pub max_active_per_model: usize,
     /// Requests of one model that wait for a place; one more gets 429 with Retry-After.
     pub max_queued_per_model: usize,
+    /// Tokens of recent generations' KV caches kept per model, so that a prompt starting with
+    /// what one of them ran (a system prompt, the earlier turns of a chat) reuses it; 0 turns it off.
+    pub prompt_cache_tokens_per_model: usize,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
 }
@@ -136,6 +139,7 @@ impl Default for Limits {
         Self {
             max_active_per_model: queue.max_active,
             max_queued_per_model: queue.max_queued,
+            prompt_cache_tokens_per_model: queue.prompt_cache_tokens,
             max_body_bytes: 4 * 1024 * 1024,
         }
     }
@@ -143,7 +147,11 @@ impl Default for Limits {
 
 impl Limits {
     pub fn queue(&self) -> QueueLimits {
-        QueueLimits { max_active: self.max_active_per_model, max_queued: self.max_queued_per_model }
+        QueueLimits {
+            max_active: self.max_active_per_model,
+            max_queued: self.max_queued_per_model,
+            prompt_cache_tokens: self.prompt_cache_tokens_per_model,
+        }
     }
 }
 

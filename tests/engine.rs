@@ -171,7 +171,7 @@ async fn start_running(engine: &LocalEngine) -> GenerationStream {
 
 #[tokio::test]
 async fn a_full_queue_is_refused_at_once() {
-    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1 });
+    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1, ..QueueLimits::default() });
     let _running = start_running(&engine).await;
     let _queued = engine.generate(request("in", greedy(200))).await.unwrap();
     let refused = engine.generate(request("in", greedy(200))).await;
@@ -181,7 +181,7 @@ async fn a_full_queue_is_refused_at_once() {
 
 #[tokio::test]
 async fn readers_that_stop_reading_do_not_let_more_generations_run() {
-    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1 });
+    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1, ..QueueLimits::default() });
     // Never read: within a few tokens its events fill their buffer and it waits for its reader.
     let _running = start_running(&engine).await;
     let _queued = engine.generate(request("in", greedy(200))).await.unwrap();
@@ -195,7 +195,7 @@ async fn readers_that_stop_reading_do_not_let_more_generations_run() {
 
 #[tokio::test]
 async fn a_full_queue_refuses_before_any_work_on_the_prompt() {
-    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1 });
+    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1, ..QueueLimits::default() });
     let _running = start_running(&engine).await;
     let _queued = engine.generate(request("in", greedy(200))).await.unwrap();
     // Only rendering and tokenizing this prompt can tell that it is too long for the window: a
@@ -207,7 +207,7 @@ async fn a_full_queue_refuses_before_any_work_on_the_prompt() {
 
 #[tokio::test]
 async fn a_prompt_that_fails_gives_its_place_in_the_queue_back() {
-    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1 });
+    let (engine, _dir) = tiny_engine(QueueLimits { max_active: 1, max_queued: 1, ..QueueLimits::default() });
     let _running = start_running(&engine).await;
     let too_long = "a ".repeat(tiny_model::CONTEXT);
     let refused = engine.generate(request(&too_long, greedy(1))).await;
@@ -244,4 +244,26 @@ async fn unknown_model_is_reported() {
     let mut missing = request("x", greedy(1));
     missing.model = "nope".into();
     assert!(matches!(engine.generate(missing).await, Err(EngineError::UnknownModel(_))));
+}
+
+#[tokio::test]
+async fn a_prompt_that_extends_an_earlier_one_reuses_its_kv_cache_and_answers_the_same() {
+    let (cached, _dir) = tiny_engine(QueueLimits::default());
+    let (uncached, _dir2) = tiny_engine(QueueLimits { prompt_cache_tokens: 0, ..QueueLimits::default() });
+    let first_turn = "in the in the in the in the in the in the";
+    let first = run(&cached, first_turn, greedy(6)).await;
+    assert_eq!(first.text, run(&uncached, first_turn, greedy(6)).await.text);
+    // The next turn: the same text, the answer, and more; greedy, so both engines must agree.
+    let second_turn = format!("{first_turn}{} in the in the", first.text);
+    let reused = run(&cached, &second_turn, greedy(8)).await;
+    let recomputed = run(&uncached, &second_turn, greedy(8)).await;
+    assert_eq!(reused.text, recomputed.text);
+    assert_eq!(reused.prompt_tokens, recomputed.prompt_tokens, "usage counts the whole prompt");
+    let (hits, tokens) = (cached.load().prompt_cache_hits, cached.load().prompt_tokens_reused);
+    assert_eq!(hits, 1);
+    assert!(tokens >= first.prompt_tokens as u64 - 1, "reused {tokens} of {} tokens", first.prompt_tokens);
+    assert_eq!(uncached.load().prompt_cache_hits, 0);
+    // A prompt sharing nothing with what ran before starts afresh.
+    run(&cached, "the the the", greedy(2)).await;
+    assert_eq!(cached.load().prompt_cache_hits, 1);
 }

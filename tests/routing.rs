@@ -66,7 +66,7 @@ async fn a_burst_spreads_over_both_hosts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_host_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = QueueLimits { max_active: 2, max_queued: 64 };
+    let limits = QueueLimits { max_active: 2, max_queued: 64, ..QueueLimits::default() };
     let (h1, _h2, entry, engine1) = two_hosts_and_an_entry(&dir, limits).await;
     let entry = Arc::new(entry);
     let requests: Vec<_> = (0..40)
@@ -105,8 +105,13 @@ async fn killing_a_host_under_load_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturation_gives_429_then_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let (host, engine) =
-        tiny_host("host", &dir, Vec::new(), QueueLimits { max_active: 1, max_queued: 0 }).await;
+    let (host, engine) = tiny_host(
+        "host",
+        &dir,
+        Vec::new(),
+        QueueLimits { max_active: 1, max_queued: 0, ..QueueLimits::default() },
+    )
+    .await;
     let entry = entry_node("entry", &dir, host.p2p_addresses().to_vec(), |config| {
         config.routing.saturation_wait_ms = 300;
     })

@@ -57,6 +57,20 @@ pub async fn render(State(state): State<AppState>) -> Result<Response, ApiError>
     sample(&mut out, "llmesh_requests_in_flight", &[], load.in_flight as f64);
     header(&mut out, "llmesh_requests_queued", "Generations waiting on this node.", "gauge");
     sample(&mut out, "llmesh_requests_queued", &[], load.queued as f64);
+    header(
+        &mut out,
+        "llmesh_prompt_cache_hits_total",
+        "Generations on this node that started from a prompt prefix already run.",
+        "counter",
+    );
+    sample(&mut out, "llmesh_prompt_cache_hits_total", &[], load.prompt_cache_hits as f64);
+    header(
+        &mut out,
+        "llmesh_prompt_cache_tokens_reused_total",
+        "Prompt tokens taken from the prompt cache instead of being run again.",
+        "counter",
+    );
+    sample(&mut out, "llmesh_prompt_cache_tokens_reused_total", &[], load.prompt_tokens_reused as f64);
     if let Some(own) = router.own_announcement() {
         let gauges = [
             ("llmesh_node_cpu_percent", "Machine CPU use, 0 to 100.", Some(own.usage.cpu_percent as f64)),

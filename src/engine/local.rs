@@ -268,6 +268,8 @@ impl Engine for LocalEngine {
                 let worker = runner.worker.load();
                 load.in_flight += worker.active;
                 load.queued += worker.queued;
+                load.prompt_cache_hits += worker.prompt_cache_hits;
+                load.prompt_tokens_reused += worker.prompt_tokens_reused;
             }
         }
         load

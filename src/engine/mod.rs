@@ -13,6 +13,7 @@ mod gguf_tokenizer;
 pub mod kernels;
 mod local;
 mod models;
+mod prompt_cache;
 mod sampling;
 mod scheduler;
 mod source;
@@ -76,6 +77,10 @@ pub struct EngineLoad {
     pub in_flight: usize,
     /// Generations waiting for a place.
     pub queued: usize,
+    /// Generations that started from a prefix in the prompt cache, since start.
+    pub prompt_cache_hits: u64,
+    /// Prompt tokens those generations did not run again, since start.
+    pub prompt_tokens_reused: u64,
 }
 
 /// One message of a chat conversation.

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use super::detokenize::{IncrementalDecoder, StopMatcher};
 use super::models::{LanguageModel, Sequence};
+use super::prompt_cache::PromptCache;
 use super::sampling::{Sampler, SamplingParams};
 use super::{EngineError, FinishReason, GenerationEvent, Usage};
 
@@ -31,11 +32,14 @@ pub struct QueueLimits {
     pub max_active: usize,
     /// Generations waiting for a place; one more is refused.
     pub max_queued: usize,
+    /// Tokens of finished generations' KV caches kept for reuse (`prompt_cache.rs`); 0 turns the
+    /// prompt cache off.
+    pub prompt_cache_tokens: usize,
 }
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        Self { max_active: 8, max_queued: 32 }
+        Self { max_active: 8, max_queued: 32, prompt_cache_tokens: 4096 }
     }
 }
 
@@ -63,6 +67,8 @@ pub struct WorkerStats {
     active: AtomicUsize,
     finished: AtomicU64,
     cancelled: AtomicU64,
+    prompt_cache_hits: AtomicU64,
+    prompt_tokens_reused: AtomicU64,
 }
 
 /// A copy of `WorkerStats` at one instant.
@@ -76,6 +82,10 @@ pub struct WorkerLoad {
     pub finished: u64,
     /// Abandoned because the reader went away.
     pub cancelled: u64,
+    /// Generations that started from a prefix in the prompt cache.
+    pub prompt_cache_hits: u64,
+    /// Prompt tokens those generations did not run again.
+    pub prompt_tokens_reused: u64,
 }
 
 impl WorkerStats {
@@ -85,6 +95,8 @@ impl WorkerStats {
             active: self.active.load(Ordering::Relaxed),
             finished: self.finished.load(Ordering::Relaxed),
             cancelled: self.cancelled.load(Ordering::Relaxed),
+            prompt_cache_hits: self.prompt_cache_hits.load(Ordering::Relaxed),
+            prompt_tokens_reused: self.prompt_tokens_reused.load(Ordering::Relaxed),
         }
     }
 }
@@ -107,7 +119,7 @@ impl GenerationWorker {
         let worker_stats = stats.clone();
         std::thread::Builder::new()
             .name(format!("generate-{model_id}"))
-            .spawn(move || run_worker(runtime, queue, limits.max_active.max(1), &worker_stats))?;
+            .spawn(move || run_worker(runtime, queue, limits, &worker_stats))?;
         // With no queue (`max_queued` 0) a job is handed over only to an idle worker; one may be
         // prepared at a time, and the hand-over decides.
         Ok(Self { model_id, jobs, places: limits.max_queued.max(1), stats })
@@ -170,11 +182,18 @@ impl Drop for QueuePlace {
     }
 }
 
-fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, max_active: usize, stats: &WorkerStats) {
-    let start = |job| {
+fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, stats: &WorkerStats) {
+    let max_active = limits.max_active.max(1);
+    let mut cache = PromptCache::new(limits.prompt_cache_tokens);
+    let start = |job, cache: &mut PromptCache<Box<dyn Sequence>>| {
         stats.queued.fetch_sub(1, Ordering::Relaxed);
         stats.active.fetch_add(1, Ordering::Relaxed);
-        Generation::new(&runtime, job)
+        let generation = Generation::new(&runtime, job, cache);
+        if generation.prefilled > 0 {
+            stats.prompt_cache_hits.fetch_add(1, Ordering::Relaxed);
+            stats.prompt_tokens_reused.fetch_add(generation.prefilled as u64, Ordering::Relaxed);
+        }
+        generation
     };
     let mut active: Vec<Generation> = Vec::new();
     let mut queue_open = true;
@@ -186,7 +205,7 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, max_active: usize, st
                 queue.try_recv()
             };
             match next {
-                Ok(job) => active.push(start(job)),
+                Ok(job) => active.push(start(job, &mut cache)),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => queue_open = false,
             }
@@ -207,6 +226,9 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, max_active: usize, st
             Step::Ended(ending) => {
                 progressed = true;
                 stats.active.fetch_sub(1, Ordering::Relaxed);
+                if let Some((tokens, sequence)) = generation.release() {
+                    cache.put(tokens, sequence);
+                }
                 match ending {
                     Ending::Finished => stats.finished.fetch_add(1, Ordering::Relaxed),
                     Ending::Cancelled => stats.cancelled.fetch_add(1, Ordering::Relaxed),
@@ -222,7 +244,7 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, max_active: usize, st
                 std::thread::sleep(Duration::from_millis(2));
             } else {
                 match queue.recv_timeout(Duration::from_millis(2)) {
-                    Ok(job) => active.push(start(job)),
+                    Ok(job) => active.push(start(job, &mut cache)),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => queue_open = false,
                 }
@@ -247,7 +269,12 @@ enum Ending {
 }
 
 struct Generation {
-    sequence: Box<dyn Sequence>,
+    /// Taken back (`release`) when the generation ends, for the prompt cache.
+    sequence: Option<Box<dyn Sequence>>,
+    /// The tokens the sequence's KV cache holds, in order.
+    held: Vec<u32>,
+    /// Whether a forward pass failed (then the KV cache is not reused).
+    failed: bool,
     prompt_tokens: Vec<u32>,
     prefilled: usize,
     /// The last sampled token, fed to the model next.
@@ -265,11 +292,21 @@ struct Generation {
 }
 
 impl Generation {
-    fn new(runtime: &ModelRuntime, job: Job) -> Self {
+    /// A generation starting from the prompt cache's longest shared prefix, if any.
+    fn new(runtime: &ModelRuntime, job: Job, cache: &mut PromptCache<Box<dyn Sequence>>) -> Self {
+        let (sequence, prefilled) = match cache.take(&job.prompt_tokens) {
+            Some(reused) => (reused.sequence, reused.tokens),
+            None => (runtime.model.new_sequence(), 0),
+        };
+        if prefilled > 0 {
+            tracing::debug!(reused_tokens = prefilled, "prompt prefix found in the prompt cache");
+        }
         Self {
-            sequence: runtime.model.new_sequence(),
+            sequence: Some(sequence),
+            held: job.prompt_tokens[..prefilled].to_vec(),
+            failed: false,
             prompt_tokens: job.prompt_tokens,
-            prefilled: 0,
+            prefilled,
             last_token: None,
             max_tokens: job.params.max_tokens,
             ignore_eos: job.params.ignore_eos,
@@ -312,12 +349,19 @@ impl Generation {
         match self.advance(runtime) {
             Ok(()) => {}
             Err(error) => {
+                self.failed = true;
                 tracing::error!(%error, "generation failed");
                 self.outbox.push_back(GenerationEvent::Error(EngineError::Inference(error.to_string())));
                 self.finished = true;
             }
         }
         Step::Progressed
+    }
+
+    /// The sequence and the tokens its KV cache holds, unless a forward pass failed.
+    fn release(&mut self) -> Option<(Vec<u32>, Box<dyn Sequence>)> {
+        let sequence = self.sequence.take()?;
+        (!self.failed).then(|| (std::mem::take(&mut self.held), sequence))
     }
 
     fn cancelled(&mut self) -> Step {
@@ -327,11 +371,17 @@ impl Generation {
 
     /// One forward pass: a chunk of the prompt, or one new token.
     fn advance(&mut self, runtime: &ModelRuntime) -> candle_core::Result<()> {
+        let Some(sequence) = self.sequence.as_mut() else {
+            candle_core::bail!("the generation's sequence was released");
+        };
         let logits = match self.last_token {
             None => {
                 let end = (self.prefilled + PREFILL_CHUNK).min(self.prompt_tokens.len());
-                let logits =
-                    self.sequence.forward(&self.prompt_tokens[self.prefilled..end], self.prefilled)?;
+                let chunk = &self.prompt_tokens[self.prefilled..end];
+                // From a cached prefix, the sequence drops what it held beyond `prefilled`.
+                let logits = sequence.forward(chunk, self.prefilled)?;
+                self.held.truncate(self.prefilled);
+                self.held.extend_from_slice(chunk);
                 self.prefilled = end;
                 if end < self.prompt_tokens.len() {
                     return Ok(());
@@ -340,7 +390,9 @@ impl Generation {
             }
             Some(token) => {
                 let position = self.prompt_tokens.len() + self.completion_tokens - 1;
-                self.sequence.forward(&[token], position)?
+                let logits = sequence.forward(&[token], position)?;
+                self.held.push(token);
+                logits
             }
         };
         let mut logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
