@@ -31,6 +31,24 @@ impl Exposure {
         let held_back = if listen == configured { Vec::new() } else { configured };
         Self { listen, mdns: false, held_back }
     }
+
+    /// Say at start what the plan means, loudly when the cluster is open to anyone.
+    pub fn say_at_start(&self, has_secret: bool, open: bool) {
+        if !has_secret && open {
+            tracing::warn!(
+                "OPEN CLUSTER (--open-cluster): any llmesh node that can reach this machine's overlay \
+                 is a member: it can use and serve the models, see every prompt it is sent, and revoke \
+                 nodes. Use --cluster-key (see `llmesh cluster-key`) on a network you do not control."
+            );
+        } else if !self.held_back.is_empty() {
+            tracing::info!(
+                listen = ?self.listen,
+                "no cluster secret: the overlay listens on loopback only and mDNS is off. To let other \
+                 machines in, set --cluster-key (`llmesh cluster-key` makes one), join with a connection \
+                 key, or pass --open-cluster"
+            );
+        }
+    }
 }
 
 /// The same address on the loopback interface of its IP version (an address without an IP

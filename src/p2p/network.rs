@@ -30,6 +30,7 @@ use super::revoked::RevokedPeers;
 use super::transport::ClusterKey;
 use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
 
+mod addresses;
 mod announcements;
 mod dht;
 mod links;
@@ -37,6 +38,7 @@ mod membership;
 mod revocations;
 mod swarm;
 
+use addresses::{parse_addresses, reachable, with_peer};
 use announcements::{Freshness, Greetings, Stale};
 use revocations::{REVOKED_PROTOCOL, RevocationFetches, serve_revocations};
 use swarm::{Behaviour, BehaviourEvent, build_swarm};
@@ -129,22 +131,9 @@ pub async fn spawn(
     let psk = config.cluster_psk;
     let cluster_key = ClusterKey::new(psk);
     let topic = announcement_topic(&cluster_key.cluster_id());
-    let configured = config.listen.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
+    let configured = parse_addresses(&config.listen)?;
     let exposure = Exposure::plan(configured, config.mdns, psk.is_some(), config.open_cluster);
-    if psk.is_none() && config.open_cluster {
-        tracing::warn!(
-            "OPEN CLUSTER (--open-cluster): any llmesh node that can reach this machine's overlay \
-             is a member: it can use and serve the models, see every prompt it is sent, and revoke \
-             nodes. Use --cluster-key (see `llmesh cluster-key`) on a network you do not control."
-        );
-    } else if !exposure.held_back.is_empty() {
-        tracing::info!(
-            listen = ?exposure.listen,
-            "no cluster secret: the overlay listens on loopback only and mDNS is off. To let other \
-             machines in, set --cluster-key (`llmesh cluster-key` makes one), join with a connection \
-             key, or pass --open-cluster"
-        );
-    }
+    exposure.say_at_start(psk.is_some(), config.open_cluster);
     let mut swarm = build_swarm(&keypair, cluster_key.clone(), exposure.mdns, config.relay)?;
     let mut control = swarm.behaviour().stream.new_control();
     let inbound = control.accept(INFER_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
@@ -164,8 +153,7 @@ pub async fn spawn(
              or give it the cluster secret"
         );
     }
-    let external_addresses =
-        config.external_addresses.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
+    let external_addresses = parse_addresses(&config.external_addresses)?;
     for address in &external_addresses {
         swarm.add_external_address(address.clone());
     }
@@ -174,7 +162,7 @@ pub async fn spawn(
     for address in &exposure.listen {
         swarm.listen_on(address.clone()).map_err(|e| P2pError::Setup(format!("listen on {address}: {e}")))?;
     }
-    let mut explicit_peers = config.peers.iter().map(|a| parse_address(a)).collect::<Result<Vec<_>, _>>()?;
+    let mut explicit_peers = parse_addresses(&config.peers)?;
     let relays = Relays::new(config.relay, &explicit_peers);
     let peer_store = PeerStore::load(&config.data_dir);
     for address in peer_store.addresses() {
@@ -240,48 +228,10 @@ fn announcement_topic(cluster_id: &str) -> IdentTopic {
     IdentTopic::new(format!("llmesh/{cluster_id}/nodes/1"))
 }
 
-/// The addresses worth giving to other machines: each once, and loopback ones only when there is
-/// nothing else (another machine dialing 127.0.0.1 reaches itself, not us).
-fn reachable<'a>(addresses: impl Iterator<Item = &'a Multiaddr>) -> Vec<Multiaddr> {
-    let mut unique: Vec<Multiaddr> = Vec::new();
-    for address in addresses {
-        if !unique.contains(address) {
-            unique.push(address.clone());
-        }
-    }
-    let is_loopback = |address: &Multiaddr| {
-        address.iter().any(|p| match p {
-            Protocol::Ip4(ip) => ip.is_loopback(),
-            Protocol::Ip6(ip) => ip.is_loopback(),
-            _ => false,
-        })
-    };
-    if unique.iter().any(|address| !is_loopback(address)) {
-        unique.retain(|address| !is_loopback(address));
-    }
-    unique
-}
-
-/// `address` ending in `/p2p/<peer>`, added unless it ends so already (a relayed listen address
-/// names this node after its `/p2p-circuit`).
-fn with_peer(address: Multiaddr, peer: PeerId) -> Multiaddr {
-    match address.iter().last() {
-        Some(Protocol::P2p(last)) if last == peer => address,
-        _ => address.with(Protocol::P2p(peer)),
-    }
-}
-
 /// Unix milliseconds now.
 fn unix_now_ms() -> u64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn parse_address(address: &str) -> Result<Multiaddr, P2pError> {
-    address.parse().map_err(|e: libp2p::multiaddr::Error| P2pError::Address {
-        address: address.to_string(),
-        reason: e.to_string(),
-    })
 }
 
 impl Network {
@@ -645,19 +595,5 @@ impl Network {
         if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
             tracing::warn!(?event, "event queue full; dropped an event");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_and_duplicate_addresses_are_left_out_when_others_exist() {
-        let parse = |a: &str| a.parse::<Multiaddr>().unwrap();
-        let lan = parse("/ip4/10.1.2.3/tcp/7690");
-        let loopback = parse("/ip4/127.0.0.1/tcp/7690");
-        assert_eq!(reachable([&lan, &loopback, &lan].into_iter()), vec![lan.clone()]);
-        assert_eq!(reachable([&loopback].into_iter()), vec![loopback.clone()], "loopback alone is kept");
     }
 }
