@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Result, Tensor, bail};
 use super::config::{Activation, DecoderConfig, RopeStyle};
 use super::kv_cache::KvCache;
 use super::weights::{Linear, TokenEmbedding, WeightReader};
-use super::{LanguageModel, Sequence};
+use super::{BatchEntry, LanguageModel, Sequence};
 
 /// RMS norm weights with their epsilon.
 struct RmsNorm {
@@ -56,23 +56,41 @@ impl Rope {
         Self { frequencies, style: config.rope_style }
     }
 
-    fn angles(&self, position: usize, tokens: usize, device: &Device) -> Result<RopeAngles> {
-        let mut angles = Vec::with_capacity(tokens * self.frequencies.len());
-        for position in position..position + tokens {
-            angles.extend(self.frequencies.iter().map(|frequency| position as f32 * frequency));
+    /// The angles of every row of a batch step: each sequence's rows at its own positions.
+    fn angles(&self, spans: &[Span], device: &Device) -> Result<RopeAngles> {
+        let rows: usize = spans.iter().map(|span| span.tokens).sum();
+        let mut angles = Vec::with_capacity(rows * self.frequencies.len());
+        for span in spans {
+            for position in span.position..span.position + span.tokens {
+                angles.extend(self.frequencies.iter().map(|frequency| position as f32 * frequency));
+            }
         }
-        let angles = Tensor::from_vec(angles, (tokens, self.frequencies.len()), device)?;
+        let angles = Tensor::from_vec(angles, (rows, self.frequencies.len()), device)?;
         Ok(RopeAngles { cos: angles.cos()?, sin: angles.sin()?, style: self.style })
     }
 }
 
 impl RopeAngles {
-    /// `x` is `(1, heads, tokens, head_dim)`.
+    /// `x` is `(1, heads, rows, head_dim)`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         match self.style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &self.cos, &self.sin),
             RopeStyle::Halves => candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin),
         }
+    }
+}
+
+/// Where one sequence's rows sit in a batch step: `tokens` rows, the first at `position` in that
+/// sequence. A step's hidden states are the spans' rows one after the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub position: usize,
+    pub tokens: usize,
+}
+
+impl Span {
+    fn end(&self) -> usize {
+        self.position + self.tokens
     }
 }
 
@@ -182,54 +200,65 @@ impl Decoder {
         }
     }
 
-    /// Run `layers` on `hidden` (`(tokens, hidden)`, the first token at `position`), appending
-    /// to those layers' caches; the hidden states after the last of them.
+    /// Run `layers` on one step's `hidden` states (`(rows, hidden)`: the rows of every span, in
+    /// order), each span appending to its own sequence's caches (`caches[i]` for `spans[i]`); the
+    /// hidden states after the last of those layers. The linear layers run once on all rows, so
+    /// every weight is read once per step for the whole batch; attention runs per sequence.
     pub fn forward_layers(
         &self,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
+        spans: &[Span],
         mut hidden: Tensor,
-        position: usize,
         layers: Range<usize>,
     ) -> Result<Tensor> {
         let Some(selected) = self.layers.get(layers.clone()) else {
             bail!("layers {layers:?} are outside the model's {}", self.layers.len())
         };
-        let tokens = hidden.dim(0)?;
-        if position + tokens > self.config.context_length {
-            bail!(
-                "position {} is beyond the context window of {}",
-                position + tokens,
-                self.config.context_length
-            );
+        let rows: usize = spans.iter().map(|span| span.tokens).sum();
+        if spans.is_empty() || caches.len() != spans.len() || hidden.dim(0)? != rows {
+            bail!("{} spans of {rows} rows, {} caches, {} hidden rows", spans.len(), caches.len(), hidden.dim(0)?);
         }
-        let angles: Vec<RopeAngles> = self
-            .ropes
-            .iter()
-            .map(|rope| rope.angles(position, tokens, &self.device))
-            .collect::<Result<_>>()?;
+        if let Some(span) = spans.iter().find(|span| span.end() > self.config.context_length) {
+            bail!("position {} is beyond the context window of {}", span.end(), self.config.context_length);
+        }
+        let angles: Vec<RopeAngles> =
+            self.ropes.iter().map(|rope| rope.angles(spans, &self.device)).collect::<Result<_>>()?;
         for (index, layer) in layers.zip(selected) {
-            hidden = self.layer_forward(layer, index, cache, &hidden, position, &angles[layer.rope])?;
+            hidden = self.layer_forward(layer, index, caches, spans, &hidden, &angles[layer.rope])?;
         }
         Ok(hidden)
     }
 
-    /// Logits `(vocabulary,)` predicting the token after the last row of `hidden`.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
-        self.output.forward(&self.norm.forward(&last)?)?.squeeze(0)?.to_dtype(DType::F32)
+    /// Logits `(spans, vocabulary)`: for each span, those predicting the token after its last row.
+    pub fn logits(&self, hidden: &Tensor, spans: &[Span]) -> Result<Tensor> {
+        let mut last_rows = Vec::with_capacity(spans.len());
+        let mut end = 0;
+        for span in spans {
+            end += span.tokens;
+            last_rows.push(hidden.narrow(0, end - 1, 1)?);
+        }
+        let last = Tensor::cat(&last_rows, 0)?;
+        self.output.forward(&self.norm.forward(&last)?)?.to_dtype(DType::F32)
+    }
+
+    /// One step for several sequences: embed, every layer, the logits of each span's last row.
+    pub fn forward(&self, caches: &mut [&mut KvCache], spans: &[Span], tokens: &[u32]) -> Result<Tensor> {
+        let hidden = self.embed(tokens)?;
+        let hidden = self.forward_layers(caches, spans, hidden, 0..self.layers.len())?;
+        self.logits(&hidden, spans)
     }
 
     fn layer_forward(
         &self,
         layer: &Layer,
         index: usize,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
+        spans: &[Span],
         hidden: &Tensor,
-        position: usize,
         rope: &RopeAngles,
     ) -> Result<Tensor> {
         let x = layer.attention_norm.forward(hidden)?;
-        let mut attention = self.attention(layer, index, cache, &x, position, rope)?;
+        let mut attention = self.attention(layer, index, caches, spans, &x, rope)?;
         if let Some(norm) = &layer.post_attention_norm {
             attention = norm.forward(&attention)?;
         }
@@ -249,21 +278,22 @@ impl Decoder {
         hidden + feed_forward
     }
 
+    /// Self-attention of every span's rows against its own sequence's cache, `(rows, hidden)`.
     fn attention(
         &self,
         layer: &Layer,
         index: usize,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
+        spans: &[Span],
         x: &Tensor,
-        position: usize,
         rope: &RopeAngles,
     ) -> Result<Tensor> {
         let config = &self.config;
-        let (tokens, _) = x.dims2()?;
+        let (rows, _) = x.dims2()?;
         let (heads, kv_heads, head_dim) = (config.heads, config.kv_heads, config.head_dim);
-        // (tokens, heads · head_dim) → (1, heads, tokens, head_dim)
+        // (rows, heads · head_dim) → (1, heads, rows, head_dim)
         let split = |projected: Tensor, heads: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
-            let mut per_head = projected.reshape((1, tokens, heads, head_dim))?;
+            let mut per_head = projected.reshape((1, rows, heads, head_dim))?;
             if let Some(norm) = norm {
                 per_head = norm.forward(&per_head)?;
             }
@@ -273,15 +303,41 @@ impl Decoder {
             Linear::forward_fused(&[&layer.query, &layer.key, &layer.value], x)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("three projections expected".into()))?;
-        let queries = split(queries, heads, layer.query_norm.as_ref())?;
-        let queries = rope.apply(&queries)?;
-        let keys = split(keys, kv_heads, layer.key_norm.as_ref())?;
-        let keys = rope.apply(&keys)?.squeeze(0)?;
+        let queries = rope.apply(&split(queries, heads, layer.query_norm.as_ref())?)?;
+        let keys = rope.apply(&split(keys, kv_heads, layer.key_norm.as_ref())?)?.squeeze(0)?;
         let values = split(values, kv_heads, None)?.squeeze(0)?;
+        let mut attended = Vec::with_capacity(spans.len());
+        let mut row = 0;
+        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
+            let rows_of = |t: &Tensor, dim: usize| t.narrow(dim, row, span.tokens)?.contiguous();
+            let (queries, keys, values) = (rows_of(&queries, 2)?, rows_of(&keys, 1)?, rows_of(&values, 1)?);
+            attended.push(self.attend(layer, index, cache, *span, &queries, &keys, &values)?);
+            row += span.tokens;
+        }
+        let attended = if attended.len() == 1 { attended.remove(0) } else { Tensor::cat(&attended, 0)? };
+        layer.output.forward(&attended)
+    }
+
+    /// One sequence's attention: `queries` `(1, heads, tokens, head_dim)`, its new `keys` and
+    /// `values` `(kv_heads, tokens, head_dim)` appended to its cache; `(tokens, heads · head_dim)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        layer: &Layer,
+        index: usize,
+        cache: &mut KvCache,
+        span: Span,
+        queries: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<Tensor> {
+        let config = &self.config;
+        let (heads, kv_heads, head_dim) = (config.heads, config.kv_heads, config.head_dim);
+        let Span { position, tokens } = span;
         if cache.len(index) != position {
             bail!("layer {index} holds {} positions, the input starts at {position}", cache.len(index));
         }
-        let (keys, values) = cache.append(index, &keys, &values)?;
+        let (keys, values) = cache.append(index, keys, values)?;
         let len = position + tokens;
 
         // Query heads that share a key/value head sit next to each other: group them as extra
@@ -299,11 +355,7 @@ impl Decoder {
         }
         let weights = candle_nn::ops::softmax_last_dim(&scores)?;
         let attended = weights.matmul(&values)?; // (kv_heads, group · tokens, head_dim)
-        let attended = attended
-            .reshape((heads, tokens, head_dim))?
-            .transpose(0, 1)?
-            .reshape((tokens, heads * head_dim))?;
-        layer.output.forward(&attended)
+        attended.reshape((heads, tokens, head_dim))?.transpose(0, 1)?.reshape((tokens, heads * head_dim))
     }
 
     /// An additive mask `(tokens, position + tokens)`: −∞ where a query may not look (the future;
@@ -331,6 +383,22 @@ impl LanguageModel for DecoderModel {
     fn new_sequence(&self) -> Box<dyn Sequence> {
         Box::new(DecoderSequence { cache: self.0.new_cache(), decoder: self.0.clone() })
     }
+
+    fn forward_batch(&self, batch: &mut [BatchEntry<'_>]) -> Result<Tensor> {
+        let mut caches = Vec::with_capacity(batch.len());
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut tokens = Vec::new();
+        for entry in batch.iter_mut() {
+            let Some(sequence) = entry.sequence.as_any_mut().downcast_mut::<DecoderSequence>() else {
+                bail!("a sequence of another model in the batch");
+            };
+            let span = sequence.prepare(entry.tokens, entry.position)?;
+            caches.push(&mut sequence.cache);
+            spans.push(span);
+            tokens.extend_from_slice(entry.tokens);
+        }
+        self.0.forward(&mut caches, &spans, &tokens)
+    }
 }
 
 /// One generation: the shared decoder and its own KV cache.
@@ -339,8 +407,10 @@ pub struct DecoderSequence {
     cache: KvCache,
 }
 
-impl Sequence for DecoderSequence {
-    fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
+impl DecoderSequence {
+    /// Check that `tokens` may run from `position`, and drop what the cache holds beyond it (an
+    /// earlier position reruns from there).
+    fn prepare(&mut self, tokens: &[u32], position: usize) -> Result<Span> {
         if tokens.is_empty() {
             bail!("no tokens to run");
         }
@@ -348,11 +418,19 @@ impl Sequence for DecoderSequence {
         if position > held {
             bail!("position {position} is past the {held} positions the sequence holds");
         }
-        // An earlier position reruns from there (the cache beyond it is dropped).
         self.cache.truncate(position);
-        let decoder = &self.decoder;
-        let hidden = decoder.embed(tokens)?;
-        let hidden = decoder.forward_layers(&mut self.cache, hidden, position, 0..decoder.layers.len())?;
-        decoder.logits(&hidden)
+        Ok(Span { position, tokens: tokens.len() })
+    }
+}
+
+impl Sequence for DecoderSequence {
+    fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
+        let span = self.prepare(tokens, position)?;
+        let decoder = self.decoder.clone();
+        decoder.forward(&mut [&mut self.cache], &[span], tokens)?.squeeze(0)
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }

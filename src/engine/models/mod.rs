@@ -21,7 +21,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
 pub use config::DecoderConfig;
-pub use decoder::{Decoder, DecoderModel};
+pub use decoder::{Decoder, DecoderModel, Span};
 
 use super::EngineError;
 
@@ -29,13 +29,30 @@ use super::EngineError;
 pub trait LanguageModel: Send + Sync {
     /// A fresh sequence with an empty KV cache.
     fn new_sequence(&self) -> Box<dyn Sequence>;
+
+    /// One step for several sequences of this model at once (continuous batching): each entry
+    /// runs its tokens in its own sequence from its position (an earlier position than the
+    /// sequence holds reruns from there). Every weight is read once for the whole batch. The
+    /// logits `(entries, vocabulary)` predict the token after each entry's last one. On an error
+    /// no entry's sequence is to be trusted beyond the position it started from.
+    fn forward_batch(&self, batch: &mut [BatchEntry<'_>]) -> candle_core::Result<Tensor>;
+}
+
+/// One sequence's part of a batch step.
+pub struct BatchEntry<'a> {
+    pub sequence: &'a mut dyn Sequence,
+    pub tokens: &'a [u32],
+    pub position: usize,
 }
 
 /// One generation's view of a model: the weights plus its own KV cache.
 pub trait Sequence: Send {
     /// Run `tokens`, the first of which sits at `position`, and return the logits that predict the
-    /// token after the last one (a rank-1 tensor over the vocabulary).
+    /// token after the last one (a rank-1 tensor over the vocabulary): a batch of one.
     fn forward(&mut self, tokens: &[u32], position: usize) -> candle_core::Result<Tensor>;
+
+    /// For the model that made it to find its own type again in `forward_batch`.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
 /// A language model with what the engine needs to know about its file.

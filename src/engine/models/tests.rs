@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 
 use super::decoder::Decoder;
-use super::{DecoderConfig, DecoderModel, LanguageModel};
+use super::{BatchEntry, DecoderConfig, DecoderModel, LanguageModel, Sequence, Span};
 
 const HIDDEN: usize = 64;
 const HEADS: usize = 4;
@@ -215,14 +215,17 @@ fn layers_run_in_two_ranges_equal_all_layers_at_once() {
     let mut file = tiny_llama(GgmlDType::Q4_1, GgmlDType::Q8_0);
     let decoder = our_decoder(&mut file);
     let tokens = [1u32, 2, 3, 4];
+    let spans = [Span { position: 0, tokens: 4 }];
+    let embedded = || decoder.embed(&tokens).unwrap();
     let mut whole = decoder.new_cache();
-    let all = decoder.forward_layers(&mut whole, decoder.embed(&tokens).unwrap(), 0, 0..LAYERS).unwrap();
+    let all = decoder.forward_layers(&mut [&mut whole], &spans, embedded(), 0..LAYERS).unwrap();
     let mut split = decoder.new_cache();
-    let first = decoder.forward_layers(&mut split, decoder.embed(&tokens).unwrap(), 0, 0..1).unwrap();
-    let second = decoder.forward_layers(&mut split, first, 0, 1..LAYERS).unwrap();
+    let first = decoder.forward_layers(&mut [&mut split], &spans, embedded(), 0..1).unwrap();
+    let second = decoder.forward_layers(&mut [&mut split], &spans, first, 1..LAYERS).unwrap();
     let difference = (all - second).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(difference, 0.0);
-    assert!(decoder.forward_layers(&mut split, decoder.embed(&tokens).unwrap(), 4, 0..LAYERS + 1).is_err());
+    let later = [Span { position: 4, tokens: 4 }];
+    assert!(decoder.forward_layers(&mut [&mut split], &later, embedded(), 0..LAYERS + 1).is_err());
 }
 
 #[test]
@@ -233,4 +236,62 @@ fn tokens_outside_the_vocabulary_and_the_window_are_errors() {
     assert!(sequence.forward(&[VOCAB as u32], 0).is_err());
     assert!(sequence.forward(&[1], 5).is_err(), "a gap in positions");
     assert!(sequence.forward(&vec![1; 129], 0).is_err(), "beyond the context window");
+}
+
+/// Greedy tokens of `prompts`, run either one sequence at a time or all in one batch per step
+/// (prompts of different lengths, so the sequences sit at different positions).
+fn greedy(model: &DecoderModel, prompts: &[Vec<u32>], steps: usize, batched: bool) -> Vec<Vec<u32>> {
+    let mut sequences: Vec<Box<dyn Sequence>> = prompts.iter().map(|_| model.new_sequence()).collect();
+    let mut tokens: Vec<Vec<u32>> = prompts.to_vec();
+    let mut positions = vec![0; prompts.len()];
+    for _ in 0..steps {
+        let logits: Vec<Vec<f32>> = if batched {
+            let mut batch: Vec<BatchEntry<'_>> = sequences
+                .iter_mut()
+                .zip(&tokens)
+                .zip(&positions)
+                .map(|((sequence, tokens), &position)| BatchEntry {
+                    sequence: sequence.as_mut(),
+                    tokens: &tokens[position..],
+                    position,
+                })
+                .collect();
+            model.forward_batch(&mut batch).unwrap().to_vec2::<f32>().unwrap()
+        } else {
+            sequences
+                .iter_mut()
+                .zip(&tokens)
+                .zip(&positions)
+                .map(|((sequence, tokens), &position)| {
+                    sequence.forward(&tokens[position..], position).unwrap().to_vec1::<f32>().unwrap()
+                })
+                .collect()
+        };
+        for ((logits, tokens), position) in logits.iter().zip(&mut tokens).zip(&mut positions) {
+            *position = tokens.len();
+            tokens.push(argmax(logits) as u32);
+        }
+    }
+    tokens.iter().zip(prompts).map(|(tokens, prompt)| tokens[prompt.len()..].to_vec()).collect()
+}
+
+#[test]
+fn a_batch_step_gives_each_sequence_what_it_gets_alone() {
+    let mut file = tiny_llama(GgmlDType::Q4_1, GgmlDType::Q8_0);
+    let model = DecoderModel(std::sync::Arc::new(our_decoder(&mut file)));
+    let prompts = vec![vec![3u32, 17, 42, 5, 88], vec![9, 8], vec![60, 61, 62, 63, 64, 65, 66, 67, 1]];
+    let alone = greedy(&model, &prompts, 12, false);
+    let together = greedy(&model, &prompts, 12, true);
+    assert_eq!(alone, together);
+    assert!(alone.iter().any(|tokens| tokens != &alone[0]), "the prompts should lead apart");
+}
+
+#[test]
+fn a_batch_with_a_foreign_or_empty_entry_is_refused() {
+    let mut file = tiny_llama(GgmlDType::Q8_0, GgmlDType::Q8_0);
+    let model = DecoderModel(std::sync::Arc::new(our_decoder(&mut file)));
+    let mut sequence = model.new_sequence();
+    let mut batch = [BatchEntry { sequence: sequence.as_mut(), tokens: &[], position: 0 }];
+    assert!(model.forward_batch(&mut batch).is_err());
+    assert!(model.forward_batch(&mut []).is_err());
 }
