@@ -1,13 +1,17 @@
 //! The generation worker: one dedicated OS thread per chat model that runs every active
-//! generation of that model, interleaved token by token.
+//! generation of that model together, one batch step at a time (continuous batching).
 //!
-//! Interleaving keeps one long generation from starving the others, and long prompts are
-//! prefilled in chunks for the same reason. Jobs wait in a bounded queue; a full queue is refused
-//! at once (`EngineError::QueueFull`). A generation whose receiver is dropped (the client went
-//! away) is abandoned at its next step. Events go out through `try_reserve`, so a slow reader
-//! pauses only its own generation, never the thread.
+//! Each step runs every decoding generation's next token and chunks of the prompts being
+//! prefilled in one forward pass (`step.rs`), so the weights are read once per step for all of
+//! them; generations join and leave between steps (`generation.rs` holds one generation's state).
+//! Jobs wait in a bounded queue; a full queue is refused at once (`EngineError::QueueFull`). A
+//! generation whose receiver is dropped (the client went away) leaves at the next step. Events
+//! go out through `try_reserve`, so a slow reader pauses only its own generation, never the
+//! thread.
 
-use std::collections::VecDeque;
+mod generation;
+mod step;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -16,19 +20,17 @@ use std::time::Duration;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
-use super::detokenize::{IncrementalDecoder, StopMatcher};
+use generation::{Delivery, Ending, Generation};
+
 use super::models::{LanguageModel, Sequence};
 use super::prompt_cache::PromptCache;
-use super::sampling::{Sampler, SamplingParams};
-use super::{EngineError, FinishReason, GenerationEvent, Usage};
-
-/// Prompt tokens run in one forward pass before the other generations get their turn.
-const PREFILL_CHUNK: usize = 128;
+use super::sampling::SamplingParams;
+use super::{EngineError, GenerationEvent};
 
 /// How much work one chat model accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueLimits {
-    /// Generations run at the same time (interleaved).
+    /// Generations run at the same time (batched into each step).
     pub max_active: usize,
     /// Generations waiting for a place; one more is refused.
     pub max_queued: usize,
@@ -198,6 +200,7 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
     let mut active: Vec<Generation> = Vec::new();
     let mut queue_open = true;
     loop {
+        // New generations join between steps.
         while queue_open && active.len() < max_active {
             let next = if active.is_empty() {
                 queue.recv().map_err(|_| TryRecvError::Disconnected)
@@ -216,15 +219,10 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
             }
             return;
         }
-        let mut progressed = false;
-        active.retain_mut(|generation| match generation.step(&runtime) {
-            Step::Progressed => {
-                progressed = true;
-                true
-            }
-            Step::Waiting => true,
-            Step::Ended(ending) => {
-                progressed = true;
+        // Hand out the last step's events; generations that ended leave.
+        active.retain_mut(|generation| match generation.deliver() {
+            Delivery::Delivered | Delivery::Waiting => true,
+            Delivery::Ended(ending) => {
                 stats.active.fetch_sub(1, Ordering::Relaxed);
                 if let Some((tokens, sequence)) = generation.release() {
                     cache.put(tokens, sequence);
@@ -236,7 +234,11 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
                 false
             }
         });
-        if !progressed {
+        let work: Vec<_> = active.iter().map(Generation::work).collect();
+        let plan = step::plan(&work, step::PREFILL_BUDGET);
+        if plan.iter().any(|&tokens| tokens > 0) {
+            step::run(&runtime, &mut active, &plan);
+        } else if !active.is_empty() {
             // Every generation waits on a slow reader: sleep a little, but wake for new work if
             // there is room for it. (Readers that stop reading must not let more than
             // `max_active` run: each holds a KV cache, and the queue would never fill.)
@@ -253,184 +255,5 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
     }
 }
 
-enum Step {
-    Progressed,
-    /// The reader has not taken the previous events yet.
-    Waiting,
-    /// Drop it.
-    Ended(Ending),
-}
-
-enum Ending {
-    /// Done or failed, every event delivered.
-    Finished,
-    /// The reader went away.
-    Cancelled,
-}
-
-struct Generation {
-    /// Taken back (`release`) when the generation ends, for the prompt cache.
-    sequence: Option<Box<dyn Sequence>>,
-    /// The tokens the sequence's KV cache holds, in order.
-    held: Vec<u32>,
-    /// Whether a forward pass failed (then the KV cache is not reused).
-    failed: bool,
-    prompt_tokens: Vec<u32>,
-    prefilled: usize,
-    /// The last sampled token, fed to the model next.
-    last_token: Option<u32>,
-    sampler: Sampler,
-    decoder: IncrementalDecoder,
-    stops: StopMatcher,
-    completion_tokens: usize,
-    max_tokens: usize,
-    ignore_eos: bool,
-    outbox: VecDeque<GenerationEvent>,
-    finished: bool,
-    events: mpsc::Sender<GenerationEvent>,
-    span: tracing::Span,
-}
-
-impl Generation {
-    /// A generation starting from the prompt cache's longest shared prefix, if any.
-    fn new(runtime: &ModelRuntime, job: Job, cache: &mut PromptCache<Box<dyn Sequence>>) -> Self {
-        let (sequence, prefilled) = match cache.take(&job.prompt_tokens) {
-            Some(reused) => (reused.sequence, reused.tokens),
-            None => (runtime.model.new_sequence(), 0),
-        };
-        if prefilled > 0 {
-            tracing::debug!(reused_tokens = prefilled, "prompt prefix found in the prompt cache");
-        }
-        Self {
-            sequence: Some(sequence),
-            held: job.prompt_tokens[..prefilled].to_vec(),
-            failed: false,
-            prompt_tokens: job.prompt_tokens,
-            prefilled,
-            last_token: None,
-            max_tokens: job.params.max_tokens,
-            ignore_eos: job.params.ignore_eos,
-            stops: StopMatcher::new(job.params.stop.clone()),
-            sampler: Sampler::new(job.params),
-            decoder: IncrementalDecoder::new(runtime.tokenizer.clone()),
-            completion_tokens: 0,
-            outbox: VecDeque::new(),
-            finished: false,
-            events: job.events,
-            span: job.span,
-        }
-    }
-
-    fn step(&mut self, runtime: &ModelRuntime) -> Step {
-        let span = self.span.clone();
-        let _entered = span.enter();
-        while let Some(event) = self.outbox.pop_front() {
-            let sent = match self.events.try_reserve() {
-                Ok(permit) => {
-                    permit.send(event);
-                    continue;
-                }
-                Err(error) => {
-                    self.outbox.push_front(event);
-                    error
-                }
-            };
-            return match sent {
-                mpsc::error::TrySendError::Full(()) => Step::Waiting,
-                mpsc::error::TrySendError::Closed(()) => self.cancelled(),
-            };
-        }
-        if self.finished {
-            return Step::Ended(Ending::Finished);
-        }
-        if self.events.is_closed() {
-            return self.cancelled();
-        }
-        match self.advance(runtime) {
-            Ok(()) => {}
-            Err(error) => {
-                self.failed = true;
-                tracing::error!(%error, "generation failed");
-                self.outbox.push_back(GenerationEvent::Error(EngineError::Inference(error.to_string())));
-                self.finished = true;
-            }
-        }
-        Step::Progressed
-    }
-
-    /// The sequence and the tokens its KV cache holds, unless a forward pass failed.
-    fn release(&mut self) -> Option<(Vec<u32>, Box<dyn Sequence>)> {
-        let sequence = self.sequence.take()?;
-        (!self.failed).then(|| (std::mem::take(&mut self.held), sequence))
-    }
-
-    fn cancelled(&mut self) -> Step {
-        tracing::debug!(completion_tokens = self.completion_tokens, "generation cancelled by its reader");
-        Step::Ended(Ending::Cancelled)
-    }
-
-    /// One forward pass: a chunk of the prompt, or one new token.
-    fn advance(&mut self, runtime: &ModelRuntime) -> candle_core::Result<()> {
-        let Some(sequence) = self.sequence.as_mut() else {
-            candle_core::bail!("the generation's sequence was released");
-        };
-        let logits = match self.last_token {
-            None => {
-                let end = (self.prefilled + PREFILL_CHUNK).min(self.prompt_tokens.len());
-                let chunk = &self.prompt_tokens[self.prefilled..end];
-                // From a cached prefix, the sequence drops what it held beyond `prefilled`.
-                let logits = sequence.forward(chunk, self.prefilled)?;
-                self.held.truncate(self.prefilled);
-                self.held.extend_from_slice(chunk);
-                self.prefilled = end;
-                if end < self.prompt_tokens.len() {
-                    return Ok(());
-                }
-                logits
-            }
-            Some(token) => {
-                let position = self.prompt_tokens.len() + self.completion_tokens - 1;
-                let logits = sequence.forward(&[token], position)?;
-                self.held.push(token);
-                logits
-            }
-        };
-        let mut logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        let token = self.sampler.sample(&mut logits);
-        self.last_token = Some(token);
-        if !self.ignore_eos && runtime.eos_token_ids.contains(&token) {
-            self.finish(FinishReason::Stop);
-            return Ok(());
-        }
-        self.completion_tokens += 1;
-        if let Some(piece) = self.decoder.push(token) {
-            let check = self.stops.push(&piece);
-            self.send_text(check.text);
-            if check.stopped {
-                self.finish(FinishReason::Stop);
-                return Ok(());
-            }
-        }
-        if self.completion_tokens >= self.max_tokens {
-            self.finish(FinishReason::Length);
-        }
-        Ok(())
-    }
-
-    fn send_text(&mut self, text: String) {
-        if !text.is_empty() {
-            self.outbox.push_back(GenerationEvent::Text(text));
-        }
-    }
-
-    fn finish(&mut self, finish_reason: FinishReason) {
-        // Text held back as a possible stop sequence turned out not to be one.
-        let held = self.stops.finish();
-        self.send_text(held);
-        let usage =
-            Usage { prompt_tokens: self.prompt_tokens.len(), completion_tokens: self.completion_tokens };
-        tracing::debug!(?finish_reason, completion_tokens = usage.completion_tokens, "generation finished");
-        self.outbox.push_back(GenerationEvent::Done { finish_reason, usage });
-        self.finished = true;
-    }
-}
+#[cfg(test)]
+mod tests;

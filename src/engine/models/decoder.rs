@@ -381,7 +381,7 @@ pub struct DecoderModel(pub Arc<Decoder>);
 
 impl LanguageModel for DecoderModel {
     fn new_sequence(&self) -> Box<dyn Sequence> {
-        Box::new(DecoderSequence { cache: self.0.new_cache(), decoder: self.0.clone() })
+        Box::new(DecoderSequence { cache: self.0.new_cache() })
     }
 
     fn forward_batch(&self, batch: &mut [BatchEntry<'_>]) -> Result<Tensor> {
@@ -401,9 +401,8 @@ impl LanguageModel for DecoderModel {
     }
 }
 
-/// One generation: the shared decoder and its own KV cache.
+/// One generation's KV cache.
 pub struct DecoderSequence {
-    decoder: Arc<Decoder>,
     cache: KvCache,
 }
 
@@ -424,12 +423,6 @@ impl DecoderSequence {
 }
 
 impl Sequence for DecoderSequence {
-    fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
-        let span = self.prepare(tokens, position)?;
-        let decoder = self.decoder.clone();
-        decoder.forward(&mut [&mut self.cache], &[span], tokens)?.squeeze(0)
-    }
-
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }

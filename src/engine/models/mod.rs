@@ -21,7 +21,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
 pub use config::DecoderConfig;
-pub use decoder::{Decoder, DecoderModel, Span};
+pub use decoder::{Decoder, DecoderModel};
 
 use super::EngineError;
 
@@ -36,6 +36,13 @@ pub trait LanguageModel: Send + Sync {
     /// logits `(entries, vocabulary)` predict the token after each entry's last one. On an error
     /// no entry's sequence is to be trusted beyond the position it started from.
     fn forward_batch(&self, batch: &mut [BatchEntry<'_>]) -> candle_core::Result<Tensor>;
+
+    /// A batch of one: the logits (a rank-1 tensor over the vocabulary) after `tokens`, run in
+    /// `sequence` from `position`.
+    #[cfg(test)]
+    fn forward_one(&self, sequence: &mut dyn Sequence, tokens: &[u32], position: usize) -> candle_core::Result<Tensor> {
+        self.forward_batch(&mut [BatchEntry { sequence, tokens, position }])?.squeeze(0)
+    }
 }
 
 /// One sequence's part of a batch step.
@@ -45,12 +52,9 @@ pub struct BatchEntry<'a> {
     pub position: usize,
 }
 
-/// One generation's view of a model: the weights plus its own KV cache.
+/// One generation's state in a model (its KV cache), opaque to everyone but the model that made
+/// it; run through `LanguageModel::forward_batch`.
 pub trait Sequence: Send {
-    /// Run `tokens`, the first of which sits at `position`, and return the logits that predict the
-    /// token after the last one (a rank-1 tensor over the vocabulary): a batch of one.
-    fn forward(&mut self, tokens: &[u32], position: usize) -> candle_core::Result<Tensor>;
-
     /// For the model that made it to find its own type again in `forward_batch`.
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }

@@ -10,8 +10,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 
-use super::decoder::Decoder;
-use super::{BatchEntry, DecoderConfig, DecoderModel, LanguageModel, Sequence, Span};
+use super::decoder::{Decoder, Span};
+use super::{BatchEntry, DecoderConfig, DecoderModel, LanguageModel, Sequence};
 
 const HIDDEN: usize = 64;
 const HEADS: usize = 4;
@@ -115,7 +115,7 @@ fn agrees_with_candle(matrix_type: GgmlDType, table_type: GgmlDType, tolerance: 
     let mut worst = 0.0f32;
     for step in 0..8 {
         let input = &tokens[position..];
-        let ours = sequence.forward(input, position).unwrap().to_vec1::<f32>().unwrap();
+        let ours = model.forward_one(sequence.as_mut(), input, position).unwrap().to_vec1::<f32>().unwrap();
         let tensor = Tensor::new(input, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let reference =
             theirs.forward(&tensor, position).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
@@ -159,7 +159,7 @@ fn native_kernels_are_as_close_to_the_exact_model_as_candles() {
         let mut exact_file = dequantized(&mut file);
         let run = |decoder: Decoder| {
             let model = DecoderModel(std::sync::Arc::new(decoder));
-            model.new_sequence().forward(&tokens, 0).unwrap().to_vec1::<f32>().unwrap()
+            model.forward_one(model.new_sequence().as_mut(), &tokens, 0).unwrap().to_vec1::<f32>().unwrap()
         };
         let exact = run(our_decoder(&mut exact_file));
         let ours = run(our_decoder(&mut file));
@@ -201,11 +201,11 @@ fn a_prompt_at_once_equals_the_prompt_token_by_token() {
     let mut file = tiny_llama(GgmlDType::Q8_0, GgmlDType::Q8_0);
     let model = DecoderModel(std::sync::Arc::new(our_decoder(&mut file)));
     let tokens = [9u32, 8, 7, 6, 5, 4, 3, 2, 1, 0];
-    let at_once = model.new_sequence().forward(&tokens, 0).unwrap().to_vec1::<f32>().unwrap();
+    let at_once = model.forward_one(model.new_sequence().as_mut(), &tokens, 0).unwrap().to_vec1::<f32>().unwrap();
     let mut sequence = model.new_sequence();
     let mut last = Vec::new();
     for (position, token) in tokens.iter().enumerate() {
-        last = sequence.forward(&[*token], position).unwrap().to_vec1::<f32>().unwrap();
+        last = model.forward_one(sequence.as_mut(), &[*token], position).unwrap().to_vec1::<f32>().unwrap();
     }
     assert!(relative_difference(&last, &at_once) < 1e-4);
 }
@@ -233,9 +233,9 @@ fn tokens_outside_the_vocabulary_and_the_window_are_errors() {
     let mut file = tiny_llama(GgmlDType::Q8_0, GgmlDType::Q8_0);
     let model = DecoderModel(std::sync::Arc::new(our_decoder(&mut file)));
     let mut sequence = model.new_sequence();
-    assert!(sequence.forward(&[VOCAB as u32], 0).is_err());
-    assert!(sequence.forward(&[1], 5).is_err(), "a gap in positions");
-    assert!(sequence.forward(&vec![1; 129], 0).is_err(), "beyond the context window");
+    assert!(model.forward_one(sequence.as_mut(), &[VOCAB as u32], 0).is_err());
+    assert!(model.forward_one(sequence.as_mut(), &[1], 5).is_err(), "a gap in positions");
+    assert!(model.forward_one(sequence.as_mut(), &vec![1; 129], 0).is_err(), "beyond the context window");
 }
 
 /// Greedy tokens of `prompts`, run either one sequence at a time or all in one batch per step
@@ -263,7 +263,7 @@ fn greedy(model: &DecoderModel, prompts: &[Vec<u32>], steps: usize, batched: boo
                 .zip(&tokens)
                 .zip(&positions)
                 .map(|((sequence, tokens), &position)| {
-                    sequence.forward(&tokens[position..], position).unwrap().to_vec1::<f32>().unwrap()
+                    model.forward_one(sequence.as_mut(), &tokens[position..], position).unwrap().to_vec1::<f32>().unwrap()
                 })
                 .collect()
         };

@@ -1,0 +1,233 @@
+//! One generation as the worker holds it: its sequence (KV cache), where it stands in its prompt,
+//! what it still owes its reader, and what it does with each step's logits.
+//!
+//! The worker asks each generation for its `work` (a chunk of the prompt, or its last token),
+//! runs every generation's input in one batch step, and hands each its logits row
+//! (`accept_logits`). All per-sequence logits processing happens there: sampling with its
+//! penalties today; grammar masks and log-probabilities belong in the same place.
+
+use std::collections::VecDeque;
+
+use tokio::sync::mpsc;
+
+use super::super::detokenize::{IncrementalDecoder, StopMatcher};
+use super::super::models::Sequence;
+use super::super::prompt_cache::PromptCache;
+use super::super::sampling::Sampler;
+use super::super::{EngineError, FinishReason, GenerationEvent, Usage};
+use super::{Job, ModelRuntime};
+
+/// What a generation asks of the next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Run its last sampled token.
+    Decode,
+    /// Run (part of) the prompt tokens it has not run yet.
+    Prefill { remaining: usize },
+}
+
+/// What delivering a generation's pending events showed.
+pub enum Delivery {
+    /// Nothing pending: it may take part in the next step (or it is finished).
+    Delivered,
+    /// The reader has not taken the previous events yet.
+    Waiting,
+    /// Drop it.
+    Ended(Ending),
+}
+
+pub enum Ending {
+    /// Done or failed, every event delivered.
+    Finished,
+    /// The reader went away.
+    Cancelled,
+}
+
+pub struct Generation {
+    /// Taken back (`release`) when the generation ends, for the prompt cache; lent out
+    /// (`lend_sequence`) for the length of a step.
+    sequence: Option<Box<dyn Sequence>>,
+    /// The tokens the sequence's KV cache holds, in order.
+    held: Vec<u32>,
+    /// Whether a forward pass failed (then the KV cache is not reused).
+    failed: bool,
+    prompt_tokens: Vec<u32>,
+    /// Prompt tokens already run (or found in the prompt cache).
+    pub(super) prefilled: usize,
+    /// The last sampled token, fed to the model next.
+    last_token: Option<u32>,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    completion_tokens: usize,
+    max_tokens: usize,
+    ignore_eos: bool,
+    outbox: VecDeque<GenerationEvent>,
+    finished: bool,
+    events: mpsc::Sender<GenerationEvent>,
+    pub(super) span: tracing::Span,
+}
+
+impl Generation {
+    /// A generation starting from the prompt cache's longest shared prefix, if any.
+    pub fn new(runtime: &ModelRuntime, job: Job, cache: &mut PromptCache<Box<dyn Sequence>>) -> Self {
+        let (sequence, prefilled) = match cache.take(&job.prompt_tokens) {
+            Some(reused) => (reused.sequence, reused.tokens),
+            None => (runtime.model.new_sequence(), 0),
+        };
+        if prefilled > 0 {
+            let _entered = job.span.enter();
+            tracing::debug!(reused_tokens = prefilled, "prompt prefix found in the prompt cache");
+        }
+        Self {
+            sequence: Some(sequence),
+            held: job.prompt_tokens[..prefilled].to_vec(),
+            failed: false,
+            prompt_tokens: job.prompt_tokens,
+            prefilled,
+            last_token: None,
+            max_tokens: job.params.max_tokens,
+            ignore_eos: job.params.ignore_eos,
+            stops: StopMatcher::new(job.params.stop.clone()),
+            sampler: Sampler::new(job.params),
+            decoder: IncrementalDecoder::new(runtime.tokenizer.clone()),
+            completion_tokens: 0,
+            outbox: VecDeque::new(),
+            finished: false,
+            events: job.events,
+            span: job.span,
+        }
+    }
+
+    /// Hand the reader what it can take of the pending events.
+    pub fn deliver(&mut self) -> Delivery {
+        while let Some(event) = self.outbox.pop_front() {
+            let refused = match self.events.try_reserve() {
+                Ok(permit) => {
+                    permit.send(event);
+                    continue;
+                }
+                Err(error) => error,
+            };
+            self.outbox.push_front(event);
+            return match refused {
+                mpsc::error::TrySendError::Full(()) => Delivery::Waiting,
+                mpsc::error::TrySendError::Closed(()) => self.cancelled(),
+            };
+        }
+        if self.finished {
+            return Delivery::Ended(Ending::Finished);
+        }
+        if self.events.is_closed() {
+            return self.cancelled();
+        }
+        Delivery::Delivered
+    }
+
+    /// What it needs from the next step; `None` while its reader lags behind or once it is done.
+    pub fn work(&self) -> Option<Work> {
+        if self.finished || !self.outbox.is_empty() || self.sequence.is_none() {
+            return None;
+        }
+        Some(match self.last_token {
+            Some(_) => Work::Decode,
+            None => Work::Prefill { remaining: self.prompt_tokens.len() - self.prefilled },
+        })
+    }
+
+    /// The next `count` tokens to run (a decode step runs one) and the position of the first.
+    pub fn input(&self, count: usize) -> (Vec<u32>, usize) {
+        match self.last_token {
+            Some(token) => (vec![token], self.prompt_tokens.len() + self.completion_tokens - 1),
+            None => {
+                let end = (self.prefilled + count).min(self.prompt_tokens.len());
+                (self.prompt_tokens[self.prefilled..end].to_vec(), self.prefilled)
+            }
+        }
+    }
+
+    /// The sequence, lent to a step; give it back with `ran`.
+    pub fn lend_sequence(&mut self) -> Option<Box<dyn Sequence>> {
+        self.sequence.take()
+    }
+
+    /// The step ran `tokens` (from `input`) in `sequence`. True when the step's logits for this
+    /// generation are to be used: a decode step, or the prompt's last chunk.
+    pub fn ran(&mut self, sequence: Box<dyn Sequence>, tokens: &[u32]) -> bool {
+        self.sequence = Some(sequence);
+        if self.last_token.is_some() {
+            self.held.extend_from_slice(tokens);
+            return true;
+        }
+        // From a cached prefix, the sequence dropped what it held beyond `prefilled`.
+        self.held.truncate(self.prefilled);
+        self.held.extend_from_slice(tokens);
+        self.prefilled += tokens.len();
+        self.prefilled == self.prompt_tokens.len()
+    }
+
+    /// The per-sequence logits processing of one step: pick the next token from `logits` (the
+    /// place for penalties, grammar masks and log-probabilities), then stream its text and decide
+    /// whether the generation ends.
+    pub fn accept_logits(&mut self, runtime: &ModelRuntime, logits: &mut [f32]) {
+        let token = self.sampler.sample(logits);
+        self.last_token = Some(token);
+        if !self.ignore_eos && runtime.eos_token_ids.contains(&token) {
+            self.finish(FinishReason::Stop);
+            return;
+        }
+        self.completion_tokens += 1;
+        if let Some(piece) = self.decoder.push(token) {
+            let check = self.stops.push(&piece);
+            self.send_text(check.text);
+            if check.stopped {
+                self.finish(FinishReason::Stop);
+                return;
+            }
+        }
+        if self.completion_tokens >= self.max_tokens {
+            self.finish(FinishReason::Length);
+        }
+    }
+
+    /// A forward pass of this generation failed: its reader gets the error, its KV cache is
+    /// dropped.
+    pub fn fail(&mut self, sequence: Option<Box<dyn Sequence>>, error: &candle_core::Error) {
+        let _entered = self.span.enter();
+        tracing::error!(%error, "generation failed");
+        self.sequence = sequence;
+        self.failed = true;
+        self.outbox.push_back(GenerationEvent::Error(EngineError::Inference(error.to_string())));
+        self.finished = true;
+    }
+
+    /// The sequence and the tokens its KV cache holds, unless a forward pass failed.
+    pub fn release(&mut self) -> Option<(Vec<u32>, Box<dyn Sequence>)> {
+        let sequence = self.sequence.take()?;
+        (!self.failed).then(|| (std::mem::take(&mut self.held), sequence))
+    }
+
+    fn cancelled(&mut self) -> Delivery {
+        let _entered = self.span.enter();
+        tracing::debug!(completion_tokens = self.completion_tokens, "generation cancelled by its reader");
+        Delivery::Ended(Ending::Cancelled)
+    }
+
+    fn send_text(&mut self, text: String) {
+        if !text.is_empty() {
+            self.outbox.push_back(GenerationEvent::Text(text));
+        }
+    }
+
+    fn finish(&mut self, finish_reason: FinishReason) {
+        // Text held back as a possible stop sequence turned out not to be one.
+        let held = self.stops.finish();
+        self.send_text(held);
+        let usage =
+            Usage { prompt_tokens: self.prompt_tokens.len(), completion_tokens: self.completion_tokens };
+        let _entered = self.span.enter();
+        tracing::debug!(?finish_reason, completion_tokens = usage.completion_tokens, "generation finished");
+        self.outbox.push_back(GenerationEvent::Done { finish_reason, usage });
+        self.finished = true;
+    }
+}
