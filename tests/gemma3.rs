@@ -1,6 +1,6 @@
 //! The second architecture end to end: gemma-3-270m (Q4_K_M, a base model without a chat
 //! template) continues a simple sequence greedily, through llmesh's decoder (GELU, sliding-window
-//! layers, per-head norms; Q5_0 layers on llmesh's kernels, Q4_K/Q6_K on candle's). Its own test
+//! layers, per-head norms; its Q5_0, Q8_0, Q4_K and Q6_K layers all on llmesh's kernels). Its own test
 //! binary, as it loads a second model. Needs `LLMESH_FETCH_GEMMA=1 scripts/fetch-models.sh` (the
 //! test script does it).
 

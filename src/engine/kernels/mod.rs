@@ -1,5 +1,6 @@
 //! CPU matrix-vector kernels on GGUF weights in their native encoding (Q4_0, Q4_1, Q5_0, Q5_1,
-//! Q8_0): nothing is re-encoded at load, the raw block bytes are the weights.
+//! Q8_0, and the k-quants Q4_K and Q6_K): nothing is re-encoded at load, the raw block bytes are
+//! the weights.
 //!
 //! Laid out as ggml-cpu is: `scalar.rs` holds the reference kernel of every type, `x86.rs` the
 //! SIMD variants beside them; `Kernels::detect` picks the best variant this CPU runs, once, at
@@ -8,6 +9,7 @@
 //! weight rows across candle's CPU thread pool (`candle_core::utils::barrier_pool`) in one go, so
 //! llmesh runs one pool, not two.
 
+mod k_quants;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -30,6 +32,8 @@ pub enum WeightType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q4K,
+    Q6K,
 }
 
 impl WeightType {
@@ -42,6 +46,8 @@ impl WeightType {
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q5_1 => Self::Q5_1,
             GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q6K => Self::Q6K,
             _ => return None,
         })
     }
@@ -56,6 +62,8 @@ impl WeightType {
             Self::Q5_0 => (BLOCK, 22),
             Self::Q5_1 => (BLOCK, 24),
             Self::Q8_0 => (BLOCK, 34),
+            Self::Q4K => (k_quants::SUPER_BLOCK, k_quants::Q4_K_BYTES),
+            Self::Q6K => (k_quants::SUPER_BLOCK, k_quants::Q6_K_BYTES),
         }
     }
 
@@ -79,6 +87,8 @@ impl WeightType {
             Self::Q5_0 => scalar::dequantize_q5_0,
             Self::Q5_1 => scalar::dequantize_q5_1,
             Self::Q8_0 => scalar::dequantize_q8_0,
+            Self::Q4K => k_quants::dequantize_q4_k,
+            Self::Q6K => k_quants::dequantize_q6_k,
         }
     }
 }
@@ -100,6 +110,8 @@ pub struct Kernels {
     q5_0: DotRow,
     q5_1: DotRow,
     q8_0: DotRow,
+    q4_k: DotRow,
+    q6_k: DotRow,
 }
 
 impl Kernels {
@@ -111,6 +123,8 @@ impl Kernels {
             q5_0: scalar::dot_q5_0,
             q5_1: scalar::dot_q5_1,
             q8_0: scalar::dot_q8_0,
+            q4_k: k_quants::dot_q4_k,
+            q6_k: k_quants::dot_q6_k,
         }
     }
 
@@ -127,6 +141,8 @@ impl Kernels {
                 q5_0: |r, a| unsafe { x86::avx2::dot_q5_0(r, a) },
                 q5_1: |r, a| unsafe { x86::avx2::dot_q5_1(r, a) },
                 q8_0: |r, a| unsafe { x86::avx2::dot_q8_0(r, a) },
+                q4_k: |r, a| unsafe { x86::avx2::dot_q4_k(r, a) },
+                q6_k: |r, a| unsafe { x86::avx2::dot_q6_k(r, a) },
             }),
             #[cfg(target_arch = "x86_64")]
             Variant::Vnni if x86::vnni::available() => Some(Self {
@@ -137,6 +153,8 @@ impl Kernels {
                 q5_0: |r, a| unsafe { x86::vnni::dot_q5_0(r, a) },
                 q5_1: |r, a| unsafe { x86::vnni::dot_q5_1(r, a) },
                 q8_0: |r, a| unsafe { x86::vnni::dot_q8_0(r, a) },
+                q4_k: |r, a| unsafe { x86::vnni::dot_q4_k(r, a) },
+                q6_k: |r, a| unsafe { x86::vnni::dot_q6_k(r, a) },
             }),
             _ => None,
         }
@@ -170,6 +188,8 @@ impl Kernels {
             WeightType::Q5_0 => Some(self.q5_0),
             WeightType::Q5_1 => Some(self.q5_1),
             WeightType::Q8_0 => Some(self.q8_0),
+            WeightType::Q4K => Some(self.q4_k),
+            WeightType::Q6K => Some(self.q6_k),
             WeightType::F32 | WeightType::F16 => None,
         }
     }

@@ -7,8 +7,15 @@ use candle_core::{Device, Tensor};
 
 use super::*;
 
-const TYPES: [WeightType; 5] =
-    [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q5_0, WeightType::Q5_1, WeightType::Q8_0];
+const TYPES: [WeightType; 7] = [
+    WeightType::Q4_0,
+    WeightType::Q4_1,
+    WeightType::Q5_0,
+    WeightType::Q5_1,
+    WeightType::Q8_0,
+    WeightType::Q4K,
+    WeightType::Q6K,
+];
 
 /// A small deterministic generator (no dependency on `rand`'s algorithms across versions).
 struct Random(u64);
@@ -26,7 +33,31 @@ impl Random {
 
 /// Random bytes shaped as valid blocks: finite f16 scales and minimums, anything elsewhere.
 fn random_row(weight_type: WeightType, columns: usize, random: &mut Random) -> Vec<u8> {
-    let (_, block_bytes) = weight_type.layout();
+    let (values, block_bytes) = weight_type.layout();
+    let small_scale = |random: &mut Random| half::f16::from_f32(random.float() * 0.05).to_le_bytes();
+    match weight_type {
+        // d and dmin first, then anything.
+        WeightType::Q4K => {
+            return (0..columns / values)
+                .flat_map(|_| {
+                    let mut block = [small_scale(random), small_scale(random)].concat();
+                    block.extend((4..block_bytes).map(|_| random.next() as u8));
+                    block
+                })
+                .collect();
+        }
+        // Anything, then d last.
+        WeightType::Q6K => {
+            return (0..columns / values)
+                .flat_map(|_| {
+                    let mut block: Vec<u8> = (0..block_bytes - 2).map(|_| random.next() as u8).collect();
+                    block.extend(small_scale(random));
+                    block
+                })
+                .collect();
+        }
+        _ => {}
+    }
     let scales = match weight_type {
         WeightType::Q4_1 | WeightType::Q5_1 => 2,
         _ => 1,
@@ -65,7 +96,10 @@ fn every_simd_variant_matches_the_scalar_kernels() {
     }
     let mut random = Random(7);
     for weight_type in TYPES {
-        for columns in [32, 64, 576, 1536] {
+        for columns in [32, 64, 576, 1536, 256, 2048] {
+            if weight_type.row_bytes(columns).is_none() {
+                continue;
+            }
             for _ in 0..20 {
                 let row = random_row(weight_type, columns, &mut random);
                 let activations = random_activations(columns, &mut random);
@@ -105,7 +139,7 @@ fn scalar_dots_equal_the_dot_of_the_dequantized_rows() {
 
 #[test]
 fn rows_dequantize_as_candle_does() {
-    let (rows, columns) = (3, 96);
+    let (rows, columns) = (3, 512);
     let mut random = Random(3);
     let values: Vec<f32> = (0..rows * columns).map(|_| random.float()).collect();
     let tensor = Tensor::from_vec(values, (rows, columns), &Device::Cpu).unwrap();
@@ -115,6 +149,8 @@ fn rows_dequantize_as_candle_does() {
         (GgmlDType::Q5_0, WeightType::Q5_0),
         (GgmlDType::Q5_1, WeightType::Q5_1),
         (GgmlDType::Q8_0, WeightType::Q8_0),
+        (GgmlDType::Q4K, WeightType::Q4K),
+        (GgmlDType::Q6K, WeightType::Q6K),
         (GgmlDType::F16, WeightType::F16),
         (GgmlDType::F32, WeightType::F32),
     ] {
@@ -133,7 +169,7 @@ fn rows_dequantize_as_candle_does() {
 
 #[test]
 fn matmul_over_threads_equals_row_by_row_dots() {
-    let (rows, columns, tokens) = (200, 128, 3);
+    let (rows, columns, tokens) = (200, 256, 3);
     let mut random = Random(5);
     let kernels = Kernels::detect();
     for weight_type in TYPES {
@@ -163,7 +199,7 @@ fn a_matrix_of_the_wrong_size_is_refused() {
 
 #[test]
 fn fused_matmuls_equal_separate_ones() {
-    let (columns, tokens) = (64, 2);
+    let (columns, tokens) = (256, 2);
     let mut random = Random(9);
     let kernels = Kernels::detect();
     let matrix = |rows: usize, weight_type, random: &mut Random| {
@@ -174,6 +210,8 @@ fn fused_matmuls_equal_separate_ones() {
         matrix(40, WeightType::Q4_1, &mut random),
         matrix(7, WeightType::Q8_0, &mut random),
         matrix(17, WeightType::Q5_0, &mut random),
+        matrix(9, WeightType::Q4K, &mut random),
+        matrix(5, WeightType::Q6K, &mut random),
     ];
     let input: Vec<f32> = (0..tokens * columns).map(|_| random.float()).collect();
     let total: usize = matrices.iter().map(QuantizedMatrix::rows).sum();

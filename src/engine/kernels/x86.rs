@@ -9,6 +9,7 @@
 
 use std::arch::x86_64::*;
 
+use super::k_quants::{Q4_K_BYTES, Q6_K_BYTES, scale_and_min};
 use super::scalar::ActivationBlock;
 
 /// The 32 nibbles of 16 bytes as 32 bytes: low nibbles first, then high nibbles.
@@ -144,6 +145,73 @@ macro_rules! dot_kernels {
                 let sums = signed_products(load32(&block[2..]), activation_bytes(a));
                 let scale = _mm256_set1_ps(f16_at(block, 0) * a.scale);
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+            }
+            horizontal_sum(acc)
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot_q4_k(row: &[u8], activations: &[ActivationBlock]) -> f32 {
+            let mut acc = _mm256_setzero_ps();
+            let mut minimums = 0.0;
+            for (block, a) in row.chunks_exact(Q4_K_BYTES).zip(activations.chunks_exact(8)) {
+                let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+                for run in 0..4 {
+                    let packed = load32(&block[16 + 32 * run..]);
+                    let low = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));
+                    let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F));
+                    for (j, nibbles) in [(2 * run, low), (2 * run + 1, high)] {
+                        let (scale, min) = scale_and_min(j, &block[4..16]);
+                        let sums = products(nibbles, activation_bytes(&a[j]));
+                        let scale = _mm256_set1_ps(d * f32::from(scale) * a[j].scale);
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+                        minimums += dmin * f32::from(min) * a[j].sum;
+                    }
+                }
+            }
+            horizontal_sum(acc) - minimums
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot_q6_k(row: &[u8], activations: &[ActivationBlock]) -> f32 {
+            let mut acc = _mm256_setzero_ps();
+            let thirty_two = _mm256_set1_epi8(32);
+            for (block, a) in row.chunks_exact(Q6_K_BYTES).zip(activations.chunks_exact(8)) {
+                let d = f16_at(block, 208);
+                for (quarter, a) in a.iter().enumerate() {
+                    let (half, k) = (quarter / 4, quarter % 4);
+                    let ql = load32(&block[64 * half + 32 * (k % 2)..]);
+                    let ql = if k >= 2 { _mm256_srli_epi16(ql, 4) } else { ql };
+                    let low = _mm256_and_si256(ql, _mm256_set1_epi8(0x0F));
+                    let qh = load32(&block[128 + 32 * half..]);
+                    let high = match k {
+                        0 => qh,
+                        1 => _mm256_srli_epi16(qh, 2),
+                        2 => _mm256_srli_epi16(qh, 4),
+                        _ => _mm256_srli_epi16(qh, 6),
+                    };
+                    let high = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(3)), 4);
+                    let values = activation_bytes(a);
+                    // (q − 32)·x as q·x − 32·x: the weights stay unsigned for the byte products.
+                    let sums = _mm256_sub_epi32(
+                        products(_mm256_or_si256(low, high), values),
+                        products(thirty_two, values),
+                    );
+                    // Lanes 0–3 sum weights 0–15, lanes 4–7 weights 16–31: one scale each.
+                    let scales = &block[192 + 8 * half + 2 * k..];
+                    let (first, second) = (f32::from(scales[0] as i8), f32::from(scales[1] as i8));
+                    let factor = d * a.scale;
+                    let scale = _mm256_setr_ps(
+                        first * factor,
+                        first * factor,
+                        first * factor,
+                        first * factor,
+                        second * factor,
+                        second * factor,
+                        second * factor,
+                        second * factor,
+                    );
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+                }
             }
             horizontal_sum(acc)
         }
