@@ -99,7 +99,7 @@ pub struct ModelEntry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Generations of one model run at once (interleaved token by token).
+    /// Generations of one model run at once (batched into each forward step).
     pub max_active_per_model: usize,
     /// Requests of one model that wait for a place; one more gets 429 with Retry-After.
     pub max_queued_per_model: usize,
