@@ -48,7 +48,11 @@ fn engine() -> SharedEngine {
 }
 
 async fn post(path: &str, body: Value) -> (StatusCode, String) {
-    let app = api::app(engine(), ApiConfig::default());
+    post_to(engine(), path, body).await
+}
+
+async fn post_to(engine: SharedEngine, path: &str, body: Value) -> (StatusCode, String) {
+    let app = api::app(engine, ApiConfig::default());
     let request = Request::post(path)
         .header("content-type", "application/json")
         .body(Body::from(body.to_string()))
@@ -103,6 +107,38 @@ async fn streaming_gives_the_same_greedy_text() {
     }
     assert_eq!(text, plain["choices"][0]["message"]["content"].as_str().unwrap());
     assert!(chunks > 3, "the answer should arrive in many chunks, got {chunks}");
+}
+
+#[tokio::test]
+async fn chats_batched_together_answer_as_each_does_alone() {
+    // Its own engine without a prompt cache, so the batched run prefills as the lone runs did.
+    let limits = QueueLimits { prompt_cache_tokens: 0, ..QueueLimits::default() };
+    let spec = ModelSpec { id: "smollm2".into(), path: models_dir().join(CHAT_FILE) };
+    let engine: SharedEngine =
+        Arc::new(LocalEngine::load(&[spec], limits, &candle_core::Device::Cpu).expect("load SmolLM2"));
+    let questions = ["What is the capital of France?", "Name three colours.", "Count from one to five."];
+    let ask = |question: &str| {
+        let body = json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0,
+            "max_tokens": 24,
+        });
+        let engine = engine.clone();
+        async move {
+            let (status, body) = post_to(engine, "/v1/chat/completions", body).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let body: Value = serde_json::from_str(&body).unwrap();
+            body["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+        }
+    };
+    let mut alone = Vec::new();
+    for question in questions {
+        alone.push(ask(question).await);
+    }
+    let together = futures::future::join_all(questions.map(ask)).await;
+    assert_eq!(together, alone);
+    assert!(alone[0] != alone[1] && alone[1] != alone[2], "three different answers: {alone:?}");
 }
 
 #[tokio::test]
