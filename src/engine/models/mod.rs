@@ -9,6 +9,8 @@ mod config;
 mod decoder;
 mod kv_cache;
 #[cfg(test)]
+mod reference_tests;
+#[cfg(test)]
 mod tests;
 mod weights;
 
