@@ -216,7 +216,12 @@ impl Decoder {
         };
         let rows: usize = spans.iter().map(|span| span.tokens).sum();
         if spans.is_empty() || caches.len() != spans.len() || hidden.dim(0)? != rows {
-            bail!("{} spans of {rows} rows, {} caches, {} hidden rows", spans.len(), caches.len(), hidden.dim(0)?);
+            bail!(
+                "{} spans of {rows} rows, {} caches, {} hidden rows",
+                spans.len(),
+                caches.len(),
+                hidden.dim(0)?
+            );
         }
         if let Some(span) = spans.iter().find(|span| span.end() > self.config.context_length) {
             bail!("position {} is beyond the context window of {}", span.end(), self.config.context_length);

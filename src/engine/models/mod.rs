@@ -42,7 +42,12 @@ pub trait LanguageModel: Send + Sync {
     /// A batch of one: the logits (a rank-1 tensor over the vocabulary) after `tokens`, run in
     /// `sequence` from `position`.
     #[cfg(test)]
-    fn forward_one(&self, sequence: &mut dyn Sequence, tokens: &[u32], position: usize) -> candle_core::Result<Tensor> {
+    fn forward_one(
+        &self,
+        sequence: &mut dyn Sequence,
+        tokens: &[u32],
+        position: usize,
+    ) -> candle_core::Result<Tensor> {
         self.forward_batch(&mut [BatchEntry { sequence, tokens, position }])?.squeeze(0)
     }
 }

@@ -182,7 +182,8 @@ fn agrees_with_llama_cpp(name: &str, bounds: Bounds) {
         let mut input = case.prompt_tokens.clone();
         let mut position = 0;
         for (step, (expected, top)) in case.generated_tokens.iter().zip(&case.top_logits).enumerate() {
-            let logits = sequence.forward(&input, position).unwrap().to_vec1::<f32>().unwrap();
+            let logits =
+                model.forward_one(sequence.as_mut(), &input, position).unwrap().to_vec1::<f32>().unwrap();
             let ours: Vec<f32> = top.iter().map(|&(token, _)| logits[token as usize]).collect();
             let step_differences: Vec<f32> = ours.iter().zip(top).map(|(o, (_, t))| o - t).collect();
             let chosen = argmax(&logits);

@@ -201,7 +201,8 @@ fn a_prompt_at_once_equals_the_prompt_token_by_token() {
     let mut file = tiny_llama(GgmlDType::Q8_0, GgmlDType::Q8_0);
     let model = DecoderModel(std::sync::Arc::new(our_decoder(&mut file)));
     let tokens = [9u32, 8, 7, 6, 5, 4, 3, 2, 1, 0];
-    let at_once = model.forward_one(model.new_sequence().as_mut(), &tokens, 0).unwrap().to_vec1::<f32>().unwrap();
+    let at_once =
+        model.forward_one(model.new_sequence().as_mut(), &tokens, 0).unwrap().to_vec1::<f32>().unwrap();
     let mut sequence = model.new_sequence();
     let mut last = Vec::new();
     for (position, token) in tokens.iter().enumerate() {
@@ -263,7 +264,11 @@ fn greedy(model: &DecoderModel, prompts: &[Vec<u32>], steps: usize, batched: boo
                 .zip(&tokens)
                 .zip(&positions)
                 .map(|((sequence, tokens), &position)| {
-                    model.forward_one(sequence.as_mut(), &tokens[position..], position).unwrap().to_vec1::<f32>().unwrap()
+                    model
+                        .forward_one(sequence.as_mut(), &tokens[position..], position)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
                 })
                 .collect()
         };

@@ -130,7 +130,8 @@ mod tests {
         let mut remaining = 1000;
         let mut steps = 0;
         while remaining > 0 {
-            let step = plan(&[Some(Work::Decode), Some(Work::Prefill { remaining }), Some(Work::Decode)], 256);
+            let step =
+                plan(&[Some(Work::Decode), Some(Work::Prefill { remaining }), Some(Work::Decode)], 256);
             assert_eq!((step[0], step[2]), (1, 1));
             remaining -= step[1];
             steps += 1;

@@ -98,7 +98,9 @@ fn submit(worker: &GenerationWorker, prompt: Vec<u32>, max_tokens: usize) -> mps
 }
 
 /// Read events until the generation ends: (text pieces, how it ended).
-async fn drain(mut events: mpsc::Receiver<GenerationEvent>) -> (usize, Result<(FinishReason, usize), String>) {
+async fn drain(
+    mut events: mpsc::Receiver<GenerationEvent>,
+) -> (usize, Result<(FinishReason, usize), String>) {
     let mut pieces = 0;
     while let Some(event) = events.recv().await {
         match event {
