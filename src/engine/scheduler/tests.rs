@@ -153,8 +153,7 @@ async fn a_cancelled_generation_leaves_mid_batch_and_the_others_go_on() {
     drop(dropped);
     let kept = drain(kept).await;
     assert_eq!(kept.1, Ok((FinishReason::Length, 80)));
-    let steps = steps.lock().unwrap();
-    let cancelled_steps = steps_with(&steps, 1).len();
+    let cancelled_steps = steps_with(&steps.lock().unwrap(), 1).len();
     assert!(cancelled_steps < 100, "the cancelled generation ran {cancelled_steps} steps");
     assert_eq!(worker.load().cancelled, 1);
     // The worker counts a generation out at the step after its last event went out.
