@@ -16,7 +16,10 @@
 #   scripts/build-cuda.sh        -> /var/tmp/llmesh-cuda/llmesh
 #
 # The binary needs, where it runs: libcuda.so.1 (the driver), libcudart.so.13, libcublas.so.13,
-# libcublasLt.so.13 and libcurand.so.10 (e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64).
+# libcublasLt.so.13 and libcurand.so.10 (e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64); without
+# libcuda.so.1 it does not start at all (no CPU fallback: candle links cudarc with
+# `dynamic-linking`). The copy printed has no debug info (about 80 MB); gzip makes it about 23 MB,
+# which fits the `device` tool's 64 MiB carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -85,8 +88,9 @@ started=$(date +%s)
 cargo build --release --locked --features cuda --bin llmesh >&2
 echo "built in $(($(date +%s) - started)) s" >&2
 
+# The copy drops the debug line tables (about 270 MB with them, 80 without: 33 MB of it is GPU code).
 bin="$cache/llmesh"
-cp "$CARGO_TARGET_DIR/release/llmesh" "$bin.new" && mv "$bin.new" "$bin"
+objcopy --strip-debug "$CARGO_TARGET_DIR/release/llmesh" "$bin.new" && mv "$bin.new" "$bin"
 if readelf -d "$bin" | grep -q 'NEEDED.*\[libcuda\.so\]'; then
   echo "the binary asks for libcuda.so rather than libcuda.so.1: the stub's soname was not used" >&2
   exit 1
