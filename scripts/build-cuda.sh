@@ -8,10 +8,11 @@
 # link step finish. At run time the driver's real `libcuda.so.1` is used. See ../shared/CUDA.md.
 #
 # Kernels are compiled for CUDA_COMPUTE_CAP (default 90: H100/H200), on CUDAFORGE_THREADS nvcc
-# threads (default: every core). The first build takes 15-30 minutes on 2 cores; the toolkit,
-# the stub and the finished binary are cached, and cargo's target folder is $CARGO_TARGET_DIR
-# (default /var/tmp/llmesh-target-cuda, several GB). Deleting that folder to save disk is fine:
-# a rerun then rebuilds from scratch.
+# threads (default: every core). The first build costs about 45 CPU-minutes (some 25 minutes on 2
+# idle cores; 95 measured on 2 busy ones). The toolkit, the stub and the finished binary are
+# cached; cargo's target folder is $CARGO_TARGET_DIR (default /var/tmp/llmesh-target-cuda, several
+# GB), and with it a second run takes seconds. Deleting that folder to save disk is fine: a rerun
+# then rebuilds from scratch.
 #
 #   scripts/build-cuda.sh        -> /var/tmp/llmesh-cuda/llmesh
 #
