@@ -8,15 +8,19 @@
 # link step finish. At run time the driver's real `libcuda.so.1` is used. See ../shared/CUDA.md.
 #
 # Kernels are compiled for CUDA_COMPUTE_CAP (default 90: H100/H200), on CUDAFORGE_THREADS nvcc
-# threads (default: every core). The first build takes 15-30 minutes on 2 cores; the toolkit,
-# the stub and the finished binary are cached, and cargo's target folder is $CARGO_TARGET_DIR
-# (default /var/tmp/llmesh-target-cuda, several GB). Deleting that folder to save disk is fine:
-# a rerun then rebuilds from scratch.
+# threads (default: every core). The first build costs about 45 CPU-minutes (some 25 minutes on 2
+# idle cores; 95 measured on 2 busy ones). The toolkit, the stub and the finished binary are
+# cached; cargo's target folder is $CARGO_TARGET_DIR (default /var/tmp/llmesh-target-cuda, several
+# GB), and with it a second run takes seconds. Deleting that folder to save disk is fine: a rerun
+# then rebuilds from scratch.
 #
 #   scripts/build-cuda.sh        -> /var/tmp/llmesh-cuda/llmesh
 #
 # The binary needs, where it runs: libcuda.so.1 (the driver), libcudart.so.13, libcublas.so.13,
-# libcublasLt.so.13 and libcurand.so.10 (e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64).
+# libcublasLt.so.13 and libcurand.so.10 (e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64); without
+# libcuda.so.1 it does not start at all (no CPU fallback: candle links cudarc with
+# `dynamic-linking`). The copy printed has no debug info (about 80 MB); gzip makes it about 23 MB,
+# which fits the `device` tool's 64 MiB carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -85,8 +89,9 @@ started=$(date +%s)
 cargo build --release --locked --features cuda --bin llmesh >&2
 echo "built in $(($(date +%s) - started)) s" >&2
 
+# The copy drops the debug line tables (about 270 MB with them, 80 without: 33 MB of it is GPU code).
 bin="$cache/llmesh"
-cp "$CARGO_TARGET_DIR/release/llmesh" "$bin.new" && mv "$bin.new" "$bin"
+objcopy --strip-debug "$CARGO_TARGET_DIR/release/llmesh" "$bin.new" && mv "$bin.new" "$bin"
 if readelf -d "$bin" | grep -q 'NEEDED.*\[libcuda\.so\]'; then
   echo "the binary asks for libcuda.so rather than libcuda.so.1: the stub's soname was not used" >&2
   exit 1
