@@ -6,10 +6,11 @@
 //! SIMD variants beside them; `Kernels::detect` picks the best variant this CPU runs, once, at
 //! run time (never from compile-time target features), and tests hold every variant to its
 //! scalar twin. A matmul quantizes its input once to 8-bit activation blocks, then splits the
-//! weight rows across candle's CPU thread pool (`candle_core::utils::barrier_pool`) in one go, so
-//! llmesh runs one pool, not two.
+//! weight rows across the engine's compute pool (`pool.rs`: persistent workers that park when
+//! idle, the calling thread taking part) in one dispatch.
 
 mod k_quants;
+pub mod pool;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -19,6 +20,7 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::GgmlDType;
 
+pub use pool::ComputePool;
 use scalar::DotRow;
 pub use scalar::{ActivationBlock, BLOCK};
 
@@ -276,6 +278,17 @@ impl QuantizedMatrix {
 /// `out` is `tokens × Σ rows`, each token's row holding the first matrix's outputs, then the
 /// second's, and so on. Every matrix must have the input's width and a dot kernel.
 pub fn matmul_fused(kernels: &Kernels, matrices: &[&QuantizedMatrix], input: &[f32], out: &mut [f32]) {
+    matmul_fused_on(pool::global(), kernels, matrices, input, out);
+}
+
+/// `matmul_fused` on a given pool.
+fn matmul_fused_on(
+    pool: &ComputePool,
+    kernels: &Kernels,
+    matrices: &[&QuantizedMatrix],
+    input: &[f32],
+    out: &mut [f32],
+) {
     let Some(first) = matrices.first() else { return };
     let columns = first.columns;
     assert!(matrices.iter().all(|matrix| matrix.columns == columns), "matrices of different widths");
@@ -305,7 +318,7 @@ pub fn matmul_fused(kernels: &Kernels, matrices: &[&QuantizedMatrix], input: &[f
         scalar::quantize_activations(input, &mut activations);
         let activations: &[ActivationBlock] = &activations;
         let out_address = out.as_mut_ptr() as usize;
-        candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
+        pool.run(chunks, |range| {
             for chunk in range {
                 let which = first_chunk.partition_point(|&start| start <= chunk) - 1;
                 let (matrix, dot) = (matrices[which], dots[which]);

@@ -231,3 +231,34 @@ fn fused_matmuls_equal_separate_ones() {
         column += matrix.rows();
     }
 }
+
+#[test]
+fn matmul_results_do_not_depend_on_the_thread_count() {
+    let (columns, tokens) = (96, 3);
+    let mut random = Random(13);
+    let kernels = Kernels::detect();
+    // Row counts that do not divide into chunks or threads evenly.
+    let matrices: Vec<QuantizedMatrix> =
+        [(37, WeightType::Q4_1), (250, WeightType::Q8_0), (5, WeightType::Q5_1)]
+            .into_iter()
+            .map(|(rows, weight_type)| {
+                let bytes: Vec<u8> =
+                    (0..rows).flat_map(|_| random_row(weight_type, columns, &mut random)).collect();
+                QuantizedMatrix::new(weight_type, rows, columns, bytes).unwrap()
+            })
+            .collect();
+    let matrices: Vec<&QuantizedMatrix> = matrices.iter().collect();
+    let input: Vec<f32> = (0..tokens * columns).map(|_| random.float()).collect();
+    let total: usize = matrices.iter().map(|matrix| matrix.rows()).sum();
+    let mut alone = vec![0.0; tokens * total];
+    matmul_fused_on(&ComputePool::new(1).unwrap(), &kernels, &matrices, &input, &mut alone);
+    assert!(alone.iter().any(|&value| value != 0.0));
+    for threads in 2..=5 {
+        let pool = ComputePool::new(threads).unwrap();
+        for _ in 0..20 {
+            let mut out = vec![f32::NAN; tokens * total];
+            matmul_fused_on(&pool, &kernels, &matrices, &input, &mut out);
+            assert_eq!(out, alone, "{threads} threads");
+        }
+    }
+}
