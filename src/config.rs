@@ -108,6 +108,10 @@ pub struct Limits {
     pub prompt_cache_tokens_per_model: usize,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
+    /// Threads the engine computes on, shared by every model: the model's own thread plus
+    /// `compute_threads - 1` workers. 0 picks one per physical core. The environment variable
+    /// `LLMESH_THREADS` overrides it.
+    pub compute_threads: usize,
 }
 
 impl Default for Config {
@@ -141,6 +145,7 @@ impl Default for Limits {
             max_queued_per_model: queue.max_queued,
             prompt_cache_tokens_per_model: queue.prompt_cache_tokens,
             max_body_bytes: 4 * 1024 * 1024,
+            compute_threads: 0,
         }
     }
 }

@@ -89,8 +89,7 @@ struct ServeArgs {
     external_addresses: Vec<String>,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
@@ -99,13 +98,19 @@ async fn main() -> std::process::ExitCode {
         )
         .init();
     let result = match Cli::parse().command {
-        Command::Serve(args) => serve(*args).await,
-        Command::Bench(args) => llmesh::bench::run(args).await,
-        Command::Nodes(args) => ask_node(move || llmesh::cli::nodes(&args)).await,
-        Command::Models(args) => ask_node(move || llmesh::cli::models(&args)).await,
-        Command::Status(args) => ask_node(move || llmesh::cli::status(&args)).await,
-        Command::Invite(args) => ask_node(move || llmesh::cli::invite(&args)).await,
-        Command::Join(args) => ask_node(move || llmesh::cli::join(&args)).await,
+        Command::Serve(args) => serve_config(*args).and_then(|config| {
+            size_compute_threads(config.limits.compute_threads);
+            block_on(serve(config))
+        }),
+        Command::Bench(args) => {
+            size_compute_threads(0);
+            block_on(llmesh::bench::run(args))
+        }
+        Command::Nodes(args) => block_on(ask_node(move || llmesh::cli::nodes(&args))),
+        Command::Models(args) => block_on(ask_node(move || llmesh::cli::models(&args))),
+        Command::Status(args) => block_on(ask_node(move || llmesh::cli::status(&args))),
+        Command::Invite(args) => block_on(ask_node(move || llmesh::cli::invite(&args))),
+        Command::Join(args) => block_on(ask_node(move || llmesh::cli::join(&args))),
         Command::ClusterKey => {
             println!("{}", llmesh::config::new_cluster_key());
             Ok(())
@@ -121,12 +126,25 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Size the engine's compute threads (0: the default) while the process has one thread: candle
+/// takes its share from environment variables, which only then are safe to set.
+fn size_compute_threads(configured: usize) {
+    let threads = llmesh::engine::kernels::pool::configure_threads(configured);
+    // SAFETY: no runtime and no other thread has started yet.
+    unsafe { llmesh::engine::kernels::candle_pools::configure(threads) };
+}
+
+fn block_on(command: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(command)
+}
+
 /// The node commands use a blocking HTTP client.
 async fn ask_node(command: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(command).await?
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// The configuration file with the flags over it.
+fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -167,6 +185,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.join = args.join;
     }
     config.external_addresses.extend(args.external_addresses);
+    Ok(config)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let node = Node::spawn(config).await.context("cannot start the node")?;
     shutdown_signal().await?;
     tracing::info!("shutting down");

@@ -224,6 +224,9 @@ async fn wait_for_listen_addresses(p2p: &p2p::P2pHandle, config: &Config) -> Vec
 async fn load_engine(config: &Config) -> Result<SharedEngine, EngineError> {
     let entries = config.models.clone();
     let limits = config.limits.queue();
+    // One pool per process: where several nodes share one (tests), the first one's count holds.
+    let threads = engine::kernels::pool::configure_threads(config.limits.compute_threads);
+    tracing::info!(threads, configured = config.limits.compute_threads, "compute threads");
     let engine = tokio::task::spawn_blocking(move || {
         let specs = entries
             .iter()

@@ -7,8 +7,10 @@
 //! run time (never from compile-time target features), and tests hold every variant to its
 //! scalar twin. A matmul quantizes its input once to 8-bit activation blocks, then splits the
 //! weight rows across the engine's compute pool (`pool.rs`: persistent workers that park when
-//! idle, the calling thread taking part) in one dispatch.
+//! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
+//! pools, which run the rest of a forward pass, so that they do not fight this one.
 
+pub mod candle_pools;
 mod k_quants;
 pub mod pool;
 pub mod scalar;

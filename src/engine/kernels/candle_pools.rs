@@ -1,0 +1,40 @@
+//! Candle's own CPU thread pools, set up so that they neither fight the engine's pool
+//! (`pool.rs`) nor cost time where they are not needed.
+//!
+//! Besides our kernels, candle 0.11 computes on two pools, both sized from the environment:
+//! - its barrier pool (`candle_core::utils::barrier_pool`; `CANDLE_NUM_THREADS`, else
+//!   `RAYON_NUM_THREADS`, else the physical cores): elementwise ops over 64K values or more (a
+//!   prompt's activations) and candle's quantized matmul, which runs the types without a kernel of
+//!   ours (the K-quants of gemma's files). Its idle workers spin 25,000 pauses (about 0.7 ms on
+//!   these CPUs) after each op before they park, holding a core our workers need, and every op
+//!   waits for all of its workers to finish, including one another program has descheduled: on a
+//!   busy two-core machine decode collapsed to a few tokens per second, at eight times the CPU
+//!   time. Shortening the spin was not enough: on two busy cores it still lost to one thread, for
+//!   gemma's K-quant matmuls too (prompt 73 against 112 tokens/s, decode 22 against 31), and on
+//!   two idle ones it gained nothing measurable. So it runs on one thread, the caller's: no
+//!   worker, no spin, no wait;
+//! - rayon's global pool (`RAYON_NUM_THREADS`, else the logical cores): softmax, the norms and
+//!   rotary embeddings of many rows at once, and gemm's f32 matmuls (a prompt's attention, BERT).
+//!   Its idle workers yield, then sleep, so it keeps the engine's thread count. With the variable
+//!   unset, candle counts the physical cores again, parsing /proc/cpuinfo, at every f32 matmul:
+//!   60-80 µs, twice per layer and token.
+//!
+//! (`Device::with_context` installs a third, private rayon pool; llmesh does not use it.)
+//! Variables the user set are left alone: `CANDLE_NUM_THREADS=N` brings the barrier pool back,
+//! which may pay on a large idle machine serving K-quant files.
+
+/// Set the environment variables candle's pools read, unless already set, for an engine that
+/// computes on `threads` threads.
+///
+/// # Safety
+/// Changes the environment: call while the process has a single thread, before candle or rayon
+/// run anything (first thing in `main`).
+pub unsafe fn configure(threads: usize) {
+    let threads = threads.max(1).to_string();
+    for (variable, value) in [("CANDLE_NUM_THREADS", "1"), ("RAYON_NUM_THREADS", threads.as_str())] {
+        if std::env::var_os(variable).is_none() {
+            // SAFETY: the caller guarantees that no other thread runs.
+            unsafe { std::env::set_var(variable, value) };
+        }
+    }
+}
