@@ -4,15 +4,15 @@
 //! Besides our kernels, candle 0.11 computes on two pools, both sized from the environment:
 //! - its barrier pool (`candle_core::utils::barrier_pool`; `CANDLE_NUM_THREADS`, else
 //!   `RAYON_NUM_THREADS`, else the physical cores): elementwise ops over 64K values or more (a
-//!   prompt's activations) and candle's quantized matmul, which runs the types without a kernel of
-//!   ours (the K-quants of gemma's files). Its idle workers spin 25,000 pauses (about 0.7 ms on
-//!   these CPUs) after each op before they park, holding a core our workers need, and every op
-//!   waits for all of its workers to finish, including one another program has descheduled: on a
-//!   busy two-core machine decode collapsed to a few tokens per second, at eight times the CPU
-//!   time. Shortening the spin was not enough: on two busy cores it still lost to one thread, for
-//!   gemma's K-quant matmuls too (prompt 73 against 112 tokens/s, decode 22 against 31), and on
-//!   two idle ones it gained nothing measurable. So it runs on one thread, the caller's: no
-//!   worker, no spin, no wait;
+//!   prompt's activations) and candle's quantized matmul, which runs the types without a kernel
+//!   of ours (Q2_K, Q3_K, Q5_K). Its idle workers spin 25,000 pauses (about 0.7 ms on these CPUs)
+//!   after each op before they park, holding a core our workers need, and every op waits for all
+//!   of its workers to finish, including one another program has descheduled: on a busy two-core
+//!   machine decode collapsed to a few tokens per second, at eight times the CPU time. Shortening
+//!   the spin was not enough: on two busy cores it still lost to one thread, also for K-quant
+//!   matmuls (gemma's, measured while they ran on candle: prompt 73 against 112 tokens/s, decode
+//!   22 against 31), and on two idle ones it gained nothing measurable. So it runs on one thread,
+//!   the caller's: no worker, no spin, no wait;
 //! - rayon's global pool (`RAYON_NUM_THREADS`, else the logical cores): softmax, the norms and
 //!   rotary embeddings of many rows at once, and gemm's f32 matmuls (a prompt's attention, BERT).
 //!   Its idle workers yield, then sleep, so it keeps the engine's thread count. With the variable
@@ -21,7 +21,7 @@
 //!
 //! (`Device::with_context` installs a third, private rayon pool; llmesh does not use it.)
 //! Variables the user set are left alone: `CANDLE_NUM_THREADS=N` brings the barrier pool back,
-//! which may pay on a large idle machine serving K-quant files.
+//! which may pay on a large idle machine serving Q2_K/Q3_K/Q5_K files.
 
 /// Set the environment variables candle's pools read, unless already set, for an engine that
 /// computes on `threads` threads.
