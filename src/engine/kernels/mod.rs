@@ -116,7 +116,11 @@ pub struct Kernels {
     q8_0: DotRow,
     q4_k: DotRow,
     q6_k: DotRow,
+    quantize: Quantize,
 }
+
+/// Quantize a row of activations (a multiple of 32 long) to 8-bit blocks.
+type Quantize = fn(input: &[f32], out: &mut [ActivationBlock]);
 
 impl Kernels {
     pub fn scalar() -> Self {
@@ -129,6 +133,7 @@ impl Kernels {
             q8_0: scalar::dot_q8_0,
             q4_k: k_quants::dot_q4_k,
             q6_k: k_quants::dot_q6_k,
+            quantize: scalar::quantize_activations,
         }
     }
 
@@ -147,6 +152,7 @@ impl Kernels {
                 q8_0: |r, a| unsafe { x86::avx2::dot_q8_0(r, a) },
                 q4_k: |r, a| unsafe { x86::avx2::dot_q4_k(r, a) },
                 q6_k: |r, a| unsafe { x86::avx2::dot_q6_k(r, a) },
+                quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
             }),
             #[cfg(target_arch = "x86_64")]
             Variant::Vnni if x86::vnni::available() => Some(Self {
@@ -159,6 +165,7 @@ impl Kernels {
                 q8_0: |r, a| unsafe { x86::vnni::dot_q8_0(r, a) },
                 q4_k: |r, a| unsafe { x86::vnni::dot_q4_k(r, a) },
                 q6_k: |r, a| unsafe { x86::vnni::dot_q6_k(r, a) },
+                quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
             }),
             _ => None,
         }
@@ -317,7 +324,7 @@ fn matmul_fused_on(
     ACTIVATIONS.with(|scratch| {
         let mut activations = scratch.borrow_mut();
         activations.resize(tokens * blocks, ActivationBlock::default());
-        scalar::quantize_activations(input, &mut activations);
+        quantize_on(pool, kernels, input, &mut activations);
         let activations: &[ActivationBlock] = &activations;
         let out_address = out.as_mut_ptr() as usize;
         pool.run(chunks, |range| {
@@ -338,6 +345,30 @@ fn matmul_fused_on(
                 }
             }
         });
+    });
+}
+
+/// Activation blocks quantized per work item: a prompt's rows are split across the pool, one
+/// token's (at most a few hundred blocks) is quantized on the caller alone.
+const QUANTIZE_BLOCKS_PER_ITEM: usize = 256;
+
+/// Quantize `input` into `out` (one block per 32 values) on `pool`.
+fn quantize_on(pool: &ComputePool, kernels: &Kernels, input: &[f32], out: &mut [ActivationBlock]) {
+    let blocks = out.len();
+    assert_eq!(input.len(), blocks * BLOCK, "input and blocks differ in length");
+    if blocks < 2 * QUANTIZE_BLOCKS_PER_ITEM {
+        return (kernels.quantize)(input, out);
+    }
+    let out_address = out.as_mut_ptr() as usize;
+    pool.run(blocks.div_ceil(QUANTIZE_BLOCKS_PER_ITEM), |items| {
+        let start = items.start * QUANTIZE_BLOCKS_PER_ITEM;
+        let end = (items.end * QUANTIZE_BLOCKS_PER_ITEM).min(blocks);
+        // SAFETY: `out` holds `blocks` blocks and outlives this call; the pool hands out disjoint
+        // item ranges, so no two threads touch the same block.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut((out_address as *mut ActivationBlock).add(start), end - start)
+        };
+        (kernels.quantize)(&input[start * BLOCK..end * BLOCK], out);
     });
 }
 

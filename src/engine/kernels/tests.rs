@@ -262,3 +262,39 @@ fn matmul_results_do_not_depend_on_the_thread_count() {
         }
     }
 }
+
+#[test]
+fn every_variant_quantizes_activations_as_the_scalar_code_does() {
+    let mut random = Random(11);
+    // Random values at several magnitudes, whole zero blocks, exact halves (round to even) and a
+    // block whose largest value is negative.
+    let mut input: Vec<f32> = (0..32 * 40).map(|i| random.float() * [1e-3, 1.0, 300.0][i / 32 % 3]).collect();
+    input[32..64].fill(0.0);
+    for (i, value) in input[64..96].iter_mut().enumerate() {
+        *value = i as f32 - 15.5;
+    }
+    input[96..128].copy_from_slice(&[127.0, 0.5, 1.5, -2.5, -127.0].repeat(7)[..32]);
+    input[128] = -1000.0;
+    let mut expected = vec![ActivationBlock::default(); input.len() / BLOCK];
+    scalar::quantize_activations(&input, &mut expected);
+    for kernels in [Variant::Avx2, Variant::Vnni].into_iter().filter_map(Kernels::variant) {
+        let mut blocks = vec![ActivationBlock::default(); expected.len()];
+        (kernels.quantize)(&input, &mut blocks);
+        assert_eq!(blocks, expected, "{:?}", kernels.variant);
+    }
+}
+
+#[test]
+fn a_prompt_is_quantized_across_threads_as_on_one() {
+    let mut random = Random(12);
+    let blocks = 5 * QUANTIZE_BLOCKS_PER_ITEM + 7;
+    let input: Vec<f32> = (0..blocks * BLOCK).map(|_| random.float() * 4.0).collect();
+    let mut expected = vec![ActivationBlock::default(); blocks];
+    scalar::quantize_activations(&input, &mut expected);
+    let kernels = Kernels::detect();
+    for threads in [1, 2, 3] {
+        let mut out = vec![ActivationBlock::default(); blocks];
+        quantize_on(&ComputePool::new(threads).unwrap(), &kernels, &input, &mut out);
+        assert_eq!(out, expected, "{threads} threads");
+    }
+}

@@ -256,3 +256,52 @@ pub mod vnni {
             && is_x86_feature_detected!("avx512vl")
     }
 }
+
+/// `scalar::quantize_activations` in AVX2, to the bit: the same f32 operations in the same order
+/// per value (scale, inverse, product, round half to even, clamp), eight values a lane.
+///
+/// # Safety
+/// The CPU must have AVX2 (`avx2::available`).
+#[target_feature(enable = "avx2")]
+pub unsafe fn quantize_activations(input: &[f32], out: &mut [ActivationBlock]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let (low, high) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    // The two packs below work within 128-bit halves: 32-bit lane k of their result holds the
+    // four values of group (0, 2, 4, 6, 1, 3, 5, 7)[k] (group j: values 4j..4j+4). This puts
+    // group j back in lane j.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (values, block) in input.chunks_exact(super::BLOCK).zip(out.iter_mut()) {
+        // SAFETY: `values` is 32 floats; loadu has no alignment requirement.
+        let lanes: [__m256; 4] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(values.as_ptr().add(8 * i)) });
+        let magnitudes = lanes.map(|lane| _mm256_andnot_ps(sign, lane));
+        let max = _mm256_max_ps(
+            _mm256_max_ps(magnitudes[0], magnitudes[1]),
+            _mm256_max_ps(magnitudes[2], magnitudes[3]),
+        );
+        let half = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
+        let quarter = _mm_max_ps(half, _mm_movehl_ps(half, half));
+        let max = _mm_cvtss_f32(_mm_max_ss(quarter, _mm_movehdup_ps(quarter)));
+        let scale = max / 127.0;
+        let inverse = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let integers = lanes.map(|lane| {
+            let scaled =
+                _mm256_round_ps(_mm256_mul_ps(lane, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(scaled, low), high))
+        });
+        let total = _mm256_add_epi32(
+            _mm256_add_epi32(integers[0], integers[1]),
+            _mm256_add_epi32(integers[2], integers[3]),
+        );
+        let total = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        let total = _mm_add_epi32(total, _mm_shuffle_epi32(total, 0b01_00_11_10));
+        let total = _mm_cvtsi128_si32(_mm_add_epi32(total, _mm_shuffle_epi32(total, 0b10_11_00_01)));
+        let words =
+            [_mm256_packs_epi32(integers[0], integers[1]), _mm256_packs_epi32(integers[2], integers[3])];
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words[0], words[1]), order);
+        // SAFETY: `values` of the block is 32 bytes.
+        unsafe { _mm256_storeu_si256(block.values.as_mut_ptr().cast(), bytes) };
+        block.scale = scale;
+        block.sum = scale * total as f32;
+    }
+}
