@@ -13,6 +13,7 @@ use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
 
+use super::kernels::candle_pools::in_own_rayon_pool;
 use super::{Embeddings, EngineError};
 
 /// Inputs run through the model in one forward pass.
@@ -72,7 +73,7 @@ impl EmbeddingWorker {
         let (jobs, queue) = std::sync::mpsc::sync_channel(max_queued);
         std::thread::Builder::new()
             .name(format!("embed-{model_id}"))
-            .spawn(move || run_worker(model, tokenizer, queue))
+            .spawn(move || in_own_rayon_pool(|| run_worker(model, tokenizer, queue)))
             .map_err(|e| load_error(&e))?;
         Ok((Self { model_id: model_id.to_string(), jobs }, info))
     }

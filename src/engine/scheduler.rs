@@ -119,9 +119,11 @@ impl GenerationWorker {
         let model_id = runtime.model_id.clone();
         let stats = Arc::new(WorkerStats::default());
         let worker_stats = stats.clone();
-        std::thread::Builder::new()
-            .name(format!("generate-{model_id}"))
-            .spawn(move || run_worker(runtime, queue, limits, &worker_stats))?;
+        std::thread::Builder::new().name(format!("generate-{model_id}")).spawn(move || {
+            crate::engine::kernels::candle_pools::in_own_rayon_pool(|| {
+                run_worker(runtime, queue, limits, &worker_stats)
+            })
+        })?;
         // With no queue (`max_queued` 0) a job is handed over only to an idle worker; one may be
         // prepared at a time, and the hand-over decides.
         Ok(Self { model_id, jobs, places: limits.max_queued.max(1), stats })
