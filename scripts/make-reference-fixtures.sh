@@ -11,7 +11,11 @@
 # of MODELS_DIR (default models/) that is present: about ten minutes on 2 busy cores once
 # llama.cpp is built, and the same fixtures byte for byte. Rerun it after changing the prompts or the llama.cpp version, and commit the fixtures.
 #
-#   scripts/make-reference-fixtures.sh [MODELS_DIR]
+# It also writes the tiny one-family models of tests/fixtures/tiny/ (scripts/make-tiny-models.sh,
+# random f32 weights) and llama.cpp's answers on them, tiny-FAMILY.json (16 tokens): these
+# fixtures need no download. TINY_ONLY=1 does only that (seconds).
+#
+#   [TINY_ONLY=1] scripts/make-reference-fixtures.sh [MODELS_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,5 +64,13 @@ run() { # MODEL_FILE CHAT_PROMPT
   rm "$work/f32.gguf"
   echo "wrote $out/$name.json and $out/$name.dequantized.json" >&2
 }
+scripts/make-tiny-models.sh tests/fixtures/tiny
+for family in qwen2 qwen3 phi3 llama3; do
+  "$program" --model "tests/fixtures/tiny/tiny-$family.gguf" --version "$version" --steps 16 --top 5 \
+    "${plain[@]}" "chat:$question" >"$out/tiny-$family.json"
+  echo "wrote $out/tiny-$family.json" >&2
+done
+[ "${TINY_ONLY:-0}" = 1 ] && exit 0
+
 run SmolLM2-135M-Instruct.Q4_1.gguf "chat:$question"
 run gemma-3-270m-q4_k_m.gguf $'<start_of_turn>user\n'"$question"$'<end_of_turn>\n<start_of_turn>model\n'

@@ -54,6 +54,11 @@ std::string json_string(const std::string & text) {
         for (size_t k = 1; valid && k < len; k++) {
             valid = (static_cast<unsigned char>(text[i + k]) >> 6) == 0x2;
         }
+        if (valid && len > 1) {  // no overlong forms, surrogates or code points past U+10FFFF
+            unsigned char next = static_cast<unsigned char>(text[i + 1]);
+            valid = c >= 0xC2 && c <= 0xF4 && !(c == 0xE0 && next < 0xA0) && !(c == 0xED && next >= 0xA0) &&
+                    !(c == 0xF0 && next < 0x90) && !(c == 0xF4 && next >= 0x90);
+        }
         if (!valid) {
             out += "\\ufffd";
             i++;

@@ -1,7 +1,7 @@
 //! What distinguishes one decoder family from another, read from GGUF metadata: sizes, the rotary
 //! embedding's layout and base, and the few structural differences (norms around the blocks,
-//! per-head norms, the feed-forward activation, sliding-window layers). A new family (qwen2,
-//! qwen3, phi3, …) is a new arm of `DecoderConfig::from_metadata` plus, where the structure truly
+//! per-head norms, attention biases, the feed-forward activation, sliding-window layers). A new
+//! family (phi3, gemma2, …) is a new arm of `DecoderConfig::from_metadata` plus, where the structure truly
 //! differs, one more field here.
 
 use std::collections::HashMap;
@@ -50,6 +50,8 @@ pub struct DecoderConfig {
     pub embedding_scale: Option<f32>,
     /// RMS norm on every query and key head before the rotary embedding (gemma3, qwen3).
     pub qk_norm: bool,
+    /// Biases added to the query, key and value projections (`attn_q.bias`, …: qwen2).
+    pub attention_bias: bool,
     /// RMS norms on the attention and feed-forward outputs too, before the residual add (gemma).
     pub post_norms: bool,
     pub activation: Activation,
@@ -92,20 +94,30 @@ impl DecoderConfig {
             context_length,
             embedding_scale: None,
             qk_norm: false,
+            attention_bias: false,
             post_norms: false,
             activation: Activation::Silu,
             sliding_window: None,
         };
+        if let Ok(rope_dims) = count("rope.dimension_count")
+            && rope_dims != config.head_dim
+        {
+            bail!("partial rotary embeddings ({rope_dims} of {} dims) are not supported", config.head_dim);
+        }
         match architecture {
-            "llama" => {
-                if let Ok(rope_dims) = count("rope.dimension_count")
-                    && rope_dims != config.head_dim
-                {
-                    bail!(
-                        "partial rotary embeddings ({rope_dims} of {} dims) are not supported",
-                        config.head_dim
-                    );
-                }
+            "llama" => {}
+            "qwen2" => {
+                config.rope_style = RopeStyle::Halves;
+                config.attention_bias = true;
+            }
+            "phi3" => {
+                // llama.cpp leaves phi3's `attention.sliding_window` off (its conversions get it
+                // wrong), and so does this decoder, to compute the same function.
+                config.rope_style = RopeStyle::Halves;
+            }
+            "qwen3" => {
+                config.rope_style = RopeStyle::Halves;
+                config.qk_norm = true;
             }
             "gemma3" => {
                 config.rope_style = RopeStyle::Halves;

@@ -1,5 +1,5 @@
-//! llmesh's own decoder-only transformer, one implementation for the llama family and gemma3
-//! (`DecoderConfig` holds what differs). The weights are read once and shared (`Arc<Decoder>`);
+//! llmesh's own decoder-only transformer, one implementation for llama, qwen2, qwen3, phi3 and
+//! gemma3 (`DecoderConfig` holds what differs). The weights are read once and shared (`Arc<Decoder>`);
 //! each sequence owns a `KvCache`. The forward is split so that a node can run a contiguous
 //! range of layers on hidden states it is handed: `embed`, `forward_layers`, `logits`.
 //!
@@ -49,10 +49,16 @@ struct RopeAngles {
 }
 
 impl Rope {
-    fn new(config: &DecoderConfig, base: f32) -> Self {
+    /// `factors` divide the frequencies one by one: Llama 3's rope scaling, which its files store
+    /// ready-made as `rope_freqs.weight` (one factor per pair of dimensions).
+    fn new(config: &DecoderConfig, base: f32, factors: Option<&[f32]>) -> Self {
         let half = config.head_dim / 2;
-        let frequencies =
-            (0..half).map(|i| 1.0 / base.powf(2.0 * i as f32 / config.head_dim as f32)).collect();
+        let frequencies = (0..half)
+            .map(|i| {
+                let factor = factors.map_or(1.0, |factors| factors[i]);
+                1.0 / base.powf(2.0 * i as f32 / config.head_dim as f32) / factor
+            })
+            .collect();
         Self { frequencies, style: config.rope_style }
     }
 
@@ -100,6 +106,8 @@ struct Layer {
     key: Linear,
     value: Linear,
     output: Linear,
+    /// Query, key and value biases, where the family has them.
+    biases: Option<[Tensor; 3]>,
     query_norm: Option<RmsNorm>,
     key_norm: Option<RmsNorm>,
     post_attention_norm: Option<RmsNorm>,
@@ -135,6 +143,19 @@ impl Decoder {
         if embedding.columns() != config.hidden {
             bail!("token embeddings of {} values in a model of width {}", embedding.columns(), config.hidden);
         }
+        if ["rope_factors_long.weight", "rope_factors_short.weight"].iter().any(|name| weights.contains(name))
+        {
+            bail!("LongRoPE scaling (rope_factors_long/short, as in 128k Phi-3 files) is not supported");
+        }
+        let rope_factors = match weights.contains("rope_freqs.weight") {
+            true => Some(weights.vector("rope_freqs.weight")?.to_vec1::<f32>()?),
+            false => None,
+        };
+        if let Some(factors) = &rope_factors
+            && factors.len() != config.head_dim / 2
+        {
+            bail!("rope_freqs.weight holds {} factors for heads of {} dims", factors.len(), config.head_dim);
+        }
         let eps = config.rms_eps;
         let norm = RmsNorm::load(&mut weights, "output_norm.weight", eps)?;
         let mut rope_bases: Vec<f32> = Vec::new();
@@ -152,25 +173,53 @@ impl Decoder {
                     rope_bases.len() - 1
                 }
             };
+            let biases = match config.attention_bias {
+                true => Some([
+                    weights.vector(&format!("blk.{index}.attn_q.bias"))?,
+                    weights.vector(&format!("blk.{index}.attn_k.bias"))?,
+                    weights.vector(&format!("blk.{index}.attn_v.bias"))?,
+                ]),
+                false => None,
+            };
+            // phi3 stores q|k|v as one matrix, and gate|up as one `ffn_up` without an `ffn_gate`.
+            let [query, key, value] = if weights.contains(&name("attn_qkv")) {
+                let (width, kv_width) = (config.heads * config.head_dim, config.kv_heads * config.head_dim);
+                three(weights.linear_parts(&name("attn_qkv"), &[width, kv_width, kv_width])?)?
+            } else {
+                [
+                    weights.linear(&name("attn_q"))?,
+                    weights.linear(&name("attn_k"))?,
+                    weights.linear(&name("attn_v"))?,
+                ]
+            };
+            let [gate, up] = if weights.contains(&name("ffn_gate")) {
+                [weights.linear(&name("ffn_gate"))?, weights.linear(&name("ffn_up"))?]
+            } else {
+                let fused = &name("ffn_up");
+                let rows = weights.rows(fused)?;
+                two(weights.linear_parts(fused, &[rows / 2, rows / 2])?)?
+            };
             layers.push(Layer {
                 attention_norm: RmsNorm::load(&mut weights, &name("attn_norm"), eps)?,
-                query: weights.linear(&name("attn_q"))?,
-                key: weights.linear(&name("attn_k"))?,
-                value: weights.linear(&name("attn_v"))?,
+                query,
+                key,
+                value,
                 output: weights.linear(&name("attn_output"))?,
+                biases,
                 query_norm: optional_norm(&mut weights, "attn_q_norm", config.qk_norm)?,
                 key_norm: optional_norm(&mut weights, "attn_k_norm", config.qk_norm)?,
                 post_attention_norm: optional_norm(&mut weights, "post_attention_norm", config.post_norms)?,
                 ffn_norm: RmsNorm::load(&mut weights, &name("ffn_norm"), eps)?,
-                gate: weights.linear(&name("ffn_gate"))?,
-                up: weights.linear(&name("ffn_up"))?,
+                gate,
+                up,
                 down: weights.linear(&name("ffn_down"))?,
                 post_ffn_norm: optional_norm(&mut weights, "post_ffw_norm", config.post_norms)?,
                 rope,
                 window: config.window_of(index),
             });
         }
-        let ropes = rope_bases.iter().map(|&base| Rope::new(&config, base)).collect();
+        let ropes =
+            rope_bases.iter().map(|&base| Rope::new(&config, base, rope_factors.as_deref())).collect();
         let decoder = Self { config, embedding, layers, norm, output, ropes, device: device.clone() };
         tracing::debug!(native = decoder.runs_natively(), "decoder loaded");
         Ok(decoder)
@@ -304,10 +353,15 @@ impl Decoder {
             }
             per_head.transpose(1, 2)?.contiguous()
         };
-        let [queries, keys, values]: [Tensor; 3] =
+        let [mut queries, mut keys, mut values]: [Tensor; 3] =
             Linear::forward_fused(&[&layer.query, &layer.key, &layer.value], x)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("three projections expected".into()))?;
+        if let Some([query_bias, key_bias, value_bias]) = &layer.biases {
+            queries = queries.broadcast_add(query_bias)?;
+            keys = keys.broadcast_add(key_bias)?;
+            values = values.broadcast_add(value_bias)?;
+        }
         let queries = rope.apply(&split(queries, heads, layer.query_norm.as_ref())?)?;
         let keys = rope.apply(&split(keys, kv_heads, layer.key_norm.as_ref())?)?.squeeze(0)?;
         let values = split(values, kv_heads, None)?.squeeze(0)?;
@@ -379,6 +433,14 @@ impl Decoder {
         }
         Ok(Some(Tensor::from_vec(mask, (tokens, len), &self.device)?))
     }
+}
+
+fn three(linears: Vec<Linear>) -> Result<[Linear; 3]> {
+    linears.try_into().map_err(|_| candle_core::Error::Msg("three projections expected".into()))
+}
+
+fn two(linears: Vec<Linear>) -> Result<[Linear; 2]> {
+    linears.try_into().map_err(|_| candle_core::Error::Msg("two projections expected".into()))
 }
 
 /// The decoder as the engine holds it.

@@ -84,6 +84,13 @@ const DEQUANTIZED_SMOLLM2: Bounds = Bounds { logit: 1e-3, tie: 1e-3, median: 1e-
 /// scale or mask moves logits by far more.
 const DEQUANTIZED_GEMMA3: Bounds = Bounds { logit: 0.05, tie: 0.05, median: 0.005 };
 
+/// The tiny random-weight models of one family each (`scripts/make-tiny-models.py`), stored in
+/// f32: both engines compute the same f32 function, so they agree as closely as on dequantized
+/// weights. The weights are drawn wide (unit embeddings, output rows of 0.5) so that logits spread
+/// over several units (top logits 8 to 15, the runner-up often a unit behind) and the greedy
+/// choice is no coin toss. MEASURED
+const TINY_F32: Bounds = Bounds { logit: 1e-3, tie: 1e-3, median: 1e-4 };
+
 /// Models every checkout must have; the others are optional downloads.
 const REQUIRED_MODELS: [&str; 1] = ["SmolLM2-135M-Instruct.Q4_1.gguf"];
 
@@ -93,8 +100,14 @@ fn read_fixture(name: &str) -> Fixture {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The fixture's model file, or `None` (with a message) for an optional one that is missing.
+/// The fixture's model file, or `None` (with a message) for an optional one that is missing. The
+/// tiny models of `tests/fixtures/tiny/` are committed, so always there.
 fn model_file(fixture: &Fixture) -> Option<PathBuf> {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(&fixture.model);
+    if fixture.model.starts_with("tiny-") {
+        assert!(tiny.is_file(), "{} is missing: run scripts/make-tiny-models.sh", tiny.display());
+        return Some(tiny);
+    }
     let dir = std::env::var_os("LLMESH_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
@@ -239,4 +252,24 @@ fn gemma3_agrees_with_llama_cpp() {
 #[test]
 fn gemma3_dequantized_agrees_with_llama_cpp() {
     agrees_with_llama_cpp("gemma-3-270m-q4_k_m.dequantized.json", DEQUANTIZED_GEMMA3);
+}
+
+#[test]
+fn tiny_qwen2_agrees_with_llama_cpp() {
+    agrees_with_llama_cpp("tiny-qwen2.json", TINY_F32);
+}
+
+#[test]
+fn tiny_qwen3_agrees_with_llama_cpp() {
+    agrees_with_llama_cpp("tiny-qwen3.json", TINY_F32);
+}
+
+#[test]
+fn tiny_phi3_agrees_with_llama_cpp() {
+    agrees_with_llama_cpp("tiny-phi3.json", TINY_F32);
+}
+
+#[test]
+fn tiny_llama3_agrees_with_llama_cpp() {
+    agrees_with_llama_cpp("tiny-llama3.json", TINY_F32);
 }

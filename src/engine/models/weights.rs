@@ -28,6 +28,14 @@ impl<'a, R: Read + Seek> WeightReader<'a, R> {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// The rows of a matrix (its second GGUF dimension).
+    pub fn rows(&self, name: &str) -> Result<usize> {
+        match self.info(name)?.shape.dims() {
+            &[rows, _] => Ok(rows),
+            dims => bail!("{name}: a matrix expected, found dimensions {dims:?}"),
+        }
+    }
+
     fn info(&self, name: &str) -> Result<&'a gguf_file::TensorInfo> {
         match self.content.tensor_infos.get(name) {
             Some(info) => Ok(info),
@@ -74,6 +82,42 @@ impl<'a, R: Read + Seek> WeightReader<'a, R> {
         }
         let tensor = self.content.tensor(&mut *self.reader, name, &self.device)?;
         Ok(Linear::Candle(QMatMul::from_qtensor(tensor)?))
+    }
+
+    /// A matrix that the file stores fused (phi3's `attn_qkv`, its gate|up `ffn_up`), as the
+    /// linear layers of its consecutive row blocks of `parts` rows each. On our kernels the blocks
+    /// are the file's own rows, untouched; elsewhere they are expanded to f32 once.
+    pub fn linear_parts(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>> {
+        let info = self.info(name)?;
+        let &[rows, columns] = info.shape.dims() else { bail!("{name}: a matrix expected") };
+        if parts.iter().sum::<usize>() != rows {
+            bail!("{name}: {rows} rows cannot split into {parts:?}");
+        }
+        let weight_type = WeightType::from_ggml(info.ggml_dtype)
+            .filter(|weight_type| self.device.is_cpu() && weight_type.has_dot_kernel());
+        if let Some((weight_type, row_bytes)) =
+            weight_type.and_then(|weight_type| Some((weight_type, weight_type.row_bytes(columns)?)))
+        {
+            let bytes = self.raw(name)?;
+            let mut start = 0;
+            let mut linears = Vec::with_capacity(parts.len());
+            for &part in parts {
+                let block = bytes[start * row_bytes..(start + part) * row_bytes].to_vec();
+                let matrix = QuantizedMatrix::new(weight_type, part, columns, block)
+                    .map_err(|error| candle_core::Error::Msg(format!("{name}: {error}")))?;
+                linears.push(Linear::Native { matrix: Arc::new(matrix), kernels: self.kernels });
+                start += part;
+            }
+            return Ok(linears);
+        }
+        let whole = self.content.tensor(&mut *self.reader, name, &self.device)?.dequantize(&self.device)?;
+        let mut start = 0;
+        let mut linears = Vec::with_capacity(parts.len());
+        for &part in parts {
+            linears.push(Linear::Candle(QMatMul::Tensor(whole.narrow(0, start, part)?.contiguous()?)));
+            start += part;
+        }
+        Ok(linears)
     }
 
     /// A vector (norm weights) as f32 on the device.
