@@ -1,8 +1,9 @@
 //! What distinguishes one decoder family from another, read from GGUF metadata: sizes, the rotary
 //! embedding's layout and base, and the few structural differences (norms around the blocks,
 //! per-head norms, attention biases, the feed-forward activation, sliding-window layers). A new
-//! family (phi3, gemma2, …) is a new arm of `DecoderConfig::from_metadata` plus, where the structure truly
-//! differs, one more field here.
+//! family (gemma2, …) is a new arm of `DecoderConfig::from_metadata` plus, where the structure
+//! truly differs, one more field here. What the tensors themselves say (phi3's fused matrices,
+//! Llama 3's `rope_freqs`) the decoder reads at load.
 
 use std::collections::HashMap;
 
