@@ -25,7 +25,7 @@ use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
-use tokenizers::pre_tokenizers::split::Split;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
 };
@@ -129,12 +129,22 @@ pub fn tokenizer_from_metadata(metadata: &HashMap<String, Value>) -> Result<Gguf
             || eos_token_ids.contains(&(id as u32))
             || bos_token_id == Some(id as u32)
     };
-    let special: Vec<AddedToken> =
-        (0..tokens.len()).filter(|&id| is_special(id)).map(|id| AddedToken::from(tokens[id], true)).collect();
+    // Phi-3's chat tokens swallow the whitespace after them, as llama.cpp decides by the model's
+    // name (`<|user|>\nHi` is `<|user|>`, `▁Hi`).
+    let strips_right = phi3_strips_after_special_tokens(&meta)?;
+    let rstrip = |id: usize| {
+        strips_right
+            && (matches!(types[id], TYPE_CONTROL | TYPE_USER_DEFINED | TYPE_UNKNOWN) || tokens[id] == "</s>")
+            && !matches!(tokens[id], "<unk>" | "<s>" | "<|endoftext|>")
+    };
+    let special: Vec<AddedToken> = (0..tokens.len())
+        .filter(|&id| is_special(id))
+        .map(|id| AddedToken::from(tokens[id], true).rstrip(rstrip(id)))
+        .collect();
     // User-defined tokens are stored as raw text (llama.cpp "pre-normalises" them).
     let user_defined: Vec<AddedToken> = (0..tokens.len())
         .filter(|&id| types[id] == TYPE_USER_DEFINED && !is_special(id))
-        .map(|id| AddedToken::from(tokens[id], false).normalized(false))
+        .map(|id| AddedToken::from(tokens[id], false).normalized(false).rstrip(rstrip(id)))
         .collect();
     tokenizer.add_special_tokens(special).map_err(tokenizer_error)?;
     tokenizer.add_tokens(user_defined).map_err(tokenizer_error)?;
@@ -149,6 +159,13 @@ pub fn tokenizer_from_metadata(metadata: &HashMap<String, Value>) -> Result<Gguf
     })
 }
 
+/// Whether `general.name` names a Phi-3 model: llama.cpp then strips whitespace after its
+/// special tokens (`llama_vocab::impl::load`, the token attribute `RSTRIP`).
+fn phi3_strips_after_special_tokens(meta: &Metadata<'_>) -> Result<bool, EngineError> {
+    let name = meta.optional_string("general.name")?.unwrap_or_default().to_lowercase();
+    Ok(name.contains("phi-3") || name.contains("phi3"))
+}
+
 fn byte_level_bpe(meta: &Metadata<'_>, vocab: Vocab) -> Result<Tokenizer, EngineError> {
     const MERGES_KEY: &str = "tokenizer.ggml.merges";
     let merges = meta
@@ -161,8 +178,9 @@ fn byte_level_bpe(meta: &Metadata<'_>, vocab: Vocab) -> Result<Tokenizer, Engine
         .collect::<Result<Vec<_>, _>>()?;
     let pre = meta.optional_string("tokenizer.ggml.pre")?;
     let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
-    let split = |regex| -> Result<PreTokenizerWrapper, EngineError> {
-        let split = Split::new(regex, SplitDelimiterBehavior::Isolated, false);
+    // A `&str` pattern would be matched literally; these are regexes.
+    let split = |regex: &str| -> Result<PreTokenizerWrapper, EngineError> {
+        let split = Split::new(SplitPattern::Regex(regex.to_owned()), SplitDelimiterBehavior::Isolated, false);
         Ok(split.map_err(tokenizer_error)?.into())
     };
     // Which regex each `tokenizer.ggml.pre` uses, as in llama.cpp's `llm_tokenizer_bpe`.

@@ -259,25 +259,21 @@ fn gemma3_dequantized_agrees_with_llama_cpp() {
 }
 
 #[test]
-#[ignore = "fails: llmesh's qwen2 pre-tokenizer keeps ' 1' as one word; llama.cpp splits digits off the space"]
 fn tiny_qwen2_agrees_with_llama_cpp() {
     agrees_with_llama_cpp("tiny-qwen2.json", TINY_F32);
 }
 
 #[test]
-#[ignore = "fails: as qwen2: ' 1' pre-tokenized differently"]
 fn tiny_qwen3_agrees_with_llama_cpp() {
     agrees_with_llama_cpp("tiny-qwen3.json", TINY_F32);
 }
 
 #[test]
-#[ignore = "fails: SentencePiece: a space prefix after special tokens differs from llama.cpp"]
 fn tiny_phi3_agrees_with_llama_cpp() {
     agrees_with_llama_cpp("tiny-phi3.json", TINY_F32);
 }
 
 #[test]
-#[ignore = "fails: llama-bpe pre-tokenizer keeps ' 1' as one word; llama.cpp splits digits off the space"]
 fn tiny_llama3_agrees_with_llama_cpp() {
     agrees_with_llama_cpp("tiny-llama3.json", TINY_F32);
 }
