@@ -160,9 +160,39 @@ def llama3_rope_factors(base, factor=8.0, low=1.0, high=4.0, original=8192):
     return np.array(factors, dtype=np.float32)
 
 
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content']"
+    " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+# Gemma 2: every other layer attends to a window this wide. Shorter than the fixtures' prompts,
+# so the window is exercised; the soft caps low enough that the tanh bends random logits.
+GEMMA2_WINDOW = 8
+GEMMA2_ATTENTION_CAP = 8.0
+GEMMA2_FINAL_CAP = 10.0
+
+
 def write(path, architecture, pre, rng, bias=False, qk_norm=False, fused=False, rope_base=1_000_000.0):
     writer = gguf.GGUFWriter(str(path), architecture)
-    if pre is None:  # SentencePiece, as phi3 and llama 2 files hold it
+    gemma = architecture == "gemma2"
+    if gemma:  # SentencePiece without a space prefix, its turn tokens special
+        specials = ["<start_of_turn>", "<end_of_turn>"]
+        tokens, types, scores = sentencepiece(specials)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_scores(scores)
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_eot_token_id(tokens.index("<end_of_turn>"))
+        writer.add_add_bos_token(True)
+        writer.add_add_space_prefix(False)
+        writer.add_chat_template(GEMMA_TEMPLATE)
+        writer.add_sliding_window(GEMMA2_WINDOW)
+        writer.add_attn_logit_softcapping(GEMMA2_ATTENTION_CAP)
+        writer.add_final_logit_softcapping(GEMMA2_FINAL_CAP)
+    elif pre is None:  # SentencePiece, as phi3 and llama 2 files hold it
         specials = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>"]
         tokens, types, scores = sentencepiece(specials)
         writer.add_tokenizer_model("llama")
@@ -225,7 +255,8 @@ def write(path, architecture, pre, rng, bias=False, qk_norm=False, fused=False, 
         # Llama 3.1 scales from an original window of 8192; the tiny model's 256 puts the scaled
         # frequencies where the fixtures' few dozen positions turn them.
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(rope_base, original=CONTEXT))
-    tensor("output.weight", vocab, HIDDEN, scale=0.5)
+    if not gemma:  # gemma's output layer is its token table
+        tensor("output.weight", vocab, HIDDEN, scale=0.5)
     for layer in range(LAYERS):
         blk = f"blk.{layer}"
         norm(f"{blk}.attn_norm.weight", HIDDEN)
@@ -243,6 +274,9 @@ def write(path, architecture, pre, rng, bias=False, qk_norm=False, fused=False, 
             norm(f"{blk}.attn_q_norm.weight", HEAD_DIM)
             norm(f"{blk}.attn_k_norm.weight", HEAD_DIM)
         tensor(f"{blk}.attn_output.weight", HIDDEN, HEADS * HEAD_DIM, scale=0.15)
+        if gemma:
+            norm(f"{blk}.post_attention_norm.weight", HIDDEN)
+            norm(f"{blk}.post_ffw_norm.weight", HIDDEN)
         norm(f"{blk}.ffn_norm.weight", HIDDEN)
         if fused:  # gate|up rows in one `ffn_up`, no `ffn_gate`
             tensor(f"{blk}.ffn_up.weight", 2 * FFN, HIDDEN, scale=0.15)
@@ -263,6 +297,7 @@ def main():
     write(out / "tiny-qwen2.gguf", "qwen2", "qwen2", np.random.default_rng(2), bias=True)
     write(out / "tiny-qwen3.gguf", "qwen3", "qwen2", np.random.default_rng(3), qk_norm=True)
     write(out / "tiny-llama3.gguf", "llama", "llama-bpe", np.random.default_rng(5), rope_base=500_000.0)
+    write(out / "tiny-gemma2.gguf", "gemma2", None, np.random.default_rng(6), rope_base=10_000.0)
     write(out / "tiny-phi3.gguf", "phi3", None, np.random.default_rng(4), fused=True, rope_base=10_000.0)
     print(f"wrote the tiny models in {out}", file=sys.stderr)
 

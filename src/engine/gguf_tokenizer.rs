@@ -180,7 +180,8 @@ fn byte_level_bpe(meta: &Metadata<'_>, vocab: Vocab) -> Result<Tokenizer, Engine
     let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
     // A `&str` pattern would be matched literally; these are regexes.
     let split = |regex: &str| -> Result<PreTokenizerWrapper, EngineError> {
-        let split = Split::new(SplitPattern::Regex(regex.to_owned()), SplitDelimiterBehavior::Isolated, false);
+        let split =
+            Split::new(SplitPattern::Regex(regex.to_owned()), SplitDelimiterBehavior::Isolated, false);
         Ok(split.map_err(tokenizer_error)?.into())
     };
     // Which regex each `tokenizer.ggml.pre` uses, as in llama.cpp's `llm_tokenizer_bpe`.

@@ -1,7 +1,7 @@
 //! What distinguishes one decoder family from another, read from GGUF metadata: sizes, the rotary
 //! embedding's layout and base, and the few structural differences (norms around the blocks,
 //! per-head norms, attention biases, the feed-forward activation, sliding-window layers). A new
-//! family (gemma2, …) is a new arm of `DecoderConfig::from_metadata` plus, where the structure
+//! family is a new arm of `DecoderConfig::from_metadata` plus, where the structure
 //! truly differs, one more field here. What the tensors themselves say (phi3's fused matrices,
 //! Llama 3's `rope_freqs`) the decoder reads at load.
 
@@ -26,12 +26,13 @@ pub enum Activation {
     Gelu,
 }
 
-/// Gemma 3's local layers: they attend to the last `size` positions only and use their own
-/// rotary base; every `global_every`-th layer is global.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Gemma's local layers: they attend to the last `size` positions only and use their own rotary
+/// base; the others are global.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SlidingWindow {
     pub size: usize,
-    pub global_every: usize,
+    /// Per layer: whether it is local.
+    pub local: Vec<bool>,
     pub rope_base: f32,
 }
 
@@ -57,6 +58,12 @@ pub struct DecoderConfig {
     pub post_norms: bool,
     pub activation: Activation,
     pub sliding_window: Option<SlidingWindow>,
+    /// Queries are multiplied by this before the dot products: 1/√head_dim, except gemma 27B.
+    pub query_scale: f32,
+    /// Attention scores become `cap · tanh(score / cap)` (gemma2).
+    pub attention_softcap: Option<f32>,
+    /// Logits become `cap · tanh(logit / cap)` (gemma2, optionally gemma3).
+    pub final_softcap: Option<f32>,
 }
 
 /// The window used when a file declares none; candle-transformers' quantized llama had the same.
@@ -83,12 +90,14 @@ impl DecoderConfig {
             bail!("{heads} query heads cannot share {kv_heads} key/value heads");
         }
         let context_length = count("context_length").unwrap_or(DEFAULT_CONTEXT);
+        let layers = count("block_count")?;
+        let head_dim = count("attention.key_length").unwrap_or(hidden / heads);
         let mut config = Self {
-            layers: count("block_count")?,
+            layers,
             hidden,
             heads,
             kv_heads,
-            head_dim: count("attention.key_length").unwrap_or(hidden / heads),
+            head_dim,
             rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
             rope_style: RopeStyle::Interleaved,
             rope_base: float("rope.freq_base", 10_000.0),
@@ -99,6 +108,9 @@ impl DecoderConfig {
             post_norms: false,
             activation: Activation::Silu,
             sliding_window: None,
+            query_scale: 1.0 / (head_dim as f32).sqrt(),
+            attention_softcap: None,
+            final_softcap: None,
         };
         if let Ok(rope_dims) = count("rope.dimension_count")
             && rope_dims != config.head_dim
@@ -120,18 +132,35 @@ impl DecoderConfig {
                 config.rope_style = RopeStyle::Halves;
                 config.qk_norm = true;
             }
-            "gemma3" => {
+            "gemma2" | "gemma3" => {
+                // As llama.cpp's `llama_model_gemma2` / `llama_model_gemma3`.
+                let gemma3 = architecture == "gemma3";
                 config.rope_style = RopeStyle::Halves;
-                config.rope_base = float("rope.freq_base", 1_000_000.0);
                 config.embedding_scale = Some((hidden as f32).sqrt());
-                config.qk_norm = true;
                 config.post_norms = true;
                 config.activation = Activation::Gelu;
-                config.sliding_window = Some(SlidingWindow {
-                    size: count("attention.sliding_window")?,
-                    global_every: count("attention.sliding_window_type").unwrap_or(6).max(1),
-                    rope_base: float("rope.local_freq_base", 10_000.0),
-                });
+                config.qk_norm = gemma3;
+                // The 27B models scale queries by the width per head, not the head size.
+                if layers == if gemma3 { 62 } else { 46 } {
+                    config.query_scale = 1.0 / (hidden as f32 / heads as f32).sqrt();
+                }
+                let (window, pattern) = if gemma3 {
+                    config.rope_base = float("rope.freq_base", 1_000_000.0);
+                    config.final_softcap = get("final_logit_softcapping").and_then(|v| v.to_f32().ok());
+                    (count("attention.sliding_window").unwrap_or(0), 6)
+                } else {
+                    config.attention_softcap = Some(float("attn_logit_softcapping", 50.0));
+                    config.final_softcap = Some(float("final_logit_softcapping", 30.0));
+                    (count("attention.sliding_window").unwrap_or(4096), 2)
+                };
+                let rope_base = if gemma3 { 10_000.0 } else { config.rope_base };
+                if window > 0 {
+                    config.sliding_window = Some(SlidingWindow {
+                        size: window,
+                        local: local_layers(get("attention.sliding_window_pattern"), pattern, layers)?,
+                        rope_base: float("rope.freq_base_swa", rope_base),
+                    });
+                }
             }
             other => bail!("the decoder has no configuration for architecture '{other}'"),
         }
@@ -143,15 +172,30 @@ impl DecoderConfig {
 
     /// The window of layer `layer`: `Some(size)` for a sliding-window layer.
     pub fn window_of(&self, layer: usize) -> Option<usize> {
-        self.sliding_window
-            .filter(|window| !(layer + 1).is_multiple_of(window.global_every))
-            .map(|window| window.size)
+        let window = self.sliding_window.as_ref()?;
+        window.local.get(layer).copied().unwrap_or(false).then_some(window.size)
     }
 
     pub fn rope_base_of(&self, layer: usize) -> f32 {
-        match (self.window_of(layer), self.sliding_window) {
-            (Some(_), Some(window)) => window.rope_base,
+        match &self.sliding_window {
+            Some(window) if self.window_of(layer).is_some() => window.rope_base,
             _ => self.rope_base,
         }
+    }
+}
+
+/// Which layers are local: `attention.sliding_window_pattern` as one flag per layer, or as `n`
+/// (of every `n` layers, all but the last are local; 0: all are), else the family's `n`.
+fn local_layers(pattern: Option<&Value>, default: usize, layers: usize) -> Result<Vec<bool>> {
+    let every = |n: usize| (0..layers).map(|layer| n == 0 || layer % n < n - 1).collect();
+    match pattern {
+        None => Ok(every(default)),
+        Some(Value::Array(flags)) => {
+            if flags.len() != layers {
+                bail!("attention.sliding_window_pattern has {} flags for {layers} layers", flags.len());
+            }
+            flags.iter().map(|flag| flag.to_bool()).collect()
+        }
+        Some(value) => Ok(every(value.to_u32()? as usize)),
     }
 }

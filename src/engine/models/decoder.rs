@@ -1,4 +1,4 @@
-//! llmesh's own decoder-only transformer, one implementation for llama, qwen2, qwen3, phi3 and
+//! llmesh's own decoder-only transformer, one implementation for llama, qwen2, qwen3, phi3, gemma2 and
 //! gemma3 (`DecoderConfig` holds what differs). The weights are read once and shared (`Arc<Decoder>`);
 //! each sequence owns a `KvCache`. The forward is split so that a node can run a contiguous
 //! range of layers on hidden states it is handed: `embed`, `forward_layers`, `logits`.
@@ -292,7 +292,11 @@ impl Decoder {
             last_rows.push(hidden.narrow(0, end - 1, 1)?);
         }
         let last = Tensor::cat(&last_rows, 0)?;
-        self.output.forward(&self.norm.forward(&last)?)?.to_dtype(DType::F32)
+        let logits = self.output.forward(&self.norm.forward(&last)?)?.to_dtype(DType::F32)?;
+        match self.config.final_softcap {
+            Some(cap) => softcap(&logits, cap),
+            None => Ok(logits),
+        }
     }
 
     /// One step for several sequences: embed, every layer, the logits of each span's last row.
@@ -403,8 +407,10 @@ impl Decoder {
         // rows of one matmul per key/value head instead of repeating the cache.
         let group = heads / kv_heads;
         let queries = queries.reshape((kv_heads, group * tokens, head_dim))?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let mut scores = (queries.matmul(&keys.t()?)? * scale)?;
+        let mut scores = (queries.matmul(&keys.t()?)? * f64::from(config.query_scale))?;
+        if let Some(cap) = config.attention_softcap {
+            scores = softcap(&scores, cap)?;
+        }
         if let Some(mask) = self.mask(tokens, position, layer.window)? {
             scores = scores.reshape((kv_heads, group, tokens, len))?.broadcast_add(&mask)?.reshape((
                 kv_heads,
@@ -433,6 +439,11 @@ impl Decoder {
         }
         Ok(Some(Tensor::from_vec(mask, (tokens, len), &self.device)?))
     }
+}
+
+/// `cap · tanh(x / cap)`: gemma2 bounds its attention scores and logits so.
+fn softcap(x: &Tensor, cap: f32) -> Result<Tensor> {
+    (x / f64::from(cap))?.tanh()? * f64::from(cap)
 }
 
 fn three(linears: Vec<Linear>) -> Result<[Linear; 3]> {

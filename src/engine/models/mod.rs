@@ -2,7 +2,7 @@
 //!
 //! One decoder (`decoder.rs`) serves every supported architecture; `config.rs` says how the
 //! families differ. The weights are shared (`LanguageModel`); each generation gets its own
-//! `Sequence` holding its KV cache (`kv_cache.rs`). To add a family (gemma2, ...), add its
+//! `Sequence` holding its KV cache (`kv_cache.rs`). To add a family, add its
 //! arm in `DecoderConfig::from_metadata` and its name to `ARCHITECTURES`.
 
 mod config;
@@ -110,7 +110,7 @@ pub fn load_language_model(path: &Path, device: &Device) -> Result<LoadedLanguag
 }
 
 /// The architectures (`general.architecture`) the decoder serves.
-const ARCHITECTURES: [&str; 5] = ["llama", "qwen2", "qwen3", "phi3", "gemma3"];
+const ARCHITECTURES: [&str; 6] = ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
 
 /// The name llama.cpp gives the file's quantisation (`general.file_type`), else the type of the
 /// first weight matrix.

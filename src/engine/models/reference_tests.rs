@@ -277,3 +277,8 @@ fn tiny_phi3_agrees_with_llama_cpp() {
 fn tiny_llama3_agrees_with_llama_cpp() {
     agrees_with_llama_cpp("tiny-llama3.json", TINY_F32);
 }
+
+#[test]
+fn tiny_gemma2_agrees_with_llama_cpp() {
+    agrees_with_llama_cpp("tiny-gemma2.json", TINY_F32);
+}
