@@ -92,6 +92,7 @@ impl ApiError {
                 EngineError::UnknownModel(_) => StatusCode::NOT_FOUND,
                 EngineError::WrongKind { .. }
                 | EngineError::InvalidRequest(_)
+                | EngineError::InvalidParam { .. }
                 | EngineError::ContextLength { .. } => StatusCode::BAD_REQUEST,
                 EngineError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
                 EngineError::ShuttingDown(_) | EngineError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -131,6 +132,7 @@ impl ApiError {
                     (INVALID_REQUEST, Some("model".into()), Some("model_not_supported"))
                 }
                 EngineError::InvalidRequest(_) => (INVALID_REQUEST, None, None),
+                EngineError::InvalidParam { param, .. } => (INVALID_REQUEST, Some(param.clone()), None),
                 EngineError::ContextLength { .. } => (INVALID_REQUEST, None, Some("context_length_exceeded")),
                 EngineError::QueueFull(_) => (SERVER_ERROR, Some("model".into()), Some("model_busy")),
                 EngineError::ShuttingDown(_) => (SERVER_ERROR, None, Some("shutting_down")),

@@ -21,6 +21,7 @@ mod metrics;
 mod models;
 mod origin;
 mod params;
+mod response_format;
 mod serve;
 mod types;
 

@@ -1,4 +1,5 @@
-//! The request fields that chat and legacy completions share (sampling, `stop`, `n`, streaming),
+//! The request fields that chat and legacy completions share (sampling, `stop`, `n`, streaming,
+//! `response_format`),
 //! read from JSON into the engine's `SamplingParams`. Their ranges are checked by
 //! `GenerateRequest::validate`, the one check that a host also applies to its peers' requests;
 //! this module only refuses what the engine types cannot hold (a string for a number, a negative
@@ -11,6 +12,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::extract::{JsonObject, json_kind};
+use super::response_format::parse_response_format;
 use crate::engine::{GenerateRequest, InvalidParam, Prompt, SamplingParams};
 
 /// What a generation request asks for besides its prompt.
@@ -72,6 +74,7 @@ impl GenerationOptions {
             return Err(ApiError::invalid_param("n", "Only n = 1 is supported."));
         }
         let ignore_eos = fields.optional::<bool>("ignore_eos")?.unwrap_or(defaults.ignore_eos);
+        let response_format = parse_response_format(fields.take("response_format"))?;
         let stream = fields.optional::<bool>("stream")?.unwrap_or(false);
         let include_usage = match fields.take("stream_options") {
             None => false,
@@ -102,6 +105,7 @@ impl GenerationOptions {
             frequency_penalty: frequency_penalty.map_or(defaults.frequency_penalty, |v| v as f32),
             presence_penalty: presence_penalty.map_or(defaults.presence_penalty, |v| v as f32),
             ignore_eos,
+            response_format,
         };
         let max_tokens_field =
             if max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };

@@ -14,11 +14,13 @@ use tokio::sync::mpsc;
 use super::chat_template::ChatTemplate;
 use super::embedding::EmbeddingWorker;
 use super::gguf_tokenizer::tokenizer_from_metadata;
+use super::grammar::GrammarCompiler;
+use super::grammar::TokenConstraint;
 use super::models::load_language_model;
 use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, QueuePlace, WorkerLoad};
 use super::{
     EmbedRequest, Embeddings, Engine, EngineError, EngineLoad, GenerateRequest, GenerationStream, ModelInfo,
-    ModelKind, OriginalPrompt, Prompt,
+    ModelKind, OriginalPrompt, Prompt, SamplingParams,
 };
 
 /// Events buffered between the worker and the reader of one generation.
@@ -55,6 +57,8 @@ struct ChatRunner {
     /// Prepended when the file asks for it and the rendered prompt lacks it.
     bos_token_id: Option<u32>,
     context_length: usize,
+    /// `None` when llguidance could not take the vocabulary: constrained requests are refused.
+    grammar: Option<Arc<GrammarCompiler>>,
     worker: GenerationWorker,
 }
 
@@ -145,6 +149,17 @@ fn load_model(spec: &ModelSpec, limits: QueueLimits, device: &Device) -> Result<
         created,
         hosts: Vec::new(),
     };
+    let started = std::time::Instant::now();
+    let grammar = match GrammarCompiler::new(tokenizer.clone(), &tokens.eos_token_ids) {
+        Ok(compiler) => {
+            tracing::debug!(model = %spec.id, seconds = started.elapsed().as_secs_f32(), "grammar vocabulary built");
+            Some(Arc::new(compiler))
+        }
+        Err(error) => {
+            tracing::warn!(model = %spec.id, %error, "no constrained decoding (response_format) for this model");
+            None
+        }
+    };
     let runtime = ModelRuntime {
         model_id: spec.id.clone(),
         model: loaded.model,
@@ -159,6 +174,7 @@ fn load_model(spec: &ModelSpec, limits: QueueLimits, device: &Device) -> Result<
         tokenizer,
         bos_token_id: tokens.bos_token_id.filter(|_| tokens.add_bos_token),
         context_length: info.context_length,
+        grammar,
         worker,
     };
     Ok(LocalModel { info, runner: Runner::Chat(Arc::new(runner)) })
@@ -183,6 +199,33 @@ impl ChatRunner {
                 format!("{text}{generated}")
             }
         })
+    }
+
+    /// The grammar of `params.response_format`, compiled, and advanced through the text a
+    /// continuation already has.
+    fn constraint(
+        &self,
+        prompt: &Prompt,
+        params: &SamplingParams,
+    ) -> Result<Option<TokenConstraint>, EngineError> {
+        if !params.response_format.is_constrained() {
+            return Ok(None);
+        }
+        let Some(grammar) = &self.grammar else {
+            return Err(EngineError::InvalidParam {
+                param: "response_format".into(),
+                message: format!("Model '{}' does not support 'response_format'.", self.model_id),
+            });
+        };
+        let started = std::time::Instant::now();
+        let mut constraint = grammar.compile(&params.response_format)?;
+        tracing::debug!(milliseconds = started.elapsed().as_secs_f64() * 1e3, "grammar compiled");
+        if let (Some(constraint), Prompt::Continue { generated, .. }) = (&mut constraint, prompt) {
+            constraint.accept_text(generated).map_err(|error| {
+                EngineError::Inference(format!("the answer so far does not fit its response_format: {error}"))
+            })?;
+        }
+        Ok(constraint)
     }
 
     /// Render, tokenize, check the context window and queue in `place`. Runs on a blocking thread.
@@ -222,9 +265,10 @@ impl ChatRunner {
         }
         // Within the window but too long for this prompt: generate what fits (finish_reason length).
         params.max_tokens = params.max_tokens.min(self.context_length - prompt_tokens.len());
+        let constraint = self.constraint(&request.prompt, &params)?;
         let (events, stream) = mpsc::channel(EVENTS_PER_GENERATION);
         tracing::debug!(parent: &span, prompt_tokens = prompt_tokens.len(), max_tokens = params.max_tokens, "queued");
-        place.submit(Job { prompt_tokens, params, events, span })?;
+        place.submit(Job { prompt_tokens, params, constraint, events, span })?;
         Ok(GenerationStream::new(stream))
     }
 }

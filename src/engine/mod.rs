@@ -10,6 +10,7 @@ mod chat_template;
 mod detokenize;
 mod embedding;
 mod gguf_tokenizer;
+mod grammar;
 pub mod kernels;
 mod local;
 mod models;
@@ -28,6 +29,7 @@ use tokio::sync::mpsc;
 pub use chat_template::ChatTemplate;
 
 pub use gguf_tokenizer::{GgufTokenizer, tokenizer_from_gguf, tokenizer_from_metadata};
+pub use grammar::{MAX_SCHEMA_BYTES, ResponseFormat};
 
 pub use detokenize::{IncrementalDecoder, StopMatcher};
 pub use local::{LocalEngine, ModelSpec, default_device};
@@ -220,6 +222,9 @@ pub enum EngineError {
     /// away, or the host failed before answering).
     #[error("{0}")]
     Unavailable(String),
+    /// A request the client must change, with the field to change (named as in OpenAI's API).
+    #[error("{message}")]
+    InvalidParam { param: String, message: String },
 }
 
 /// Local inference as the API and the router see it. Held as `Arc<dyn Engine>` so tests can put a

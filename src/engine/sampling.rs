@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::grammar::ResponseFormat;
+
 /// How a generation picks tokens and when it stops. Validated by the API before it gets here.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
@@ -24,8 +26,11 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Subtracted from a token's logit once if it occurred in the completion at all.
     pub presence_penalty: f32,
-    /// Keep generating past the model's end-of-sequence tokens (benchmarks).
+    /// Keep generating past the model's end-of-sequence tokens (benchmarks). A response format's
+    /// grammar still ends the generation when the output is complete.
     pub ignore_eos: bool,
+    /// What the output must be (plain text, a JSON object, JSON valid against a schema).
+    pub response_format: ResponseFormat,
 }
 
 impl Default for SamplingParams {
@@ -40,6 +45,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             ignore_eos: false,
+            response_format: ResponseFormat::Text,
         }
     }
 }

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 
 use generation::{Delivery, Ending, Generation};
 
+use super::grammar::TokenConstraint;
 use super::models::{LanguageModel, Sequence};
 use super::prompt_cache::PromptCache;
 use super::sampling::SamplingParams;
@@ -50,6 +51,8 @@ impl Default for QueueLimits {
 pub struct Job {
     pub prompt_tokens: Vec<u32>,
     pub params: SamplingParams,
+    /// The grammar of `params.response_format`, compiled; `None` for plain text.
+    pub constraint: Option<TokenConstraint>,
     pub events: mpsc::Sender<GenerationEvent>,
     pub span: tracing::Span,
 }

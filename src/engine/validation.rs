@@ -27,7 +27,7 @@ pub struct InvalidParam {
 }
 
 impl InvalidParam {
-    fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self { param: param.into(), message: message.into() }
     }
 }
@@ -109,7 +109,8 @@ impl SamplingParams {
             return Err(InvalidParam::new("stop", "Stop sequences must not be empty."));
         }
         in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
-        in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        self.response_format.validate()
     }
 }
 

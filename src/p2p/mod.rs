@@ -41,7 +41,12 @@ pub use transport::UPGRADE_TIMEOUT;
 pub use transport::{admission_key, cluster_id, cluster_psk};
 
 /// The protocol requests are forwarded on. A new incompatible framing gets a new number.
-pub const INFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/infer/2");
+///
+/// 3: requests carry `response_format` (after the other sampling parameters) and errors may be
+/// `InvalidParam`. A node on 2 would refuse such a frame (trailing bytes) or, were the field
+/// optional, generate free text where JSON was asked for; on a new name it is never chosen to
+/// answer: opening the stream fails, which the router treats as a host that cannot answer.
+pub const INFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/infer/3");
 
 /// A bidirectional stream to a peer (futures' AsyncRead + AsyncWrite).
 pub type P2pStream = libp2p::Stream;

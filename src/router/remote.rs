@@ -1,4 +1,4 @@
-//! Requests carried over the overlay on `/llmesh/infer/2` streams.
+//! Requests carried over the overlay on `/llmesh/infer/3` streams.
 //!
 //! One stream per request. The entry node writes an `InferRequest`; the host answers `Accepted`
 //! (the engine took it) or `Error` (the same `EngineError` a local call gives), then, for a

@@ -1,4 +1,4 @@
-//! A member that abuses `/llmesh/infer/2`: a request nested deep enough to overflow a decoder's
+//! A member that abuses `/llmesh/infer/3`: a request nested deep enough to overflow a decoder's
 //! stack, sent to a free host and to a busy one; frames over the size limit; garbage; a flood of
 //! streams; requests over the limits an HTTP request meets. The host closes what does not
 //! decode, answers what breaks a limit with an error without handing it to its engine, and serves

@@ -3,14 +3,16 @@
 //!
 //! The worker asks each generation for its `work` (a chunk of the prompt, or its last token),
 //! runs every generation's input in one batch step, and hands each its logits row
-//! (`accept_logits`). All per-sequence logits processing happens there: sampling with its
-//! penalties today; grammar masks and log-probabilities belong in the same place.
+//! (`accept_logits`). All per-sequence logits processing happens there: a response format's
+//! grammar mask, then sampling with its penalties; log-probabilities belong in the same place.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::super::detokenize::{IncrementalDecoder, StopMatcher};
+use super::super::grammar::TokenConstraint;
 use super::super::models::Sequence;
 use super::super::prompt_cache::PromptCache;
 use super::super::sampling::Sampler;
@@ -57,6 +59,10 @@ pub struct Generation {
     /// The last sampled token, fed to the model next.
     last_token: Option<u32>,
     sampler: Sampler,
+    /// The response format's grammar: masks the logits before sampling.
+    constraint: Option<TokenConstraint>,
+    /// Time spent computing masks, for the log line at the end.
+    mask_time: Duration,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     completion_tokens: usize,
@@ -90,6 +96,8 @@ impl Generation {
             ignore_eos: job.params.ignore_eos,
             stops: StopMatcher::new(job.params.stop.clone()),
             sampler: Sampler::new(job.params),
+            constraint: job.constraint,
+            mask_time: Duration::ZERO,
             decoder: IncrementalDecoder::new(runtime.tokenizer.clone()),
             completion_tokens: 0,
             outbox: VecDeque::new(),
@@ -170,11 +178,28 @@ impl Generation {
     /// place for penalties, grammar masks and log-probabilities), then stream its text and decide
     /// whether the generation ends.
     pub fn accept_logits(&mut self, runtime: &ModelRuntime, logits: &mut [f32]) {
+        if let Some(constraint) = &mut self.constraint {
+            let started = Instant::now();
+            let masked = constraint.mask(logits);
+            self.mask_time += started.elapsed();
+            if let Err(error) = masked {
+                return self.grammar_failed(&error);
+            }
+        }
         let token = self.sampler.sample(logits);
         self.last_token = Some(token);
-        if !self.ignore_eos && runtime.eos_token_ids.contains(&token) {
+        // A grammar allows an end-of-sequence token only where the output is complete.
+        let ends = runtime.eos_token_ids.contains(&token) && (!self.ignore_eos || self.constraint.is_some());
+        if ends {
             self.finish(FinishReason::Stop);
             return;
+        }
+        let mut complete = false;
+        if let Some(constraint) = &mut self.constraint {
+            if let Err(error) = constraint.accept(token) {
+                return self.grammar_failed(&error);
+            }
+            complete = constraint.is_finished();
         }
         self.completion_tokens += 1;
         if let Some(piece) = self.decoder.push(token) {
@@ -185,9 +210,20 @@ impl Generation {
                 return;
             }
         }
-        if self.completion_tokens >= self.max_tokens {
+        if complete {
+            self.finish(FinishReason::Stop);
+        } else if self.completion_tokens >= self.max_tokens {
             self.finish(FinishReason::Length);
         }
+    }
+
+    /// The grammar rejected what the model can do (it should not: each token was allowed).
+    fn grammar_failed(&mut self, error: &str) {
+        let _entered = self.span.enter();
+        tracing::error!(%error, "the response format's grammar failed");
+        let error = EngineError::Inference(format!("constrained decoding failed: {error}"));
+        self.outbox.push_back(GenerationEvent::Error(error));
+        self.finished = true;
     }
 
     /// A forward pass of this generation failed: its reader gets the error, its KV cache is
@@ -227,6 +263,11 @@ impl Generation {
             Usage { prompt_tokens: self.prompt_tokens.len(), completion_tokens: self.completion_tokens };
         let _entered = self.span.enter();
         tracing::debug!(?finish_reason, completion_tokens = usage.completion_tokens, "generation finished");
+        if self.constraint.is_some() {
+            let steps = usage.completion_tokens.max(1) as f64;
+            let per_token = self.mask_time.as_secs_f64() * 1e6 / steps;
+            tracing::debug!(mask_microseconds_per_token = per_token, "grammar masks");
+        }
         self.outbox.push_back(GenerationEvent::Done { finish_reason, usage });
         self.finished = true;
     }

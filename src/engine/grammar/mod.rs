@@ -1,0 +1,189 @@
+//! Constrained decoding: the `response_format` a client asks for, compiled by llguidance into a
+//! grammar over the model's tokens, and applied to each step's logits so that only tokens that
+//! keep the output inside the grammar can be sampled.
+//!
+//! Three pieces, with three lifetimes:
+//! - [`ResponseFormat`], part of a request's `SamplingParams`: plain data that travels to a
+//!   remote host (the schema as JSON text, since bincode cannot carry a `serde_json::Value`);
+//! - [`GrammarCompiler`], one per model, built at load: the vocabulary's trie
+//!   (`vocabulary.rs`) and llguidance's `ParserFactory`, shared by every request;
+//! - [`TokenConstraint`], one per constrained generation, compiled on the blocking thread that
+//!   prepares the prompt and then owned by the generation on the worker: each step it masks the
+//!   logits, then is told which token was sampled.
+//!
+//! JSON is generated in one fixed layout (`{"a": 1, "b": [2, 3]}`, no newlines): free whitespace
+//! lets a small model wander off into blank lines until it runs out of tokens.
+
+mod vocabulary;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::{Matcher, ParserFactory};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+use toktrie::TokEnv;
+
+use super::EngineError;
+use super::validation::InvalidParam;
+use vocabulary::ModelVocabulary;
+
+/// A schema's JSON text may be this long (a generous bound: real schemas are a few KiB).
+pub const MAX_SCHEMA_BYTES: usize = 256 * 1024;
+/// Where a bad schema is reported, in OpenAI's words.
+pub const SCHEMA_PARAM: &str = "response_format.json_schema.schema";
+/// Error messages from llguidance are cut to this many characters before they reach a client.
+const MAX_MESSAGE_CHARS: usize = 600;
+
+/// What the generated text must be (OpenAI's `response_format`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub enum ResponseFormat {
+    /// Anything.
+    #[default]
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// A JSON value valid against this JSON Schema, given as JSON text (an object).
+    JsonSchema { schema: String },
+}
+
+impl ResponseFormat {
+    pub fn is_constrained(&self) -> bool {
+        !matches!(self, ResponseFormat::Text)
+    }
+
+    /// What needs no model to check: the schema's size and that it is a JSON object. (What it
+    /// asks for is checked when it is compiled, by the host that runs it.)
+    pub fn validate(&self) -> Result<(), InvalidParam> {
+        let ResponseFormat::JsonSchema { schema } = self else { return Ok(()) };
+        if schema.len() > MAX_SCHEMA_BYTES {
+            return Err(InvalidParam::new(
+                SCHEMA_PARAM,
+                format!("The schema is {} bytes long; the limit is {MAX_SCHEMA_BYTES}.", schema.len()),
+            ));
+        }
+        parse_schema(schema).map(|_| ())
+    }
+
+    /// The schema llguidance compiles, with the layout of the output fixed.
+    fn grammar(&self) -> Result<Option<TopLevelGrammar>, InvalidParam> {
+        let mut schema = match self {
+            ResponseFormat::Text => return Ok(None),
+            ResponseFormat::JsonObject => serde_json::Map::from_iter([("type".into(), "object".into())]),
+            ResponseFormat::JsonSchema { schema } => parse_schema(schema)?,
+        };
+        // llguidance reads its options from the schema's `x-guidance`; a client's own is replaced.
+        let options = serde_json::json!({
+            "whitespace_flexible": false,
+            "item_separator": ", ",
+            "key_separator": ": ",
+        });
+        schema.insert("x-guidance".into(), options);
+        Ok(Some(TopLevelGrammar::from_json_schema(Value::Object(schema))))
+    }
+}
+
+fn parse_schema(schema: &str) -> Result<serde_json::Map<String, Value>, InvalidParam> {
+    match serde_json::from_str::<Value>(schema) {
+        Ok(Value::Object(schema)) => Ok(schema),
+        Ok(_) => Err(InvalidParam::new(SCHEMA_PARAM, "The schema must be a JSON object.")),
+        Err(error) => Err(InvalidParam::new(SCHEMA_PARAM, format!("The schema is not valid JSON: {error}."))),
+    }
+}
+
+/// One model's grammar machinery: its vocabulary as bytes and llguidance's parser factory.
+pub struct GrammarCompiler {
+    factory: ParserFactory,
+}
+
+impl GrammarCompiler {
+    /// Build the vocabulary's trie and the factory (tens to hundreds of milliseconds: once, at
+    /// load). A vocabulary llguidance cannot take is an error, never a panic.
+    pub fn new(tokenizer: Arc<Tokenizer>, eos_token_ids: &[u32]) -> Result<Self, String> {
+        let build = || -> Result<Self, String> {
+            let vocabulary: TokEnv = Arc::new(ModelVocabulary::new(tokenizer, eos_token_ids)?);
+            let mut factory = ParserFactory::new_simple(&vocabulary).map_err(|error| error.to_string())?;
+            factory.quiet();
+            // Errors name what went wrong, without the parser's state and the whole grammar.
+            factory.limits_mut().verbose_errors = false;
+            Ok(Self { factory })
+        };
+        std::panic::catch_unwind(AssertUnwindSafe(build))
+            .unwrap_or_else(|_| Err("llguidance panicked on the vocabulary".into()))
+    }
+
+    /// The constraint for one generation, or `None` for plain text. A schema llguidance cannot
+    /// compile (unsupported keywords, one no value satisfies, beyond its limits) is the client's
+    /// error, naming the schema. Slow for large schemas: run it off the async runtime.
+    pub fn compile(&self, format: &ResponseFormat) -> Result<Option<TokenConstraint>, EngineError> {
+        let invalid = |param: String, message: String| EngineError::InvalidParam { param, message };
+        let grammar = format.grammar().map_err(|error| invalid(error.param, error.message))?;
+        let Some(grammar) = grammar else { return Ok(None) };
+        let parser = self.factory.create_parser(grammar).map_err(|error| {
+            let message = format!("The schema cannot be used: {}", cut(&error.to_string()));
+            invalid(SCHEMA_PARAM.into(), message)
+        })?;
+        let matcher = Matcher::new(Ok(parser));
+        let vocabulary_size = self.factory.tok_env().tok_trie().vocab_size();
+        Ok(Some(TokenConstraint { matcher, vocabulary_size }))
+    }
+}
+
+/// One generation's grammar: which tokens may come next, given those sampled so far.
+pub struct TokenConstraint {
+    matcher: Matcher,
+    vocabulary_size: usize,
+}
+
+impl TokenConstraint {
+    /// Set every token the grammar does not allow next to -inf (tokens beyond the vocabulary, a
+    /// model's padding rows, too). Fails if the matcher failed or allows nothing.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        let allowed = self.matcher.compute_mask_or_eos().map_err(|error| cut(&error.to_string()))?;
+        if allowed.is_zero() {
+            return Err("the grammar allows no token".into());
+        }
+        let known = logits.len().min(self.vocabulary_size);
+        for (token, logit) in logits[..known].iter_mut().enumerate() {
+            if !allowed.is_allowed(token as u32) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+        logits[known..].fill(f32::NEG_INFINITY);
+        Ok(())
+    }
+
+    /// The generation sampled `token` (one the last mask allowed).
+    pub fn accept(&mut self, token: u32) -> Result<(), String> {
+        self.matcher.consume_token(token).map_err(|error| cut(&error.to_string()))
+    }
+
+    /// Whether the output is complete: the grammar allows nothing more but the end.
+    pub fn is_finished(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
+    /// Advance through text already generated (a continuation on another host): its bytes as
+    /// the vocabulary's tokens, whatever tokens produced them.
+    pub fn accept_text(&mut self, text: &str) -> Result<(), String> {
+        let tokens = self
+            .matcher
+            .tok_env()
+            .map_err(|error| error.to_string())?
+            .tok_trie()
+            .greedy_tokenize(text.as_bytes());
+        self.matcher.consume_tokens(&tokens).map_err(|error| cut(&error.to_string()))
+    }
+}
+
+fn cut(message: &str) -> String {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((at, _)) => format!("{}…", &message[..at]),
+        None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
