@@ -51,7 +51,8 @@ fn compiler() -> (GrammarCompiler, Arc<Tokenizer>, u32) {
 
 fn allowed(constraint: &mut TokenConstraint, size: usize) -> Vec<u32> {
     let mut logits = vec![0.0; size];
-    constraint.mask(&mut logits).expect("a mask");
+    let allowed = constraint.allowed_tokens().expect("a mask");
+    constraint.mask(&allowed, &mut logits);
     (0..size as u32).filter(|&token| logits[token as usize].is_finite()).collect()
 }
 

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use toktrie::SimpleVob;
 
 use super::super::detokenize::{IncrementalDecoder, StopMatcher};
 use super::super::grammar::TokenConstraint;
@@ -61,6 +62,8 @@ pub struct Generation {
     sampler: Sampler,
     /// The response format's grammar: masks the logits before sampling.
     constraint: Option<TokenConstraint>,
+    /// The mask for the next token, computed during the step's forward pass (`prepare_mask`).
+    next_mask: Option<Result<SimpleVob, String>>,
     /// Time spent computing masks, for the log line at the end.
     mask_time: Duration,
     decoder: IncrementalDecoder,
@@ -97,6 +100,7 @@ impl Generation {
             stops: StopMatcher::new(job.params.stop.clone()),
             sampler: Sampler::new(job.params),
             constraint: job.constraint,
+            next_mask: None,
             mask_time: Duration::ZERO,
             decoder: IncrementalDecoder::new(runtime.tokenizer.clone()),
             completion_tokens: 0,
@@ -178,12 +182,11 @@ impl Generation {
     /// place for penalties, grammar masks and log-probabilities), then stream its text and decide
     /// whether the generation ends.
     pub fn accept_logits(&mut self, runtime: &ModelRuntime, logits: &mut [f32]) {
-        if let Some(constraint) = &mut self.constraint {
-            let started = Instant::now();
-            let masked = constraint.mask(logits);
-            self.mask_time += started.elapsed();
-            if let Err(error) = masked {
-                return self.grammar_failed(&error);
+        self.prepare_mask();
+        if let (Some(constraint), Some(allowed)) = (&self.constraint, self.next_mask.take()) {
+            match allowed {
+                Ok(allowed) => constraint.mask(&allowed, logits),
+                Err(error) => return self.grammar_failed(&error),
             }
         }
         let token = self.sampler.sample(logits);
@@ -214,6 +217,25 @@ impl Generation {
             self.finish(FinishReason::Stop);
         } else if self.completion_tokens >= self.max_tokens {
             self.finish(FinishReason::Length);
+        }
+    }
+
+    /// Whether the generation has a grammar whose next mask is still to be computed.
+    pub fn needs_mask(&self) -> bool {
+        self.constraint.is_some() && self.next_mask.is_none() && !self.finished
+    }
+
+    /// Compute the mask for the next token, unless it is already there. The grammar's state
+    /// changes only when a token is accepted, so a mask computed during a step's forward pass
+    /// (or a prefill's earlier chunks) is the one its logits need.
+    pub fn prepare_mask(&mut self) {
+        if !self.needs_mask() {
+            return;
+        }
+        if let Some(constraint) = &mut self.constraint {
+            let started = Instant::now();
+            self.next_mask = Some(constraint.allowed_tokens());
+            self.mask_time += started.elapsed();
         }
     }
 
