@@ -147,6 +147,28 @@ async fn json_object_answers_are_json_objects() {
 }
 
 #[tokio::test]
+async fn legacy_completions_take_a_response_format_too() {
+    let app = api::app(engine(), ApiConfig::default());
+    let body = json!({
+        "model": "smollm2",
+        "prompt": "Alice is 34 and lives in Paris. As JSON:",
+        "temperature": 0,
+        "max_tokens": 200,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": person_schema()}}
+    });
+    let request = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+    assert_person(answer["choices"][0]["text"].as_str().expect("text"));
+}
+
+#[tokio::test]
 async fn greedy_json_schema_answers_hold_to_the_schema() {
     let (status, answer) = post(person_request(0.0, 0)).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
