@@ -161,3 +161,28 @@ fn plain_text_needs_no_constraint() {
     let (compiler, _, _) = compiler();
     assert!(compiler.compile(&ResponseFormat::Text).unwrap().is_none());
 }
+
+#[test]
+fn the_deepest_schema_json_can_carry_compiles_on_a_small_stack() {
+    // serde_json refuses JSON nested deeper than 128, so this is as deep as a schema gets; a
+    // blocking thread of tokio's has 2 MiB of stack, and overflowing it would abort the node.
+    let (compiler, tokenizer, _) = compiler();
+    let mut schema = serde_json::json!({"type": "integer"});
+    for _ in 0..62 {
+        schema = serde_json::json!({"type": "object", "properties": {"a": schema}, "required": ["a"]});
+    }
+    let format = ResponseFormat::JsonSchema { schema: schema.to_string() };
+    assert_eq!(format.validate(), Ok(()), "within serde_json's depth");
+    let size = tokenizer.get_vocab_size(true);
+    let compiled = std::thread::Builder::new()
+        .stack_size(2 * 1024 * 1024)
+        .spawn(move || {
+            let mut constraint = compiler.compile(&format).unwrap().expect("a constraint");
+            feed(&mut constraint, &"{\"a\": ".repeat(62));
+            allowed(&mut constraint, size)
+        })
+        .unwrap()
+        .join()
+        .expect("no stack overflow");
+    assert!(compiled.contains(&(b'7' as u32)));
+}
