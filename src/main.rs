@@ -22,8 +22,9 @@ enum Command {
     Bench(llmesh::bench::BenchArgs),
     /// List the cluster's nodes, as a running node sees them; `nodes revoke PEER_ID` throws one out.
     Nodes(llmesh::cli::NodesArgs),
-    /// List the cluster's models and their hosts.
-    Models(llmesh::cli::NodeArgs),
+    /// List the cluster's models and their hosts; `models load ID=PATH` / `models unload ID`
+    /// change what a running node serves.
+    Models(llmesh::cli::ModelsArgs),
     /// Summarise a running node: the cluster, its health, routing statistics.
     Status(llmesh::cli::NodeArgs),
     /// Print a connection key (and QR code) that lets one more machine join the cluster.

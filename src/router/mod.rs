@@ -186,6 +186,11 @@ impl Router {
     }
 
     /// How busy the local engine is.
+    /// This node's own engine: the models it hosts, loaded and unloaded at run time.
+    pub fn local_engine(&self) -> &SharedEngine {
+        &self.inner.local
+    }
+
     pub fn local_load(&self) -> EngineLoad {
         self.inner.local.load()
     }
