@@ -265,11 +265,12 @@ pub fn models(args: &ModelsArgs) -> anyhow::Result<()> {
     match &args.action {
         None => list_models(&args.node),
         Some(ModelsAction::Load { model, no_wait }) => {
-            let (id, path) = model
-                .split_once('=')
-                .filter(|(id, path)| !id.is_empty() && !path.is_empty())
-                .ok_or_else(|| anyhow!("expected ID=PATH, e.g. qwen=/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"))?;
-            let answer = send(&args.node, "POST", "/api/models", Some(serde_json::json!({"id": id, "path": path})))?;
+            let (id, path) =
+                model.split_once('=').filter(|(id, path)| !id.is_empty() && !path.is_empty()).ok_or_else(
+                    || anyhow!("expected ID=PATH, e.g. qwen=/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"),
+                )?;
+            let answer =
+                send(&args.node, "POST", "/api/models", Some(serde_json::json!({"id": id, "path": path})))?;
             if *no_wait {
                 return print_answer(&args.node, &answer, &format!("loading {id} from {path}"));
             }
@@ -280,7 +281,11 @@ pub fn models(args: &ModelsArgs) -> anyhow::Result<()> {
                     Some("failed") => bail!("{id} did not load: {}", text(&state["error"])),
                     _ => {
                         if !args.node.json {
-                            eprint!("\rloading {id}: {}% of {} MiB   ", text(&state["percent"]).split('.').next().unwrap_or("0"), state["total_bytes"].as_u64().unwrap_or(0) >> 20);
+                            eprint!(
+                                "\rloading {id}: {}% of {} MiB   ",
+                                text(&state["percent"]).split('.').next().unwrap_or("0"),
+                                state["total_bytes"].as_u64().unwrap_or(0) >> 20
+                            );
                         }
                         Ok(None)
                     }
@@ -344,8 +349,16 @@ fn list_models(args: &NodeArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&models)?);
         return Ok(());
     }
-    let mut rows =
-        vec![row(["MODEL", "KIND", "ARCHITECTURE", "PARAMETERS", "QUANTIZATION", "SIZE", "CONTEXT", "HOSTS"])];
+    let mut rows = vec![row([
+        "MODEL",
+        "KIND",
+        "ARCHITECTURE",
+        "PARAMETERS",
+        "QUANTIZATION",
+        "SIZE",
+        "CONTEXT",
+        "HOSTS",
+    ])];
     for model in items(&models) {
         let details = &model["llmesh"];
         let hosts: Vec<String> =

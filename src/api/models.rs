@@ -21,7 +21,8 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
 /// `GET /api/models`: this node's own models with their state: loading (with progress), ready,
 /// unloading, or failed (with the reason).
 pub async fn list_local_models(State(state): State<AppState>) -> Result<Json<LocalModels>, ApiError> {
-    let router = state.router.as_ref().ok_or_else(|| ApiError::Internal("no router behind this API".into()))?;
+    let router =
+        state.router.as_ref().ok_or_else(|| ApiError::Internal("no router behind this API".into()))?;
     Ok(Json(LocalModels { object: "list", data: router.local_engine().model_states() }))
 }
 
@@ -37,7 +38,8 @@ pub async fn load_model(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<LoadRequest>,
 ) -> Result<(StatusCode, Json<ModelStatus>), ApiError> {
-    let router = state.router.as_ref().ok_or_else(|| ApiError::Internal("no router behind this API".into()))?;
+    let router =
+        state.router.as_ref().ok_or_else(|| ApiError::Internal("no router behind this API".into()))?;
     let engine = router.local_engine().clone();
     let (id, path) = (request.id.clone(), request.path.clone());
     tokio::task::spawn_blocking(move || engine.start_loading(&id, &path))
@@ -83,7 +85,11 @@ pub async fn unload_model(
     Path(id): Path<String>,
     Query(query): Query<UnloadQuery>,
 ) -> Result<(StatusCode, Json<ModelStatus>), ApiError> {
-    let router = state.router.as_ref().ok_or_else(|| ApiError::Internal("no router behind this API".into()))?;
+    let router =
+        state.router.as_ref().ok_or_else(|| ApiError::Internal("no router behind this API".into()))?;
     router.local_engine().start_unloading(&id, query.force)?;
-    Ok((StatusCode::ACCEPTED, Json(ModelStatus { id, state: ModelState::Unloading, ..ModelStatus::default() })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ModelStatus { id, state: ModelState::Unloading, ..ModelStatus::default() }),
+    ))
 }

@@ -78,7 +78,8 @@ impl EmbeddingWorker {
         let vars = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device) }
             .map_err(|e| load_error(&e))?;
         let model = BertModel::load(vars, &config).map_err(|e| load_error(&e))?;
-        let info = EmbeddingModelInfo { context_length: config.max_position_embeddings, parameters, file_bytes };
+        let info =
+            EmbeddingModelInfo { context_length: config.max_position_embeddings, parameters, file_bytes };
         let (jobs, queue) = std::sync::mpsc::sync_channel(max_queued);
         let pending = Arc::new(AtomicUsize::new(0));
         let worker_pending = pending.clone();

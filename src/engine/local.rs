@@ -19,8 +19,8 @@ use super::embedding::EmbeddingWorker;
 use super::gguf_tokenizer::tokenizer_from_metadata;
 use super::loading::LoadProgress;
 use super::models::load_language_model;
-use super::source::resolve_model_path;
 use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, QueuePlace, WorkerLoad};
+use super::source::resolve_model_path;
 use super::{
     EmbedRequest, Embeddings, Engine, EngineError, EngineLoad, GenerateRequest, GenerationStream, ModelInfo,
     ModelKind, OriginalPrompt, Prompt,
@@ -396,7 +396,11 @@ impl ChatRunner {
 impl Engine for LocalEngine {
     fn models(&self) -> Vec<ModelInfo> {
         let models = self.shared.models.read().unwrap_or_else(|p| p.into_inner());
-        models.values().filter(|model| !model.unloading.load(Ordering::Relaxed)).map(|model| model.info.clone()).collect()
+        models
+            .values()
+            .filter(|model| !model.unloading.load(Ordering::Relaxed))
+            .map(|model| model.info.clone())
+            .collect()
     }
 
     fn generate(
@@ -448,9 +452,10 @@ impl Engine for LocalEngine {
         let answer = match self.serving(&request.model) {
             Ok(model) => match &model.runner {
                 Runner::Embeddings(worker) => worker.submit(request.inputs),
-                Runner::Chat(_) => {
-                    Err(EngineError::WrongKind { model: request.model.clone(), operation: "embeddings".into() })
-                }
+                Runner::Chat(_) => Err(EngineError::WrongKind {
+                    model: request.model.clone(),
+                    operation: "embeddings".into(),
+                }),
             },
             Err(error) => Err(error),
         };
@@ -477,7 +482,9 @@ impl Engine for LocalEngine {
                     "model '{id}' is already loaded on this node; unload it first"
                 )));
             }
-            let loading = loads.get(id).is_some_and(|load| load.error.lock().unwrap_or_else(|p| p.into_inner()).is_none());
+            let loading = loads
+                .get(id)
+                .is_some_and(|load| load.error.lock().unwrap_or_else(|p| p.into_inner()).is_none());
             if loading {
                 return Err(EngineError::InvalidRequest(format!("model '{id}' is already being loaded")));
             }
@@ -486,7 +493,9 @@ impl Engine for LocalEngine {
         let shared = self.shared.clone();
         let thread_id = id.to_string();
         let spawned = std::thread::Builder::new().name(format!("load-{id}")).spawn(move || {
-            crate::engine::kernels::candle_pools::in_own_rayon_pool(|| shared.finish_loading(&thread_id, &load))
+            crate::engine::kernels::candle_pools::in_own_rayon_pool(|| {
+                shared.finish_loading(&thread_id, &load)
+            })
         });
         if let Err(error) = spawned {
             self.shared.loads().remove(id);
@@ -497,7 +506,12 @@ impl Engine for LocalEngine {
     }
 
     fn start_unloading(&self, id: &str, force: bool) -> Result<(), EngineError> {
-        if self.shared.loads().remove(id).is_some_and(|load| load.error.lock().unwrap_or_else(|p| p.into_inner()).is_some()) {
+        if self
+            .shared
+            .loads()
+            .remove(id)
+            .is_some_and(|load| load.error.lock().unwrap_or_else(|p| p.into_inner()).is_some())
+        {
             // A failed load: forgetting it is all there is to unloading.
             return Ok(());
         }
@@ -518,7 +532,9 @@ impl Engine for LocalEngine {
         std::thread::Builder::new()
             .name(format!("unload-{id}"))
             .spawn(move || shared.finish_unloading(&thread_id, &model))
-            .map_err(|error| EngineError::Inference(format!("cannot start a thread to unload '{id}': {error}")))?;
+            .map_err(|error| {
+                EngineError::Inference(format!("cannot start a thread to unload '{id}': {error}"))
+            })?;
         Ok(())
     }
 

@@ -94,7 +94,7 @@ pub fn load_language_model(
     let file_bytes = file.metadata().map_err(|e| load_error(&e))?.len();
     progress.set_total(file_bytes);
     let mut file = CountingReader::new(std::io::BufReader::new(file), progress);
-    let content = gguf_file::Content::read(&mut file).map_err(|e| load_error(&e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| load_error(&message(&e)))?;
     let architecture = match content.metadata.get("general.architecture") {
         Some(gguf_file::Value::String(name)) => name.clone(),
         _ => return Err(load_error(&"no general.architecture in its metadata")),
@@ -112,20 +112,37 @@ pub fn load_language_model(
             ARCHITECTURES.join(", ")
         )));
     }
-    let config =
-        DecoderConfig::from_metadata(&architecture, &content.metadata).map_err(|e| load_error(&e))?;
+    let config = DecoderConfig::from_metadata(&architecture, &content.metadata)
+        .map_err(|e| load_error(&message(&e)))?;
     let supported_context = config.context_length;
     let (parameters, weight_bytes) = tensor_sizes(&content);
     let kv_cache = (config.layers * config.kv_heads * config.head_dim * 2 * std::mem::size_of::<f32>())
         as u64
         * supported_context as u64;
     check_memory(&path.display().to_string(), MemoryNeed { weights: weight_bytes, kv_cache })?;
-    let decoder = Decoder::load(config, &content, &mut file, device).map_err(|e| load_error(&e))?;
+    let decoder = Decoder::load(config, &content, &mut file, device).map_err(|e| load_error(&message(&e)))?;
     progress.finish();
     let model: Box<dyn LanguageModel> = Box::new(DecoderModel(Arc::new(decoder)));
     let context_length =
         declared_context.map_or(supported_context, |declared| declared.min(supported_context));
-    Ok(LoadedLanguageModel { model, metadata, architecture, quantization, context_length, parameters, file_bytes })
+    Ok(LoadedLanguageModel {
+        model,
+        metadata,
+        architecture,
+        quantization,
+        context_length,
+        parameters,
+        file_bytes,
+    })
+}
+
+/// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set:
+/// it is shown to whoever loads the model.
+fn message(error: &candle_core::Error) -> String {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => message(inner),
+        other => other.to_string(),
+    }
 }
 
 /// (elements, bytes) of every tensor in the file.
