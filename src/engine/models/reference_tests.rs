@@ -274,6 +274,11 @@ fn tiny_phi3_agrees_with_llama_cpp() {
 }
 
 #[test]
+fn tiny_phi3_with_longrope_agrees_with_llama_cpp() {
+    agrees_with_llama_cpp("tiny-phi3-longrope.json", TINY_F32);
+}
+
+#[test]
 fn tiny_llama3_agrees_with_llama_cpp() {
     agrees_with_llama_cpp("tiny-llama3.json", TINY_F32);
 }
