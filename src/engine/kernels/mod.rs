@@ -23,8 +23,8 @@ use std::sync::OnceLock;
 use candle_core::quantized::GgmlDType;
 
 pub use pool::ComputePool;
-use scalar::{DotRow, DotRow4};
 pub use scalar::{ActivationBlock, BLOCK};
+use scalar::{DotRow, DotRow4};
 
 /// A GGUF weight type this module reads rows of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +122,8 @@ pub struct Kernels {
     q5_0x4: Option<DotRow4>,
     q5_1x4: Option<DotRow4>,
     q8_0x4: Option<DotRow4>,
+    q4_kx4: Option<DotRow4>,
+    q6_kx4: Option<DotRow4>,
     quantize: Quantize,
 }
 
@@ -144,6 +146,8 @@ impl Kernels {
             q5_0x4: None,
             q5_1x4: None,
             q8_0x4: None,
+            q4_kx4: None,
+            q6_kx4: None,
             quantize: scalar::quantize_activations,
         }
     }
@@ -168,6 +172,8 @@ impl Kernels {
                 q5_0x4: Some(|r, t| unsafe { x86::avx2::dot4_q5_0(r, t) }),
                 q5_1x4: Some(|r, t| unsafe { x86::avx2::dot4_q5_1(r, t) }),
                 q8_0x4: Some(|r, t| unsafe { x86::avx2::dot4_q8_0(r, t) }),
+                q4_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q4_k(r, t) }),
+                q6_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q6_k(r, t) }),
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
             }),
             #[cfg(target_arch = "x86_64")]
@@ -186,6 +192,8 @@ impl Kernels {
                 q5_0x4: Some(|r, t| unsafe { x86::vnni::dot4_q5_0(r, t) }),
                 q5_1x4: Some(|r, t| unsafe { x86::vnni::dot4_q5_1(r, t) }),
                 q8_0x4: Some(|r, t| unsafe { x86::vnni::dot4_q8_0(r, t) }),
+                q4_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q4_k(r, t) }),
+                q6_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q6_k(r, t) }),
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
             }),
             _ => None,
@@ -234,7 +242,9 @@ impl Kernels {
             WeightType::Q5_0 => self.q5_0x4,
             WeightType::Q5_1 => self.q5_1x4,
             WeightType::Q8_0 => self.q8_0x4,
-            _ => None,
+            WeightType::Q4K => self.q4_kx4,
+            WeightType::Q6K => self.q6_kx4,
+            WeightType::F32 | WeightType::F16 => None,
         }
     }
 }
@@ -338,7 +348,8 @@ fn matmul_fused_on(
         .iter()
         .map(|matrix| kernels.dot(matrix.weight_type).expect("matmul on a type without a dot kernel"))
         .collect();
-    let dots4: Vec<Option<DotRow4>> = matrices.iter().map(|matrix| kernels.dot4(matrix.weight_type)).collect();
+    let dots4: Vec<Option<DotRow4>> =
+        matrices.iter().map(|matrix| kernels.dot4(matrix.weight_type)).collect();
     assert_eq!(input.len() % columns, 0, "input is not whole rows");
     let tokens = input.len() / columns;
     let total_rows: usize = matrices.iter().map(|matrix| matrix.rows).sum();

@@ -279,6 +279,71 @@ macro_rules! dot_kernels {
         }
 
         #[target_feature(enable = $features)]
+        pub fn dot4_q4_k(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
+            check4(row, Q4_K_BYTES / 8, &tokens);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut minimums = [0.0f32; 4];
+            for (super_block, block) in row.chunks_exact(Q4_K_BYTES).enumerate() {
+                let pair = f16_pair(block, 0);
+                let (d, dmin) = (_mm_cvtss_f32(pair), _mm_cvtss_f32(_mm_movehdup_ps(pair)));
+                for run in 0..4 {
+                    let packed = load32(&block[16 + 32 * run..]);
+                    let low = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));
+                    let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F));
+                    for (j, nibbles) in [(2 * run, low), (2 * run + 1, high)] {
+                        let (scale, min) = scale_and_min(j, &block[4..16]);
+                        let (scale, min) = (d * f32::from(scale), dmin * f32::from(min));
+                        for t in 0..4 {
+                            let a = &tokens[t][8 * super_block + j];
+                            let sums = products(nibbles, activation_bytes(a));
+                            let factor = _mm256_set1_ps(scale * a.scale);
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[t]);
+                            minimums[t] += min * a.sum;
+                        }
+                    }
+                }
+            }
+            std::array::from_fn(|t| horizontal_sum(acc[t]) - minimums[t])
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot4_q6_k(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
+            check4(row, Q6_K_BYTES / 8, &tokens);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let thirty_two = _mm256_set1_epi8(32);
+            for (super_block, block) in row.chunks_exact(Q6_K_BYTES).enumerate() {
+                let d = _mm_cvtss_f32(_mm_movehdup_ps(f16_pair(block, 206)));
+                for quarter in 0..8 {
+                    let (half, k) = (quarter / 4, quarter % 4);
+                    let ql = load32(&block[64 * half + 32 * (k % 2)..]);
+                    let ql = if k >= 2 { _mm256_srli_epi16(ql, 4) } else { ql };
+                    let low = _mm256_and_si256(ql, _mm256_set1_epi8(0x0F));
+                    let qh = load32(&block[128 + 32 * half..]);
+                    let high = match k {
+                        0 => qh,
+                        1 => _mm256_srli_epi16(qh, 2),
+                        2 => _mm256_srli_epi16(qh, 4),
+                        _ => _mm256_srli_epi16(qh, 6),
+                    };
+                    let high = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(3)), 4);
+                    let weights = _mm256_or_si256(low, high);
+                    let scales = &block[192 + 8 * half + 2 * k..];
+                    let (first, second) = (f32::from(scales[0] as i8), f32::from(scales[1] as i8));
+                    for t in 0..4 {
+                        let a = &tokens[t][8 * super_block + quarter];
+                        let values = activation_bytes(a);
+                        let sums = _mm256_sub_epi32(products(weights, values), products(thirty_two, values));
+                        let factor = d * a.scale;
+                        let (first, second) = (first * factor, second * factor);
+                        let scale = _mm256_setr_ps(first, first, first, first, second, second, second, second);
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
+                    }
+                }
+            }
+            acc.map(|acc| horizontal_sum(acc))
+        }
+
+        #[target_feature(enable = $features)]
         pub fn dot_q4_k(row: &[u8], activations: &[ActivationBlock]) -> f32 {
             let mut acc = _mm256_setzero_ps();
             let mut minimums = 0.0;
