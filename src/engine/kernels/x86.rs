@@ -176,10 +176,13 @@ macro_rules! dot_kernels {
             index: usize,
         ) {
             let magnitudes = _mm256_sign_epi8(weights, weights);
+            // d·scale in every lane, as the one-token kernel's product broadcast (the same f32
+            // product), with the block's d broadcast once for the four tokens.
+            let d = _mm256_broadcastss_ps(d);
             for (acc, activations) in acc.iter_mut().zip(tokens) {
                 let a = &activations[index];
                 let sums = products(magnitudes, _mm256_sign_epi8(activation_bytes(a), weights));
-                let scale = _mm256_broadcastss_ps(_mm_mul_ss(d, scale_and_sum(a)));
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.scale));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc);
             }
         }
