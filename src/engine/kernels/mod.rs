@@ -6,7 +6,8 @@
 //! SIMD variants beside them; `Kernels::detect` picks the best variant this CPU runs, once, at
 //! run time (never from compile-time target features), and tests hold every variant to its
 //! scalar twin. A matmul quantizes its input once to 8-bit activation blocks, then splits the
-//! weight rows across the engine's compute pool (`pool.rs`: persistent workers that park when
+//! weight rows (each run against four tokens at a time where the variant has a `dot4` kernel)
+//! across the engine's compute pool (`pool.rs`: persistent workers that park when
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 
