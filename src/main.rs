@@ -7,8 +7,11 @@ use clap::{Parser, Subcommand};
 use llmesh::config::Config;
 use llmesh::node::Node;
 
+/// `0.1.0 (commit 1a2b3c4d5e6f)`: the release and the git commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("LLMESH_COMMIT"), ")");
+
 #[derive(Parser)]
-#[command(version, about = "Pool a team's machines into one OpenAI-compatible AI cluster")]
+#[command(version = VERSION, about = "Pool a team's machines into one OpenAI-compatible AI cluster")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
