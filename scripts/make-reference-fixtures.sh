@@ -65,7 +65,7 @@ run() { # MODEL_FILE CHAT_PROMPT
   echo "wrote $out/$name.json and $out/$name.dequantized.json" >&2
 }
 scripts/make-tiny-models.sh tests/fixtures/tiny
-for family in qwen2 qwen3 phi3 llama3 gemma2; do
+for family in qwen2 qwen3 phi3 phi3-longrope llama3 gemma2; do
   "$program" --model "tests/fixtures/tiny/tiny-$family.gguf" --version "$version" --steps 16 --top 5 \
     "${plain[@]}" "chat:$question" >"$out/tiny-$family.json"
   echo "wrote $out/tiny-$family.json" >&2

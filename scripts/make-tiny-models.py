@@ -172,7 +172,13 @@ GEMMA2_ATTENTION_CAP = 8.0
 GEMMA2_FINAL_CAP = 10.0
 
 
-def write(path, architecture, pre, rng, bias=False, qk_norm=False, fused=False, rope_base=1_000_000.0):
+# Phi-3's 128k files: LongRoPE from an original window this long (shorter than the tiny model's, so
+# llama.cpp and llmesh both take the long factors).
+LONGROPE_ORIGINAL = 64
+
+
+def write(path, architecture, pre, rng, bias=False, qk_norm=False, fused=False, rope_base=1_000_000.0,
+          longrope=False):
     writer = gguf.GGUFWriter(str(path), architecture)
     gemma = architecture == "gemma2"
     if gemma:  # SentencePiece without a space prefix, its turn tokens special
@@ -250,6 +256,14 @@ def write(path, architecture, pre, rng, bias=False, qk_norm=False, fused=False, 
     # choice is no tie; attention and feed-forward weights large enough to matter.
     tensor("token_embd.weight", vocab, HIDDEN, scale=1.0)
     norm("output_norm.weight", HIDDEN)
+    if longrope:
+        # As convert_hf_to_gguf.py writes a 128k Phi-3: the original window, the attention factor
+        # sqrt(1 + ln(scale) / ln(original)), and one long and one short divisor per frequency.
+        scale = CONTEXT / LONGROPE_ORIGINAL
+        writer.add_rope_scaling_orig_ctx_len(LONGROPE_ORIGINAL)
+        writer.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(scale) / np.log(LONGROPE_ORIGINAL))))
+        writer.add_tensor("rope_factors_long.weight", np.linspace(1.0, 12.0, HEAD_DIM // 2, dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.linspace(1.0, 1.5, HEAD_DIM // 2, dtype=np.float32))
     if architecture == "llama":
         writer.add_rope_dimension_count(HEAD_DIM)
         # Llama 3.1 scales from an original window of 8192; the tiny model's 256 puts the scaled
@@ -299,6 +313,8 @@ def main():
     write(out / "tiny-llama3.gguf", "llama", "llama-bpe", np.random.default_rng(5), rope_base=500_000.0)
     write(out / "tiny-gemma2.gguf", "gemma2", None, np.random.default_rng(6), rope_base=10_000.0)
     write(out / "tiny-phi3.gguf", "phi3", None, np.random.default_rng(4), fused=True, rope_base=10_000.0)
+    write(out / "tiny-phi3-longrope.gguf", "phi3", None, np.random.default_rng(7), fused=True, rope_base=10_000.0,
+          longrope=True)
     print(f"wrote the tiny models in {out}", file=sys.stderr)
 
 

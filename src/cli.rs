@@ -1,5 +1,6 @@
-//! `llmesh nodes`, `llmesh models` and `llmesh status`: ask a running node over its HTTP API and
-//! print readable tables, or the JSON with `--json`. Errors say what to do next.
+//! `llmesh nodes`, `llmesh models` (and `models load` / `models unload`) and `llmesh status`: ask a
+//! running node over its HTTP API and print readable tables, or the JSON with `--json`. Errors say
+//! what to do next.
 
 use std::time::Duration;
 
@@ -26,6 +27,14 @@ fn fetch(args: &NodeArgs, path: &str) -> anyhow::Result<Value> {
 
 /// GET (or POST `body`) and read the JSON answer.
 fn call(args: &NodeArgs, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    match body {
+        None => send(args, "GET", path, None),
+        Some(body) => send(args, "POST", path, Some(body)),
+    }
+}
+
+/// Send `method` to `path` (with a JSON `body`, or none) and read the JSON answer.
+fn send(args: &NodeArgs, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
     let url = format!("{}{path}", args.node.trim_end_matches('/'));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
@@ -33,20 +42,28 @@ fn call(args: &NodeArgs, path: &str, body: Option<Value>) -> anyhow::Result<Valu
         .build()
         .into();
     let authorization = args.api_key.as_ref().map(|key| format!("Bearer {key}"));
-    let sent = match body {
-        None => {
+    let sent = match (method, body) {
+        ("GET", _) => {
             let mut request = agent.get(&url);
             if let Some(value) = &authorization {
                 request = request.header("Authorization", value);
             }
             request.call()
         }
-        Some(body) => {
+        ("DELETE", _) => {
+            // The operator's routes take only JSON requests (a web page cannot forge one).
+            let mut request = agent.delete(&url).header("Content-Type", "application/json");
+            if let Some(value) = &authorization {
+                request = request.header("Authorization", value);
+            }
+            request.call()
+        }
+        (_, body) => {
             let mut request = agent.post(&url).header("Content-Type", "application/json");
             if let Some(value) = &authorization {
                 request = request.header("Authorization", value);
             }
-            request.send(body.to_string())
+            request.send(body.unwrap_or(Value::Null).to_string())
         }
     };
     let mut response = sent.map_err(|error| {
@@ -58,13 +75,22 @@ fn call(args: &NodeArgs, path: &str, body: Option<Value>) -> anyhow::Result<Valu
     let status = response.status();
     let body = response.body_mut().read_to_string().context("reading the node's answer")?;
     match status.as_u16() {
-        200 => serde_json::from_str(&body).with_context(|| format!("{url} did not answer JSON")),
+        200..=299 => serde_json::from_str(&body).with_context(|| format!("{url} did not answer JSON")),
         401 if args.api_key.is_none() => {
             bail!("the node needs an API key: pass --api-key KEY or set LLMESH_API_KEY")
         }
         401 => bail!("the node refused the API key: check --api-key / LLMESH_API_KEY"),
-        404 => bail!("{url} is not an llmesh node's API (404); check --node"),
-        code => bail!("the node answered {code}: {body}"),
+        code => {
+            // The node's own message, where it sent an OpenAI-shaped error.
+            let message = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|answer| answer["error"]["message"].as_str().map(str::to_string));
+            match (code, message) {
+                (_, Some(message)) => bail!("{message} ({code})"),
+                (404, None) => bail!("{url} is not an llmesh node's API (404); check --node"),
+                (_, None) => bail!("the node answered {code}: {body}"),
+            }
+        }
     }
 }
 
@@ -199,13 +225,140 @@ fn list_nodes(args: &NodeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn models(args: &NodeArgs) -> anyhow::Result<()> {
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelsArgs {
+    #[command(subcommand)]
+    pub action: Option<ModelsAction>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ModelsAction {
+    /// Load a model on the running node, as `--model ID=PATH` does at start (a .gguf file, an
+    /// embeddings folder, or hf:owner/repo/file). Waits, showing progress, until it serves.
+    Load {
+        /// ID=PATH: the name clients use, and where the model is on the node's machine.
+        #[arg(value_name = "ID=PATH")]
+        model: String,
+        /// Return once the node has started loading instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop serving a model on the running node: new requests are refused at once, answers
+    /// being generated finish first. Waits until it is gone.
+    Unload {
+        id: String,
+        /// End the answers being generated now, with an error, instead of letting them finish.
+        #[arg(long)]
+        force: bool,
+        /// Return once the node has started unloading instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// How often `models load` / `models unload` ask how far the node got.
+const MODEL_POLL: Duration = Duration::from_millis(250);
+
+pub fn models(args: &ModelsArgs) -> anyhow::Result<()> {
+    match &args.action {
+        None => list_models(&args.node),
+        Some(ModelsAction::Load { model, no_wait }) => {
+            let (id, path) =
+                model.split_once('=').filter(|(id, path)| !id.is_empty() && !path.is_empty()).ok_or_else(
+                    || anyhow!("expected ID=PATH, e.g. qwen=/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"),
+                )?;
+            let answer =
+                send(&args.node, "POST", "/api/models", Some(serde_json::json!({"id": id, "path": path})))?;
+            if *no_wait {
+                return print_answer(&args.node, &answer, &format!("loading {id} from {path}"));
+            }
+            let ready = wait_for_model(&args.node, id, |state| {
+                let Some(state) = state else { return Ok(None) };
+                match state["state"].as_str() {
+                    Some("ready") => Ok(Some(state.clone())),
+                    Some("failed") => bail!("{id} did not load: {}", text(&state["error"])),
+                    _ => {
+                        if !args.node.json {
+                            eprint!(
+                                "\rloading {id}: {}% of {} MiB   ",
+                                text(&state["percent"]).split('.').next().unwrap_or("0"),
+                                state["total_bytes"].as_u64().unwrap_or(0) >> 20
+                            );
+                        }
+                        Ok(None)
+                    }
+                }
+            })?;
+            if !args.node.json {
+                eprintln!();
+            }
+            let info = &ready["info"];
+            print_answer(
+                &args.node,
+                &ready,
+                &format!(
+                    "{id} is served: {} {}, {} parameters, context {}",
+                    text(&info["architecture"]),
+                    text(&info["quantization"]),
+                    text(&info["parameters"]),
+                    text(&info["context_length"])
+                ),
+            )
+        }
+        Some(ModelsAction::Unload { id, force, no_wait }) => {
+            let path = format!("/api/models/{id}{}", if *force { "?force=true" } else { "" });
+            let answer = send(&args.node, "DELETE", &path, None)?;
+            if !*no_wait {
+                wait_for_model(&args.node, id, |state| Ok(state.is_none().then_some(Value::Null)))?;
+            }
+            print_answer(&args.node, &answer, &format!("{id} is unloaded"))
+        }
+    }
+}
+
+/// Ask `/api/models` until `done` says the model `id` (its entry, or `None` once absent) is there.
+fn wait_for_model(
+    args: &NodeArgs,
+    id: &str,
+    mut done: impl FnMut(Option<&Value>) -> anyhow::Result<Option<Value>>,
+) -> anyhow::Result<Value> {
+    loop {
+        let states = fetch(args, "/api/models")?;
+        let states = items(&states);
+        if let Some(finished) = done(states.iter().find(|state| state["id"] == id))? {
+            return Ok(finished);
+        }
+        std::thread::sleep(MODEL_POLL);
+    }
+}
+
+fn print_answer(args: &NodeArgs, answer: &Value, line: &str) -> anyhow::Result<()> {
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(answer)?);
+    } else {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn list_models(args: &NodeArgs) -> anyhow::Result<()> {
     let models = fetch(args, "/v1/models")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&models)?);
         return Ok(());
     }
-    let mut rows = vec![row(["MODEL", "KIND", "ARCHITECTURE", "QUANTIZATION", "CONTEXT", "HOSTS"])];
+    let mut rows = vec![row([
+        "MODEL",
+        "KIND",
+        "ARCHITECTURE",
+        "PARAMETERS",
+        "QUANTIZATION",
+        "SIZE",
+        "CONTEXT",
+        "HOSTS",
+    ])];
     for model in items(&models) {
         let details = &model["llmesh"];
         let hosts: Vec<String> =
@@ -214,7 +367,9 @@ pub fn models(args: &NodeArgs) -> anyhow::Result<()> {
             &text(&model["id"]),
             &text(&details["kind"]),
             &text(&details["architecture"]),
+            &human_count(details["parameters"].as_u64().unwrap_or(0)),
             &text(&details["quantization"]),
+            &human_bytes(details["file_bytes"].as_u64().unwrap_or(0)),
             &text(&details["context_length"]),
             &hosts.join(", "),
         ]));
@@ -303,6 +458,25 @@ fn gib(bytes: Option<u64>) -> String {
 
 fn millis(value: &Value) -> String {
     value.as_f64().map_or("-".into(), |ms| format!("{ms:.0} ms"))
+}
+
+/// 134515008 → "135M"; 0 (unknown) → "-".
+fn human_count(count: u64) -> String {
+    match count {
+        0 => "-".to_string(),
+        1..1_000_000 => format!("{:.0}K", count as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.0}M", count as f64 / 1e6),
+        _ => format!("{:.1}B", count as f64 / 1e9),
+    }
+}
+
+/// Bytes in MiB or GiB; 0 (unknown) → "-".
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        0 => "-".to_string(),
+        1..0x4000_0000 => format!("{} MiB", bytes.div_ceil(1 << 20)),
+        _ => format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30)),
+    }
 }
 
 fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {

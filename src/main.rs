@@ -7,8 +7,11 @@ use clap::{Parser, Subcommand};
 use llmesh::config::Config;
 use llmesh::node::Node;
 
+/// `0.1.0 (commit 1a2b3c4d5e6f)`: the release and the git commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("LLMESH_COMMIT"), ")");
+
 #[derive(Parser)]
-#[command(version, about = "Pool a team's machines into one OpenAI-compatible AI cluster")]
+#[command(version = VERSION, about = "Pool a team's machines into one OpenAI-compatible AI cluster")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,8 +25,9 @@ enum Command {
     Bench(llmesh::bench::BenchArgs),
     /// List the cluster's nodes, as a running node sees them; `nodes revoke PEER_ID` throws one out.
     Nodes(llmesh::cli::NodesArgs),
-    /// List the cluster's models and their hosts.
-    Models(llmesh::cli::NodeArgs),
+    /// List the cluster's models and their hosts; `models load ID=PATH` / `models unload ID`
+    /// change what a running node serves.
+    Models(llmesh::cli::ModelsArgs),
     /// Summarise a running node: the cluster, its health, routing statistics.
     Status(llmesh::cli::NodeArgs),
     /// Print a connection key (and QR code) that lets one more machine join the cluster.

@@ -38,7 +38,7 @@ async fn models_are_listed_in_openai_shape() {
         json!({
             "id": "fake-chat", "object": "model", "created": 1_700_000_000u64, "owned_by": "llmesh",
             "llmesh": {"kind": "chat", "architecture": "fake", "quantization": "f32",
-                       "context_length": CHAT_CONTEXT, "hosts": []},
+                       "context_length": CHAT_CONTEXT, "parameters": 0, "file_bytes": 0, "hosts": []},
         })
     );
     assert_eq!(data[1]["llmesh"]["kind"], "embeddings");

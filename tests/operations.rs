@@ -68,7 +68,7 @@ async fn operator_endpoints_need_the_api_key() {
     let dir = tempfile::tempdir().unwrap();
     let node = entry_node("solo", &dir, Vec::new(), |_| {}).await;
     let config = ApiConfig { api_key: Some("secret".into()), ..ApiConfig::default() };
-    for path in ["/api/nodes", "/api/stats", "/metrics"] {
+    for path in ["/api/nodes", "/api/stats", "/api/models", "/metrics"] {
         let app = api::node_app(node.router().clone(), config.clone());
         let anonymous = app.clone().oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED, "{path}");

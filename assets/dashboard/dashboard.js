@@ -7,6 +7,7 @@ import { initChat, updateChatModels } from './chat.js';
 import { bar, h, patch, sparkline } from './dom.js';
 import * as fmt from './format.js';
 import { initMembership, revokeButton } from './membership.js';
+import { initModels, pendingModels, unloadButton } from './models.js';
 
 const POLL_MS = 2000;
 const HISTORY_MS = 5 * 60 * 1000;
@@ -18,6 +19,8 @@ const $ = (id) => document.getElementById(id);
 const state = {
   nodes: [],
   models: [],
+  /** This node's own models with their state (`/api/models`): loading, ready, unloading, failed. */
+  localModels: [],
   stats: null,
   /** The previous stats poll, for rates: {t, stats}. */
   previous: null,
@@ -40,11 +43,11 @@ async function poll() {
   if (state.polling || state.signedOut) return;
   state.polling = true;
   clearTimeout(state.timer);
-  const [nodes, models, stats] = await Promise.allSettled([
-    getJson('/api/nodes'), getJson('/v1/models'), getJson('/api/stats'),
+  const [nodes, models, stats, localModels] = await Promise.allSettled([
+    getJson('/api/nodes'), getJson('/v1/models'), getJson('/api/stats'), getJson('/api/models'),
   ]);
   state.polling = false;
-  const results = { nodes, models, stats };
+  const results = { nodes, models, stats, localModels };
   if (Object.values(results).some((result) => result.reason instanceof AuthRequired)) {
     showLogin();
     return;
@@ -60,7 +63,8 @@ async function poll() {
     updateChatModels(state.models);
   }
   if (stats.status === 'fulfilled') takeStats(stats.value, now);
-  if (Object.keys(state.errors).length < 3) state.lastUpdate = new Date();
+  if (localModels.status === 'fulfilled') state.localModels = localModels.value.data || [];
+  if (Object.keys(state.errors).length < 4) state.lastUpdate = new Date();
   render();
   state.timer = setTimeout(poll, POLL_MS);
 }
@@ -208,15 +212,17 @@ function meter(label, fraction, text) {
 }
 
 function renderModels() {
+  patch($('pending-models'), pendingModels(state.localModels));
   if (state.errors.models && !state.models.length) {
     patch($('models'), h('p', { class: 'placeholder error-text' }, `Cannot list models: ${state.errors.models}`));
     return;
   }
   if (!state.models.length) {
-    patch($('models'), h('p', { class: 'placeholder' }, 'No node hosts a model yet. Start one with --model ID=PATH.'));
+    patch($('models'), h('p', { class: 'placeholder' }, 'No node hosts a model yet. Load one here, or start a node with --model ID=PATH.'));
     return;
   }
   const byPeer = new Map(state.nodes.map((node) => [node.peer_id, node]));
+  const local = new Map(state.localModels.map((model) => [model.id, model]));
   const rows = state.models.map((model) => {
     const info = model.llmesh || {};
     const hosts = info.hosts || [];
@@ -224,13 +230,17 @@ function renderModels() {
       h('td', { class: 'key' }, h('strong', null, model.id)),
       h('td', null, h('span', { class: `pill ${info.kind === 'chat' ? 'accent' : ''}` }, info.kind || '—')),
       h('td', null, info.architecture || '—'),
+      h('td', { class: 'num' }, info.parameters ? fmt.count(info.parameters) : '—'),
       h('td', null, info.quantization || '—'),
+      h('td', { class: 'num' }, info.file_bytes ? fmt.bytes(info.file_bytes) : '—'),
       h('td', { class: 'num' }, info.context_length ? fmt.integer(info.context_length) : '—'),
-      h('td', null, h('div', { class: 'hosts' }, hosts.length ? hosts.map((host) => hostChip(host, byPeer.get(host.peer_id))) : '—')));
+      h('td', null, h('div', { class: 'hosts' }, hosts.length ? hosts.map((host) => hostChip(host, byPeer.get(host.peer_id))) : '—')),
+      h('td', null, unloadButton(model, local.get(model.id))));
   });
+  const numeric = new Set([3, 5, 6]);
   patch($('models'), h('table', null,
-    h('thead', null, h('tr', null, ['Model', 'Kind', 'Architecture', 'Quantization', 'Context', 'Hosts (load)']
-      .map((title, index) => h('th', { class: index === 4 ? 'num' : null }, title)))),
+    h('thead', null, h('tr', null, ['Model', 'Kind', 'Architecture', 'Parameters', 'Quantization', 'Size', 'Context', 'Hosts (load)', '']
+      .map((title, index) => h('th', { class: numeric.has(index) ? 'num' : null }, title)))),
     h('tbody', null, rows)));
 }
 
@@ -349,4 +359,5 @@ $('login-form').addEventListener('submit', signIn);
 $('sign-out').addEventListener('click', signOut);
 initChat();
 initMembership({ refresh: poll });
+initModels({ refresh: poll });
 poll();

@@ -45,6 +45,7 @@ const ASSETS: &[Asset] = &[
     embed("format.js", JAVASCRIPT, include_str!("../../assets/dashboard/format.js")),
     embed("chat.js", JAVASCRIPT, include_str!("../../assets/dashboard/chat.js")),
     embed("membership.js", JAVASCRIPT, include_str!("../../assets/dashboard/membership.js")),
+    embed("models.js", JAVASCRIPT, include_str!("../../assets/dashboard/models.js")),
     embed("favicon.svg", SVG, include_str!("../../assets/dashboard/favicon.svg")),
 ];
 

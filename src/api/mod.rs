@@ -29,7 +29,7 @@ use axum::extract::{FromRef, Request};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -119,6 +119,8 @@ fn build(state: AppState, config: ApiConfig) -> Router {
             .route("/api/invitations", post(cluster::create_invitation))
             .route("/api/nodes/{peer_id}/revoke", post(cluster::revoke_node))
             .route("/api/join", post(cluster::join_cluster))
+            .route("/api/models", get(models::list_local_models).post(models::load_model))
+            .route("/api/models/{id}", delete(models::unload_model))
             .route_layer(middleware::from_fn(origin::require_json));
         v1 = v1.merge(operator).route("/metrics", get(metrics::render));
     }

@@ -40,6 +40,10 @@ pub struct ModelDetails {
     pub architecture: String,
     pub quantization: String,
     pub context_length: usize,
+    /// Parameters in the model's files (0: unknown, e.g. announced by an older node).
+    pub parameters: u64,
+    /// Bytes of the model's files (0: unknown).
+    pub file_bytes: u64,
     /// The nodes of the cluster that serve the model.
     pub hosts: Vec<ModelHost>,
 }
@@ -56,6 +60,8 @@ impl From<ModelInfo> for ModelObject {
                 architecture: model.architecture,
                 quantization: model.quantization,
                 context_length: model.context_length,
+                parameters: model.parameters,
+                file_bytes: model.file_bytes,
                 hosts: model.hosts,
             },
         }

@@ -5,6 +5,8 @@
 //! attention mask and L2-normalised, as sentence-transformers does.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 
 use candle_core::{DType, Device, Tensor};
@@ -29,11 +31,16 @@ struct EmbedJob {
 pub struct EmbeddingWorker {
     model_id: String,
     jobs: SyncSender<EmbedJob>,
+    /// Batches queued or being embedded.
+    pending: Arc<AtomicUsize>,
 }
 
 /// What the engine reports about a loaded embedding model.
 pub struct EmbeddingModelInfo {
     pub context_length: usize,
+    pub parameters: u64,
+    /// Bytes of `model.safetensors`.
+    pub file_bytes: u64,
 }
 
 impl EmbeddingWorker {
@@ -65,17 +72,22 @@ impl EmbeddingWorker {
             ..PaddingParams::default()
         }));
         let weights = folder.join("model.safetensors");
+        let file_bytes = std::fs::metadata(&weights).map_err(|e| load_error(&e))?.len();
         // SAFETY: the file is mapped read-only and llmesh never writes model files while serving.
+        let parameters = safetensors_parameters(&weights).map_err(|e| load_error(&e))?;
         let vars = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device) }
             .map_err(|e| load_error(&e))?;
         let model = BertModel::load(vars, &config).map_err(|e| load_error(&e))?;
-        let info = EmbeddingModelInfo { context_length: config.max_position_embeddings };
+        let info =
+            EmbeddingModelInfo { context_length: config.max_position_embeddings, parameters, file_bytes };
         let (jobs, queue) = std::sync::mpsc::sync_channel(max_queued);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let worker_pending = pending.clone();
         std::thread::Builder::new()
             .name(format!("embed-{model_id}"))
-            .spawn(move || in_own_rayon_pool(|| run_worker(model, tokenizer, queue)))
+            .spawn(move || in_own_rayon_pool(|| run_worker(model, tokenizer, queue, &worker_pending)))
             .map_err(|e| load_error(&e))?;
-        Ok((Self { model_id: model_id.to_string(), jobs }, info))
+        Ok((Self { model_id: model_id.to_string(), jobs, pending }, info))
     }
 
     /// Queue a batch; the vectors arrive on the returned receiver.
@@ -85,26 +97,53 @@ impl EmbeddingWorker {
     ) -> Result<oneshot::Receiver<Result<Embeddings, EngineError>>, EngineError> {
         let (reply, answer) = oneshot::channel();
         let job = EmbedJob { inputs, span: tracing::Span::current(), reply };
-        self.jobs.try_send(job).map_err(|error| match error {
-            TrySendError::Full(_) => EngineError::QueueFull(self.model_id.clone()),
-            TrySendError::Disconnected(_) => EngineError::ShuttingDown(self.model_id.clone()),
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.jobs.try_send(job).map_err(|error| {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            match error {
+                TrySendError::Full(_) => EngineError::QueueFull(self.model_id.clone()),
+                TrySendError::Disconnected(_) => EngineError::ShuttingDown(self.model_id.clone()),
+            }
         })?;
         Ok(answer)
     }
+
+    /// Batches queued or being embedded now.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
 }
 
-fn run_worker(model: BertModel, tokenizer: Tokenizer, queue: Receiver<EmbedJob>) {
+fn run_worker(model: BertModel, tokenizer: Tokenizer, queue: Receiver<EmbedJob>, pending: &AtomicUsize) {
     while let Ok(job) = queue.recv() {
         let _entered = job.span.enter();
-        if job.reply.is_closed() {
-            continue;
+        if !job.reply.is_closed() {
+            let result = embed_all(&model, &tokenizer, &job.inputs).map_err(|error| {
+                tracing::error!(%error, "embedding failed");
+                EngineError::Inference(error.to_string())
+            });
+            let _ = job.reply.send(result);
         }
-        let result = embed_all(&model, &tokenizer, &job.inputs).map_err(|error| {
-            tracing::error!(%error, "embedding failed");
-            EngineError::Inference(error.to_string())
-        });
-        let _ = job.reply.send(result);
+        pending.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Elements of every tensor in a safetensors file, from its header alone.
+fn safetensors_parameters(path: &Path) -> anyhow::Result<u64> {
+    let mut file = std::fs::File::open(path)?;
+    let mut length = [0u8; 8];
+    std::io::Read::read_exact(&mut file, &mut length)?;
+    let length = u64::from_le_bytes(length);
+    anyhow::ensure!(length <= 100 << 20, "a safetensors header of {length} bytes");
+    let mut header = vec![0u8; length as usize];
+    std::io::Read::read_exact(&mut file, &mut header)?;
+    let header: std::collections::HashMap<String, serde_json::Value> = serde_json::from_slice(&header)?;
+    Ok(header
+        .iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .filter_map(|(_, tensor)| tensor["shape"].as_array())
+        .map(|shape| shape.iter().filter_map(serde_json::Value::as_u64).product::<u64>())
+        .sum())
 }
 
 fn embed_all(model: &BertModel, tokenizer: &Tokenizer, inputs: &[String]) -> anyhow::Result<Embeddings> {

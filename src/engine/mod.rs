@@ -12,6 +12,7 @@ mod embedding;
 mod gguf_tokenizer;
 mod grammar;
 pub mod kernels;
+mod loading;
 mod local;
 mod models;
 mod prompt_cache;
@@ -32,7 +33,7 @@ pub use gguf_tokenizer::{GgufTokenizer, tokenizer_from_gguf, tokenizer_from_meta
 pub use grammar::{MAX_SCHEMA_BYTES, ResponseFormat};
 
 pub use detokenize::{IncrementalDecoder, StopMatcher};
-pub use local::{LocalEngine, ModelSpec, default_device};
+pub use local::{LocalEngine, ModelSpec, ModelState, ModelStatus, default_device};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{QueueLimits, WorkerLoad};
 pub use source::resolve_model_path;
@@ -58,6 +59,12 @@ pub struct ModelInfo {
     pub quantization: String,
     /// Maximum tokens of prompt plus completion.
     pub context_length: usize,
+    /// Parameters (weights) in the file, 0 where unknown.
+    #[serde(default)]
+    pub parameters: u64,
+    /// Bytes of the model's files, 0 where unknown.
+    #[serde(default)]
+    pub file_bytes: u64,
     /// Unix seconds when the model was loaded.
     pub created: u64,
     /// The nodes that host it, filled in by the router (empty from a local engine).
@@ -246,6 +253,26 @@ pub trait Engine: Send + Sync + 'static {
     /// How busy the engine is now (announced to the cluster).
     fn load(&self) -> EngineLoad {
         EngineLoad::default()
+    }
+
+    /// Start loading a model while serving: `source` is what `--model ID=PATH` takes. Checked at
+    /// once (the id, no model of that id), read in the background; `model_states` shows how far.
+    fn start_loading(&self, id: &str, _source: &str) -> Result<(), EngineError> {
+        Err(EngineError::InvalidRequest(format!("this engine cannot load '{id}' at run time")))
+    }
+
+    /// Stop serving a model: new requests are refused with `ShuttingDown` at once; the answers
+    /// being generated finish (or, with `force`, end with an error), then it is dropped.
+    fn start_unloading(&self, id: &str, _force: bool) -> Result<(), EngineError> {
+        Err(EngineError::UnknownModel(id.to_string()))
+    }
+
+    /// Every model this engine holds or is loading, with its state (`GET /api/models`).
+    fn model_states(&self) -> Vec<ModelStatus> {
+        self.models()
+            .into_iter()
+            .map(|info| ModelStatus { id: info.id.clone(), info: Some(info), ..ModelStatus::default() })
+            .collect()
     }
 }
 

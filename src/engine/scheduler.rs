@@ -7,13 +7,14 @@
 //! Jobs wait in a bounded queue; a full queue is refused at once (`EngineError::QueueFull`). A
 //! generation whose receiver is dropped (the client went away) leaves at the next step. Events
 //! go out through `try_reserve`, so a slow reader pauses only its own generation, never the
-//! thread.
+//! thread. `abort_all` (a forced unload) ends every generation, running and queued, with an
+//! error at the next step.
 
 mod generation;
 mod step;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::time::Duration;
 
@@ -74,6 +75,8 @@ pub struct WorkerStats {
     cancelled: AtomicU64,
     prompt_cache_hits: AtomicU64,
     prompt_tokens_reused: AtomicU64,
+    /// Set by `abort_all`: everything running or queued ends with an error.
+    aborted: AtomicBool,
 }
 
 /// A copy of `WorkerStats` at one instant.
@@ -154,6 +157,12 @@ impl GenerationWorker {
     pub fn load(&self) -> WorkerLoad {
         self.stats.snapshot()
     }
+
+    /// End every generation of this worker, running or queued, with `ShuttingDown`, from its
+    /// next step on; new jobs end so too.
+    pub fn abort_all(&self) {
+        self.stats.aborted.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A place in a model's queue, held while a job is prepared; given back if it is dropped unused.
@@ -216,6 +225,11 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
                 Ok(job) => active.push(start(job, &mut cache)),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => queue_open = false,
+            }
+        }
+        if stats.aborted.load(Ordering::Relaxed) {
+            for generation in &mut active {
+                generation.abort(EngineError::ShuttingDown(runtime.model_id.clone()));
             }
         }
         if active.is_empty() {

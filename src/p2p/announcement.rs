@@ -13,7 +13,7 @@ use super::members::{MAX_ADMISSION_BYTES, MAX_MEMBERS};
 use super::signed::{self, EnvelopeError};
 
 /// Bumped when the announcement's shape changes; receivers ignore versions they don't know.
-pub const ANNOUNCEMENT_VERSION: u16 = 3;
+pub const ANNOUNCEMENT_VERSION: u16 = 4;
 /// The largest signed announcement accepted on the wire (also gossipsub's transmit limit).
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 64 * 1024;
 const MAX_MODELS: usize = 256;
@@ -58,6 +58,10 @@ pub struct AnnouncedModel {
     pub architecture: String,
     pub quantization: String,
     pub context_length: u64,
+    /// Parameters in the model's files (0: unknown).
+    pub parameters: u64,
+    /// Bytes of the model's files (0: unknown).
+    pub file_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +235,8 @@ mod tests {
                 architecture: "llama".into(),
                 quantization: "Q4_1".into(),
                 context_length: 4096,
+                parameters: 134_515_008,
+                file_bytes: 85_000_000,
             }],
             hardware: Hardware {
                 cpu: "Ryzen".into(),

@@ -188,6 +188,8 @@ fn model_info(model: &AnnouncedModel, created: u64) -> ModelInfo {
         architecture: model.architecture.clone(),
         quantization: model.quantization.clone(),
         context_length: model.context_length as usize,
+        parameters: model.parameters,
+        file_bytes: model.file_bytes,
         created,
         hosts: Vec::new(),
     }
@@ -212,6 +214,8 @@ mod tests {
                     architecture: "llama".into(),
                     quantization: "Q4_1".into(),
                     context_length: 2048,
+                    parameters: 0,
+                    file_bytes: 0,
                 })
                 .collect(),
             hardware: Hardware::default(),

@@ -29,10 +29,8 @@ pub async fn run(
     let mut sampler = Some(crate::hardware::UsageSampler::new(&hardware));
     let mut usage = ResourceUsage::default();
     let mut sampled_at: Option<Instant> = None;
-    let model_ids: Vec<String> = router.local.models().into_iter().map(|model| model.id).collect();
-    if let Err(error) = router.p2p.provide_models(model_ids).await {
-        tracing::warn!(%error, "cannot advertise models in the DHT");
-    }
+    // Models come and go at run time: the DHT's provider records follow the announcement.
+    let mut provided: Option<Vec<String>> = None;
     let mut published: Option<(Announcement, Instant)> = None;
     let mut tick = tokio::time::interval(CHANGE_CHECK);
     loop {
@@ -67,6 +65,13 @@ pub async fn run(
                     sampled_at = Some(Instant::now());
                 }
                 let current = describe(&router, &hardware, usage).await;
+                let model_ids: Vec<String> = current.models.iter().map(|model| model.id.clone()).collect();
+                if provided.as_ref() != Some(&model_ids) {
+                    if let Err(error) = router.p2p.provide_models(model_ids.clone()).await {
+                        tracing::warn!(%error, "cannot advertise models in the DHT");
+                    }
+                    provided = Some(model_ids);
+                }
                 let due = match &published {
                     None => true,
                     Some((last, at)) => at.elapsed() >= HEARTBEAT || !same_content(last, &current),
@@ -101,6 +106,8 @@ async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsag
             architecture: model.architecture,
             quantization: model.quantization,
             context_length: model.context_length as u64,
+            parameters: model.parameters,
+            file_bytes: model.file_bytes,
         })
         .collect();
     let load = router.local.load();

@@ -186,6 +186,11 @@ impl Router {
     }
 
     /// How busy the local engine is.
+    /// This node's own engine: the models it hosts, loaded and unloaded at run time.
+    pub fn local_engine(&self) -> &SharedEngine {
+        &self.inner.local
+    }
+
     pub fn local_load(&self) -> EngineLoad {
         self.inner.local.load()
     }
@@ -292,9 +297,17 @@ impl RouterInner {
     }
 
     fn no_host_error(&self, model_id: &str) -> EngineError {
-        if self.read_cluster().recently_departed(model_id, Instant::now()) {
+        let unloading_here = self
+            .local
+            .model_states()
+            .iter()
+            .any(|model| model.id == model_id && model.state == crate::engine::ModelState::Unloading);
+        if unloading_here {
+            // Still finishing its answers here, and no other host: "try again later".
+            EngineError::ShuttingDown(model_id.to_string())
+        } else if self.read_cluster().recently_departed(model_id, Instant::now()) {
             EngineError::Unavailable(format!(
-                "model '{model_id}' has no host right now: its last host left the cluster"
+                "model '{model_id}' has no host right now: its last host left the cluster or stopped serving it"
             ))
         } else {
             EngineError::UnknownModel(model_id.to_string())

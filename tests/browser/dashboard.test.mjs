@@ -4,7 +4,8 @@
 // opens laptop's dashboard in headless Chromium, signs in with the API key, checks that both
 // nodes and the model appear, chats through the playground and waits for a streamed answer
 // served by gpu-box, saves a screenshot, creates a connection key in the invite panel (checking
-// its error, key, join command and QR code, with a screenshot of the panel), then revokes gpu-box
+// its error, key, join command and QR code, with a screenshot of the panel), loads a model on
+// laptop from the Models panel (a missing file first) and unloads it, then revokes gpu-box
 // from the dashboard and waits for its card to go and stay gone. Every
 // wait is bounded; the nodes, the browser and the temporary directories are cleaned up on
 // success, failure and interruption.
@@ -267,6 +268,29 @@ async function run() {
   step(`invite screenshot: ${inviteShot}`);
   await page.click('#invite-close');
   await page.locator('#invite').waitFor({ state: 'hidden' });
+
+  step('loading models on laptop from its dashboard: a missing file, then smollm2 again');
+  await page.click('#load-open');
+  await page.locator('#load-model').waitFor({ state: 'visible' });
+  await page.fill('#load-id', 'missing');
+  await page.fill('#load-path', '/nonexistent/model.gguf');
+  await page.click('#load-submit');
+  const failed = page.locator('#pending-models li[data-key="missing"]');
+  await failed.filter({ hasText: 'does not exist' }).waitFor({ timeout: 30_000 });
+  await failed.locator('button.dismiss').click();
+  await failed.waitFor({ state: 'detached' });
+  await page.click('#load-open');
+  await page.fill('#load-id', 'smol-laptop');
+  await page.fill('#load-path', MODEL_FILE);
+  await page.click('#load-submit');
+  const loadedRow = page.locator('#models tr[data-model="smol-laptop"]');
+  await loadedRow.waitFor({ timeout: 60_000 });
+  const loadedText = await loadedRow.textContent();
+  if (!loadedText.includes('laptop') || !loadedText.includes('134.5M')) fail(`smol-laptop's row reads "${loadedText}"`);
+  if (await modelRow.locator('button.unload').count()) fail('laptop offers to unload a model gpu-box hosts');
+  page.once('dialog', (dialog) => dialog.accept());
+  await loadedRow.locator('button.unload').click();
+  await loadedRow.waitFor({ state: 'detached', timeout: 30_000 });
 
   step('revoking gpu-box from laptop\'s dashboard: its card must go, and stay gone');
   let question = null;

@@ -46,6 +46,8 @@ pub fn model(id: &str, kind: ModelKind) -> ModelInfo {
         architecture: "fake".into(),
         quantization: "f32".into(),
         context_length: CHAT_CONTEXT,
+        parameters: 0,
+        file_bytes: 0,
         created: 1_700_000_000,
         hosts: Vec::new(),
     }

@@ -47,6 +47,8 @@ pub fn announcement(peer_id: String, name: &str, model: &str, issued_at_ms: u64)
             architecture: "llama".into(),
             quantization: "Q8_0".into(),
             context_length: 64,
+            parameters: 0,
+            file_bytes: 0,
         }],
         hardware: Hardware::default(),
         usage: ResourceUsage::default(),

@@ -40,6 +40,11 @@ fn pseudo_random(len: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 /// Write the model to `path`.
 pub fn write_tiny_llama(path: &Path) {
+    write_tiny_llama_with_context(path, CONTEXT as u32);
+}
+
+/// The same model declaring a context window of `context` tokens.
+pub fn write_tiny_llama_with_context(path: &Path, context: u32) {
     let (tokens, merges) = vocabulary();
     let vocab = tokens.len();
     let strings = |items: &[String]| Value::Array(items.iter().cloned().map(Value::String).collect());
@@ -47,7 +52,7 @@ pub fn write_tiny_llama(path: &Path) {
     let metadata: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
         ("general.file_type", Value::U32(0)),
-        ("llama.context_length", Value::U32(CONTEXT as u32)),
+        ("llama.context_length", Value::U32(context)),
         ("llama.embedding_length", Value::U32(DIM as u32)),
         ("llama.block_count", Value::U32(LAYERS as u32)),
         ("llama.feed_forward_length", Value::U32(FFN as u32)),

@@ -6,7 +6,8 @@
 //! SIMD variants beside them; `Kernels::detect` picks the best variant this CPU runs, once, at
 //! run time (never from compile-time target features), and tests hold every variant to its
 //! scalar twin. A matmul quantizes its input once to 8-bit activation blocks, then splits the
-//! weight rows across the engine's compute pool (`pool.rs`: persistent workers that park when
+//! weight rows (each run against four tokens at a time where the variant has a `dot4` kernel)
+//! across the engine's compute pool (`pool.rs`: persistent workers that park when
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 
@@ -23,8 +24,8 @@ use std::sync::OnceLock;
 use candle_core::quantized::GgmlDType;
 
 pub use pool::ComputePool;
-use scalar::DotRow;
 pub use scalar::{ActivationBlock, BLOCK};
+use scalar::{DotRow, DotRow4};
 
 /// A GGUF weight type this module reads rows of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +117,14 @@ pub struct Kernels {
     q8_0: DotRow,
     q4_k: DotRow,
     q6_k: DotRow,
+    /// Four tokens at once, for the types that have it in this variant.
+    q4_0x4: Option<DotRow4>,
+    q4_1x4: Option<DotRow4>,
+    q5_0x4: Option<DotRow4>,
+    q5_1x4: Option<DotRow4>,
+    q8_0x4: Option<DotRow4>,
+    q4_kx4: Option<DotRow4>,
+    q6_kx4: Option<DotRow4>,
     quantize: Quantize,
 }
 
@@ -133,6 +142,13 @@ impl Kernels {
             q8_0: scalar::dot_q8_0,
             q4_k: k_quants::dot_q4_k,
             q6_k: k_quants::dot_q6_k,
+            q4_0x4: None,
+            q4_1x4: None,
+            q5_0x4: None,
+            q5_1x4: None,
+            q8_0x4: None,
+            q4_kx4: None,
+            q6_kx4: None,
             quantize: scalar::quantize_activations,
         }
     }
@@ -152,6 +168,13 @@ impl Kernels {
                 q8_0: |r, a| unsafe { x86::avx2::dot_q8_0(r, a) },
                 q4_k: |r, a| unsafe { x86::avx2::dot_q4_k(r, a) },
                 q6_k: |r, a| unsafe { x86::avx2::dot_q6_k(r, a) },
+                q4_0x4: Some(|r, t| unsafe { x86::avx2::dot4_q4_0(r, t) }),
+                q4_1x4: Some(|r, t| unsafe { x86::avx2::dot4_q4_1(r, t) }),
+                q5_0x4: Some(|r, t| unsafe { x86::avx2::dot4_q5_0(r, t) }),
+                q5_1x4: Some(|r, t| unsafe { x86::avx2::dot4_q5_1(r, t) }),
+                q8_0x4: Some(|r, t| unsafe { x86::avx2::dot4_q8_0(r, t) }),
+                q4_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q4_k(r, t) }),
+                q6_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q6_k(r, t) }),
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
             }),
             #[cfg(target_arch = "x86_64")]
@@ -165,6 +188,13 @@ impl Kernels {
                 q8_0: |r, a| unsafe { x86::vnni::dot_q8_0(r, a) },
                 q4_k: |r, a| unsafe { x86::vnni::dot_q4_k(r, a) },
                 q6_k: |r, a| unsafe { x86::vnni::dot_q6_k(r, a) },
+                q4_0x4: Some(|r, t| unsafe { x86::vnni::dot4_q4_0(r, t) }),
+                q4_1x4: Some(|r, t| unsafe { x86::vnni::dot4_q4_1(r, t) }),
+                q5_0x4: Some(|r, t| unsafe { x86::vnni::dot4_q5_0(r, t) }),
+                q5_1x4: Some(|r, t| unsafe { x86::vnni::dot4_q5_1(r, t) }),
+                q8_0x4: Some(|r, t| unsafe { x86::vnni::dot4_q8_0(r, t) }),
+                q4_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q4_k(r, t) }),
+                q6_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q6_k(r, t) }),
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
             }),
             _ => None,
@@ -201,6 +231,20 @@ impl Kernels {
             WeightType::Q8_0 => Some(self.q8_0),
             WeightType::Q4K => Some(self.q4_k),
             WeightType::Q6K => Some(self.q6_k),
+            WeightType::F32 | WeightType::F16 => None,
+        }
+    }
+
+    /// The four-token dot product of a type, where this variant has one.
+    pub fn dot4(&self, weight_type: WeightType) -> Option<DotRow4> {
+        match weight_type {
+            WeightType::Q4_0 => self.q4_0x4,
+            WeightType::Q4_1 => self.q4_1x4,
+            WeightType::Q5_0 => self.q5_0x4,
+            WeightType::Q5_1 => self.q5_1x4,
+            WeightType::Q8_0 => self.q8_0x4,
+            WeightType::Q4K => self.q4_kx4,
+            WeightType::Q6K => self.q6_kx4,
             WeightType::F32 | WeightType::F16 => None,
         }
     }
@@ -305,6 +349,8 @@ fn matmul_fused_on(
         .iter()
         .map(|matrix| kernels.dot(matrix.weight_type).expect("matmul on a type without a dot kernel"))
         .collect();
+    let dots4: Vec<Option<DotRow4>> =
+        matrices.iter().map(|matrix| kernels.dot4(matrix.weight_type)).collect();
     assert_eq!(input.len() % columns, 0, "input is not whole rows");
     let tokens = input.len() / columns;
     let total_rows: usize = matrices.iter().map(|matrix| matrix.rows).sum();
@@ -330,17 +376,30 @@ fn matmul_fused_on(
         pool.run(chunks, |range| {
             for chunk in range {
                 let which = first_chunk.partition_point(|&start| start <= chunk) - 1;
-                let (matrix, dot) = (matrices[which], dots[which]);
+                let (matrix, dot, dot4) = (matrices[which], dots[which], dots4[which]);
                 let first_row = (chunk - first_chunk[which]) * ROWS_PER_CHUNK;
+                let token_blocks = |token: usize| &activations[token * blocks..(token + 1) * blocks];
+                let write = |token: usize, row: usize, value: f32| {
+                    let at = token * total_rows + first_column[which] + row;
+                    // SAFETY: `out` holds tokens × total_rows values (asserted above) and
+                    // outlives this call; each (token, row) is written by exactly one chunk, so
+                    // no two threads write the same element.
+                    unsafe { *(out_address as *mut f32).add(at) = value };
+                };
                 for row in first_row..matrix.rows.min(first_row + ROWS_PER_CHUNK) {
                     let weights = &matrix.bytes[row * matrix.row_bytes..(row + 1) * matrix.row_bytes];
-                    for token in 0..tokens {
-                        let value = dot(weights, &activations[token * blocks..(token + 1) * blocks]);
-                        let at = token * total_rows + first_column[which] + row;
-                        // SAFETY: `out` holds tokens × total_rows values (asserted above) and
-                        // outlives this call; each (token, row) is written by exactly one chunk,
-                        // so no two threads write the same element.
-                        unsafe { *(out_address as *mut f32).add(at) = value };
+                    let mut token = 0;
+                    if let Some(dot4) = dot4 {
+                        while token + 4 <= tokens {
+                            let values = dot4(weights, std::array::from_fn(|t| token_blocks(token + t)));
+                            for (t, value) in values.into_iter().enumerate() {
+                                write(token + t, row, value);
+                            }
+                            token += 4;
+                        }
+                    }
+                    for token in token..tokens {
+                        write(token, row, dot(weights, token_blocks(token)));
                     }
                 }
             }

@@ -162,6 +162,190 @@ macro_rules! dot_kernels {
             horizontal_sum(acc)
         }
 
+        // Four tokens against one row: each block's weights are unpacked once for all four (a
+        // prompt's matmul, where unpacking was most of the work), four accumulators.
+
+        /// A signed block's products with block `index` of each token, into `acc`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn signed_block4(
+            acc: &mut [__m256; 4],
+            weights: __m256i,
+            d: __m128,
+            tokens: [&[ActivationBlock]; 4],
+            index: usize,
+        ) {
+            let magnitudes = _mm256_sign_epi8(weights, weights);
+            // d·scale in every lane, as the one-token kernel's product broadcast (the same f32
+            // product), with the block's d broadcast once for the four tokens.
+            let d = _mm256_broadcastss_ps(d);
+            for (acc, activations) in acc.iter_mut().zip(tokens) {
+                let a = &activations[index];
+                let sums = products(magnitudes, _mm256_sign_epi8(activation_bytes(a), weights));
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.scale));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc);
+            }
+        }
+
+        /// An unsigned block with a minimum (`dm`: d and m in lanes 0 and 1), as `signed_block4`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn unsigned_block4(
+            acc: &mut [__m256; 4],
+            minimums: &mut [__m128; 4],
+            weights: __m256i,
+            dm: __m128,
+            tokens: [&[ActivationBlock]; 4],
+            index: usize,
+        ) {
+            for ((acc, minimums), activations) in acc.iter_mut().zip(minimums.iter_mut()).zip(tokens) {
+                let a = &activations[index];
+                let sums = products(weights, activation_bytes(a));
+                let factors = _mm_mul_ps(dm, scale_and_sum(a));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_broadcastss_ps(factors), *acc);
+                *minimums = _mm_add_ps(*minimums, factors);
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn finish4(acc: [__m256; 4], minimums: Option<[__m128; 4]>) -> [f32; 4] {
+            std::array::from_fn(|t| {
+                let minimum = minimums.map_or(0.0, |m| _mm_cvtss_f32(_mm_movehdup_ps(m[t])));
+                horizontal_sum(acc[t]) + minimum
+            })
+        }
+
+        /// Every token has a block for every block of the row.
+        fn check4(row: &[u8], block_bytes: usize, tokens: &[&[ActivationBlock]; 4]) {
+            let blocks = row.len() / block_bytes;
+            assert!(tokens.iter().all(|t| t.len() >= blocks), "fewer activation blocks than weight blocks");
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot4_q4_0(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
+            check4(row, 18, &tokens);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (index, block) in row.chunks_exact(18).enumerate() {
+                let weights = _mm256_sub_epi8(nibbles_to_bytes(load16(&block[2..])), _mm256_set1_epi8(8));
+                signed_block4(&mut acc, weights, f16_pair(block, 0), tokens, index);
+            }
+            finish4(acc, None)
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot4_q4_1(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
+            check4(row, 20, &tokens);
+            let (mut acc, mut minimums) = ([_mm256_setzero_ps(); 4], [_mm_setzero_ps(); 4]);
+            for (index, block) in row.chunks_exact(20).enumerate() {
+                let weights = nibbles_to_bytes(load16(&block[4..]));
+                unsigned_block4(&mut acc, &mut minimums, weights, f16_pair(block, 0), tokens, index);
+            }
+            finish4(acc, Some(minimums))
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot4_q5_0(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
+            check4(row, 22, &tokens);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (index, block) in row.chunks_exact(22).enumerate() {
+                let high_bits = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                let fifth = _mm256_and_si256(bits_to_bytes(high_bits), _mm256_set1_epi8(0x10));
+                let unsigned = _mm256_or_si256(nibbles_to_bytes(load16(&block[6..])), fifth);
+                let weights = _mm256_sub_epi8(unsigned, _mm256_set1_epi8(16));
+                signed_block4(&mut acc, weights, f16_pair(block, 0), tokens, index);
+            }
+            finish4(acc, None)
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot4_q5_1(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
+            check4(row, 24, &tokens);
+            let (mut acc, mut minimums) = ([_mm256_setzero_ps(); 4], [_mm_setzero_ps(); 4]);
+            for (index, block) in row.chunks_exact(24).enumerate() {
+                let high_bits = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+                let fifth = _mm256_and_si256(bits_to_bytes(high_bits), _mm256_set1_epi8(0x10));
+                let weights = _mm256_or_si256(nibbles_to_bytes(load16(&block[8..])), fifth);
+                unsigned_block4(&mut acc, &mut minimums, weights, f16_pair(block, 0), tokens, index);
+            }
+            finish4(acc, Some(minimums))
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot4_q8_0(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
+            check4(row, 34, &tokens);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (index, block) in row.chunks_exact(34).enumerate() {
+                signed_block4(&mut acc, load32(&block[2..]), f16_pair(block, 0), tokens, index);
+            }
+            finish4(acc, None)
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot4_q4_k(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
+            check4(row, Q4_K_BYTES / 8, &tokens);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut minimums = [0.0f32; 4];
+            for (super_block, block) in row.chunks_exact(Q4_K_BYTES).enumerate() {
+                let pair = f16_pair(block, 0);
+                let (d, dmin) = (_mm_cvtss_f32(pair), _mm_cvtss_f32(_mm_movehdup_ps(pair)));
+                for run in 0..4 {
+                    let packed = load32(&block[16 + 32 * run..]);
+                    let low = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));
+                    let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F));
+                    for (j, nibbles) in [(2 * run, low), (2 * run + 1, high)] {
+                        let (scale, min) = scale_and_min(j, &block[4..16]);
+                        let (scale, min) = (d * f32::from(scale), dmin * f32::from(min));
+                        for t in 0..4 {
+                            let a = &tokens[t][8 * super_block + j];
+                            let sums = products(nibbles, activation_bytes(a));
+                            let factor = _mm256_set1_ps(scale * a.scale);
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), factor, acc[t]);
+                            minimums[t] += min * a.sum;
+                        }
+                    }
+                }
+            }
+            std::array::from_fn(|t| horizontal_sum(acc[t]) - minimums[t])
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot4_q6_k(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
+            check4(row, Q6_K_BYTES / 8, &tokens);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let thirty_two = _mm256_set1_epi8(32);
+            for (super_block, block) in row.chunks_exact(Q6_K_BYTES).enumerate() {
+                let d = _mm_cvtss_f32(_mm_movehdup_ps(f16_pair(block, 206)));
+                for quarter in 0..8 {
+                    let (half, k) = (quarter / 4, quarter % 4);
+                    let ql = load32(&block[64 * half + 32 * (k % 2)..]);
+                    let ql = if k >= 2 { _mm256_srli_epi16(ql, 4) } else { ql };
+                    let low = _mm256_and_si256(ql, _mm256_set1_epi8(0x0F));
+                    let qh = load32(&block[128 + 32 * half..]);
+                    let high = match k {
+                        0 => qh,
+                        1 => _mm256_srli_epi16(qh, 2),
+                        2 => _mm256_srli_epi16(qh, 4),
+                        _ => _mm256_srli_epi16(qh, 6),
+                    };
+                    let high = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(3)), 4);
+                    let weights = _mm256_or_si256(low, high);
+                    let scales = &block[192 + 8 * half + 2 * k..];
+                    let (first, second) = (f32::from(scales[0] as i8), f32::from(scales[1] as i8));
+                    for t in 0..4 {
+                        let a = &tokens[t][8 * super_block + quarter];
+                        let values = activation_bytes(a);
+                        let sums = _mm256_sub_epi32(products(weights, values), products(thirty_two, values));
+                        let factor = d * a.scale;
+                        let (first, second) = (first * factor, second * factor);
+                        let scale = _mm256_setr_ps(first, first, first, first, second, second, second, second);
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
+                    }
+                }
+            }
+            acc.map(|acc| horizontal_sum(acc))
+        }
+
         #[target_feature(enable = $features)]
         pub fn dot_q4_k(row: &[u8], activations: &[ActivationBlock]) -> f32 {
             let mut acc = _mm256_setzero_ps();

@@ -64,6 +64,13 @@ pub struct DecoderConfig {
     pub attention_softcap: Option<f32>,
     /// Logits become `cap · tanh(logit / cap)` (gemma2, optionally gemma3).
     pub final_softcap: Option<f32>,
+    /// The window the model was trained on before its rope was scaled
+    /// (`rope.scaling.original_context_length`): Phi-3's LongRoPE takes its long factors when
+    /// this config's window is longer.
+    pub rope_original_context: Option<usize>,
+    /// Cosines and sines are multiplied by this (`rope.scaling.attn_factor`; LongRoPE's
+    /// √(1 + ln(scale) / ln(original)), 1 elsewhere).
+    pub rope_attention_factor: f32,
 }
 
 /// The window used when a file declares none; candle-transformers' quantized llama had the same.
@@ -111,6 +118,8 @@ impl DecoderConfig {
             query_scale: 1.0 / (head_dim as f32).sqrt(),
             attention_softcap: None,
             final_softcap: None,
+            rope_original_context: count("rope.scaling.original_context_length").ok(),
+            rope_attention_factor: float("rope.scaling.attn_factor", 1.0),
         };
         if let Ok(rope_dims) = count("rope.dimension_count")
             && rope_dims != config.head_dim

@@ -39,6 +39,8 @@ impl RmsNorm {
 struct Rope {
     frequencies: Vec<f32>,
     style: RopeStyle,
+    /// Cosines and sines are multiplied by this (LongRoPE's attention factor).
+    scale: f32,
 }
 
 /// Cosine and sine, `(tokens, head_dim / 2)`, of one step's positions.
@@ -49,8 +51,8 @@ struct RopeAngles {
 }
 
 impl Rope {
-    /// `factors` divide the frequencies one by one: Llama 3's rope scaling, which its files store
-    /// ready-made as `rope_freqs.weight` (one factor per pair of dimensions).
+    /// `factors` divide the frequencies one by one: Llama 3's rope scaling and Phi-3's LongRoPE,
+    /// which their files store ready-made (one factor per pair of dimensions).
     fn new(config: &DecoderConfig, base: f32, factors: Option<&[f32]>) -> Self {
         let half = config.head_dim / 2;
         let frequencies = (0..half)
@@ -59,7 +61,7 @@ impl Rope {
                 1.0 / base.powf(2.0 * i as f32 / config.head_dim as f32) / factor
             })
             .collect();
-        Self { frequencies, style: config.rope_style }
+        Self { frequencies, style: config.rope_style, scale: config.rope_attention_factor }
     }
 
     /// The angles of every row of a batch step: each sequence's rows at its own positions.
@@ -72,7 +74,12 @@ impl Rope {
             }
         }
         let angles = Tensor::from_vec(angles, (rows, self.frequencies.len()), device)?;
-        Ok(RopeAngles { cos: angles.cos()?, sin: angles.sin()?, style: self.style })
+        let (mut cos, mut sin) = (angles.cos()?, angles.sin()?);
+        if self.scale != 1.0 {
+            cos = (cos * f64::from(self.scale))?;
+            sin = (sin * f64::from(self.scale))?;
+        }
+        Ok(RopeAngles { cos, sin, style: self.style })
     }
 }
 
@@ -143,19 +150,23 @@ impl Decoder {
         if embedding.columns() != config.hidden {
             bail!("token embeddings of {} values in a model of width {}", embedding.columns(), config.hidden);
         }
-        if ["rope_factors_long.weight", "rope_factors_short.weight"].iter().any(|name| weights.contains(name))
-        {
-            bail!("LongRoPE scaling (rope_factors_long/short, as in 128k Phi-3 files) is not supported");
-        }
-        let rope_factors = match weights.contains("rope_freqs.weight") {
-            true => Some(weights.vector("rope_freqs.weight")?.to_vec1::<f32>()?),
-            false => None,
+        // Llama 3's `rope_freqs`, or Phi-3's LongRoPE: long factors when this window is longer
+        // than the one the model was trained on, else short ones (as llama.cpp picks them).
+        let longrope = match config.rope_original_context {
+            Some(original) if config.context_length > original => "rope_factors_long.weight",
+            _ => "rope_factors_short.weight",
         };
-        if let Some(factors) = &rope_factors
-            && factors.len() != config.head_dim / 2
-        {
-            bail!("rope_freqs.weight holds {} factors for heads of {} dims", factors.len(), config.head_dim);
-        }
+        let factors_name = ["rope_freqs.weight", longrope].into_iter().find(|name| weights.contains(name));
+        let rope_factors = match factors_name {
+            Some(name) => {
+                let factors = weights.vector(name)?.to_vec1::<f32>()?;
+                if factors.len() != config.head_dim / 2 {
+                    bail!("{name} holds {} factors for heads of {} dims", factors.len(), config.head_dim);
+                }
+                Some(factors)
+            }
+            None => None,
+        };
         let eps = config.rms_eps;
         let norm = RmsNorm::load(&mut weights, "output_norm.weight", eps)?;
         let mut rope_bases: Vec<f32> = Vec::new();

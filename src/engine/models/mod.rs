@@ -26,6 +26,7 @@ pub use config::DecoderConfig;
 pub use decoder::{Decoder, DecoderModel};
 
 use super::EngineError;
+use super::loading::{CountingReader, LoadProgress, MemoryNeed, check_memory};
 
 /// Weights shared by every generation of one model.
 pub trait LanguageModel: Send + Sync {
@@ -74,14 +75,26 @@ pub struct LoadedLanguageModel {
     pub quantization: String,
     /// The smaller of what the file declares and what the implementation supports.
     pub context_length: usize,
+    /// Elements of every tensor in the file.
+    pub parameters: u64,
+    pub file_bytes: u64,
 }
 
-pub fn load_language_model(path: &Path, device: &Device) -> Result<LoadedLanguageModel, EngineError> {
+/// Read a GGUF chat model, counting the bytes read into `progress`. Before any weight is read,
+/// the memory it needs is checked against what is available (`check_memory`).
+pub fn load_language_model(
+    path: &Path,
+    device: &Device,
+    progress: &LoadProgress,
+) -> Result<LoadedLanguageModel, EngineError> {
     let load_error = |error: &dyn std::fmt::Display| {
         EngineError::Inference(format!("cannot load {}: {error}", path.display()))
     };
-    let mut file = File::open(path).map_err(|e| load_error(&e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| load_error(&e))?;
+    let file = File::open(path).map_err(|e| load_error(&e))?;
+    let file_bytes = file.metadata().map_err(|e| load_error(&e))?.len();
+    progress.set_total(file_bytes);
+    let mut file = CountingReader::new(std::io::BufReader::new(file), progress);
+    let content = gguf_file::Content::read(&mut file).map_err(|e| load_error(&message(&e)))?;
     let architecture = match content.metadata.get("general.architecture") {
         Some(gguf_file::Value::String(name)) => name.clone(),
         _ => return Err(load_error(&"no general.architecture in its metadata")),
@@ -99,14 +112,46 @@ pub fn load_language_model(path: &Path, device: &Device) -> Result<LoadedLanguag
             ARCHITECTURES.join(", ")
         )));
     }
-    let config =
-        DecoderConfig::from_metadata(&architecture, &content.metadata).map_err(|e| load_error(&e))?;
+    let config = DecoderConfig::from_metadata(&architecture, &content.metadata)
+        .map_err(|e| load_error(&message(&e)))?;
     let supported_context = config.context_length;
-    let decoder = Decoder::load(config, &content, &mut file, device).map_err(|e| load_error(&e))?;
+    let (parameters, weight_bytes) = tensor_sizes(&content);
+    let kv_cache = (config.layers * config.kv_heads * config.head_dim * 2 * std::mem::size_of::<f32>())
+        as u64
+        * supported_context as u64;
+    check_memory(&path.display().to_string(), MemoryNeed { weights: weight_bytes, kv_cache })?;
+    let decoder = Decoder::load(config, &content, &mut file, device).map_err(|e| load_error(&message(&e)))?;
+    progress.finish();
     let model: Box<dyn LanguageModel> = Box::new(DecoderModel(Arc::new(decoder)));
     let context_length =
         declared_context.map_or(supported_context, |declared| declared.min(supported_context));
-    Ok(LoadedLanguageModel { model, metadata, architecture, quantization, context_length })
+    Ok(LoadedLanguageModel {
+        model,
+        metadata,
+        architecture,
+        quantization,
+        context_length,
+        parameters,
+        file_bytes,
+    })
+}
+
+/// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set:
+/// it is shown to whoever loads the model.
+fn message(error: &candle_core::Error) -> String {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => message(inner),
+        other => other.to_string(),
+    }
+}
+
+/// (elements, bytes) of every tensor in the file.
+fn tensor_sizes(content: &gguf_file::Content) -> (u64, u64) {
+    content.tensor_infos.values().fold((0, 0), |(elements, bytes), info| {
+        let count = info.shape.elem_count() as u64;
+        let size = count / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64;
+        (elements + count, bytes + size)
+    })
 }
 
 /// The architectures (`general.architecture`) the decoder serves.

@@ -174,7 +174,7 @@ fn agrees_with_llama_cpp(name: &str, bounds: Bounds) {
         let content = gguf_file::Content::read(&mut file).unwrap();
         (Box::new(dequantized_model(&content, &mut file)), content.metadata)
     } else {
-        let loaded = load_language_model(&path, &Device::Cpu).unwrap();
+        let loaded = load_language_model(&path, &Device::Cpu, &Default::default()).unwrap();
         (loaded.model, loaded.metadata)
     };
     let tokens = tokenizer_from_metadata(&metadata).unwrap();
@@ -271,6 +271,11 @@ fn tiny_qwen3_agrees_with_llama_cpp() {
 #[test]
 fn tiny_phi3_agrees_with_llama_cpp() {
     agrees_with_llama_cpp("tiny-phi3.json", TINY_F32);
+}
+
+#[test]
+fn tiny_phi3_with_longrope_agrees_with_llama_cpp() {
+    agrees_with_llama_cpp("tiny-phi3-longrope.json", TINY_F32);
 }
 
 #[test]

@@ -259,6 +259,18 @@ impl Generation {
         self.finished = true;
     }
 
+    /// End now with `error` (its model is being unloaded by force); what was sent stays sent.
+    pub fn abort(&mut self, error: EngineError) {
+        if self.finished {
+            return;
+        }
+        let _entered = self.span.enter();
+        tracing::info!(completion_tokens = self.completion_tokens, %error, "generation aborted");
+        self.failed = true;
+        self.outbox.push_back(GenerationEvent::Error(error));
+        self.finished = true;
+    }
+
     /// The sequence and the tokens its KV cache holds, unless a forward pass failed.
     pub fn release(&mut self) -> Option<(Vec<u32>, Box<dyn Sequence>)> {
         let sequence = self.sequence.take()?;
