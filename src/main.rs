@@ -34,6 +34,9 @@ enum Command {
     Invite(llmesh::cli::InviteArgs),
     /// Have a running node join a cluster with a connection key.
     Join(llmesh::cli::JoinArgs),
+    /// Have a running node leave gently: it stops taking new work, finishes its answers (up to
+    /// its --drain-timeout) and exits, as on SIGTERM.
+    Drain(llmesh::cli::NodeArgs),
     /// Print a new random cluster secret (256 bits) for `--cluster-key`.
     ClusterKey,
 }
@@ -72,6 +75,10 @@ struct ServeArgs {
     /// Do not discover peers on the LAN with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// On SIGTERM or `llmesh drain`: seconds to let running answers finish before exiting
+    /// [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    drain_timeout: Option<u64>,
     /// Neither relay for other members nor reserve relayed addresses on the peers (and no hole
     /// punching, which starts from a relayed connection).
     #[arg(long)]
@@ -115,6 +122,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => block_on(ask_node(move || llmesh::cli::status(&args))),
         Command::Invite(args) => block_on(ask_node(move || llmesh::cli::invite(&args))),
         Command::Join(args) => block_on(ask_node(move || llmesh::cli::join(&args))),
+        Command::Drain(args) => block_on(ask_node(move || llmesh::cli::drain(&args))),
         Command::ClusterKey => {
             println!("{}", llmesh::config::new_cluster_key());
             Ok(())
@@ -176,6 +184,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     if args.no_mdns {
         config.mdns = false;
     }
+    if let Some(seconds) = args.drain_timeout {
+        config.drain_timeout = seconds;
+    }
     if args.no_relay {
         config.relay = false;
     }
@@ -192,12 +203,23 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Serve until SIGTERM / Ctrl-C or `llmesh drain`, then drain; a second signal exits at once.
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let timeout = std::time::Duration::from_secs(config.drain_timeout);
     let node = Node::spawn(config).await.context("cannot start the node")?;
-    shutdown_signal().await?;
-    tracing::info!("shutting down");
-    node.shutdown();
-    node.join().await?;
+    let router = node.router().clone();
+    tokio::select! {
+        signal = shutdown_signal() => signal?,
+        () = router.drain_requested() => {}
+    }
+    tracing::info!(timeout_s = timeout.as_secs(), "draining; a second SIGTERM or Ctrl-C exits at once");
+    tokio::select! {
+        result = node.drain(timeout) => result?,
+        signal = shutdown_signal() => {
+            signal?;
+            tracing::warn!("second signal: exiting now");
+        }
+    }
     Ok(())
 }
 
