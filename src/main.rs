@@ -39,6 +39,28 @@ enum Command {
     Drain(llmesh::cli::NodeArgs),
     /// Print a new random cluster secret (256 bits) for `--cluster-key`.
     ClusterKey,
+    /// Run a node as a systemd service that starts at boot: `service install [--user] [serve
+    /// flags...]`, `service uninstall [--user]`.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Write the node's config file from the serve flags given, and a systemd unit that runs
+    /// `llmesh serve --config FILE` (system-wide: /etc/systemd/system; --user: yours).
+    Install {
+        /// A user service (~/.config/systemd/user), not a system one.
+        #[arg(long)]
+        user: bool,
+        #[command(flatten)]
+        serve: Box<ServeArgs>,
+    },
+    /// Remove the unit (the config file and the data dir stay).
+    Uninstall {
+        #[arg(long)]
+        user: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -123,6 +145,12 @@ fn main() -> std::process::ExitCode {
         Command::Invite(args) => block_on(ask_node(move || llmesh::cli::invite(&args))),
         Command::Join(args) => block_on(ask_node(move || llmesh::cli::join(&args))),
         Command::Drain(args) => block_on(ask_node(move || llmesh::cli::drain(&args))),
+        Command::Service(ServiceCommand::Install { user, serve }) => service_install(user, *serve),
+        Command::Service(ServiceCommand::Uninstall { user }) => {
+            llmesh::service::ServicePaths::new(user, std::path::Path::new("/"))
+                .and_then(|paths| llmesh::service::uninstall(&paths))
+                .map(|lines| lines.iter().for_each(|line| println!("{line}")))
+        }
         Command::ClusterKey => {
             println!("{}", llmesh::config::new_cluster_key());
             Ok(())
@@ -201,6 +229,16 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     }
     config.external_addresses.extend(args.external_addresses);
     Ok(config)
+}
+
+fn service_install(user: bool, serve: ServeArgs) -> anyhow::Result<()> {
+    let config = serve_config(serve)?;
+    let paths = llmesh::service::ServicePaths::new(user, std::path::Path::new("/"))?;
+    let binary = std::env::current_exe().context("cannot find this program's path")?;
+    for line in llmesh::service::install(&binary, config, &paths)? {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 /// Serve until SIGTERM / Ctrl-C or `llmesh drain`, then drain; a second signal exits at once.
