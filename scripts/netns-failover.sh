@@ -42,16 +42,7 @@ source "$repo/scripts/netns-lib.sh"
 
 netns_preflight "$bridge_ns" llmesh-netns-failover
 
-say "network: bridge in $bridge_ns, hosts in $prefix-{a,b,c} on $subnet.0/24"
-ip -n "$bridge_ns" link add br0 type bridge mcast_snooping 0
-ip -n "$bridge_ns" link set dev br0 up
-for node in "${nodes[@]}"; do
-  add_ns "${ns[$node]}"
-  ip link add eth0 netns "${ns[$node]}" type veth peer name "port-$node" netns "$bridge_ns"
-  ip -n "$bridge_ns" link set dev "port-$node" master br0 up
-  ip -n "${ns[$node]}" addr add "${address[$node]}/24" dev eth0
-  ip -n "${ns[$node]}" link set dev eth0 multicast on up
-done
+bridge_hosts
 
 cable() { # NODE up|down: the node's port on the bridge, as a cable plugged in or pulled
   ip -n "$bridge_ns" link set dev "port-$1" "$2"

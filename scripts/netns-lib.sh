@@ -136,6 +136,22 @@ netns_preflight() { # BRIDGE_NAMESPACE NAME
   tmp=$(mktemp -d "${TMPDIR:-/tmp}/$2.XXXXXX")
 }
 
+# One bridge (br0 in $bridge_ns) and every node of "${nodes[@]}" on it: its namespace, a veth
+# whose bridge end is port-NODE, its address in $subnet.0/24, multicast on (mDNS).
+bridge_hosts() {
+  say "network: bridge in $bridge_ns, hosts in $prefix-{$(IFS=,; echo "${nodes[*]}")} on $subnet.0/24"
+  ip -n "$bridge_ns" link add br0 type bridge mcast_snooping 0
+  ip -n "$bridge_ns" link set dev br0 up
+  local node
+  for node in "${nodes[@]}"; do
+    add_ns "${ns[$node]}"
+    ip link add eth0 netns "${ns[$node]}" type veth peer name "port-$node" netns "$bridge_ns"
+    ip -n "$bridge_ns" link set dev "port-$node" master br0 up
+    ip -n "${ns[$node]}" addr add "${address[$node]}/24" dev eth0
+    ip -n "${ns[$node]}" link set dev eth0 multicast on up
+  done
+}
+
 check_alive() {
   local node
   for node in "${!pid[@]}"; do

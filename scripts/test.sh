@@ -22,6 +22,12 @@ if ! command -v iptables >/dev/null && [[ "$(id -u)" == 0 ]] && command -v apt-g
     echo "warning: could not install iptables; scripts/netns-holepunch.sh will be skipped" >&2
 fi
 
+# tests/service.rs checks the systemd units it writes with `systemd-analyze verify`.
+if ! command -v systemd-analyze >/dev/null && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; } ||
+    echo "warning: could not install systemd; tests/service.rs will not verify its units" >&2
+fi
+
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo build --locked

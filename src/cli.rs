@@ -114,6 +114,16 @@ pub fn join(args: &JoinArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Ask a running node to drain: it stops taking new work, finishes what it runs and exits.
+pub fn drain(args: &NodeArgs) -> anyhow::Result<()> {
+    let answer = call(args, "/api/drain", Some(serde_json::json!({})))?;
+    let line = match answer["started"].as_bool() {
+        Some(false) => "the node was draining already",
+        _ => "draining: the node takes no new work, finishes its answers and exits",
+    };
+    print_answer(args, &answer, line)
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct InviteArgs {
     #[command(flatten)]

@@ -82,6 +82,9 @@ pub struct Config {
     /// remembers the cluster in its data dir and rejoins after a restart without it.
     pub join: Option<String>,
     pub routing: RoutingConfig,
+    /// On SIGTERM or `llmesh drain`: how long, in seconds, the node waits for the answers it is
+    /// producing before it exits anyway (those are then resumed on other hosts).
+    pub drain_timeout: u64,
 }
 
 /// The overlay's default listen address: every interface, TCP port 7690.
@@ -133,9 +136,13 @@ impl Default for Config {
             external_addresses: Vec::new(),
             join: None,
             routing: RoutingConfig::default(),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
+
+/// Seconds a draining node waits for its answers to finish.
+pub const DEFAULT_DRAIN_TIMEOUT: u64 = 30;
 
 impl Default for Limits {
     fn default() -> Self {

@@ -12,3 +12,4 @@ pub mod hardware;
 pub mod node;
 pub mod p2p;
 pub mod router;
+pub mod service;

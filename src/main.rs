@@ -34,8 +34,33 @@ enum Command {
     Invite(llmesh::cli::InviteArgs),
     /// Have a running node join a cluster with a connection key.
     Join(llmesh::cli::JoinArgs),
+    /// Have a running node leave gently: it stops taking new work, finishes its answers (up to
+    /// its --drain-timeout) and exits, as on SIGTERM.
+    Drain(llmesh::cli::NodeArgs),
     /// Print a new random cluster secret (256 bits) for `--cluster-key`.
     ClusterKey,
+    /// Run a node as a systemd service that starts at boot: `service install [--user] [serve
+    /// flags...]`, `service uninstall [--user]`.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Write the node's config file from the serve flags given, and a systemd unit that runs
+    /// `llmesh serve --config FILE` (system-wide: /etc/systemd/system; --user: yours).
+    Install {
+        /// A user service (~/.config/systemd/user), not a system one.
+        #[arg(long)]
+        user: bool,
+        #[command(flatten)]
+        serve: Box<ServeArgs>,
+    },
+    /// Remove the unit (the config file and the data dir stay).
+    Uninstall {
+        #[arg(long)]
+        user: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -72,6 +97,10 @@ struct ServeArgs {
     /// Do not discover peers on the LAN with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// On SIGTERM or `llmesh drain`: seconds to let running answers finish before exiting
+    /// [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    drain_timeout: Option<u64>,
     /// Neither relay for other members nor reserve relayed addresses on the peers (and no hole
     /// punching, which starts from a relayed connection).
     #[arg(long)]
@@ -115,6 +144,13 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => block_on(ask_node(move || llmesh::cli::status(&args))),
         Command::Invite(args) => block_on(ask_node(move || llmesh::cli::invite(&args))),
         Command::Join(args) => block_on(ask_node(move || llmesh::cli::join(&args))),
+        Command::Drain(args) => block_on(ask_node(move || llmesh::cli::drain(&args))),
+        Command::Service(ServiceCommand::Install { user, serve }) => service_install(user, *serve),
+        Command::Service(ServiceCommand::Uninstall { user }) => {
+            llmesh::service::ServicePaths::new(user, std::path::Path::new("/"))
+                .and_then(|paths| llmesh::service::uninstall(&paths))
+                .map(|lines| lines.iter().for_each(|line| println!("{line}")))
+        }
         Command::ClusterKey => {
             println!("{}", llmesh::config::new_cluster_key());
             Ok(())
@@ -176,6 +212,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     if args.no_mdns {
         config.mdns = false;
     }
+    if let Some(seconds) = args.drain_timeout {
+        config.drain_timeout = seconds;
+    }
     if args.no_relay {
         config.relay = false;
     }
@@ -192,12 +231,33 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+fn service_install(user: bool, serve: ServeArgs) -> anyhow::Result<()> {
+    let config = serve_config(serve)?;
+    let paths = llmesh::service::ServicePaths::new(user, std::path::Path::new("/"))?;
+    let binary = std::env::current_exe().context("cannot find this program's path")?;
+    for line in llmesh::service::install(&binary, config, &paths)? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Serve until SIGTERM / Ctrl-C or `llmesh drain`, then drain; a second signal exits at once.
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let timeout = std::time::Duration::from_secs(config.drain_timeout);
     let node = Node::spawn(config).await.context("cannot start the node")?;
-    shutdown_signal().await?;
-    tracing::info!("shutting down");
-    node.shutdown();
-    node.join().await?;
+    let router = node.router().clone();
+    tokio::select! {
+        signal = shutdown_signal() => signal?,
+        () = router.drain_requested() => {}
+    }
+    tracing::info!(timeout_s = timeout.as_secs(), "draining; a second SIGTERM or Ctrl-C exits at once");
+    tokio::select! {
+        result = node.drain(timeout) => result?,
+        signal = shutdown_signal() => {
+            signal?;
+            tracing::warn!("second signal: exiting now");
+        }
+    }
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! Shutdown order: stop accepting HTTP connections and let requests in flight finish
 //! (`api::serve` drains), then stop the router and the p2p task (peers see the connections close
 //! and drop this node at once), then drop the engine, whose worker threads finish and exit.
-//! Dropping a `Node` without `join` stops everything at once.
+//! Dropping a `Node` without `join` stops everything at once. `drain` comes before all that: the
+//! node announces that it is going away and lets the generations it runs finish.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,9 @@ pub enum NodeError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 }
+
+/// How often a draining node looks at what it still runs.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
 
 pub struct Node {
     http_address: SocketAddr,
@@ -136,6 +140,36 @@ impl Node {
 
     pub fn router(&self) -> &Router {
         &self.router
+    }
+
+    /// Leave the cluster gently: announce draining at once (routers stop choosing this node, its
+    /// `/health` answers 503), let the generations it runs finish for at most `timeout`, then
+    /// stop. Past the timeout it stops anyway: the answers it still produces break off and their
+    /// entry nodes resume them on other hosts.
+    pub async fn drain(self, timeout: Duration) -> Result<(), NodeError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.router.start_draining();
+        loop {
+            let load = self.router.local_load();
+            if load.in_flight + load.queued == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    in_flight = load.in_flight,
+                    "drain timeout: stopping with answers still running; they resume elsewhere"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        tracing::info!("drained: every answer finished");
+        self.shutdown();
+        match tokio::time::timeout_at(deadline, self.join()).await {
+            Ok(result) => result,
+            // Requests relayed to other hosts outlived the timeout: dropped with the node.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Stop accepting requests; those in flight finish. Wait for that with `join`.

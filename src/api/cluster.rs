@@ -5,6 +5,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::StatusCode;
 use serde::Serialize;
 
 use super::AppState;
@@ -60,6 +61,7 @@ fn record_object(record: NodeRecord, now: Instant, degraded: Option<String>) -> 
     let last_seen_ms = now.duration_since(record.last_seen).as_millis() as u64;
     let (status, since) = match record.offline_since {
         Some(since) => ("offline", since),
+        None if record.announcement.draining => ("draining", record.online_since),
         None => ("online", record.online_since),
     };
     let mut node = node_object(record.announcement, false, last_seen_ms, degraded);
@@ -101,7 +103,12 @@ pub async fn list_nodes(State(state): State<AppState>) -> Result<Json<NodeList>,
     let now = Instant::now();
     let mut data = Vec::new();
     if let Some(own) = router.own_announcement() {
-        data.push(node_object(own, true, 0, None));
+        let draining = own.draining;
+        let mut node = node_object(own, true, 0, None);
+        if draining {
+            node.status = "draining";
+        }
+        data.push(node);
     } else {
         let node = router.node();
         data.push(NodeObject {
@@ -275,4 +282,18 @@ pub async fn join_cluster(
         other => ApiError::Internal(format!("joining: {other}")),
     })?;
     Ok(Json(JoinObject { object: "join", inviter }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct DrainObject {
+    pub status: &'static str,
+    /// False when the node was draining already.
+    pub started: bool,
+}
+
+/// `POST /api/drain`: the node stops taking new work, announces it, finishes what it runs (up to
+/// its `drain_timeout`) and exits, as on SIGTERM.
+pub async fn drain(State(state): State<AppState>) -> Result<(StatusCode, Json<DrainObject>), ApiError> {
+    let started = router(&state)?.start_draining();
+    Ok((StatusCode::ACCEPTED, Json(DrainObject { status: "draining", started })))
 }

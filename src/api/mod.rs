@@ -25,8 +25,8 @@ mod response_format;
 mod serve;
 mod types;
 
-use axum::extract::{FromRef, Request};
-use axum::http::{HeaderValue, Method, Uri};
+use axum::extract::{FromRef, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
@@ -119,6 +119,7 @@ fn build(state: AppState, config: ApiConfig) -> Router {
             .route("/api/invitations", post(cluster::create_invitation))
             .route("/api/nodes/{peer_id}/revoke", post(cluster::revoke_node))
             .route("/api/join", post(cluster::join_cluster))
+            .route("/api/drain", post(cluster::drain))
             .route("/api/models", get(models::list_local_models).post(models::load_model))
             .route("/api/models/{id}", delete(models::unload_model))
             .route_layer(middleware::from_fn(origin::require_json));
@@ -148,8 +149,13 @@ fn build(state: AppState, config: ApiConfig) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<types::Health> {
-    Json(types::Health { status: "ok" })
+/// `{"status":"ok"}`, or 503 `{"status":"draining"}` on a node that is going away (load
+/// balancers and `llmesh nodes` take it out at once).
+async fn health(State(state): State<AppState>) -> (StatusCode, Json<types::Health>) {
+    match state.router.as_ref().is_some_and(|router| router.is_draining()) {
+        true => (StatusCode::SERVICE_UNAVAILABLE, Json(types::Health { status: "draining" })),
+        false => (StatusCode::OK, Json(types::Health { status: "ok" })),
+    }
 }
 
 async fn route_not_found(method: Method, uri: Uri) -> ApiError {

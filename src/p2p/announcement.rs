@@ -48,6 +48,9 @@ pub struct Announcement {
     pub members: Vec<Vec<u8>>,
     /// This node's proof that it holds the cluster secret, when it does.
     pub founder_proof: Option<[u8; 32]>,
+    /// The node is going away: it takes no new requests and finishes those it runs. Routers
+    /// stop choosing it at once.
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,6 +259,7 @@ mod tests {
             revoked: RevokedDigest::default(),
             members: vec![vec![1; 200]; 2],
             founder_proof: Some([3; 32]),
+            draining: false,
         }
     }
 

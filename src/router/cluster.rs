@@ -134,6 +134,7 @@ impl ClusterView {
         let mut hosts: Vec<RemoteHost> = self
             .nodes
             .values()
+            .filter(|record| !record.announcement.draining)
             .filter(|record| record.announcement.models.iter().any(|model| model.id == model_id))
             .map(|record| RemoteHost {
                 peer_id: record.announcement.peer_id.clone(),
@@ -227,6 +228,7 @@ mod tests {
             revoked: Default::default(),
             members: Vec::new(),
             founder_proof: None,
+            draining: false,
         }
     }
 

@@ -130,6 +130,7 @@ async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsag
         revoked: RevokedDigest::default(),
         members: Vec::new(),
         founder_proof: None,
+        draining: router.draining.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 

@@ -13,6 +13,7 @@ mod membership;
 mod remote;
 mod stats;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -31,7 +32,7 @@ pub use stats::{CountersSnapshot, Histogram, LATENCY_BUCKETS, Percentiles, Routi
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use dispatch::{LOCAL_KEY, Target};
 
@@ -99,6 +100,11 @@ struct RouterInner {
     stats: RoutingStats,
     /// What this node last announced about itself.
     announced: RwLock<Option<crate::p2p::Announcement>>,
+    /// Set once the node is draining: it announces so, takes no new work (peers' requests are
+    /// refused with `ShuttingDown`, its own go to other hosts) and finishes what it runs.
+    draining: Arc<AtomicBool>,
+    /// Woken when something asks the node to drain (`POST /api/drain`).
+    drain_requested: Notify,
 }
 
 impl Router {
@@ -124,11 +130,14 @@ impl Router {
             stats: RoutingStats::default(),
             announced: RwLock::default(),
             routing,
+            draining: Arc::new(AtomicBool::new(false)),
+            drain_requested: Notify::new(),
         });
+        let draining = inner.draining.clone();
         tokio::spawn(membership::run(inner.clone(), events, shutdown.clone()));
         tokio::spawn(async move {
             tokio::select! {
-                _ = remote::serve_inbound(inbound, local) => {}
+                _ = remote::serve_inbound(inbound, local, draining) => {}
                 _ = shutdown.cancelled() => {}
             }
         });
@@ -174,6 +183,31 @@ impl Router {
     /// Throw a node out of the cluster (see `P2pHandle::revoke`).
     pub async fn revoke(&self, peer_id: &str) -> Result<bool, crate::p2p::P2pError> {
         self.inner.p2p.revoke(peer_id).await
+    }
+
+    /// Stop taking new work (see `RouterInner::draining`) and wake whoever waits in
+    /// `drain_requested`. Returns false when the node was draining already.
+    pub fn start_draining(&self) -> bool {
+        let first = !self.inner.draining.swap(true, Ordering::Relaxed);
+        if first {
+            tracing::info!("draining: no new work; finishing what runs");
+        }
+        self.inner.drain_requested.notify_waiters();
+        self.inner.drain_requested.notify_one();
+        first
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    /// Returns once something has asked this node to drain.
+    pub async fn drain_requested(&self) {
+        let notified = self.inner.drain_requested.notified();
+        if self.is_draining() {
+            return;
+        }
+        notified.await;
     }
 
     /// This node's latest announcement (`None` until the first one, right after start).
@@ -231,7 +265,7 @@ impl RouterInner {
     /// Every node that hosts `model_id`, this one included, with its announced load.
     fn all_hosts(&self, model_id: &str) -> Vec<(Target, u32)> {
         let mut hosts = Vec::new();
-        if self.hosts_locally(model_id) {
+        if self.hosts_locally(model_id) && !self.draining.load(Ordering::Relaxed) {
             let load = self.local.load();
             let target = Target { key: LOCAL_KEY.into(), name: self.node.name.clone(), is_local: true };
             hosts.push((target, (load.in_flight + load.queued) as u32));
@@ -302,7 +336,8 @@ impl RouterInner {
             .model_states()
             .iter()
             .any(|model| model.id == model_id && model.state == crate::engine::ModelState::Unloading);
-        if unloading_here {
+        let draining_here = self.draining.load(Ordering::Relaxed) && self.hosts_locally(model_id);
+        if unloading_here || draining_here {
             // Still finishing its answers here, and no other host: "try again later".
             EngineError::ShuttingDown(model_id.to_string())
         } else if self.read_cluster().recently_departed(model_id, Instant::now()) {

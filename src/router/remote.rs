@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, FutureExt};
@@ -215,7 +216,8 @@ pub async fn forward_embed(
 /// Serve other nodes' requests on the local engine until the inbound streams end. Beyond
 /// `MAX_INBOUND_REQUESTS` at once, requests are refused as `QueueFull` (the entry node tries
 /// another host or waits), up to as many refusals at once again; past that, streams are dropped.
-pub async fn serve_inbound(mut inbound: InboundStreams, engine: SharedEngine) {
+/// While `draining`, new requests are answered `ShuttingDown`, so entry nodes take them elsewhere.
+pub async fn serve_inbound(mut inbound: InboundStreams, engine: SharedEngine, draining: Arc<AtomicBool>) {
     let slots = Arc::new(Semaphore::new(MAX_INBOUND_REQUESTS));
     let refusals = Arc::new(Semaphore::new(MAX_INBOUND_REQUESTS));
     while let Some((peer, stream)) = inbound.next().await {
@@ -223,8 +225,9 @@ pub async fn serve_inbound(mut inbound: InboundStreams, engine: SharedEngine) {
         let work = match (slots.clone().try_acquire_owned(), refusals.clone().try_acquire_owned()) {
             (Ok(slot), _) => {
                 let engine = engine.clone();
+                let draining = draining.clone();
                 async move {
-                    if let Err(error) = serve_one(stream, engine).await {
+                    if let Err(error) = serve_one(stream, engine, &draining).await {
                         tracing::debug!(%error, "inbound request ended early");
                     }
                     drop(slot);
@@ -264,12 +267,24 @@ async fn refuse(mut stream: P2pStream) {
     let _ = write_within(&mut stream, &InferReply::Error(EngineError::QueueFull(model))).await;
 }
 
-async fn serve_one(mut stream: P2pStream, engine: SharedEngine) -> std::io::Result<()> {
+async fn serve_one(
+    mut stream: P2pStream,
+    engine: SharedEngine,
+    draining: &AtomicBool,
+) -> std::io::Result<()> {
     let Some(request) = read_request(&mut stream).await? else { return Ok(()) };
     if let Err(invalid) = request.validate() {
         // Only the field is logged: the message may quote the peer's text.
         tracing::warn!(param = %invalid.param, "refused a peer's request that breaks a limit");
         return write_within(&mut stream, &InferReply::Error(invalid.into())).await;
+    }
+    if draining.load(Ordering::Relaxed) {
+        let model = match &request {
+            InferRequest::Generate(request) => request.model.clone(),
+            InferRequest::Embed(request) => request.model.clone(),
+        };
+        tracing::debug!(%model, "refused a peer's request: this node is draining");
+        return write_within(&mut stream, &InferReply::Error(EngineError::ShuttingDown(model))).await;
     }
     match request {
         InferRequest::Embed(request) => {

@@ -59,6 +59,7 @@ pub fn announcement(peer_id: String, name: &str, model: &str, issued_at_ms: u64)
         revoked: Default::default(),
         members: Vec::new(),
         founder_proof: None,
+        draining: false,
     }
 }
 

@@ -313,33 +313,13 @@ macro_rules! dot_kernels {
         pub fn dot4_q6_k(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
             check4(row, Q6_K_BYTES / 8, &tokens);
             let mut acc = [_mm256_setzero_ps(); 4];
-            let thirty_two = _mm256_set1_epi8(32);
             for (super_block, block) in row.chunks_exact(Q6_K_BYTES).enumerate() {
                 let d = _mm_cvtss_f32(_mm_movehdup_ps(f16_pair(block, 206)));
                 for quarter in 0..8 {
-                    let (half, k) = (quarter / 4, quarter % 4);
-                    let ql = load32(&block[64 * half + 32 * (k % 2)..]);
-                    let ql = if k >= 2 { _mm256_srli_epi16(ql, 4) } else { ql };
-                    let low = _mm256_and_si256(ql, _mm256_set1_epi8(0x0F));
-                    let qh = load32(&block[128 + 32 * half..]);
-                    let high = match k {
-                        0 => qh,
-                        1 => _mm256_srli_epi16(qh, 2),
-                        2 => _mm256_srli_epi16(qh, 4),
-                        _ => _mm256_srli_epi16(qh, 6),
-                    };
-                    let high = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(3)), 4);
-                    let weights = _mm256_or_si256(low, high);
-                    let scales = &block[192 + 8 * half + 2 * k..];
-                    let (first, second) = (f32::from(scales[0] as i8), f32::from(scales[1] as i8));
+                    let (weights, first, second) = q6_k_quarter(block, quarter);
                     for t in 0..4 {
                         let a = &tokens[t][8 * super_block + quarter];
-                        let values = activation_bytes(a);
-                        let sums = _mm256_sub_epi32(products(weights, values), products(thirty_two, values));
-                        let factor = d * a.scale;
-                        let (first, second) = (first * factor, second * factor);
-                        let scale = _mm256_setr_ps(first, first, first, first, second, second, second, second);
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
+                        acc[t] = q6_k_accumulate(acc[t], weights, (first, second), d, a);
                     }
                 }
             }
@@ -369,47 +349,50 @@ macro_rules! dot_kernels {
             horizontal_sum(acc) - minimums
         }
 
+        /// Quarter `quarter` (32 weights) of a Q6_K block as unsigned bytes 0..63, and the scales of
+        /// its two halves of 16.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q6_k_quarter(block: &[u8], quarter: usize) -> (__m256i, f32, f32) {
+            let (half, k) = (quarter / 4, quarter % 4);
+            let ql = load32(&block[64 * half + 32 * (k % 2)..]);
+            let ql = if k >= 2 { _mm256_srli_epi16(ql, 4) } else { ql };
+            let low = _mm256_and_si256(ql, _mm256_set1_epi8(0x0F));
+            let qh = load32(&block[128 + 32 * half..]);
+            let high = match k {
+                0 => qh,
+                1 => _mm256_srli_epi16(qh, 2),
+                2 => _mm256_srli_epi16(qh, 4),
+                _ => _mm256_srli_epi16(qh, 6),
+            };
+            let high = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(3)), 4);
+            let scales = &block[192 + 8 * half + 2 * k..];
+            (_mm256_or_si256(low, high), f32::from(scales[0] as i8), f32::from(scales[1] as i8))
+        }
+
+        /// One quarter's products with one activation block into `acc`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q6_k_accumulate(acc: __m256, weights: __m256i, (first, second): (f32, f32), d: f32, a: &ActivationBlock) -> __m256 {
+            let values = activation_bytes(a);
+            // (q − 32)·x as q·x − 32·x: the weights stay unsigned for the byte products.
+            let sums = _mm256_sub_epi32(products(weights, values), products(_mm256_set1_epi8(32), values));
+            // Lanes 0–3 sum weights 0–15, lanes 4–7 weights 16–31: one scale each.
+            let factor = d * a.scale;
+            let (first, second) = (first * factor, second * factor);
+            let scale = _mm256_setr_ps(first, first, first, first, second, second, second, second);
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc)
+        }
+
         #[target_feature(enable = $features)]
         pub fn dot_q6_k(row: &[u8], activations: &[ActivationBlock]) -> f32 {
             let mut acc = _mm256_setzero_ps();
-            let thirty_two = _mm256_set1_epi8(32);
             for (block, a) in row.chunks_exact(Q6_K_BYTES).zip(activations.chunks_exact(8)) {
                 // d is the block's last two bytes: read with the two before it.
                 let d = _mm_cvtss_f32(_mm_movehdup_ps(f16_pair(block, 206)));
                 for (quarter, a) in a.iter().enumerate() {
-                    let (half, k) = (quarter / 4, quarter % 4);
-                    let ql = load32(&block[64 * half + 32 * (k % 2)..]);
-                    let ql = if k >= 2 { _mm256_srli_epi16(ql, 4) } else { ql };
-                    let low = _mm256_and_si256(ql, _mm256_set1_epi8(0x0F));
-                    let qh = load32(&block[128 + 32 * half..]);
-                    let high = match k {
-                        0 => qh,
-                        1 => _mm256_srli_epi16(qh, 2),
-                        2 => _mm256_srli_epi16(qh, 4),
-                        _ => _mm256_srli_epi16(qh, 6),
-                    };
-                    let high = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(3)), 4);
-                    let values = activation_bytes(a);
-                    // (q − 32)·x as q·x − 32·x: the weights stay unsigned for the byte products.
-                    let sums = _mm256_sub_epi32(
-                        products(_mm256_or_si256(low, high), values),
-                        products(thirty_two, values),
-                    );
-                    // Lanes 0–3 sum weights 0–15, lanes 4–7 weights 16–31: one scale each.
-                    let scales = &block[192 + 8 * half + 2 * k..];
-                    let (first, second) = (f32::from(scales[0] as i8), f32::from(scales[1] as i8));
-                    let factor = d * a.scale;
-                    let scale = _mm256_setr_ps(
-                        first * factor,
-                        first * factor,
-                        first * factor,
-                        first * factor,
-                        second * factor,
-                        second * factor,
-                        second * factor,
-                        second * factor,
-                    );
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+                    let (weights, first, second) = q6_k_quarter(block, quarter);
+                    acc = q6_k_accumulate(acc, weights, (first, second), d, a);
                 }
             }
             horizontal_sum(acc)

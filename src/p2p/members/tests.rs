@@ -189,6 +189,7 @@ fn an_announcement_held_on_probation_is_released_when_its_author_becomes_a_membe
         revoked: Default::default(),
         members: Vec::new(),
         founder_proof: None,
+        draining: false,
     };
     // A joining node holds its inviter's announcement, with no clock running.
     probation.hold(bystander, announcement.clone());
