@@ -217,7 +217,7 @@ impl Bench {
     /// first token; and the same second turn once more with a number in front of the system
     /// prompt, which leaves the prompt cache nothing to offer.
     async fn second_turn(&self) -> anyhow::Result<SecondTurn> {
-        let message = |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into() };
+        let message = |role: &str, content: &str| ChatMessage::text(role, content);
         let first = vec![message("system", SYSTEM), message("user", FIRST_QUESTION)];
         let answer = self.generate(Prompt::Chat(first.clone()), FIRST_ANSWER_TOKENS, false).await?;
         let mut second = first;

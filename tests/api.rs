@@ -83,10 +83,7 @@ async fn chat_request_reaches_the_engine_as_sampling_params() {
     assert_eq!(seen.model, "fake-chat");
     assert_eq!(
         seen.prompt,
-        Prompt::Chat(vec![
-            ChatMessage { role: "system".into(), content: "Be brief.".into() },
-            ChatMessage { role: "user".into(), content: "one\ntwo".into() },
-        ])
+        Prompt::Chat(vec![ChatMessage::text("system", "Be brief."), ChatMessage::text("user", "one\ntwo"),])
     );
     let params = seen.params;
     assert_eq!((params.temperature, params.top_p, params.top_k), (0.25, 0.5, 40));

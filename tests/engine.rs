@@ -101,7 +101,7 @@ async fn stop_sequence_ends_the_text_before_it() {
 #[tokio::test]
 async fn chat_prompts_use_the_chatml_fallback() {
     let (engine, _dir) = tiny_engine(QueueLimits::default());
-    let messages = vec![ChatMessage { role: "user".into(), content: "hi".into() }];
+    let messages = vec![ChatMessage::text("user", "hi")];
     let stream = engine
         .generate(GenerateRequest { model: "tiny".into(), prompt: Prompt::Chat(messages), params: greedy(3) })
         .await

@@ -11,9 +11,10 @@ use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
 use super::generation::{ChunkWriter, collect, json_event, stream_sse};
 use super::params::GenerationOptions;
+use super::tool_calls::{Parsed, ToolCallParser, parse_message_tool_calls, parse_tool_params};
 use super::types::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta, response_id,
-    unix_now,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta, FunctionDelta,
+    ToolCallDelta, response_id, unix_now,
 };
 use super::{AppState, served_by};
 use crate::engine::{ChatMessage, FinishReason, Prompt, Usage};
@@ -38,7 +39,9 @@ impl FromJsonObject for ChatCompletionRequest {
     fn from_json_object(mut fields: JsonObject) -> Result<Self, ApiError> {
         let model = fields.required_text("model")?;
         let messages = parse_messages(fields.take("messages"))?;
-        let options = GenerationOptions::parse(&mut fields)?;
+        let tools = parse_tool_params(&mut fields)?;
+        let mut options = GenerationOptions::parse(&mut fields)?;
+        options.set_tools(tools);
         Ok(Self { model, messages, options })
     }
 }
@@ -78,7 +81,16 @@ fn parse_message(index: usize, item: Value) -> Result<ChatMessage, ApiError> {
         }
     };
     let content = parse_content(index, &role, message.remove("content"))?;
-    Ok(ChatMessage { role, content })
+    let tool_calls = match role.as_str() {
+        "assistant" => parse_message_tool_calls(index, message.remove("tool_calls"))?,
+        _ => Vec::new(),
+    };
+    let tool_call_id = match (role.as_str(), message.remove("tool_call_id")) {
+        ("tool", Some(Value::String(id))) => Some(id),
+        ("tool", _) => return Err(missing(&format!("messages[{index}].tool_call_id"))),
+        _ => None,
+    };
+    Ok(ChatMessage { role, content, tool_calls, tool_call_id })
 }
 
 /// Content is a string or an array of text parts, joined; an assistant turn may have none.
@@ -129,28 +141,37 @@ pub async fn create_chat_completion(
 ) -> Result<Response, ApiError> {
     tracing::Span::current().record("model", request.model.as_str());
     let ChatCompletionRequest { model, messages, options } = request;
+    let tools = options.sampling_params(0).tools;
     let default_max_tokens = state.context_length(&model).unwrap_or(DEFAULT_CHAT_MAX_TOKENS);
     let request = options.request(model.clone(), Prompt::Chat(messages), default_max_tokens)?;
     let events = state.engine.generate(request).await?;
     let id = response_id("chatcmpl");
     let created = unix_now();
     let node = events.served_by.clone();
+    let parser = tools.active().then(|| ToolCallParser::new(&tools));
     if options.stream {
-        let writer = ChatChunks { id, created, model, include_usage: options.include_usage };
+        let writer =
+            ChatChunks { id, created, model, include_usage: options.include_usage, parser, calls: 0 };
         return Ok(served_by(stream_sse(events, writer, options.include_usage), node.as_deref()));
     }
     let collected = collect(events).await?;
+    let (message, finish_reason) = match parser {
+        None => (AssistantMessage::text(collected.text), collected.finish_reason),
+        Some(mut parser) => {
+            let mut parsed = parser.push(&collected.text);
+            parsed.extend(parser.finish());
+            let message = AssistantMessage::from_parsed(parsed);
+            let finish_reason =
+                if message.tool_calls.is_some() { FinishReason::ToolCalls } else { collected.finish_reason };
+            (message, finish_reason)
+        }
+    };
     let completion = ChatCompletion {
         id,
         object: "chat.completion",
         created,
         model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message: AssistantMessage { role: "assistant", content: collected.text },
-            logprobs: None,
-            finish_reason: collected.finish_reason,
-        }],
+        choices: vec![ChatChoice { index: 0, message, logprobs: None, finish_reason }],
         usage: collected.usage.into(),
     };
     Ok(served_by(Json(completion).into_response(), node.as_deref()))
@@ -162,6 +183,10 @@ struct ChatChunks {
     created: u64,
     model: String,
     include_usage: bool,
+    /// Reads tool calls out of the text, when the request has tools.
+    parser: Option<ToolCallParser>,
+    /// Tool calls streamed so far.
+    calls: usize,
 }
 
 impl ChatChunks {
@@ -177,18 +202,67 @@ impl ChatChunks {
     }
 }
 
+impl ChatChunks {
+    /// Content as content deltas; each call as two: its id, type and name, then its arguments.
+    fn parsed_chunks(&mut self, parsed: Vec<Parsed>) -> Vec<Event> {
+        let mut events = Vec::new();
+        for item in parsed {
+            match item {
+                Parsed::Content(text) => {
+                    events.push(self.chunk(Delta { content: Some(text), ..Delta::default() }, None))
+                }
+                Parsed::Call(call) => {
+                    let index = self.calls;
+                    self.calls += 1;
+                    let opening = ToolCallDelta {
+                        index,
+                        id: Some(call.id),
+                        kind: Some("function"),
+                        function: FunctionDelta { name: Some(call.name), arguments: String::new() },
+                    };
+                    let arguments = ToolCallDelta {
+                        index,
+                        id: None,
+                        kind: None,
+                        function: FunctionDelta { name: None, arguments: call.arguments },
+                    };
+                    for delta in [opening, arguments] {
+                        events.push(
+                            self.chunk(Delta { tool_calls: Some(vec![delta]), ..Delta::default() }, None),
+                        );
+                    }
+                }
+            }
+        }
+        events
+    }
+}
+
 impl ChunkWriter for ChatChunks {
     fn opening(&self) -> Option<Event> {
-        let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+        let delta = Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
         Some(self.chunk(delta, None))
     }
 
-    fn text(&self, text: String) -> Event {
-        self.chunk(Delta { role: None, content: Some(text) }, None)
+    fn text(&mut self, text: String) -> Vec<Event> {
+        match &mut self.parser {
+            None => vec![self.chunk(Delta { content: Some(text), ..Delta::default() }, None)],
+            Some(parser) => {
+                let parsed = parser.push(&text);
+                self.parsed_chunks(parsed)
+            }
+        }
     }
 
-    fn finish(&self, finish_reason: FinishReason) -> Event {
-        self.chunk(Delta::default(), Some(finish_reason))
+    fn finish(&mut self, finish_reason: FinishReason) -> Vec<Event> {
+        let Some(parser) = &mut self.parser else {
+            return vec![self.chunk(Delta::default(), Some(finish_reason))];
+        };
+        let parsed = parser.finish();
+        let finish_reason = if parser.made_calls() { FinishReason::ToolCalls } else { finish_reason };
+        let mut events = self.parsed_chunks(parsed);
+        events.push(self.chunk(Delta::default(), Some(finish_reason)));
+        events
     }
 
     fn usage(&self, usage: Usage) -> Event {
@@ -222,7 +296,7 @@ mod tests {
             {"role": "assistant", "content": null},
         ]))
         .unwrap();
-        assert_eq!(parsed[0], ChatMessage { role: "system".into(), content: "be brief".into() });
+        assert_eq!(parsed[0], ChatMessage::text("system", "be brief"));
         assert_eq!(parsed[1].content, "a\nb");
         assert_eq!(parsed[2].content, "");
     }

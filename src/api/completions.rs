@@ -112,12 +112,12 @@ impl ChunkWriter for TextChunks {
         None
     }
 
-    fn text(&self, text: String) -> Event {
-        json_event(&self.completion(text, None))
+    fn text(&mut self, text: String) -> Vec<Event> {
+        vec![json_event(&self.completion(text, None))]
     }
 
-    fn finish(&self, finish_reason: FinishReason) -> Event {
-        json_event(&self.completion(String::new(), Some(finish_reason)))
+    fn finish(&mut self, finish_reason: FinishReason) -> Vec<Event> {
+        vec![json_event(&self.completion(String::new(), Some(finish_reason)))]
     }
 
     fn usage(&self, usage: Usage) -> Event {

@@ -46,8 +46,10 @@ fn ended_early() -> ApiError {
 pub trait ChunkWriter: Send + 'static {
     /// Sent before any text (chat announces the assistant role).
     fn opening(&self) -> Option<Event>;
-    fn text(&self, text: String) -> Event;
-    fn finish(&self, finish_reason: FinishReason) -> Event;
+    /// The chunks for the next piece of text (none while text is held back).
+    fn text(&mut self, text: String) -> Vec<Event>;
+    /// The last chunks: what was held back, then the finish reason.
+    fn finish(&mut self, finish_reason: FinishReason) -> Vec<Event>;
     /// The usage chunk, sent after the finish chunk when the client asked for it.
     fn usage(&self, usage: Usage) -> Event;
 }
@@ -80,9 +82,9 @@ impl<W: ChunkWriter> Relay<W> {
     async fn step(mut self) -> Option<(Vec<Event>, Self)> {
         let event = self.events.as_mut()?.recv().await;
         let sse_events = match event {
-            Some(GenerationEvent::Text(text)) => return Some((vec![self.writer.text(text)], self)),
+            Some(GenerationEvent::Text(text)) => return Some((self.writer.text(text), self)),
             Some(GenerationEvent::Done { finish_reason, usage }) => {
-                let mut sse_events = vec![self.writer.finish(finish_reason)];
+                let mut sse_events = self.writer.finish(finish_reason);
                 if self.include_usage {
                     sse_events.push(self.writer.usage(usage));
                 }

@@ -23,6 +23,7 @@ mod origin;
 mod params;
 mod response_format;
 mod serve;
+mod tool_calls;
 mod types;
 
 use axum::extract::{FromRef, Request, State};

@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::extract::{JsonObject, json_kind};
 use super::response_format::parse_response_format;
-use crate::engine::{GenerateRequest, InvalidParam, Prompt, SamplingParams};
+use crate::engine::{GenerateRequest, InvalidParam, Prompt, SamplingParams, ToolParams};
 
 /// What a generation request asks for besides its prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +30,11 @@ pub struct GenerationOptions {
 }
 
 impl GenerationOptions {
+    /// A chat request's tools.
+    pub fn set_tools(&mut self, tools: ToolParams) {
+        self.sampling.tools = tools;
+    }
+
     /// The engine's parameters, with `default_max_tokens` when the request set no limit.
     pub fn sampling_params(&self, default_max_tokens: usize) -> SamplingParams {
         SamplingParams { max_tokens: self.max_tokens.unwrap_or(default_max_tokens), ..self.sampling.clone() }
@@ -106,6 +111,7 @@ impl GenerationOptions {
             presence_penalty: presence_penalty.map_or(defaults.presence_penalty, |v| v as f32),
             ignore_eos,
             response_format,
+            tools: ToolParams::default(),
         };
         let max_tokens_field =
             if max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };

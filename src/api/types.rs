@@ -5,8 +5,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use super::tool_calls::Parsed;
 use crate::engine::ModelHost;
-use crate::engine::{FinishReason, ModelInfo, ModelKind, Usage};
+use crate::engine::{FinishReason, ModelInfo, ModelKind, ToolCall, Usage};
 
 /// Seconds since the Unix epoch, for `created` fields.
 pub fn unix_now() -> u64 {
@@ -110,7 +111,78 @@ pub struct ChatChoice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallObject>>,
+}
+
+impl AssistantMessage {
+    pub fn text(content: String) -> Self {
+        Self { role: "assistant", content: Some(content), tool_calls: None }
+    }
+
+    /// The answer as read by the tool-call parser: its content (`null` when only whitespace
+    /// surrounds calls) and its calls.
+    pub fn from_parsed(parsed: Vec<Parsed>) -> Self {
+        let mut content = String::new();
+        let mut calls = Vec::new();
+        for item in parsed {
+            match item {
+                Parsed::Content(text) => content.push_str(&text),
+                Parsed::Call(call) => calls.push(ToolCallObject::from(call)),
+            }
+        }
+        if calls.is_empty() {
+            return Self::text(content);
+        }
+        let content = (!content.trim().is_empty()).then_some(content);
+        Self { role: "assistant", content, tool_calls: Some(calls) }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ToolCallObject {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
+}
+
+impl From<ToolCall> for ToolCallObject {
+    fn from(call: ToolCall) -> Self {
+        Self {
+            id: call.id,
+            kind: "function",
+            function: FunctionCall { name: call.name, arguments: call.arguments },
+        }
+    }
+}
+
+/// A streamed piece of tool call `index`: the first carries its id, type and name, the next ones
+/// pieces of its arguments.
+#[derive(Debug, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -139,6 +211,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// A legacy completion, whole or as a stream chunk (`finish_reason` null and `usage` per

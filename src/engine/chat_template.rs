@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::{Environment, ErrorKind, context};
 
+use super::tools::{ToolFormat, ToolParams, arguments_value, generic_messages};
 use super::{ChatMessage, EngineError};
 
 const TEMPLATE_NAME: &str = "chat_template";
@@ -30,6 +31,8 @@ pub struct ChatTemplate {
     environment: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// How the model writes tool calls, read from the template's source.
+    tool_format: ToolFormat,
 }
 
 impl ChatTemplate {
@@ -50,24 +53,60 @@ impl ChatTemplate {
         environment
             .add_template_owned(TEMPLATE_NAME, source.unwrap_or(CHATML_TEMPLATE).to_owned())
             .map_err(|err| EngineError::Inference(format!("the chat template is invalid: {err}")))?;
-        Ok(Self { environment, bos_token, eos_token })
+        Ok(Self { environment, bos_token, eos_token, tool_format: ToolFormat::of_template(source) })
     }
 
-    /// The prompt for `messages`, ending where the assistant's reply begins.
-    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_format
+    }
+
+    /// The prompt for `messages`, ending where the assistant's reply begins. The tools are shown
+    /// to the model the way its format wants (see `tools.rs`).
+    pub fn render(&self, messages: &[ChatMessage], tools: &ToolParams) -> Result<String, EngineError> {
         let template = self
             .environment
             .get_template(TEMPLATE_NAME)
             .map_err(|err| EngineError::Inference(format!("the chat template is missing: {err}")))?;
+        let generic;
+        let (messages, tools) = if self.tool_format.template_renders_tools() {
+            (messages, tools.active().then(|| tools.template_tools()))
+        } else {
+            generic = generic_messages(messages, tools);
+            (generic.as_slice(), None)
+        };
+        let messages: Vec<serde_json::Value> = messages.iter().map(message_value).collect();
         template
             .render(context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => true,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
             .map_err(render_error)
     }
+}
+
+/// A message as `transformers` hands it to a template: `tool_calls` and `tool_call_id` only where
+/// the message has them (templates test `message.tool_calls is defined`), a call's arguments as
+/// an object.
+fn message_value(message: &ChatMessage) -> serde_json::Value {
+    let mut value = serde_json::json!({"role": message.role, "content": message.content});
+    if !message.tool_calls.is_empty() {
+        let calls: Vec<serde_json::Value> = message
+            .tool_calls
+            .iter()
+            .map(|call| {
+                serde_json::json!({"id": call.id, "type": "function", "function": {
+                    "name": call.name, "arguments": arguments_value(&call.arguments)}})
+            })
+            .collect();
+        value["tool_calls"] = calls.into();
+    }
+    if let Some(id) = &message.tool_call_id {
+        value["tool_call_id"] = id.as_str().into();
+    }
+    value
 }
 
 /// Marks the errors `raise_exception` makes, to tell them from the template's own bugs.
@@ -196,10 +235,7 @@ mod tests {
     use super::*;
 
     fn conversation(turns: &[(&str, &str)]) -> Vec<ChatMessage> {
-        let message = |(role, content): &(&str, &str)| ChatMessage {
-            role: (*role).to_owned(),
-            content: (*content).to_owned(),
-        };
+        let message = |(role, content): &(&str, &str)| ChatMessage::text(role, *content);
         turns.iter().map(message).collect()
     }
 
@@ -221,7 +257,7 @@ mod tests {
     fn chatml_fallback_renders_a_conversation() {
         let template = ChatTemplate::new(None, None, None).expect("compiles");
         let prompt = template
-            .render(&conversation(&[("system", "You are terse."), ("user", "Hi!")]))
+            .render(&conversation(&[("system", "You are terse."), ("user", "Hi!")]), &ToolParams::default())
             .expect("renders");
         assert_eq!(
             prompt,
@@ -235,12 +271,12 @@ mod tests {
         let with_system =
             conversation(&[("system", "You are a helpful assistant."), ("user", "What is 2+2?")]);
         assert_eq!(
-            template.render(&with_system).expect("renders"),
+            template.render(&with_system, &ToolParams::default()).expect("renders"),
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\
              <|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
         );
         assert_eq!(
-            template.render(&conversation(&[("user", "Hi")])).expect("renders"),
+            template.render(&conversation(&[("user", "Hi")]), &ToolParams::default()).expect("renders"),
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
              <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
@@ -252,7 +288,8 @@ mod tests {
                       {{ m.content.strip().upper() }}{% endif %}{% endfor %}{{ eos_token }}";
         let template =
             ChatTemplate::new(Some(source), Some("<s>".into()), Some("</s>".into())).expect("compiles");
-        let prompt = template.render(&conversation(&[("user", "  hi  ")])).expect("renders");
+        let prompt =
+            template.render(&conversation(&[("user", "  hi  ")]), &ToolParams::default()).expect("renders");
         assert_eq!(prompt, "<s>HI</s>");
     }
 
@@ -262,8 +299,11 @@ mod tests {
                       {{ raise_exception('Conversation roles must alternate user/assistant') }}\
                       {% endif %}ok";
         let template = ChatTemplate::new(Some(source), None, None).expect("compiles");
-        assert_eq!(template.render(&conversation(&[("user", "Hi")])).expect("renders"), "ok");
-        let err = template.render(&conversation(&[("assistant", "Hi")])).unwrap_err();
+        assert_eq!(
+            template.render(&conversation(&[("user", "Hi")]), &ToolParams::default()).expect("renders"),
+            "ok"
+        );
+        let err = template.render(&conversation(&[("assistant", "Hi")]), &ToolParams::default()).unwrap_err();
         assert_eq!(
             err,
             EngineError::InvalidRequest("Conversation roles must alternate user/assistant".into())
@@ -274,7 +314,7 @@ mod tests {
     fn other_template_failures_are_internal_errors() {
         let template = ChatTemplate::new(Some("{{ messages[0].content.no_such_method() }}"), None, None)
             .expect("compiles");
-        let err = template.render(&conversation(&[("user", "Hi")])).unwrap_err();
+        let err = template.render(&conversation(&[("user", "Hi")]), &ToolParams::default()).unwrap_err();
         assert!(matches!(err, EngineError::Inference(_)), "{err:?}");
     }
 

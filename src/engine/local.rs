@@ -17,15 +17,15 @@ use tokio::sync::mpsc;
 use super::chat_template::ChatTemplate;
 use super::embedding::EmbeddingWorker;
 use super::gguf_tokenizer::tokenizer_from_metadata;
-use super::grammar::GrammarCompiler;
-use super::grammar::TokenConstraint;
+use super::grammar::{GenerationGrammar, GrammarCompiler, SCHEMA_PARAM};
 use super::loading::LoadProgress;
 use super::models::load_language_model;
 use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, QueuePlace, WorkerLoad};
 use super::source::resolve_model_path;
+use super::tools::{GrammarPlan, grammar_plan};
 use super::{
-    EmbedRequest, Embeddings, Engine, EngineError, EngineLoad, GenerateRequest, GenerationStream, ModelInfo,
-    ModelKind, OriginalPrompt, Prompt, SamplingParams,
+    EmbedRequest, Embeddings, Engine, EngineError, EngineLoad, GenerateRequest, GenerationStream,
+    InvalidParam, ModelInfo, ModelKind, OriginalPrompt, Prompt, SamplingParams, ToolParams,
 };
 
 /// Events buffered between the worker and the reader of one generation.
@@ -352,12 +352,12 @@ fn tokenizer_json_beside(model: &Path) -> Option<PathBuf> {
 }
 
 impl ChatRunner {
-    fn render(&self, prompt: &Prompt) -> Result<String, EngineError> {
+    fn render(&self, prompt: &Prompt, tools: &ToolParams) -> Result<String, EngineError> {
         Ok(match prompt {
-            Prompt::Chat(messages) => self.template.render(messages)?,
+            Prompt::Chat(messages) => self.template.render(messages, tools)?,
             Prompt::Text(text) => text.clone(),
             Prompt::Continue { prompt: OriginalPrompt::Chat(messages), generated } => {
-                self.template.render(messages)? + generated
+                self.template.render(messages, tools)? + generated
             }
             Prompt::Continue { prompt: OriginalPrompt::Text(text), generated } => {
                 format!("{text}{generated}")
@@ -365,31 +365,46 @@ impl ChatRunner {
         })
     }
 
-    /// The grammar of `params.response_format`, compiled, and advanced through the text a
-    /// continuation already has.
-    fn constraint(
+    /// The grammar of `params.response_format` and `params.tools`, compiled, and advanced
+    /// through the text a continuation already has.
+    fn grammar(
         &self,
         prompt: &Prompt,
         params: &SamplingParams,
-    ) -> Result<Option<TokenConstraint>, EngineError> {
-        if !params.response_format.is_constrained() {
-            return Ok(None);
-        }
-        let Some(grammar) = &self.grammar else {
+    ) -> Result<Option<GenerationGrammar>, EngineError> {
+        let format = self.template.tool_format();
+        let plan = grammar_plan(&params.tools, &params.response_format, format)
+            .map_err(InvalidParam::naming_the_field)?;
+        let (grammar, marker) = match plan {
+            GrammarPlan::Free => return Ok(None),
+            GrammarPlan::Now(grammar) => (grammar, None),
+            GrammarPlan::AfterMarker { marker, at_start, grammar } => (grammar, Some((marker, at_start))),
+        };
+        let (field, param) =
+            if params.tools.active() { ("tools", "tools") } else { ("response_format", SCHEMA_PARAM) };
+        let Some(compiler) = &self.grammar else {
             return Err(EngineError::InvalidParam {
-                param: "response_format".into(),
-                message: format!("Model '{}' does not support 'response_format'.", self.model_id),
+                param: field.into(),
+                message: format!("Model '{}' does not support '{field}'.", self.model_id),
             });
         };
         let started = std::time::Instant::now();
-        let mut constraint = grammar.compile(&params.response_format)?;
+        let constraint = compiler.compile_grammar(grammar, param)?;
         tracing::debug!(milliseconds = started.elapsed().as_secs_f64() * 1e3, "grammar compiled");
-        if let (Some(constraint), Prompt::Continue { generated, .. }) = (&mut constraint, prompt) {
-            constraint.accept_text(generated).map_err(|error| {
-                EngineError::Inference(format!("the answer so far does not fit its response_format: {error}"))
+        let mut grammar = match marker {
+            None => GenerationGrammar::now(constraint),
+            Some((marker, at_start)) => GenerationGrammar::after_marker(constraint, marker, at_start),
+        };
+        if let Prompt::Continue { generated, .. } = prompt {
+            let advanced = match grammar.active() {
+                Some(constraint) => constraint.accept_text(generated),
+                None => grammar.observe_text(generated),
+            };
+            advanced.map_err(|error| {
+                EngineError::Inference(format!("the answer so far does not fit its grammar: {error}"))
             })?;
         }
-        Ok(constraint)
+        Ok(Some(grammar))
     }
 
     /// Render, tokenize, check the context window and queue in `place`. Runs on a blocking thread.
@@ -399,7 +414,7 @@ impl ChatRunner {
         place: QueuePlace,
         span: tracing::Span,
     ) -> Result<GenerationStream, EngineError> {
-        let text = self.render(&request.prompt)?;
+        let text = self.render(&request.prompt, &request.params.tools)?;
         let encoding = self
             .tokenizer
             .encode(text, false)
@@ -429,10 +444,10 @@ impl ChatRunner {
         }
         // Within the window but too long for this prompt: generate what fits (finish_reason length).
         params.max_tokens = params.max_tokens.min(self.context_length - prompt_tokens.len());
-        let constraint = self.constraint(&request.prompt, &params)?;
+        let grammar = self.grammar(&request.prompt, &params)?;
         let (events, stream) = mpsc::channel(EVENTS_PER_GENERATION);
         tracing::debug!(parent: &span, prompt_tokens = prompt_tokens.len(), max_tokens = params.max_tokens, "queued");
-        place.submit(Job { prompt_tokens, params, constraint, events, span })?;
+        place.submit(Job { prompt_tokens, params, grammar, events, span })?;
         Ok(GenerationStream::new(stream))
     }
 }

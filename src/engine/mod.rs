@@ -19,6 +19,7 @@ mod prompt_cache;
 mod sampling;
 mod scheduler;
 mod source;
+mod tools;
 mod validation;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub use local::{LocalEngine, ModelSpec, ModelState, ModelStatus, default_device}
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{QueueLimits, WorkerLoad};
 pub use source::resolve_model_path;
+pub use tools::{GrammarPlan, MAX_TOOLS, Tool, ToolChoice, ToolFormat, ToolParams, valid_name};
 pub use validation::{InvalidParam, MAX_EMBEDDING_INPUTS, MAX_STOP_SEQUENCES};
 
 /// What a model is for.
@@ -97,6 +99,26 @@ pub struct EngineLoad {
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's tool calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` message's answer to this call.
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of text only.
+    pub fn text(role: &str, content: impl Into<String>) -> Self {
+        Self { role: role.to_string(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
+    }
+}
+
+/// A function call the assistant made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text, as OpenAI carries them.
+    pub arguments: String,
 }
 
 /// The input of a generation.
@@ -149,6 +171,10 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context window was reached.
     Length,
+    /// The answer is tool calls (set by the API, which reads the calls out of the text; the
+    /// engine never sends it).
+    #[serde(rename = "tool_calls")]
+    ToolCalls,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,6 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::grammar::ResponseFormat;
+use super::tools::ToolParams;
 
 /// How a generation picks tokens and when it stops. Validated by the API before it gets here.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -31,6 +32,8 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// What the output must be (plain text, a JSON object, JSON valid against a schema).
     pub response_format: ResponseFormat,
+    /// The tools the model may call, and how.
+    pub tools: ToolParams,
 }
 
 impl Default for SamplingParams {
@@ -46,6 +49,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             ignore_eos: false,
             response_format: ResponseFormat::Text,
+            tools: ToolParams::default(),
         }
     }
 }

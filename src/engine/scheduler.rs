@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use generation::{Delivery, Ending, Generation};
 
-use super::grammar::TokenConstraint;
+use super::grammar::GenerationGrammar;
 use super::models::{LanguageModel, Sequence};
 use super::prompt_cache::PromptCache;
 use super::sampling::SamplingParams;
@@ -52,8 +52,9 @@ impl Default for QueueLimits {
 pub struct Job {
     pub prompt_tokens: Vec<u32>,
     pub params: SamplingParams,
-    /// The grammar of `params.response_format`, compiled; `None` for plain text.
-    pub constraint: Option<TokenConstraint>,
+    /// The grammar of `params.response_format` or `params.tools`, compiled; `None` for free
+    /// text.
+    pub grammar: Option<GenerationGrammar>,
     pub events: mpsc::Sender<GenerationEvent>,
     pub span: tracing::Span,
 }

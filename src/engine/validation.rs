@@ -15,7 +15,7 @@ pub const MAX_STOP_SEQUENCES: usize = 4;
 /// Texts one embedding request may hold (OpenAI's limit): it bounds the work one request queues.
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 /// The roles a chat message may have: the ones every chat template understands.
-const CHAT_ROLES: [&str; 3] = ["system", "user", "assistant"];
+const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 /// A request that breaks a limit: which field, and why, in words fit for the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +29,11 @@ pub struct InvalidParam {
 impl InvalidParam {
     pub(crate) fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self { param: param.into(), message: message.into() }
+    }
+
+    /// The engine error that keeps the field's name (for the client's 400).
+    pub fn naming_the_field(self) -> EngineError {
+        EngineError::InvalidParam { param: self.param, message: self.message }
     }
 }
 
@@ -110,7 +115,8 @@ impl SamplingParams {
         }
         in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
         in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
-        self.response_format.validate()
+        self.response_format.validate()?;
+        self.tools.validate()
     }
 }
 
@@ -149,7 +155,7 @@ mod tests {
     use super::*;
 
     fn chat(role: &str) -> GenerateRequest {
-        let message = ChatMessage { role: role.into(), content: "hi".into() };
+        let message = ChatMessage::text(role, "hi");
         GenerateRequest {
             model: "m".into(),
             prompt: Prompt::Chat(vec![message]),

@@ -394,7 +394,7 @@ mod tests {
         // only those, are what `OriginalPrompt` takes, so nodes on either side of the change
         // still understand each other on `/llmesh/infer/2`.
         let codec = bincode::config::standard();
-        let messages = vec![ChatMessage { role: "user".into(), content: "hi".into() }];
+        let messages = vec![ChatMessage::text("user", "hi")];
         let cases = [
             (
                 Prompt::Chat(messages.clone()).continued("Hel".into()),

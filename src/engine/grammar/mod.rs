@@ -58,38 +58,46 @@ impl ResponseFormat {
     /// asks for is checked when it is compiled, by the host that runs it.)
     pub fn validate(&self) -> Result<(), InvalidParam> {
         let ResponseFormat::JsonSchema { schema } = self else { return Ok(()) };
-        if schema.len() > MAX_SCHEMA_BYTES {
-            return Err(InvalidParam::new(
-                SCHEMA_PARAM,
-                format!("The schema is {} bytes long; the limit is {MAX_SCHEMA_BYTES}.", schema.len()),
-            ));
-        }
-        parse_schema(schema).map(|_| ())
+        parse_schema_text(schema, SCHEMA_PARAM).map(|_| ())
     }
 
     /// The schema llguidance compiles, with the layout of the output fixed.
-    fn grammar(&self) -> Result<Option<TopLevelGrammar>, InvalidParam> {
+    pub(super) fn grammar(&self) -> Result<Option<TopLevelGrammar>, InvalidParam> {
         let mut schema = match self {
             ResponseFormat::Text => return Ok(None),
             ResponseFormat::JsonObject => serde_json::Map::from_iter([("type".into(), "object".into())]),
-            ResponseFormat::JsonSchema { schema } => parse_schema(schema)?,
+            ResponseFormat::JsonSchema { schema } => parse_schema_text(schema, SCHEMA_PARAM)?,
         };
         // llguidance reads its options from the schema's `x-guidance`; a client's own is replaced.
-        let options = serde_json::json!({
-            "whitespace_flexible": false,
-            "item_separator": ", ",
-            "key_separator": ": ",
-        });
-        schema.insert("x-guidance".into(), options);
+        schema.insert("x-guidance".into(), json_layout());
         Ok(Some(TopLevelGrammar::from_json_schema(Value::Object(schema))))
     }
 }
 
-fn parse_schema(schema: &str) -> Result<serde_json::Map<String, Value>, InvalidParam> {
+/// llguidance's options for the one JSON layout llmesh generates.
+pub(super) fn json_layout() -> Value {
+    serde_json::json!({
+        "whitespace_flexible": false,
+        "item_separator": ", ",
+        "key_separator": ": ",
+    })
+}
+
+/// A schema given as JSON text: a JSON object of bounded size, or an error naming `param`.
+pub(super) fn parse_schema_text(
+    schema: &str,
+    param: &str,
+) -> Result<serde_json::Map<String, Value>, InvalidParam> {
+    if schema.len() > MAX_SCHEMA_BYTES {
+        return Err(InvalidParam::new(
+            param,
+            format!("The schema is {} bytes long; the limit is {MAX_SCHEMA_BYTES}.", schema.len()),
+        ));
+    }
     match serde_json::from_str::<Value>(schema) {
         Ok(Value::Object(schema)) => Ok(schema),
-        Ok(_) => Err(InvalidParam::new(SCHEMA_PARAM, "The schema must be a JSON object.")),
-        Err(error) => Err(InvalidParam::new(SCHEMA_PARAM, format!("The schema is not valid JSON: {error}."))),
+        Ok(_) => Err(InvalidParam::new(param, "The schema must be a JSON object.")),
+        Err(error) => Err(InvalidParam::new(param, format!("The schema is not valid JSON: {error}."))),
     }
 }
 
@@ -114,20 +122,21 @@ impl GrammarCompiler {
             .unwrap_or_else(|_| Err("llguidance panicked on the vocabulary".into()))
     }
 
-    /// The constraint for one generation, or `None` for plain text. A schema llguidance cannot
-    /// compile (unsupported keywords, one no value satisfies, beyond its limits) is the client's
-    /// error, naming the schema. Slow for large schemas: run it off the async runtime.
-    pub fn compile(&self, format: &ResponseFormat) -> Result<Option<TokenConstraint>, EngineError> {
-        let invalid = |param: String, message: String| EngineError::InvalidParam { param, message };
-        let grammar = format.grammar().map_err(|error| invalid(error.param, error.message))?;
-        let Some(grammar) = grammar else { return Ok(None) };
-        let parser = self.factory.create_parser(grammar).map_err(|error| {
-            let message = format!("The schema cannot be used: {}", cut(&error.to_string()));
-            invalid(SCHEMA_PARAM.into(), message)
+    /// The constraint for one generation. A schema llguidance cannot compile (unsupported
+    /// keywords, one no value satisfies, beyond its limits) is the client's error, naming `param`
+    /// (where the schema came from). Slow for large schemas: run it off the async runtime.
+    pub fn compile_grammar(
+        &self,
+        grammar: TopLevelGrammar,
+        param: &str,
+    ) -> Result<TokenConstraint, EngineError> {
+        let parser = self.factory.create_parser(grammar).map_err(|error| EngineError::InvalidParam {
+            param: param.into(),
+            message: format!("The schema cannot be used: {}", cut(&error.to_string())),
         })?;
         let matcher = Matcher::new(Ok(parser));
         let vocabulary_size = self.factory.tok_env().tok_trie().vocab_size();
-        Ok(Some(TokenConstraint { matcher, vocabulary_size }))
+        Ok(TokenConstraint { matcher, vocabulary_size })
     }
 }
 
@@ -182,6 +191,85 @@ impl TokenConstraint {
             .greedy_tokenize(text.as_bytes());
         self.matcher.consume_tokens(&tokens).map_err(|error| cut(&error.to_string()))
     }
+}
+
+/// A generation's grammar: applied from the first token, or waiting for a marker in the output
+/// (a tool call under `tool_choice: auto`) and applied from there, the marker included.
+pub struct GenerationGrammar {
+    constraint: TokenConstraint,
+    state: State,
+}
+
+enum State {
+    Active,
+    Waiting {
+        marker: &'static str,
+        /// Only a marker at the very start of the output counts.
+        at_start: bool,
+        /// The output so far, or its tail (where a marker may still begin).
+        text: String,
+    },
+    /// The output began without its marker: the grammar never applies.
+    Never,
+}
+
+impl GenerationGrammar {
+    pub fn now(constraint: TokenConstraint) -> Self {
+        Self { constraint, state: State::Active }
+    }
+
+    pub fn after_marker(constraint: TokenConstraint, marker: &'static str, at_start: bool) -> Self {
+        Self { constraint, state: State::Waiting { marker, at_start, text: String::new() } }
+    }
+
+    /// The constraint, while it masks the logits.
+    pub fn active(&mut self) -> Option<&mut TokenConstraint> {
+        matches!(self.state, State::Active).then_some(&mut self.constraint)
+    }
+
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, State::Active)
+    }
+
+    /// Output text, seen while the grammar waits for its marker (an active grammar follows the
+    /// tokens instead). Once the marker shows, the text from it on goes to the constraint.
+    pub fn observe_text(&mut self, piece: &str) -> Result<(), String> {
+        let State::Waiting { marker, at_start, text } = &mut self.state else { return Ok(()) };
+        let searched_from = floor_char_boundary(text, text.len().saturating_sub(marker.len()));
+        text.push_str(piece);
+        let found = if *at_start {
+            if text.starts_with(*marker) {
+                Some(0)
+            } else if marker.starts_with(text.as_str()) {
+                return Ok(());
+            } else {
+                self.state = State::Never;
+                return Ok(());
+            }
+        } else {
+            text[searched_from..].find(*marker).map(|at| searched_from + at)
+        };
+        match found {
+            Some(at) => {
+                let from_marker = text.split_off(at);
+                self.state = State::Active;
+                self.constraint.accept_text(&from_marker)
+            }
+            None => {
+                // Only the tail can still begin a marker.
+                let keep_from = floor_char_boundary(text, text.len().saturating_sub(marker.len()));
+                text.drain(..keep_from);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn floor_char_boundary(text: &str, mut index: usize) -> usize {
+    while !text.is_char_boundary(index) {
+        index -= 1;
+    }
+    index
 }
 
 fn cut(message: &str) -> String {

@@ -63,6 +63,15 @@ fn feed(constraint: &mut TokenConstraint, text: &str) {
     }
 }
 
+/// The constraint of a response format, `None` for plain text.
+fn compile(
+    compiler: &GrammarCompiler,
+    format: &ResponseFormat,
+) -> Result<Option<TokenConstraint>, EngineError> {
+    let grammar = format.grammar().map_err(InvalidParam::naming_the_field)?;
+    grammar.map(|grammar| compiler.compile_grammar(grammar, SCHEMA_PARAM)).transpose()
+}
+
 fn schema(json: Value) -> ResponseFormat {
     ResponseFormat::JsonSchema { schema: json.to_string() }
 }
@@ -71,7 +80,7 @@ fn schema(json: Value) -> ResponseFormat {
 fn a_json_object_starts_with_a_brace_and_ends_at_its_close() {
     let (compiler, tokenizer, eos) = compiler();
     let size = tokenizer.get_vocab_size(true) + 3; // and a model's padding rows
-    let mut constraint = compiler.compile(&ResponseFormat::JsonObject).unwrap().expect("a constraint");
+    let mut constraint = compile(&compiler, &ResponseFormat::JsonObject).unwrap().expect("a constraint");
     assert_eq!(allowed(&mut constraint, size), vec![b'{' as u32, 256], "'{{' or '{{\"' first");
     feed(&mut constraint, "{\"a\": [1, true]");
     assert!(!constraint.is_finished());
@@ -91,7 +100,7 @@ fn a_schema_holds_keys_types_and_enums() {
         "required": ["color", "n"],
         "additionalProperties": false,
     }));
-    let mut constraint = compiler.compile(&format).unwrap().expect("a constraint");
+    let mut constraint = compile(&compiler, &format).unwrap().expect("a constraint");
     feed(&mut constraint, "{\"color\": \"");
     assert_eq!(allowed(&mut constraint, size), vec![b'b' as u32, b'r' as u32]);
     feed(&mut constraint, "red\", \"n\": ");
@@ -106,7 +115,7 @@ fn special_tokens_are_never_text_and_eos_only_ends() {
     let size = tokenizer.get_vocab_size(true);
     // Any string: the end token's text is not a way to write "<|end|>".
     let format = schema(serde_json::json!({"type": "string"}));
-    let mut constraint = compiler.compile(&format).unwrap().expect("a constraint");
+    let mut constraint = compile(&compiler, &format).unwrap().expect("a constraint");
     feed(&mut constraint, "\"a");
     assert!(!allowed(&mut constraint, size).contains(&eos));
     feed(&mut constraint, "\"");
@@ -116,18 +125,18 @@ fn special_tokens_are_never_text_and_eos_only_ends() {
 #[test]
 fn a_continuation_resumes_where_the_text_stopped() {
     let (compiler, tokenizer, _) = compiler();
-    let mut constraint = compiler.compile(&ResponseFormat::JsonObject).unwrap().expect("a constraint");
+    let mut constraint = compile(&compiler, &ResponseFormat::JsonObject).unwrap().expect("a constraint");
     constraint.accept_text("{\"key\": ").unwrap();
     let next = allowed(&mut constraint, tokenizer.get_vocab_size(true));
     assert!(next.contains(&(b'"' as u32)) && !next.contains(&(b'}' as u32)), "{next:?}");
-    let mut other = compiler.compile(&ResponseFormat::JsonObject).unwrap().expect("a constraint");
+    let mut other = compile(&compiler, &ResponseFormat::JsonObject).unwrap().expect("a constraint");
     assert!(other.accept_text("not json").is_err());
 }
 
 #[test]
 fn schemas_that_cannot_be_compiled_name_the_schema_and_the_feature() {
     let (compiler, _, _) = compiler();
-    let refused = |json: Value| match compiler.compile(&schema(json)) {
+    let refused = |json: Value| match compile(&compiler, &schema(json)) {
         Err(EngineError::InvalidParam { param, message }) => (param, message),
         Err(other) => panic!("not an invalid param: {other:?}"),
         Ok(_) => panic!("compiled"),
@@ -159,7 +168,7 @@ fn a_schema_must_be_a_json_object_of_bounded_size() {
 #[test]
 fn plain_text_needs_no_constraint() {
     let (compiler, _, _) = compiler();
-    assert!(compiler.compile(&ResponseFormat::Text).unwrap().is_none());
+    assert!(compile(&compiler, &ResponseFormat::Text).unwrap().is_none());
 }
 
 #[test]
@@ -177,7 +186,7 @@ fn the_deepest_schema_json_can_carry_compiles_on_a_small_stack() {
     let compiled = std::thread::Builder::new()
         .stack_size(2 * 1024 * 1024)
         .spawn(move || {
-            let mut constraint = compiler.compile(&format).unwrap().expect("a constraint");
+            let mut constraint = compile(&compiler, &format).unwrap().expect("a constraint");
             feed(&mut constraint, &"{\"a\": ".repeat(62));
             allowed(&mut constraint, size)
         })
@@ -185,4 +194,90 @@ fn the_deepest_schema_json_can_carry_compiles_on_a_small_stack() {
         .join()
         .expect("no stack overflow");
     assert!(compiled.contains(&(b'7' as u32)));
+}
+
+mod tool_calls {
+    use super::*;
+    use crate::engine::tools::{GrammarPlan, ToolFormat, grammar_plan};
+    use crate::engine::{Tool, ToolChoice, ToolParams};
+
+    fn tools(choice: ToolChoice, parallel: bool) -> ToolParams {
+        let add = Tool {
+            name: "add".into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}},
+                "required": ["a"], "additionalProperties": false})
+            .to_string(),
+        };
+        let ping = Tool { name: "ping".into(), description: String::new(), parameters: "{}".into() };
+        ToolParams { tools: vec![add, ping], choice, parallel }
+    }
+
+    /// The plan's constraint and whether it waits for a marker.
+    fn plan(tools: &ToolParams, format: ToolFormat) -> (GenerationGrammar, bool) {
+        let (compiler, _, _) = compiler();
+        let compile = |grammar| compiler.compile_grammar(grammar, "tools").expect("compiles");
+        match grammar_plan(tools, &ResponseFormat::Text, format).expect("a plan") {
+            GrammarPlan::Free => panic!("no grammar"),
+            GrammarPlan::Now(grammar) => (GenerationGrammar::now(compile(grammar)), false),
+            GrammarPlan::AfterMarker { marker, at_start, grammar } => {
+                (GenerationGrammar::after_marker(compile(grammar), marker, at_start), true)
+            }
+        }
+    }
+
+    fn accepts(grammar: &mut GenerationGrammar, text: &str) -> bool {
+        let constraint = grammar.active().expect("active");
+        text.bytes().all(|byte| constraint.accept(byte as u32).is_ok())
+    }
+
+    #[test]
+    fn generic_calls_hold_to_the_tools_schemas() {
+        let (mut required, waits) = plan(&tools(ToolChoice::Required, true), ToolFormat::Generic);
+        assert!(!waits);
+        let two =
+            r#"{"tool_calls": [{"name": "add", "arguments": {"a": 1}}, {"name": "ping", "arguments": {}}]}"#;
+        assert!(accepts(&mut required, two));
+        assert!(required.active().unwrap().is_finished());
+        let (mut required, _) = plan(&tools(ToolChoice::Required, true), ToolFormat::Generic);
+        assert!(!accepts(&mut required, r#"{"response": "#), "required means a call");
+        let (mut wrong, _) = plan(&tools(ToolChoice::Required, true), ToolFormat::Generic);
+        assert!(!accepts(&mut wrong, r#"{"tool_calls": [{"name": "add", "arguments": {"a": "x"#));
+        let (mut one, _) = plan(&tools(ToolChoice::Required, false), ToolFormat::Generic);
+        assert!(!accepts(&mut one, r#"{"tool_calls": [{"name": "add", "arguments": {"a": 1}}, "#));
+        let (mut named, _) = plan(&tools(ToolChoice::Function("ping".into()), true), ToolFormat::Generic);
+        assert!(!accepts(&mut named, r#"{"tool_calls": [{"name": "a"#), "only the named function");
+        let (mut auto, _) = plan(&tools(ToolChoice::Auto, true), ToolFormat::Generic);
+        assert!(accepts(&mut auto, r#"{"response": "Hi"}"#));
+    }
+
+    #[test]
+    fn hermes_calls_under_auto_are_constrained_from_their_marker() {
+        let (mut auto, waits) = plan(&tools(ToolChoice::Auto, true), ToolFormat::Hermes);
+        assert!(waits && !auto.is_active());
+        auto.observe_text("Let me add that. <tool").unwrap();
+        assert!(!auto.is_active());
+        auto.observe_text("_call>\n{\"na").unwrap();
+        assert!(auto.is_active(), "the marker switched the grammar on");
+        assert!(accepts(&mut auto, "me\": \"add\", \"arguments\": {\"a\": 2}}\n</tool_call>"));
+        // A second call may follow; the grammar is complete after either.
+        let (mut auto, _) = plan(&tools(ToolChoice::Auto, true), ToolFormat::Hermes);
+        assert!(auto.observe_text("<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": \"no").is_err());
+        let (mut required, waits) = plan(&tools(ToolChoice::Required, false), ToolFormat::Hermes);
+        assert!(!waits);
+        assert!(!accepts(&mut required, "Sure"), "required starts with the marker");
+    }
+
+    #[test]
+    fn llama3_calls_count_only_at_the_start() {
+        let (mut late, _) = plan(&tools(ToolChoice::Auto, true), ToolFormat::Llama3);
+        late.observe_text("Use {\"name\": \"add\"}").unwrap();
+        assert!(!late.is_active(), "a brace later in the text is not a call");
+        let (mut call, _) = plan(&tools(ToolChoice::Auto, true), ToolFormat::Llama3);
+        call.observe_text("{").unwrap();
+        call.observe_text("\"name\": \"ping\", ").unwrap();
+        assert!(call.is_active());
+        assert!(accepts(&mut call, "\"parameters\": {}}"));
+        assert!(call.active().unwrap().is_finished());
+    }
 }

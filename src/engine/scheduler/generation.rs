@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use toktrie::SimpleVob;
 
 use super::super::detokenize::{IncrementalDecoder, StopMatcher};
-use super::super::grammar::TokenConstraint;
+use super::super::grammar::GenerationGrammar;
 use super::super::models::Sequence;
 use super::super::prompt_cache::PromptCache;
 use super::super::sampling::Sampler;
@@ -60,8 +60,8 @@ pub struct Generation {
     /// The last sampled token, fed to the model next.
     last_token: Option<u32>,
     sampler: Sampler,
-    /// The response format's grammar: masks the logits before sampling.
-    constraint: Option<TokenConstraint>,
+    /// The response format's or the tool calls' grammar: masks the logits before sampling.
+    grammar: Option<GenerationGrammar>,
     /// The mask for the next token, computed during the step's forward pass (`prepare_mask`).
     next_mask: Option<Result<SimpleVob, String>>,
     /// Time spent computing masks, for the log line at the end.
@@ -99,7 +99,7 @@ impl Generation {
             ignore_eos: job.params.ignore_eos,
             stops: StopMatcher::new(job.params.stop.clone()),
             sampler: Sampler::new(job.params),
-            constraint: job.constraint,
+            grammar: job.grammar,
             next_mask: None,
             mask_time: Duration::ZERO,
             decoder: IncrementalDecoder::new(runtime.tokenizer.clone()),
@@ -183,7 +183,8 @@ impl Generation {
     /// whether the generation ends.
     pub fn accept_logits(&mut self, runtime: &ModelRuntime, logits: &mut [f32]) {
         self.prepare_mask();
-        if let (Some(constraint), Some(allowed)) = (&self.constraint, self.next_mask.take()) {
+        let constraint = self.grammar.as_mut().and_then(GenerationGrammar::active);
+        if let (Some(constraint), Some(allowed)) = (constraint, self.next_mask.take()) {
             match allowed {
                 Ok(allowed) => constraint.mask(&allowed, logits),
                 Err(error) => return self.grammar_failed(&error),
@@ -192,13 +193,14 @@ impl Generation {
         let token = self.sampler.sample(logits);
         self.last_token = Some(token);
         // A grammar allows an end-of-sequence token only where the output is complete.
-        let ends = runtime.eos_token_ids.contains(&token) && (!self.ignore_eos || self.constraint.is_some());
+        let constrained = self.grammar.as_ref().is_some_and(GenerationGrammar::is_active);
+        let ends = runtime.eos_token_ids.contains(&token) && (!self.ignore_eos || constrained);
         if ends {
             self.finish(FinishReason::Stop);
             return;
         }
         let mut complete = false;
-        if let Some(constraint) = &mut self.constraint {
+        if let Some(constraint) = self.grammar.as_mut().and_then(GenerationGrammar::active) {
             if let Err(error) = constraint.accept(token) {
                 return self.grammar_failed(&error);
             }
@@ -206,6 +208,13 @@ impl Generation {
         }
         self.completion_tokens += 1;
         if let Some(piece) = self.decoder.push(token) {
+            if let Some(grammar) = self.grammar.as_mut().filter(|grammar| !grammar.is_active()) {
+                // A tool call's marker switches its grammar on, from the marker.
+                if let Err(error) = grammar.observe_text(&piece) {
+                    return self.grammar_failed(&error);
+                }
+                complete = grammar.active().is_some_and(|constraint| constraint.is_finished());
+            }
             let check = self.stops.push(&piece);
             self.send_text(check.text);
             if check.stopped {
@@ -222,7 +231,9 @@ impl Generation {
 
     /// Whether the generation has a grammar whose next mask is still to be computed.
     pub fn needs_mask(&self) -> bool {
-        self.constraint.is_some() && self.next_mask.is_none() && !self.finished
+        self.grammar.as_ref().is_some_and(GenerationGrammar::is_active)
+            && self.next_mask.is_none()
+            && !self.finished
     }
 
     /// Compute the mask for the next token, unless it is already there. The grammar's state
@@ -232,7 +243,7 @@ impl Generation {
         if !self.needs_mask() {
             return;
         }
-        if let Some(constraint) = &mut self.constraint {
+        if let Some(constraint) = self.grammar.as_mut().and_then(GenerationGrammar::active) {
             let started = Instant::now();
             self.next_mask = Some(constraint.allowed_tokens());
             self.mask_time += started.elapsed();
@@ -242,7 +253,7 @@ impl Generation {
     /// The grammar rejected what the model can do (it should not: each token was allowed).
     fn grammar_failed(&mut self, error: &str) {
         let _entered = self.span.enter();
-        tracing::error!(%error, "the response format's grammar failed");
+        tracing::error!(%error, "the grammar failed");
         let error = EngineError::Inference(format!("constrained decoding failed: {error}"));
         self.outbox.push_back(GenerationEvent::Error(error));
         self.finished = true;
@@ -297,7 +308,7 @@ impl Generation {
             Usage { prompt_tokens: self.prompt_tokens.len(), completion_tokens: self.completion_tokens };
         let _entered = self.span.enter();
         tracing::debug!(?finish_reason, completion_tokens = usage.completion_tokens, "generation finished");
-        if self.constraint.is_some() {
+        if self.grammar.is_some() {
             let steps = usage.completion_tokens.max(1) as f64;
             let per_token = self.mask_time.as_secs_f64() * 1e6 / steps;
             tracing::debug!(mask_microseconds_per_token = per_token, "grammar masks");

@@ -92,7 +92,7 @@ fn worker(max_active: usize) -> (GenerationWorker, Arc<Mutex<Vec<Vec<Entry>>>>) 
 fn submit(worker: &GenerationWorker, prompt: Vec<u32>, max_tokens: usize) -> mpsc::Receiver<GenerationEvent> {
     let (events, receiver) = mpsc::channel(4);
     let params = SamplingParams { temperature: 0.0, max_tokens, ..SamplingParams::default() };
-    let job = Job { prompt_tokens: prompt, params, constraint: None, events, span: tracing::Span::none() };
+    let job = Job { prompt_tokens: prompt, params, grammar: None, events, span: tracing::Span::none() };
     worker.reserve().unwrap().submit(job).unwrap();
     receiver
 }
