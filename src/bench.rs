@@ -255,6 +255,7 @@ impl Bench {
                     first_token.get_or_insert_with(|| started.elapsed());
                     text.push_str(&piece);
                 }
+                GenerationEvent::Logprobs(_) => {}
                 GenerationEvent::Done { usage, .. } => {
                     let total = started.elapsed();
                     return Ok(Timing {

@@ -42,6 +42,7 @@ async fn collect(mut stream: GenerationStream) -> Answer {
     while let Some(event) = stream.recv().await {
         match event {
             GenerationEvent::Text(piece) => text.push_str(&piece),
+            GenerationEvent::Logprobs(_) => {}
             GenerationEvent::Done { finish_reason, usage } => {
                 return Answer {
                     text,

@@ -33,6 +33,7 @@ async fn generate(engine: &LocalEngine, prompt: &str, params: SamplingParams) ->
     loop {
         match stream.recv().await.expect("a Done event") {
             GenerationEvent::Text(piece) => text.push_str(&piece),
+            GenerationEvent::Logprobs(_) => {}
             GenerationEvent::Done { finish_reason, .. } => return (text, finish_reason),
             GenerationEvent::Error(error) => panic!("{error}"),
         }

@@ -53,6 +53,7 @@ async fn generate_on(p2p: &P2pHandle, host: &Node) -> Result<String, String> {
     while let Some(event) = stream.recv().await {
         match event {
             GenerationEvent::Text(piece) => text.push_str(&piece),
+            GenerationEvent::Logprobs(_) => {}
             GenerationEvent::Done { .. } => return Ok(text),
             GenerationEvent::Error(error) => return Err(error.to_string()),
         }

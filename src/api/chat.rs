@@ -10,14 +10,14 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
 use super::generation::{ChunkWriter, collect, json_event, stream_sse};
-use super::params::GenerationOptions;
+use super::params::{GenerationOptions, parse_chat_logprobs};
 use super::tool_calls::{Parsed, ToolCallParser, parse_message_tool_calls, parse_tool_params};
 use super::types::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta, FunctionDelta,
-    ToolCallDelta, response_id, unix_now,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs, Delta,
+    FunctionDelta, ToolCallDelta, response_id, unix_now,
 };
 use super::{AppState, served_by};
-use crate::engine::{ChatMessage, FinishReason, Prompt, Usage};
+use crate::engine::{ChatMessage, FinishReason, Prompt, TokenLogprob, Usage};
 
 /// `max_tokens` when the request sets none and the engine does not list the model (it will then
 /// answer "unknown model" anyway). A listed model gets its whole context length: like OpenAI, a
@@ -40,8 +40,10 @@ impl FromJsonObject for ChatCompletionRequest {
         let model = fields.required_text("model")?;
         let messages = parse_messages(fields.take("messages"))?;
         let tools = parse_tool_params(&mut fields)?;
+        let logprobs = parse_chat_logprobs(&mut fields)?;
         let mut options = GenerationOptions::parse(&mut fields)?;
         options.set_tools(tools);
+        options.set_logprobs(logprobs);
         Ok(Self { model, messages, options })
     }
 }
@@ -150,8 +152,15 @@ pub async fn create_chat_completion(
     let node = events.served_by.clone();
     let parser = tools.active().then(|| ToolCallParser::new(&tools));
     if options.stream {
-        let writer =
-            ChatChunks { id, created, model, include_usage: options.include_usage, parser, calls: 0 };
+        let writer = ChatChunks {
+            id,
+            created,
+            model,
+            include_usage: options.include_usage,
+            parser,
+            calls: 0,
+            logprobs: options.logprobs().map(|_| Vec::new()),
+        };
         return Ok(served_by(stream_sse(events, writer, options.include_usage), node.as_deref()));
     }
     let collected = collect(events).await?;
@@ -171,7 +180,12 @@ pub async fn create_chat_completion(
         object: "chat.completion",
         created,
         model,
-        choices: vec![ChatChoice { index: 0, message, logprobs: None, finish_reason }],
+        choices: vec![ChatChoice {
+            index: 0,
+            message,
+            logprobs: options.logprobs().map(|_| ChatLogprobs::new(collected.logprobs)),
+            finish_reason,
+        }],
         usage: collected.usage.into(),
     };
     Ok(served_by(Json(completion).into_response(), node.as_deref()))
@@ -187,16 +201,20 @@ struct ChatChunks {
     parser: Option<ToolCallParser>,
     /// Tool calls streamed so far.
     calls: usize,
+    /// The log-probabilities not yet sent, when the request asked for them.
+    logprobs: Option<Vec<TokenLogprob>>,
 }
 
 impl ChatChunks {
-    fn chunk(&self, delta: Delta, finish_reason: Option<FinishReason>) -> Event {
+    /// A chunk with `delta` and the log-probabilities gathered since the last one.
+    fn chunk(&mut self, delta: Delta, finish_reason: Option<FinishReason>) -> Event {
+        let logprobs = self.logprobs.as_mut().map(|entries| ChatLogprobs::new(std::mem::take(entries)));
         json_event(&ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
             created: self.created,
             model: self.model.clone(),
-            choices: vec![ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason }],
+            choices: vec![ChatChunkChoice { index: 0, delta, logprobs, finish_reason }],
             usage: self.include_usage.then_some(None),
         })
     }
@@ -239,7 +257,7 @@ impl ChatChunks {
 }
 
 impl ChunkWriter for ChatChunks {
-    fn opening(&self) -> Option<Event> {
+    fn opening(&mut self) -> Option<Event> {
         let delta = Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
         Some(self.chunk(delta, None))
     }
@@ -263,6 +281,12 @@ impl ChunkWriter for ChatChunks {
         let mut events = self.parsed_chunks(parsed);
         events.push(self.chunk(Delta::default(), Some(finish_reason)));
         events
+    }
+
+    fn logprobs(&mut self, entry: TokenLogprob) {
+        if let Some(entries) = &mut self.logprobs {
+            entries.push(entry);
+        }
     }
 
     fn usage(&self, usage: Usage) -> Event {

@@ -10,10 +10,10 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
 use super::generation::{ChunkWriter, collect, json_event, stream_sse};
-use super::params::GenerationOptions;
-use super::types::{TextChoice, TextCompletion, response_id, unix_now};
+use super::params::{GenerationOptions, parse_completion_logprobs};
+use super::types::{TextChoice, TextCompletion, TextLogprobs, response_id, unix_now};
 use super::{AppState, served_by};
-use crate::engine::{FinishReason, Prompt, Usage};
+use crate::engine::{FinishReason, Prompt, TokenLogprob, Usage};
 
 /// `max_tokens` when the request sets none: 16, OpenAI's documented default for this endpoint,
 /// which clients of the legacy API rely on.
@@ -30,7 +30,9 @@ impl FromJsonObject for CompletionRequest {
     fn from_json_object(mut fields: JsonObject) -> Result<Self, ApiError> {
         let model = fields.required_text("model")?;
         let prompt = parse_prompt(fields.take("prompt"))?;
-        let options = GenerationOptions::parse(&mut fields)?;
+        let logprobs = parse_completion_logprobs(&mut fields)?;
+        let mut options = GenerationOptions::parse(&mut fields)?;
+        options.set_logprobs(logprobs);
         Ok(Self { model, prompt, options })
     }
 }
@@ -70,17 +72,20 @@ pub async fn create_completion(
     let CompletionRequest { model, prompt, options } = request;
     let request = options.request(model.clone(), Prompt::Text(prompt), DEFAULT_COMPLETION_MAX_TOKENS)?;
     let events = state.engine.generate(request).await?;
-    let writer = TextChunks {
+    let mut writer = TextChunks {
         id: response_id("cmpl"),
         created: unix_now(),
         model,
         include_usage: options.include_usage,
+        logprobs: options.logprobs().map(|_| Vec::new()),
+        text_offset: 0,
     };
     let node = events.served_by.clone();
     if options.stream {
         return Ok(served_by(stream_sse(events, writer, options.include_usage), node.as_deref()));
     }
     let collected = collect(events).await?;
+    writer.logprobs = writer.logprobs.map(|_| collected.logprobs);
     let mut completion = writer.completion(collected.text, Some(collected.finish_reason));
     completion.usage = Some(Some(collected.usage.into()));
     Ok(served_by(Json(completion).into_response(), node.as_deref()))
@@ -92,23 +97,37 @@ struct TextChunks {
     created: u64,
     model: String,
     include_usage: bool,
+    /// The log-probabilities not yet sent, when the request asked for them.
+    logprobs: Option<Vec<TokenLogprob>>,
+    /// Characters of text sent so far (where the next tokens' `text_offset` starts).
+    text_offset: usize,
 }
 
 impl TextChunks {
-    fn completion(&self, text: String, finish_reason: Option<FinishReason>) -> TextCompletion {
+    /// A completion (or chunk) with `text` and the log-probabilities gathered since the last.
+    fn completion(&mut self, text: String, finish_reason: Option<FinishReason>) -> TextCompletion {
+        let logprobs = self
+            .logprobs
+            .as_mut()
+            .map(|entries| TextLogprobs::new(std::mem::take(entries), self.text_offset));
+        if let Some(logprobs) = &logprobs {
+            self.text_offset = logprobs.text_offset.last().map_or(self.text_offset, |&last| {
+                last + logprobs.tokens.last().map_or(0, |token| token.chars().count())
+            });
+        }
         TextCompletion {
             id: self.id.clone(),
             object: "text_completion",
             created: self.created,
             model: self.model.clone(),
-            choices: vec![TextChoice { text, index: 0, logprobs: None, finish_reason }],
+            choices: vec![TextChoice { text, index: 0, logprobs, finish_reason }],
             usage: self.include_usage.then_some(None),
         }
     }
 }
 
 impl ChunkWriter for TextChunks {
-    fn opening(&self) -> Option<Event> {
+    fn opening(&mut self) -> Option<Event> {
         None
     }
 
@@ -120,11 +139,21 @@ impl ChunkWriter for TextChunks {
         vec![json_event(&self.completion(String::new(), Some(finish_reason)))]
     }
 
+    fn logprobs(&mut self, entry: TokenLogprob) {
+        if let Some(entries) = &mut self.logprobs {
+            entries.push(entry);
+        }
+    }
+
     fn usage(&self, usage: Usage) -> Event {
-        let mut chunk = self.completion(String::new(), None);
-        chunk.choices.clear();
-        chunk.usage = Some(Some(usage.into()));
-        json_event(&chunk)
+        json_event(&TextCompletion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices: Vec::new(),
+            usage: Some(Some(usage.into())),
+        })
     }
 }
 

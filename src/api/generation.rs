@@ -12,7 +12,7 @@ use futures::{Stream, StreamExt, stream};
 use serde::Serialize;
 
 use super::error::ApiError;
-use crate::engine::{FinishReason, GenerationEvent, GenerationStream, Usage};
+use crate::engine::{FinishReason, GenerationEvent, GenerationStream, TokenLogprob, Usage};
 
 /// A generation collected whole.
 #[derive(Debug)]
@@ -20,17 +20,21 @@ pub struct Collected {
     pub text: String,
     pub finish_reason: FinishReason,
     pub usage: Usage,
+    /// One per generated token, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Wait for the whole generation. Cancel-safe: dropping the future drops the stream, which
 /// cancels the generation.
 pub async fn collect(mut events: GenerationStream) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(event) = events.recv().await {
         match event {
             GenerationEvent::Text(piece) => text.push_str(&piece),
+            GenerationEvent::Logprobs(entry) => logprobs.push(entry),
             GenerationEvent::Done { finish_reason, usage } => {
-                return Ok(Collected { text, finish_reason, usage });
+                return Ok(Collected { text, finish_reason, usage, logprobs });
             }
             GenerationEvent::Error(error) => return Err(error.into()),
         }
@@ -45,9 +49,11 @@ fn ended_early() -> ApiError {
 /// How one endpoint writes its stream chunks (chat and legacy completions differ).
 pub trait ChunkWriter: Send + 'static {
     /// Sent before any text (chat announces the assistant role).
-    fn opening(&self) -> Option<Event>;
+    fn opening(&mut self) -> Option<Event>;
     /// The chunks for the next piece of text (none while text is held back).
     fn text(&mut self, text: String) -> Vec<Event>;
+    /// A token's log-probability, sent with the next chunk.
+    fn logprobs(&mut self, entry: TokenLogprob);
     /// The last chunks: what was held back, then the finish reason.
     fn finish(&mut self, finish_reason: FinishReason) -> Vec<Event>;
     /// The usage chunk, sent after the finish chunk when the client asked for it.
@@ -57,7 +63,7 @@ pub trait ChunkWriter: Send + 'static {
 /// Relay a generation as SSE: the writer's chunks, then `data: [DONE]`. An engine error becomes
 /// an OpenAI error event followed by `[DONE]` (the 200 status has been sent by then; the engine
 /// reports what it can, such as an over-long prompt, before the stream starts).
-pub fn stream_sse<W: ChunkWriter>(events: GenerationStream, writer: W, include_usage: bool) -> Response {
+pub fn stream_sse<W: ChunkWriter>(events: GenerationStream, mut writer: W, include_usage: bool) -> Response {
     let opening = writer.opening();
     let relay = Relay { events: Some(events), writer, include_usage };
     let body = stream::iter(opening)
@@ -83,6 +89,10 @@ impl<W: ChunkWriter> Relay<W> {
         let event = self.events.as_mut()?.recv().await;
         let sse_events = match event {
             Some(GenerationEvent::Text(text)) => return Some((self.writer.text(text), self)),
+            Some(GenerationEvent::Logprobs(entry)) => {
+                self.writer.logprobs(entry);
+                return Some((Vec::new(), self));
+            }
             Some(GenerationEvent::Done { finish_reason, usage }) => {
                 let mut sse_events = self.writer.finish(finish_reason);
                 if self.include_usage {

@@ -35,6 +35,15 @@ impl GenerationOptions {
         self.sampling.tools = tools;
     }
 
+    /// Log-probabilities with this many alternatives per token.
+    pub fn set_logprobs(&mut self, top: Option<usize>) {
+        self.sampling.logprobs = top;
+    }
+
+    pub fn logprobs(&self) -> Option<usize> {
+        self.sampling.logprobs
+    }
+
     /// The engine's parameters, with `default_max_tokens` when the request set no limit.
     pub fn sampling_params(&self, default_max_tokens: usize) -> SamplingParams {
         SamplingParams { max_tokens: self.max_tokens.unwrap_or(default_max_tokens), ..self.sampling.clone() }
@@ -112,11 +121,37 @@ impl GenerationOptions {
             ignore_eos,
             response_format,
             tools: ToolParams::default(),
+            logprobs: None,
         };
         let max_tokens_field =
             if max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
         let max_tokens = max_completion_tokens.or(max_tokens).map(to_usize);
         Ok(Self { sampling, max_tokens, max_tokens_field, stream, include_usage })
+    }
+}
+
+/// Chat's `logprobs` (a boolean) and `top_logprobs` (0 to 20, only beside `logprobs: true`).
+pub fn parse_chat_logprobs(fields: &mut JsonObject) -> Result<Option<usize>, ApiError> {
+    let wanted = fields.optional::<bool>("logprobs")?.unwrap_or(false);
+    let top = optional_count(fields, "top_logprobs")?;
+    match (wanted, top) {
+        (false, Some(_)) => {
+            Err(ApiError::invalid_param("top_logprobs", "'top_logprobs' needs 'logprobs' set to true."))
+        }
+        (false, None) => Ok(None),
+        (true, top) => Ok(Some(to_usize(top.unwrap_or(0)))),
+    }
+}
+
+/// Legacy completions' `logprobs`: how many alternatives per token, 0 to 5 (OpenAI's limit).
+pub fn parse_completion_logprobs(fields: &mut JsonObject) -> Result<Option<usize>, ApiError> {
+    const MAX: u64 = 5;
+    match optional_count(fields, "logprobs")? {
+        Some(top) if top > MAX => Err(ApiError::invalid_param(
+            "logprobs",
+            format!("{top} is more than the maximum of {MAX} for 'logprobs'."),
+        )),
+        top => Ok(top.map(to_usize)),
     }
 }
 

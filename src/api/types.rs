@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::tool_calls::Parsed;
 use crate::engine::ModelHost;
-use crate::engine::{FinishReason, ModelInfo, ModelKind, ToolCall, Usage};
+use crate::engine::{FinishReason, ModelInfo, ModelKind, TokenLogprob, ToolCall, Usage};
 
 /// Seconds since the Unix epoch, for `created` fields.
 pub fn unix_now() -> u64 {
@@ -104,7 +104,7 @@ pub struct ChatCompletion {
 pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: FinishReason,
 }
 
@@ -200,7 +200,7 @@ pub struct ChatCompletionChunk {
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: Delta,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<FinishReason>,
 }
 
@@ -232,8 +232,87 @@ pub struct TextCompletion {
 pub struct TextChoice {
     pub text: String,
     pub index: usize,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<TextLogprobs>,
     pub finish_reason: Option<FinishReason>,
+}
+
+/// A chat answer's log-probabilities, one entry per generated token.
+#[derive(Debug, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+    pub refusal: Option<()>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl ChatLogprobs {
+    pub fn new(entries: Vec<TokenLogprob>) -> Self {
+        let content = entries
+            .into_iter()
+            .map(|entry| ChatTokenLogprob {
+                token: String::from_utf8_lossy(&entry.bytes).into_owned(),
+                logprob: entry.logprob,
+                top_logprobs: entry
+                    .top
+                    .into_iter()
+                    .map(|top| ChatTopLogprob {
+                        token: String::from_utf8_lossy(&top.bytes).into_owned(),
+                        logprob: top.logprob,
+                        bytes: top.bytes,
+                    })
+                    .collect(),
+                bytes: entry.bytes,
+            })
+            .collect();
+        Self { content, refusal: None }
+    }
+}
+
+/// A legacy completion's log-probabilities: parallel arrays, one place per token, and each
+/// token's offset in the completion's text (in characters).
+#[derive(Debug, Serialize)]
+pub struct TextLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub text_offset: Vec<usize>,
+}
+
+impl TextLogprobs {
+    /// The entries of tokens whose text starts `offset` characters into the completion.
+    pub fn new(entries: Vec<TokenLogprob>, mut offset: usize) -> Self {
+        let mut logprobs = Self {
+            tokens: Vec::new(),
+            token_logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            text_offset: Vec::new(),
+        };
+        for entry in entries {
+            let token = String::from_utf8_lossy(&entry.bytes).into_owned();
+            logprobs.text_offset.push(offset);
+            offset += token.chars().count();
+            logprobs.tokens.push(token);
+            logprobs.token_logprobs.push(entry.logprob);
+            let top = entry.top.into_iter().map(|top| {
+                (String::from_utf8_lossy(&top.bytes).into_owned(), serde_json::Value::from(top.logprob))
+            });
+            logprobs.top_logprobs.push(top.collect());
+        }
+        logprobs
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -329,6 +329,7 @@ fn load_model(
         model: loaded.model,
         tokenizer: tokenizer.clone(),
         eos_token_ids: tokens.eos_token_ids,
+        vocabulary: grammar.clone(),
     };
     let worker = GenerationWorker::spawn(runtime, limits)
         .map_err(|e| EngineError::Inference(format!("cannot start the worker thread: {e}")))?;

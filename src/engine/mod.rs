@@ -183,7 +183,8 @@ pub struct Usage {
     pub completion_tokens: usize,
 }
 
-/// What a generation sends back, in order: any number of `Text`, then one `Done` or one `Error`.
+/// What a generation sends back, in order: any number of `Text` (and, when asked for, one
+/// `Logprobs` per generated token, before the text it adds to), then one `Done` or one `Error`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum GenerationEvent {
     /// The next piece of text: always whole UTF-8 characters, never part of a stop sequence.
@@ -193,6 +194,32 @@ pub enum GenerationEvent {
         usage: Usage,
     },
     Error(EngineError),
+    /// The log-probability of the token just generated (`SamplingParams::logprobs`).
+    Logprobs(TokenLogprob),
+}
+
+impl GenerationEvent {
+    /// Whether the generation ends with this event.
+    pub fn is_last(&self) -> bool {
+        matches!(self, GenerationEvent::Done { .. } | GenerationEvent::Error(_))
+    }
+}
+
+/// A generated token's log-probability under the model's distribution (before grammar masks,
+/// penalties and sampling), and the most likely tokens at that place.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's bytes (a token may hold part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
 }
 
 /// The receiving end of a generation. Dropping it cancels the generation.

@@ -34,7 +34,13 @@ pub struct SamplingParams {
     pub response_format: ResponseFormat,
     /// The tools the model may call, and how.
     pub tools: ToolParams,
+    /// Send each generated token's log-probability with this many of the most likely
+    /// alternatives (0 to [`MAX_TOP_LOGPROBS`]); `None`: none.
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives `logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -50,6 +56,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             response_format: ResponseFormat::Text,
             tools: ToolParams::default(),
+            logprobs: None,
         }
     }
 }

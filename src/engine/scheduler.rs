@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use generation::{Delivery, Ending, Generation};
 
-use super::grammar::GenerationGrammar;
+use super::grammar::{GenerationGrammar, GrammarCompiler};
 use super::models::{LanguageModel, Sequence};
 use super::prompt_cache::PromptCache;
 use super::sampling::SamplingParams;
@@ -65,6 +65,18 @@ pub struct ModelRuntime {
     pub model: Box<dyn LanguageModel>,
     pub tokenizer: Arc<Tokenizer>,
     pub eos_token_ids: Vec<u32>,
+    /// The vocabulary as bytes (built for grammars), for log-probabilities' `bytes`.
+    pub vocabulary: Option<Arc<GrammarCompiler>>,
+}
+
+impl ModelRuntime {
+    /// A token's bytes: from the grammar's vocabulary, else as the tokenizer decodes it alone.
+    pub fn token_bytes(&self, token: u32) -> Vec<u8> {
+        match &self.vocabulary {
+            Some(vocabulary) => vocabulary.token_bytes(token),
+            None => self.tokenizer.decode(&[token], false).unwrap_or_default().into_bytes(),
+        }
+    }
 }
 
 /// Live counts of one model's worker, read by the API and (later) announced to the cluster.

@@ -6,6 +6,7 @@
 //! Only what the engine types can express is checked here; JSON's shapes (a string where a number
 //! belongs, a negative count) are the API's to refuse.
 
+use super::sampling::MAX_TOP_LOGPROBS;
 use super::{
     ChatMessage, EmbedRequest, EngineError, GenerateRequest, OriginalPrompt, Prompt, SamplingParams,
 };
@@ -115,6 +116,14 @@ impl SamplingParams {
         }
         in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
         in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        if let Some(top) = self.logprobs
+            && top > MAX_TOP_LOGPROBS
+        {
+            return Err(InvalidParam::new(
+                "top_logprobs",
+                format!("{top} is more than the maximum of {MAX_TOP_LOGPROBS} for 'top_logprobs'."),
+            ));
+        }
         self.response_format.validate()?;
         self.tools.validate()
     }

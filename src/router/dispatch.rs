@@ -221,6 +221,12 @@ async fn relay(
                 }
                 continue;
             }
+            Some(event @ GenerationEvent::Logprobs(_)) => {
+                if events.send(event).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             Some(GenerationEvent::Done { finish_reason, usage }) => {
                 let usage = if failovers > 0 { resumed_usage(usage, pieces) } else { usage };
                 inner.stats.finished(Outcome {

@@ -51,7 +51,7 @@ const FIRST_RESEND_PAUSE: Duration = Duration::from_millis(25);
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum InferRequest {
-    Generate(GenerateRequest),
+    Generate(Box<GenerateRequest>),
     Embed(EmbedRequest),
 }
 
@@ -145,7 +145,7 @@ pub async fn forward_generate(
     host: &str,
     request: GenerateRequest,
 ) -> Result<GenerationStream, EngineError> {
-    let (mut stream, reply) = send(p2p, peer_id, host, &InferRequest::Generate(request)).await?;
+    let (mut stream, reply) = send(p2p, peer_id, host, &InferRequest::Generate(Box::new(request))).await?;
     match reply {
         InferReply::Accepted => {}
         InferReply::Error(error) => return Err(error),
@@ -161,7 +161,7 @@ pub async fn forward_generate(
         Err(error) => return Err(lost(host, error)),
     };
     let (events, receiver) = mpsc::channel(EVENTS_PER_FORWARD);
-    let more = matches!(first, GenerationEvent::Text(_));
+    let more = !first.is_last();
     // The channel is new and empty: the first event always fits.
     let _ = events.try_send(first);
     if more {
@@ -189,7 +189,7 @@ async fn relay_events(mut stream: P2pStream, events: mpsc::Sender<GenerationEven
                 "host {host} went away in the middle of the answer: {error}"
             ))),
         };
-        let last = !matches!(event, GenerationEvent::Text(_));
+        let last = event.is_last();
         if events.send(event).await.is_err() || last {
             return;
         }
@@ -297,7 +297,7 @@ async fn serve_one(
         }
         InferRequest::Generate(request) => {
             tracing::debug!(model = %request.model, "generating for a peer");
-            let mut generation = match working(&mut stream, engine.generate(request)).await? {
+            let mut generation = match working(&mut stream, engine.generate(*request)).await? {
                 Ok(generation) => generation,
                 Err(error) => return write_within(&mut stream, &InferReply::Error(error)).await,
             };
@@ -322,7 +322,7 @@ async fn serve_one(
                     }
                 };
                 let Some(event) = event else { return Ok(()) };
-                let last = !matches!(event, GenerationEvent::Text(_));
+                let last = event.is_last();
                 write_within(&mut writer, &InferReply::Event(event)).await?;
                 if last {
                     return Ok(());
@@ -366,11 +366,11 @@ mod tests {
     /// nested around `Text("x")`, written by hand: what a hostile member can send whatever the
     /// types say.
     fn nested_continuations(depth: usize) -> Vec<u8> {
-        let plain = InferRequest::Generate(GenerateRequest {
+        let plain = InferRequest::Generate(Box::new(GenerateRequest {
             model: "m".into(),
             prompt: Prompt::Text("x".into()),
             params: SamplingParams::default(),
-        });
+        }));
         let plain = bincode::serde::encode_to_vec(&plain, bincode::config::standard()).unwrap();
         // Generate (variant 0), the model (length 1, "m"), Text (variant 1, length 1, "x"), params.
         let (head, rest) = plain.split_at(3);

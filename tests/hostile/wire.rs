@@ -71,6 +71,7 @@ impl Hostile {
         while let Some(event) = stream.recv().await {
             match event {
                 GenerationEvent::Text(piece) => text.push_str(&piece),
+                GenerationEvent::Logprobs(_) => {}
                 GenerationEvent::Done { .. } => {
                     assert_eq!(text, SCRIPTED_TEXT.concat());
                     return Ok(text);
@@ -118,11 +119,11 @@ fn framed(bytes: &[u8]) -> Vec<u8> {
 /// `Text("x")`, in bincode written by hand: bincode has no depth limit of its own, so whether
 /// this decodes is up to the types.
 async fn nested_continuations(depth: usize) -> Vec<u8> {
-    let plain = InferRequest::Generate(GenerateRequest {
+    let plain = InferRequest::Generate(Box::new(GenerateRequest {
         model: "fake-chat".into(),
         prompt: Prompt::Text("x".into()),
         params: SamplingParams::default(),
-    });
+    }));
     let mut frame = futures::io::Cursor::new(Vec::new());
     write_frame(&mut frame, &plain).await.unwrap();
     let plain = &frame.get_ref()[4..];

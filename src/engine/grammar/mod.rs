@@ -122,6 +122,16 @@ impl GrammarCompiler {
             .unwrap_or_else(|_| Err("llguidance panicked on the vocabulary".into()))
     }
 
+    /// A token's bytes (a special token's name), for log-probabilities.
+    pub fn token_bytes(&self, token: u32) -> Vec<u8> {
+        let trie = self.factory.tok_env().tok_trie();
+        if token as usize >= trie.vocab_size() {
+            return Vec::new();
+        }
+        let bytes = trie.token(token);
+        bytes.strip_prefix(&[toktrie::TokTrie::SPECIAL_TOKEN_MARKER]).unwrap_or(bytes).to_vec()
+    }
+
     /// The constraint for one generation. A schema llguidance cannot compile (unsupported
     /// keywords, one no value satisfies, beyond its limits) is the client's error, naming `param`
     /// (where the schema came from). Slow for large schemas: run it off the async runtime.

@@ -17,7 +17,7 @@ use super::super::grammar::GenerationGrammar;
 use super::super::models::Sequence;
 use super::super::prompt_cache::PromptCache;
 use super::super::sampling::Sampler;
-use super::super::{EngineError, FinishReason, GenerationEvent, Usage};
+use super::super::{EngineError, FinishReason, GenerationEvent, TokenLogprob, TopLogprob, Usage};
 use super::{Job, ModelRuntime};
 
 /// What a generation asks of the next step.
@@ -66,6 +66,8 @@ pub struct Generation {
     next_mask: Option<Result<SimpleVob, String>>,
     /// Time spent computing masks, for the log line at the end.
     mask_time: Duration,
+    /// Send each token's log-probability with this many alternatives.
+    logprobs: Option<usize>,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     completion_tokens: usize,
@@ -98,6 +100,7 @@ impl Generation {
             max_tokens: job.params.max_tokens,
             ignore_eos: job.params.ignore_eos,
             stops: StopMatcher::new(job.params.stop.clone()),
+            logprobs: job.params.logprobs,
             sampler: Sampler::new(job.params),
             grammar: job.grammar,
             next_mask: None,
@@ -183,6 +186,8 @@ impl Generation {
     /// whether the generation ends.
     pub fn accept_logits(&mut self, runtime: &ModelRuntime, logits: &mut [f32]) {
         self.prepare_mask();
+        // The model's own distribution: before the mask and the penalties change the logits.
+        let distribution = self.logprobs.map(|top| Distribution::of(logits, top));
         let constraint = self.grammar.as_mut().and_then(GenerationGrammar::active);
         if let (Some(constraint), Some(allowed)) = (constraint, self.next_mask.take()) {
             match allowed {
@@ -198,6 +203,9 @@ impl Generation {
         if ends {
             self.finish(FinishReason::Stop);
             return;
+        }
+        if let Some(distribution) = distribution {
+            self.outbox.push_back(GenerationEvent::Logprobs(distribution.entry(runtime, token)));
         }
         let mut complete = false;
         if let Some(constraint) = self.grammar.as_mut().and_then(GenerationGrammar::active) {
@@ -315,5 +323,38 @@ impl Generation {
         }
         self.outbox.push_back(GenerationEvent::Done { finish_reason, usage });
         self.finished = true;
+    }
+}
+
+/// One step's log-probabilities: the raw logits' log-sum-exp and the most likely tokens.
+struct Distribution {
+    logits: Vec<f32>,
+    log_sum_exp: f32,
+    top: Vec<u32>,
+}
+
+impl Distribution {
+    fn of(logits: &[f32], top: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&logit| f64::from(logit - max).exp()).sum();
+        let log_sum_exp = max + sum.ln() as f32;
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        if top > 0 && top < order.len() {
+            order.select_nth_unstable_by(top - 1, by_logit);
+        }
+        order.truncate(top);
+        order.sort_unstable_by(by_logit);
+        Self { logits: logits.to_vec(), log_sum_exp, top: order }
+    }
+
+    fn entry(&self, runtime: &ModelRuntime, token: u32) -> TokenLogprob {
+        let logprob = |token: u32| self.logits[token as usize] - self.log_sum_exp;
+        let top = self
+            .top
+            .iter()
+            .map(|&other| TopLogprob { bytes: runtime.token_bytes(other), logprob: logprob(other) })
+            .collect();
+        TokenLogprob { bytes: runtime.token_bytes(token), logprob: logprob(token), top }
     }
 }

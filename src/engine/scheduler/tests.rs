@@ -84,6 +84,7 @@ fn worker(max_active: usize) -> (GenerationWorker, Arc<Mutex<Vec<Vec<Entry>>>>) 
         model: Box::new(model),
         tokenizer: tokenizer(),
         eos_token_ids: Vec::new(),
+        vocabulary: None,
     };
     let limits = QueueLimits { max_active, max_queued: 4, prompt_cache_tokens: 0 };
     (GenerationWorker::spawn(runtime, limits).unwrap(), steps)
@@ -105,6 +106,7 @@ async fn drain(
     while let Some(event) = events.recv().await {
         match event {
             GenerationEvent::Text(_) => pieces += 1,
+            GenerationEvent::Logprobs(_) => {}
             GenerationEvent::Done { finish_reason, usage } => {
                 return (pieces, Ok((finish_reason, usage.completion_tokens)));
             }

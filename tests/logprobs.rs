@@ -1,0 +1,144 @@
+//! Log-probabilities end to end on SmolLM2-135M-Instruct, through a two-node cluster whose entry
+//! has no model: chat `logprobs` + `top_logprobs` whole and streamed, legacy completions'
+//! `logprobs`, each agreeing with the text, and malformed values refused naming the field. The
+//! model comes from `scripts/fetch-models.sh` (LLMESH_MODELS_DIR to look elsewhere than `models/`).
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use llmesh::engine::{LocalEngine, ModelSpec, QueueLimits};
+use llmesh::node::Node;
+use serde_json::{Value, json};
+
+use support::cluster::{call, config, entry_node, eventually, hosts_of};
+
+fn chat_model() -> ModelSpec {
+    let dir = std::env::var_os("LLMESH_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{} is missing: run scripts/fetch-models.sh", path.display());
+    ModelSpec { id: "smollm2".into(), path }
+}
+
+/// One chat entry: bytes and token agree, the log-probability is one, the alternatives are the
+/// most likely first, and (greedy) the chosen token is the most likely one.
+fn check_chat_entry(entry: &Value, top: usize) -> Vec<u8> {
+    let bytes: Vec<u8> =
+        entry["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+    assert_eq!(entry["token"].as_str().unwrap(), String::from_utf8_lossy(&bytes), "{entry}");
+    let logprob = entry["logprob"].as_f64().unwrap();
+    assert!(logprob <= 0.0, "{entry}");
+    let alternatives = entry["top_logprobs"].as_array().unwrap();
+    assert_eq!(alternatives.len(), top, "{entry}");
+    let values: Vec<f64> = alternatives.iter().map(|a| a["logprob"].as_f64().unwrap()).collect();
+    assert!(values.windows(2).all(|pair| pair[0] >= pair[1]), "most likely first: {entry}");
+    if top > 0 {
+        assert_eq!(alternatives[0]["token"], entry["token"], "greedy picks the most likely: {entry}");
+        assert!((values[0] - logprob).abs() < 1e-6, "{entry}");
+        assert!(values.iter().map(|v| v.exp()).sum::<f64>() <= 1.0 + 1e-4);
+    }
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_through_a_remote_host_agree_with_the_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LocalEngine::load(&[chat_model()], QueueLimits::default(), &candle_core::Device::Cpu)
+        .expect("load SmolLM2");
+    let host =
+        Node::spawn_with_engine(config("host", &dir, Vec::new(), None), Arc::new(engine)).await.unwrap();
+    let entry = entry_node("entry", &dir, host.p2p_addresses().to_vec(), |_| {}).await;
+    eventually("the entry sees the host", async || hosts_of(&entry, "smollm2").await.len() == 1).await;
+
+    let chat = |stream: bool| {
+        json!({
+            "model": "smollm2",
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}],
+            "temperature": 0,
+            "max_tokens": 12,
+            "logprobs": true,
+            "top_logprobs": 3,
+            "stream": stream,
+        })
+    };
+    let response = call(&entry, "POST", "/v1/chat/completions", Some(chat(false))).await;
+    assert_eq!(response.status, StatusCode::OK, "{}", response.body);
+    assert_eq!(response.served_by.as_deref(), Some("host"));
+    let answer: Value = serde_json::from_str(&response.body).unwrap();
+    let choice = &answer["choices"][0];
+    let entries = choice["logprobs"]["content"].as_array().expect("logprobs.content");
+    assert_eq!(entries.len() as u64, answer["usage"]["completion_tokens"].as_u64().unwrap(), "{answer}");
+    let bytes: Vec<u8> = entries.iter().flat_map(|entry| check_chat_entry(entry, 3)).collect();
+    let text = choice["message"]["content"].as_str().unwrap();
+    assert!(String::from_utf8(bytes.clone()).unwrap().starts_with(text), "{answer}");
+
+    // Streamed: the same entries, spread over the chunks.
+    let response = call(&entry, "POST", "/v1/chat/completions", Some(chat(true))).await;
+    let mut streamed = Vec::new();
+    for line in
+        response.body.lines().filter_map(|line| line.strip_prefix("data: ")).filter(|line| *line != "[DONE]")
+    {
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        for entry in chunk["choices"][0]["logprobs"]["content"].as_array().into_iter().flatten() {
+            streamed.extend(check_chat_entry(entry, 3));
+        }
+    }
+    assert_eq!(streamed, bytes, "{}", response.body);
+
+    // Legacy completions: parallel arrays and offsets into the text.
+    let completion =
+        json!({"model": "smollm2", "prompt": "The sky is", "temperature": 0, "max_tokens": 8, "logprobs": 2});
+    let response = call(&entry, "POST", "/v1/completions", Some(completion)).await;
+    assert_eq!(response.status, StatusCode::OK, "{}", response.body);
+    let answer: Value = serde_json::from_str(&response.body).unwrap();
+    let logprobs = &answer["choices"][0]["logprobs"];
+    let tokens: Vec<&str> =
+        logprobs["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens.concat(), answer["choices"][0]["text"].as_str().unwrap(), "{answer}");
+    let offsets: Vec<u64> =
+        logprobs["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    let mut expected = 0;
+    for (token, offset) in tokens.iter().zip(&offsets) {
+        assert_eq!(*offset, expected);
+        expected += token.chars().count() as u64;
+    }
+    assert_eq!(logprobs["token_logprobs"].as_array().unwrap().len(), tokens.len());
+    for top in logprobs["top_logprobs"].as_array().unwrap() {
+        assert_eq!(top.as_object().unwrap().len(), 2, "{top}");
+    }
+
+    for (body, path, param) in [
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+            "/v1/chat/completions",
+            "top_logprobs",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}),
+            "/v1/chat/completions",
+            "top_logprobs",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": 3}),
+            "/v1/chat/completions",
+            "logprobs",
+        ),
+        (json!({"prompt": "hi", "logprobs": 6}), "/v1/completions", "logprobs"),
+    ] {
+        let mut body = body;
+        body["model"] = json!("smollm2");
+        let response = call(&entry, "POST", path, Some(body)).await;
+        assert_eq!(response.status, StatusCode::BAD_REQUEST, "{}", response.body);
+        let error: Value = serde_json::from_str(&response.body).unwrap();
+        assert_eq!(error["error"]["param"], param, "{error}");
+    }
+
+    entry.shutdown();
+    host.shutdown();
+    entry.join().await.unwrap();
+    host.join().await.unwrap();
+}
