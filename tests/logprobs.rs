@@ -1,6 +1,7 @@
-//! Log-probabilities end to end on SmolLM2-135M-Instruct, through a two-node cluster whose entry
-//! has no model: chat `logprobs` + `top_logprobs` whole and streamed, legacy completions'
-//! `logprobs`, each agreeing with the text, and malformed values refused naming the field. The
+//! Log-probabilities and `logit_bias` end to end on SmolLM2-135M-Instruct, through a two-node
+//! cluster whose entry has no model: chat `logprobs` + `top_logprobs` whole and streamed, legacy
+//! completions' `logprobs`, each agreeing with the text; a bias that bans the greedy first token
+//! and one that forces another; malformed values refused naming the field. The
 //! model comes from `scripts/fetch-models.sh` (LLMESH_MODELS_DIR to look elsewhere than `models/`).
 
 mod support;
@@ -22,6 +23,13 @@ fn chat_model() -> ModelSpec {
     let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(path.is_file(), "{} is missing: run scripts/fetch-models.sh", path.display());
     ModelSpec { id: "smollm2".into(), path }
+}
+
+fn smollm2_tokenizer() -> tokenizers::Tokenizer {
+    let path = chat_model().path;
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    llmesh::engine::tokenizer_from_gguf(&content).unwrap().tokenizer
 }
 
 /// One chat entry: bytes and token agree, the log-probability is one, the alternatives are the
@@ -111,7 +119,43 @@ async fn logprobs_through_a_remote_host_agree_with_the_text() {
         assert_eq!(top.as_object().unwrap().len(), 2, "{top}");
     }
 
+    // logit_bias: -100 bans the greedy answer's first token, +100 forces another.
+    let tokenizer = smollm2_tokenizer();
+    let first = &entries[0]["token"];
+    let first_id =
+        tokenizer.token_to_id(&first.as_str().unwrap().replace(' ', "Ġ")).expect("the first token's id");
+    let forced_id = tokenizer.token_to_id("Ġpurple").expect("a token for ' purple'");
+    for (bias, expect_first) in
+        [(json!({first_id.to_string(): -100}), None), (json!({forced_id.to_string(): 100}), Some(" purple"))]
+    {
+        let mut body = chat(false);
+        body["logit_bias"] = bias;
+        let answer: Value =
+            serde_json::from_str(&call(&entry, "POST", "/v1/chat/completions", Some(body)).await.body)
+                .unwrap();
+        let token = &answer["choices"][0]["logprobs"]["content"][0]["token"];
+        match expect_first {
+            None => assert_ne!(token, first, "{answer}"),
+            Some(forced) => assert_eq!(token, forced, "{answer}"),
+        }
+    }
+
     for (body, path, param) in [
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}),
+            "/v1/chat/completions",
+            "logit_bias",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 101}}),
+            "/v1/chat/completions",
+            "logit_bias",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"4000000": 1}}),
+            "/v1/chat/completions",
+            "logit_bias",
+        ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
             "/v1/chat/completions",

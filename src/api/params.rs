@@ -87,6 +87,7 @@ impl GenerationOptions {
         {
             return Err(ApiError::invalid_param("n", "Only n = 1 is supported."));
         }
+        let logit_bias = parse_logit_bias(fields.take("logit_bias"))?;
         let ignore_eos = fields.optional::<bool>("ignore_eos")?.unwrap_or(defaults.ignore_eos);
         let response_format = parse_response_format(fields.take("response_format"))?;
         let stream = fields.optional::<bool>("stream")?.unwrap_or(false);
@@ -122,12 +123,38 @@ impl GenerationOptions {
             response_format,
             tools: ToolParams::default(),
             logprobs: None,
+            logit_bias,
         };
         let max_tokens_field =
             if max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
         let max_tokens = max_completion_tokens.or(max_tokens).map(to_usize);
         Ok(Self { sampling, max_tokens, max_tokens_field, stream, include_usage })
     }
+}
+
+/// `logit_bias`: an object from token ids (as strings) to biases (numbers).
+fn parse_logit_bias(value: Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let invalid = |message: String| ApiError::invalid_param("logit_bias", message);
+    let entries = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(entries)) => entries,
+        Some(other) => {
+            return Err(invalid(format!("'logit_bias' must be an object, not {}.", json_kind(&other))));
+        }
+    };
+    entries
+        .into_iter()
+        .map(|(key, bias)| {
+            let token = key.parse::<u32>().map_err(|_| {
+                let key: String = key.chars().take(20).collect();
+                invalid(format!("'logit_bias' keys are token ids; '{key}' is not one."))
+            })?;
+            let bias = bias.as_f64().ok_or_else(|| {
+                invalid(format!("The bias of token {token} must be a number, not {}.", json_kind(&bias)))
+            })?;
+            Ok((token, bias as f32))
+        })
+        .collect()
 }
 
 /// Chat's `logprobs` (a boolean) and `top_logprobs` (0 to 20, only beside `logprobs: true`).

@@ -437,6 +437,18 @@ impl ChatRunner {
             });
         }
         let mut params = request.params;
+        let vocabulary_size = self.tokenizer.get_vocab_size(true);
+        if let Some((token, _)) =
+            params.logit_bias.iter().find(|(token, _)| *token as usize >= vocabulary_size)
+        {
+            return Err(EngineError::InvalidParam {
+                param: "logit_bias".into(),
+                message: format!(
+                    "Token {token} is not in the vocabulary of model '{}' ({vocabulary_size} tokens).",
+                    self.model_id
+                ),
+            });
+        }
         if params.max_tokens > self.context_length {
             return Err(EngineError::InvalidRequest(format!(
                 "max_tokens is too large: {}. Model '{}' has a context window of {} tokens",

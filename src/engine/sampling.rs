@@ -37,7 +37,13 @@ pub struct SamplingParams {
     /// Send each generated token's log-probability with this many of the most likely
     /// alternatives (0 to [`MAX_TOP_LOGPROBS`]); `None`: none.
     pub logprobs: Option<usize>,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`: -100 bans a token,
+    /// 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// Tokens one `logit_bias` may name.
+pub const MAX_LOGIT_BIAS_TOKENS: usize = 1024;
 
 /// The most alternatives `logprobs` may ask for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -57,6 +63,7 @@ impl Default for SamplingParams {
             response_format: ResponseFormat::Text,
             tools: ToolParams::default(),
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! Only what the engine types can express is checked here; JSON's shapes (a string where a number
 //! belongs, a negative count) are the API's to refuse.
 
-use super::sampling::MAX_TOP_LOGPROBS;
+use super::sampling::{MAX_LOGIT_BIAS_TOKENS, MAX_TOP_LOGPROBS};
 use super::{
     ChatMessage, EmbedRequest, EngineError, GenerateRequest, OriginalPrompt, Prompt, SamplingParams,
 };
@@ -122,6 +122,22 @@ impl SamplingParams {
             return Err(InvalidParam::new(
                 "top_logprobs",
                 format!("{top} is more than the maximum of {MAX_TOP_LOGPROBS} for 'top_logprobs'."),
+            ));
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS_TOKENS {
+            return Err(InvalidParam::new(
+                "logit_bias",
+                format!(
+                    "'logit_bias' names {} tokens; the limit is {MAX_LOGIT_BIAS_TOKENS}.",
+                    self.logit_bias.len()
+                ),
+            ));
+        }
+        if let Some((token, bias)) = self.logit_bias.iter().find(|(_, bias)| !(-100.0..=100.0).contains(bias))
+        {
+            return Err(InvalidParam::new(
+                "logit_bias",
+                format!("The bias of token {token} is {bias}; it must be between -100 and 100."),
             ));
         }
         self.response_format.validate()?;

@@ -68,6 +68,8 @@ pub struct Generation {
     mask_time: Duration,
     /// Send each token's log-probability with this many alternatives.
     logprobs: Option<usize>,
+    /// Added to these tokens' logits.
+    logit_bias: Vec<(u32, f32)>,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     completion_tokens: usize,
@@ -101,6 +103,7 @@ impl Generation {
             ignore_eos: job.params.ignore_eos,
             stops: StopMatcher::new(job.params.stop.clone()),
             logprobs: job.params.logprobs,
+            logit_bias: job.params.logit_bias.clone(),
             sampler: Sampler::new(job.params),
             grammar: job.grammar,
             next_mask: None,
@@ -188,6 +191,11 @@ impl Generation {
         self.prepare_mask();
         // The model's own distribution: before the mask and the penalties change the logits.
         let distribution = self.logprobs.map(|top| Distribution::of(logits, top));
+        for &(token, bias) in &self.logit_bias {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit += bias;
+            }
+        }
         let constraint = self.grammar.as_mut().and_then(GenerationGrammar::active);
         if let (Some(constraint), Some(allowed)) = (constraint, self.next_mask.take()) {
             match allowed {
