@@ -33,11 +33,12 @@ cargo clippy --all-targets --locked -- -D warnings
 cargo build --locked
 cargo test --locked
 
-if [ ! -x "$venv/bin/pytest" ]; then
+if [ ! -x "$venv/bin/pip" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip
-  "$venv/bin/pip" install --quiet -r tests/python/requirements.txt
 fi
+# Quick when the cached venv already has them; adds what a newer requirements.txt names.
+"$venv/bin/pip" install --quiet -r tests/python/requirements.txt
 LLMESH_BIN="$CARGO_TARGET_DIR/debug/llmesh" "$venv/bin/pytest" -q tests/python
 
 # The dashboard in headless Chromium (installs chromium and playwright-core when missing).

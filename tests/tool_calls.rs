@@ -1,9 +1,9 @@
 //! Tool calls end to end on SmolLM2-135M-Instruct, whose chat template knows no tools (llmesh's
 //! generic format), through a two-node cluster whose entry has no model: `required`, a named
 //! function and `auto`, whole and streamed in OpenAI's delta shape, a round trip with the tool's
-//! result, and malformed tools refused naming their field. The arguments always satisfy the
-//! tool's schema. The model comes from `scripts/fetch-models.sh` (LLMESH_MODELS_DIR to look
-//! elsewhere than `models/`).
+//! result, the Responses API's `function_call` items, and malformed tools refused naming their
+//! field. The arguments always satisfy the tool's schema. The model comes from
+//! `scripts/fetch-models.sh` (LLMESH_MODELS_DIR to look elsewhere than `models/`).
 
 mod support;
 
@@ -224,6 +224,20 @@ async fn tool_calls_through_a_remote_host() {
         assert_eq!(choice["message"]["content"].as_str(), Some(content.as_str()), "the same greedy answer");
         assert!(!content.starts_with('{'), "the generic format's wrapper is not shown: {content}");
     }
+
+    // The Responses API, the same through the entry: a `function_call` output item.
+    let mut flat = weather_tool();
+    let function = flat.as_object_mut().unwrap().remove("function").unwrap();
+    flat.as_object_mut().unwrap().extend(function.as_object().unwrap().clone());
+    let body = json!({"model": "smollm2", "input": "What is the weather in Paris, in celsius?", "tools": [flat],
+        "tool_choice": "required", "temperature": 0, "max_output_tokens": 200});
+    let response = call(&entry, "POST", "/v1/responses", Some(body)).await;
+    assert_eq!(response.status, StatusCode::OK, "{}", response.body);
+    let answer: Value = serde_json::from_str(&response.body).unwrap();
+    assert_eq!((&answer["object"], &answer["status"]), (&json!("response"), &json!("completed")), "{answer}");
+    let item = &answer["output"][0];
+    assert_eq!((&item["type"], &item["name"]), (&json!("function_call"), &json!("get_weather")), "{answer}");
+    assert_valid_call("get_weather", item["arguments"].as_str().unwrap());
 
     entry.shutdown();
     host.shutdown();

@@ -22,6 +22,7 @@ mod models;
 mod origin;
 mod params;
 mod response_format;
+mod responses;
 mod serve;
 mod tool_calls;
 mod types;
@@ -112,6 +113,7 @@ fn build(state: AppState, config: ApiConfig) -> Router {
         .route("/v1/models", get(models::list_models))
         .route("/v1/chat/completions", post(chat::create_chat_completion))
         .route("/v1/completions", post(completions::create_completion))
+        .route("/v1/responses", post(responses::create_response))
         .route("/v1/embeddings", post(embeddings::create_embeddings));
     if state.router.is_some() {
         let operator = Router::new()
