@@ -209,9 +209,17 @@ fn list_nodes(args: &NodeArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
         return Ok(());
     }
-    let mut rows = vec![row(["NAME", "STATUS", "MODELS", "CPU", "MEMORY", "GPU", "LOAD", "PEER ID"])];
+    let mut rows =
+        vec![row(["NAME", "STATUS", "VERSION", "MODELS", "CPU", "MEMORY", "GPU", "LOAD", "PEER ID"])];
+    let mut skewed = Vec::new();
     for node in items(&nodes) {
         let name = format!("{}{}", text(&node["name"]), if node["this_node"] == true { " *" } else { "" });
+        let version = if node["version_skew"] == true {
+            skewed.push(format!("{} runs {}", text(&node["name"]), text(&node["version"])));
+            format!("{} (differs)", text(&node["version"]))
+        } else {
+            text(&node["version"])
+        };
         let status = match node["degraded"].as_str() {
             Some(reason) => format!("degraded ({reason})"),
             None => text(&node["status"]),
@@ -229,9 +237,25 @@ fn list_nodes(args: &NodeArgs) -> anyhow::Result<()> {
         );
         let gpu = node["hardware"]["gpu"].as_str().unwrap_or("-").to_string();
         let load = format!("{} running, {} queued", node["load"]["in_flight"], node["load"]["queued"]);
-        rows.push(row([&name, &status, &models, &cpu, &memory, &gpu, &load, &text(&node["peer_id"])]));
+        rows.push(row([
+            &name,
+            &status,
+            &version,
+            &models,
+            &cpu,
+            &memory,
+            &gpu,
+            &load,
+            &text(&node["peer_id"]),
+        ]));
     }
     print_table(&rows);
+    if !skewed.is_empty() {
+        println!(
+            "\nversion skew: {}; nodes of different versions share models only where their protocols match",
+            skewed.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -184,6 +184,7 @@ function nodeCard(node) {
       node.this_node ? h('span', { class: 'pill accent' }, 'this node') : null,
       h('span', { class: 'pill' }, node.status),
       h('span', { class: 'version muted small' }, `v${node.version}`),
+      node.version_skew ? h('span', { class: 'pill warn', title: 'another llmesh version than this node' }, 'version differs') : null,
       revokeButton(node)),
     node.degraded ? h('div', { class: 'degraded-banner', role: 'alert' }, h('strong', null, 'Degraded: '), node.degraded) : null,
     h('div', { class: 'node-ids small muted' },

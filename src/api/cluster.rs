@@ -35,6 +35,11 @@ pub struct NodeObject {
     pub last_seen_ms: u64,
     pub addresses: Vec<String>,
     pub version: String,
+    /// Whether it runs another llmesh version than this node.
+    pub version_skew: bool,
+    /// The inference protocols it serves; a node that shares none with this one is never sent
+    /// requests.
+    pub infer_protocols: Vec<String>,
     /// Unix seconds.
     pub started_at: u64,
     pub models: Vec<String>,
@@ -87,7 +92,9 @@ fn node_object(
         status: "online",
         last_seen_ms,
         addresses: announcement.addresses,
+        version_skew: announcement.software_version != env!("CARGO_PKG_VERSION"),
         version: announcement.software_version,
+        infer_protocols: announcement.infer_protocols,
         started_at: announcement.started_at,
         models: announcement.models.into_iter().map(|model| model.id).collect(),
         hardware: announcement.hardware,
@@ -120,6 +127,8 @@ pub async fn list_nodes(State(state): State<AppState>) -> Result<Json<NodeList>,
             last_seen_ms: 0,
             addresses: Vec::new(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            version_skew: false,
+            infer_protocols: vec![crate::p2p::INFER_PROTOCOL.to_string()],
             started_at: node.started_at,
             models: Vec::new(),
             hardware: Hardware::default(),

@@ -12,13 +12,21 @@ use serde::{Deserialize, Serialize};
 use super::members::{MAX_ADMISSION_BYTES, MAX_MEMBERS};
 use super::signed::{self, EnvelopeError};
 
-/// Bumped when the announcement's shape changes; receivers ignore versions they don't know.
+/// Bumped when the announcement's shape changes. From version 4 on a change only appends: a
+/// later version adds its fields after the last of these (a struct of its own, decoded from
+/// the bytes after this one), so an older node decodes the fields it knows and ignores the rest
+/// (bincode reads a prefix and reports where it stopped), and a newer node reads an older
+/// announcement's prefix and defaults the rest. Nodes of versions 4 and later therefore see each
+/// other; `infer_protocols` says which of them can serve whom.
 pub const ANNOUNCEMENT_VERSION: u16 = 4;
+/// The oldest announcement version this node reads.
+pub const MIN_ANNOUNCEMENT_VERSION: u16 = 4;
 /// The largest signed announcement accepted on the wire (also gossipsub's transmit limit).
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 64 * 1024;
 const MAX_MODELS: usize = 256;
 const MAX_ADDRESSES: usize = 32;
 const MAX_TEXT: usize = 256;
+const MAX_PROTOCOLS: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
@@ -51,6 +59,9 @@ pub struct Announcement {
     /// The node is going away: it takes no new requests and finishes those it runs. Routers
     /// stop choosing it at once.
     pub draining: bool,
+    /// The inference stream protocols it serves (`/llmesh/infer/3`): a router hands a request
+    /// only to a host that speaks its own.
+    pub infer_protocols: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,7 +151,7 @@ impl Announcement {
                 source_peer: source.to_string(),
             });
         }
-        if announcement.version != ANNOUNCEMENT_VERSION {
+        if announcement.version < MIN_ANNOUNCEMENT_VERSION {
             return Err(AnnouncementError::UnknownVersion(announcement.version));
         }
         if announcement.peer_id != signer.to_string() {
@@ -175,6 +186,11 @@ impl Announcement {
         }
         if self.members.len() > MAX_MEMBERS || self.members.iter().any(|r| r.len() > MAX_ADMISSION_BYTES) {
             return Err(AnnouncementError::OutOfBounds("members"));
+        }
+        if self.infer_protocols.len() > MAX_PROTOCOLS
+            || self.infer_protocols.iter().any(|p| !identifier_ok(p))
+        {
+            return Err(AnnouncementError::OutOfBounds("infer_protocols"));
         }
         if self.models.len() > MAX_MODELS {
             return Err(AnnouncementError::OutOfBounds("models"));
@@ -260,6 +276,7 @@ mod tests {
             members: vec![vec![1; 200]; 2],
             founder_proof: Some([3; 32]),
             draining: false,
+            infer_protocols: vec![super::super::INFER_PROTOCOL.to_string()],
         }
     }
 
@@ -297,13 +314,13 @@ mod tests {
     }
 
     #[test]
-    fn unknown_versions_and_bad_fields_are_refused() {
+    fn older_versions_and_bad_fields_are_refused() {
         let keypair = Keypair::generate_ed25519();
         let peer = keypair.public().to_peer_id();
-        let mut future = sample(&keypair);
-        future.version = 99;
-        let bytes = future.sign(&keypair).unwrap();
-        assert_eq!(Announcement::verify(&bytes, &peer), Err(AnnouncementError::UnknownVersion(99)));
+        let mut older = sample(&keypair);
+        older.version = MIN_ANNOUNCEMENT_VERSION - 1;
+        let bytes = older.sign(&keypair).unwrap();
+        assert_eq!(Announcement::verify(&bytes, &peer), Err(AnnouncementError::UnknownVersion(3)));
         let mut nameless = sample(&keypair);
         nameless.name.clear();
         let bytes = nameless.sign(&keypair).unwrap();
@@ -312,6 +329,24 @@ mod tests {
         odd_kind.models[0].kind = "vision".into();
         let bytes = odd_kind.sign(&keypair).unwrap();
         assert_eq!(Announcement::verify(&bytes, &peer), Err(AnnouncementError::OutOfBounds("models")));
+    }
+
+    /// What a later version may add: fields of its own after the last of these.
+    #[derive(Serialize)]
+    struct LaterFields {
+        region: String,
+        protocols_v9: Vec<u32>,
+    }
+
+    #[test]
+    fn a_later_version_with_appended_fields_is_read_for_what_this_one_knows() {
+        let keypair = Keypair::generate_ed25519();
+        let peer = keypair.public().to_peer_id();
+        let mut later = sample(&keypair);
+        later.version = ANNOUNCEMENT_VERSION + 5;
+        let appended = LaterFields { region: "eu".into(), protocols_v9: vec![9, 10] };
+        let bytes = signed::seal::<_, MAX_ANNOUNCEMENT_BYTES>(&(&later, &appended), &keypair).unwrap();
+        assert_eq!(Announcement::verify(&bytes, &peer), Ok(later));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-pub use announcement::{ANNOUNCEMENT_VERSION, MAX_ANNOUNCEMENT_BYTES};
+pub use announcement::{ANNOUNCEMENT_VERSION, MAX_ANNOUNCEMENT_BYTES, MIN_ANNOUNCEMENT_VERSION};
 pub use announcement::{
     AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware, ResourceUsage, RevokedDigest,
     printable,

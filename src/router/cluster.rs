@@ -45,6 +45,14 @@ pub struct ClusterView {
     departed: HashMap<String, Instant>,
 }
 
+/// Whether a node serves this node's inference protocol.
+fn speaks_our_protocol(announcement: &Announcement) -> bool {
+    announcement
+        .infer_protocols
+        .iter()
+        .any(|protocol| protocol.as_str() == crate::p2p::INFER_PROTOCOL.as_ref())
+}
+
 impl ClusterView {
     /// Record an announcement; an older one than what we hold is ignored, and so is one not newer
     /// than the last of a node that went offline (played back, it would bring the node back).
@@ -134,7 +142,7 @@ impl ClusterView {
         let mut hosts: Vec<RemoteHost> = self
             .nodes
             .values()
-            .filter(|record| !record.announcement.draining)
+            .filter(|record| !record.announcement.draining && speaks_our_protocol(&record.announcement))
             .filter(|record| record.announcement.models.iter().any(|model| model.id == model_id))
             .map(|record| RemoteHost {
                 peer_id: record.announcement.peer_id.clone(),
@@ -148,6 +156,17 @@ impl ClusterView {
             .collect();
         hosts.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         hosts
+    }
+
+    /// The nodes (name, llmesh version) that serve `model_id` but speak none of this node's
+    /// inference protocols: another llmesh version that this one cannot hand requests to.
+    pub fn incompatible_hosts(&self, model_id: &str) -> Vec<(String, String)> {
+        self.nodes
+            .values()
+            .filter(|record| !speaks_our_protocol(&record.announcement))
+            .filter(|record| record.announcement.models.iter().any(|model| model.id == model_id))
+            .map(|record| (record.announcement.name.clone(), record.announcement.software_version.clone()))
+            .collect()
     }
 
     /// Whether a model recently lost its last host (and so deserves 503, not 404).
@@ -229,6 +248,7 @@ mod tests {
             members: Vec::new(),
             founder_proof: None,
             draining: false,
+            infer_protocols: vec![crate::p2p::INFER_PROTOCOL.to_string()],
         }
     }
 

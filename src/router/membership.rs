@@ -131,6 +131,7 @@ async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsag
         members: Vec::new(),
         founder_proof: None,
         draining: router.draining.load(std::sync::atomic::Ordering::Relaxed),
+        infer_protocols: vec![crate::p2p::INFER_PROTOCOL.to_string()],
     }
 }
 

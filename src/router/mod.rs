@@ -340,6 +340,17 @@ impl RouterInner {
         if unloading_here || draining_here {
             // Still finishing its answers here, and no other host: "try again later".
             EngineError::ShuttingDown(model_id.to_string())
+        } else if let incompatible = self.read_cluster().incompatible_hosts(model_id)
+            && !incompatible.is_empty()
+        {
+            let hosts: Vec<String> =
+                incompatible.iter().map(|(name, version)| format!("{name} (llmesh {version})")).collect();
+            EngineError::Unavailable(format!(
+                "model '{model_id}' is served only by nodes of another llmesh version, which this one \
+                 (llmesh {}) cannot send requests to: {}; run the same version on both",
+                env!("CARGO_PKG_VERSION"),
+                hosts.join(", ")
+            ))
         } else if self.read_cluster().recently_departed(model_id, Instant::now()) {
             EngineError::Unavailable(format!(
                 "model '{model_id}' has no host right now: its last host left the cluster or stopped serving it"

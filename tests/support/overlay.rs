@@ -60,6 +60,7 @@ pub fn announcement(peer_id: String, name: &str, model: &str, issued_at_ms: u64)
         members: Vec::new(),
         founder_proof: None,
         draining: false,
+        infer_protocols: vec![llmesh::p2p::INFER_PROTOCOL.to_string()],
     }
 }
 
