@@ -1,7 +1,8 @@
-//! Log-probabilities and `logit_bias` end to end on SmolLM2-135M-Instruct, through a two-node
-//! cluster whose entry has no model: chat `logprobs` + `top_logprobs` whole and streamed, legacy
-//! completions' `logprobs`, each agreeing with the text; a bias that bans the greedy first token
-//! and one that forces another; malformed values refused naming the field. The
+//! Log-probabilities, `logit_bias` and `n` end to end on SmolLM2-135M-Instruct, through a
+//! two-node cluster whose entry has no model: chat `logprobs` + `top_logprobs` whole and
+//! streamed, legacy completions' `logprobs`, each agreeing with the text; a bias that bans the
+//! greedy first token and one that forces another; `n` choices sharing one prompt pass (greedy
+//! copies equal the single answer), whole and streamed; malformed values refused naming the field. The
 //! model comes from `scripts/fetch-models.sh` (LLMESH_MODELS_DIR to look elsewhere than `models/`).
 
 mod support;
@@ -140,7 +141,50 @@ async fn logprobs_through_a_remote_host_agree_with_the_text() {
         }
     }
 
+    // n: greedy choices, each from a copy of one prompt pass, are the single greedy answer.
+    let mut greedy = chat(false);
+    greedy["n"] = json!(3);
+    let answer: Value =
+        serde_json::from_str(&call(&entry, "POST", "/v1/chat/completions", Some(greedy)).await.body).unwrap();
+    let choices = answer["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "{answer}");
+    for (index, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], index);
+        assert_eq!(choice["message"]["content"].as_str(), Some(text), "{answer}");
+    }
+    let single: u64 = entries.len() as u64;
+    assert_eq!(answer["usage"]["completion_tokens"].as_u64(), Some(3 * single), "{answer}");
+    // Sampled and streamed: every choice finishes once, the usage counts them all, [DONE] once.
+    let mut sampled = chat(true);
+    sampled["n"] = json!(3);
+    sampled["temperature"] = json!(1.0);
+    sampled["seed"] = json!(5);
+    sampled["stream_options"] = json!({"include_usage": true});
+    let response = call(&entry, "POST", "/v1/chat/completions", Some(sampled)).await;
+    let mut finished = [0; 3];
+    let mut tokens = [0u64; 3];
+    let mut usage = Value::Null;
+    let data: Vec<&str> = response.body.lines().filter_map(|line| line.strip_prefix("data: ")).collect();
+    assert_eq!(data.iter().filter(|line| **line == "[DONE]").count(), 1, "{}", response.body);
+    for line in data.iter().filter(|line| **line != "[DONE]") {
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        if chunk["choices"].as_array().unwrap().is_empty() {
+            usage = chunk["usage"].clone();
+            continue;
+        }
+        let choice = &chunk["choices"][0];
+        let index = choice["index"].as_u64().unwrap() as usize;
+        tokens[index] += choice["logprobs"]["content"].as_array().map_or(0, |entries| entries.len() as u64);
+        if !choice["finish_reason"].is_null() {
+            finished[index] += 1;
+        }
+    }
+    assert_eq!(finished, [1, 1, 1], "{}", response.body);
+    assert_eq!(usage["completion_tokens"].as_u64(), Some(tokens.iter().sum()), "{}", response.body);
+
     for (body, path, param) in [
+        (json!({"messages": [{"role": "user", "content": "hi"}], "n": 9}), "/v1/chat/completions", "n"),
+        (json!({"prompt": "hi", "n": 0}), "/v1/completions", "n"),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}),
             "/v1/chat/completions",

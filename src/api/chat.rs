@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
-use super::generation::{ChunkWriter, collect, json_event, stream_sse};
+use super::generation::{ChunkWriter, collect_choices, generate_choices, json_event, stream_choices};
 use super::params::{GenerationOptions, parse_chat_logprobs};
 use super::tool_calls::{Parsed, ToolCallParser, parse_message_tool_calls, parse_tool_params};
 use super::types::{
@@ -145,55 +145,65 @@ pub async fn create_chat_completion(
     let ChatCompletionRequest { model, messages, options } = request;
     let tools = options.sampling_params(0).tools;
     let default_max_tokens = state.context_length(&model).unwrap_or(DEFAULT_CHAT_MAX_TOKENS);
-    let request = options.request(model.clone(), Prompt::Chat(messages), default_max_tokens)?;
-    let events = state.engine.generate(request).await?;
+    let requests = options.requests(model.clone(), Prompt::Chat(messages), default_max_tokens)?;
+    let streams = generate_choices(&state.engine, requests).await?;
     let id = response_id("chatcmpl");
     let created = unix_now();
-    let node = events.served_by.clone();
-    let parser = tools.active().then(|| ToolCallParser::new(&tools));
+    let node = streams[0].served_by.clone();
+    let parser = || tools.active().then(|| ToolCallParser::new(&tools));
     if options.stream {
-        let writer = ChatChunks {
-            id,
-            created,
-            model,
-            include_usage: options.include_usage,
-            parser,
-            calls: 0,
-            logprobs: options.logprobs().map(|_| Vec::new()),
-        };
-        return Ok(served_by(stream_sse(events, writer, options.include_usage), node.as_deref()));
+        let choices = streams
+            .into_iter()
+            .enumerate()
+            .map(|(index, events)| {
+                let writer = ChatChunks {
+                    id: id.clone(),
+                    index,
+                    created,
+                    model: model.clone(),
+                    include_usage: options.include_usage,
+                    parser: parser(),
+                    calls: 0,
+                    logprobs: options.logprobs().map(|_| Vec::new()),
+                };
+                (events, writer)
+            })
+            .collect();
+        return Ok(served_by(stream_choices(choices, options.include_usage), node.as_deref()));
     }
-    let collected = collect(events).await?;
-    let (message, finish_reason) = match parser {
-        None => (AssistantMessage::text(collected.text), collected.finish_reason),
-        Some(mut parser) => {
-            let mut parsed = parser.push(&collected.text);
-            parsed.extend(parser.finish());
-            let message = AssistantMessage::from_parsed(parsed);
-            let finish_reason =
-                if message.tool_calls.is_some() { FinishReason::ToolCalls } else { collected.finish_reason };
-            (message, finish_reason)
-        }
-    };
-    let completion = ChatCompletion {
-        id,
-        object: "chat.completion",
-        created,
-        model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message,
-            logprobs: options.logprobs().map(|_| ChatLogprobs::new(collected.logprobs)),
-            finish_reason,
-        }],
-        usage: collected.usage.into(),
-    };
+    let (collected, usage) = collect_choices(streams).await?;
+    let choices = collected
+        .into_iter()
+        .enumerate()
+        .map(|(index, collected)| {
+            let (message, finish_reason) = match parser() {
+                None => (AssistantMessage::text(collected.text), collected.finish_reason),
+                Some(mut parser) => {
+                    let mut parsed = parser.push(&collected.text);
+                    parsed.extend(parser.finish());
+                    let message = AssistantMessage::from_parsed(parsed);
+                    let finish_reason = if message.tool_calls.is_some() {
+                        FinishReason::ToolCalls
+                    } else {
+                        collected.finish_reason
+                    };
+                    (message, finish_reason)
+                }
+            };
+            let logprobs = options.logprobs().map(|_| ChatLogprobs::new(collected.logprobs));
+            ChatChoice { index, message, logprobs, finish_reason }
+        })
+        .collect();
+    let completion =
+        ChatCompletion { id, object: "chat.completion", created, model, choices, usage: usage.into() };
     Ok(served_by(Json(completion).into_response(), node.as_deref()))
 }
 
 /// Writes `chat.completion.chunk`s; every chunk of one stream shares its id and `created`.
 struct ChatChunks {
     id: String,
+    /// The choice this writer writes.
+    index: usize,
     created: u64,
     model: String,
     include_usage: bool,
@@ -214,7 +224,7 @@ impl ChatChunks {
             object: "chat.completion.chunk",
             created: self.created,
             model: self.model.clone(),
-            choices: vec![ChatChunkChoice { index: 0, delta, logprobs, finish_reason }],
+            choices: vec![ChatChunkChoice { index: self.index, delta, logprobs, finish_reason }],
             usage: self.include_usage.then_some(None),
         })
     }

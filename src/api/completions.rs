@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
-use super::generation::{ChunkWriter, collect, json_event, stream_sse};
+use super::generation::{ChunkWriter, collect_choices, generate_choices, json_event, stream_choices};
 use super::params::{GenerationOptions, parse_completion_logprobs};
 use super::types::{TextChoice, TextCompletion, TextLogprobs, response_id, unix_now};
 use super::{AppState, served_by};
@@ -70,30 +70,48 @@ pub async fn create_completion(
 ) -> Result<Response, ApiError> {
     tracing::Span::current().record("model", request.model.as_str());
     let CompletionRequest { model, prompt, options } = request;
-    let request = options.request(model.clone(), Prompt::Text(prompt), DEFAULT_COMPLETION_MAX_TOKENS)?;
-    let events = state.engine.generate(request).await?;
-    let mut writer = TextChunks {
-        id: response_id("cmpl"),
-        created: unix_now(),
-        model,
+    let requests = options.requests(model.clone(), Prompt::Text(prompt), DEFAULT_COMPLETION_MAX_TOKENS)?;
+    let streams = generate_choices(&state.engine, requests).await?;
+    let id = response_id("cmpl");
+    let created = unix_now();
+    let writer = |index| TextChunks {
+        id: id.clone(),
+        index,
+        created,
+        model: model.clone(),
         include_usage: options.include_usage,
         logprobs: options.logprobs().map(|_| Vec::new()),
         text_offset: 0,
     };
-    let node = events.served_by.clone();
+    let node = streams[0].served_by.clone();
     if options.stream {
-        return Ok(served_by(stream_sse(events, writer, options.include_usage), node.as_deref()));
+        let choices =
+            streams.into_iter().enumerate().map(|(index, events)| (events, writer(index))).collect();
+        return Ok(served_by(stream_choices(choices, options.include_usage), node.as_deref()));
     }
-    let collected = collect(events).await?;
-    writer.logprobs = writer.logprobs.map(|_| collected.logprobs);
-    let mut completion = writer.completion(collected.text, Some(collected.finish_reason));
-    completion.usage = Some(Some(collected.usage.into()));
+    let (collected, usage) = collect_choices(streams).await?;
+    let mut choices = Vec::with_capacity(collected.len());
+    for (index, collected) in collected.into_iter().enumerate() {
+        let mut writer = writer(index);
+        writer.logprobs = writer.logprobs.map(|_| collected.logprobs);
+        choices.extend(writer.completion(collected.text, Some(collected.finish_reason)).choices);
+    }
+    let completion = TextCompletion {
+        id,
+        object: "text_completion",
+        created,
+        model,
+        choices,
+        usage: Some(Some(usage.into())),
+    };
     Ok(served_by(Json(completion).into_response(), node.as_deref()))
 }
 
 /// Writes `text_completion` objects; streamed chunks share the id and `created`.
 struct TextChunks {
     id: String,
+    /// The choice this writer writes.
+    index: usize,
     created: u64,
     model: String,
     include_usage: bool,
@@ -120,7 +138,7 @@ impl TextChunks {
             object: "text_completion",
             created: self.created,
             model: self.model.clone(),
-            choices: vec![TextChoice { text, index: 0, logprobs, finish_reason }],
+            choices: vec![TextChoice { text, index: self.index, logprobs, finish_reason }],
             usage: self.include_usage.then_some(None),
         }
     }

@@ -63,49 +63,114 @@ pub trait ChunkWriter: Send + 'static {
 /// Relay a generation as SSE: the writer's chunks, then `data: [DONE]`. An engine error becomes
 /// an OpenAI error event followed by `[DONE]` (the 200 status has been sent by then; the engine
 /// reports what it can, such as an over-long prompt, before the stream starts).
-pub fn stream_sse<W: ChunkWriter>(events: GenerationStream, mut writer: W, include_usage: bool) -> Response {
-    let opening = writer.opening();
-    let relay = Relay { events: Some(events), writer, include_usage };
-    let body = stream::iter(opening)
+pub fn stream_sse<W: ChunkWriter>(events: GenerationStream, writer: W, include_usage: bool) -> Response {
+    stream_choices(vec![(events, writer)], include_usage)
+}
+
+/// Relay the generations of several choices (`n`) as one SSE stream, each through its own writer
+/// (which numbers its chunks), in the order their events arrive; the usage chunk (prompt once,
+/// completions summed) and `[DONE]` come once, after the last choice has finished. An error in
+/// any choice ends the stream (and so the other choices).
+pub fn stream_choices<W: ChunkWriter>(choices: Vec<(GenerationStream, W)>, include_usage: bool) -> Response {
+    let mut writers = Vec::with_capacity(choices.len());
+    let mut events = Vec::with_capacity(choices.len());
+    for (index, (generation, writer)) in choices.into_iter().enumerate() {
+        writers.push(writer);
+        events.push(choice_events(index, generation));
+    }
+    let openings: Vec<Event> = writers.iter_mut().filter_map(ChunkWriter::opening).collect();
+    let unfinished = writers.len();
+    let relay =
+        Relay { events: Some(stream::select_all(events)), writers, include_usage, unfinished, usage: None };
+    let body = stream::iter(openings)
         .chain(stream::unfold(relay, Relay::step).flat_map(stream::iter))
         .map(Ok::<_, Infallible>);
     sse_response(body)
+}
+
+type ChoiceEvents = std::pin::Pin<Box<dyn Stream<Item = (usize, GenerationEvent)> + Send>>;
+
+/// One choice's events, numbered, up to its last.
+fn choice_events(index: usize, generation: GenerationStream) -> ChoiceEvents {
+    Box::pin(stream::unfold(Some(generation), move |generation| async move {
+        let mut generation = generation?;
+        let event = generation.recv().await?;
+        let rest = (!event.is_last()).then_some(generation);
+        Some(((index, event), rest))
+    }))
 }
 
 fn sse_response(body: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
     Sse::new(body).keep_alive(KeepAlive::default()).into_response()
 }
 
-/// The state of a relayed stream; `events` is dropped once the generation has ended.
+/// The state of a relayed stream; `events` is dropped once the generations have ended.
 struct Relay<W> {
-    events: Option<GenerationStream>,
-    writer: W,
+    events: Option<stream::SelectAll<ChoiceEvents>>,
+    writers: Vec<W>,
     include_usage: bool,
+    /// Choices that have not finished yet.
+    unfinished: usize,
+    /// Summed over the finished choices.
+    usage: Option<Usage>,
 }
 
 impl<W: ChunkWriter> Relay<W> {
     /// The SSE events for the next engine event; `None` once `[DONE]` has been sent.
     async fn step(mut self) -> Option<(Vec<Event>, Self)> {
-        let event = self.events.as_mut()?.recv().await;
+        let event = self.events.as_mut()?.next().await;
         let sse_events = match event {
-            Some(GenerationEvent::Text(text)) => return Some((self.writer.text(text), self)),
-            Some(GenerationEvent::Logprobs(entry)) => {
-                self.writer.logprobs(entry);
+            Some((index, GenerationEvent::Text(text))) => {
+                return Some((self.writers[index].text(text), self));
+            }
+            Some((index, GenerationEvent::Logprobs(entry))) => {
+                self.writers[index].logprobs(entry);
                 return Some((Vec::new(), self));
             }
-            Some(GenerationEvent::Done { finish_reason, usage }) => {
-                let mut sse_events = self.writer.finish(finish_reason);
-                if self.include_usage {
-                    sse_events.push(self.writer.usage(usage));
+            Some((index, GenerationEvent::Done { finish_reason, usage })) => {
+                let mut sse_events = self.writers[index].finish(finish_reason);
+                self.usage = Some(match self.usage {
+                    None => usage,
+                    Some(sum) => Usage {
+                        prompt_tokens: sum.prompt_tokens,
+                        completion_tokens: sum.completion_tokens + usage.completion_tokens,
+                    },
+                });
+                self.unfinished -= 1;
+                if self.unfinished > 0 {
+                    return Some((sse_events, self));
+                }
+                if let (true, Some(usage)) = (self.include_usage, self.usage) {
+                    sse_events.push(self.writers[0].usage(usage));
                 }
                 sse_events
             }
-            Some(GenerationEvent::Error(error)) => vec![error_event(&error.into())],
+            Some((_, GenerationEvent::Error(error))) => vec![error_event(&error.into())],
             None => vec![error_event(&ended_early())],
         };
         self.events = None;
         Some((sse_events.into_iter().chain([done_event()]).collect(), self))
     }
+}
+
+/// Start one generation per choice, all at once (the host shares their prompt); the first
+/// refusal is the answer.
+pub async fn generate_choices(
+    engine: &crate::engine::SharedEngine,
+    requests: Vec<crate::engine::GenerateRequest>,
+) -> Result<Vec<GenerationStream>, ApiError> {
+    Ok(futures::future::try_join_all(requests.into_iter().map(|request| engine.generate(request))).await?)
+}
+
+/// Collect the generations of several choices at once; the usage counts the prompt once and
+/// every choice's completion.
+pub async fn collect_choices(streams: Vec<GenerationStream>) -> Result<(Vec<Collected>, Usage), ApiError> {
+    let collected = futures::future::try_join_all(streams.into_iter().map(collect)).await?;
+    let usage = Usage {
+        prompt_tokens: collected.first().map_or(0, |choice| choice.usage.prompt_tokens),
+        completion_tokens: collected.iter().map(|choice| choice.usage.completion_tokens).sum(),
+    };
+    Ok((collected, usage))
 }
 
 /// An SSE event whose data is `value` as JSON.

@@ -27,7 +27,12 @@ pub struct GenerationOptions {
     pub stream: bool,
     /// `stream_options.include_usage`: end the stream with a usage chunk.
     pub include_usage: bool,
+    /// Choices to generate (`n`).
+    pub n: usize,
 }
+
+/// The most choices one request may ask for: each holds a KV cache while it runs.
+pub const MAX_CHOICES: usize = 8;
 
 impl GenerationOptions {
     /// A chat request's tools.
@@ -62,6 +67,30 @@ impl GenerationOptions {
         Ok(request)
     }
 
+    /// One engine request per choice (`n`): the same but for the seed (a given seed is counted
+    /// up, so the choices differ and are reproducible), sharing one prefill group so that a host
+    /// runs the prompt once for all of them.
+    pub fn requests(
+        &self,
+        model: String,
+        prompt: Prompt,
+        default_max_tokens: usize,
+    ) -> Result<Vec<GenerateRequest>, ApiError> {
+        let first = self.request(model, prompt, default_max_tokens)?;
+        if self.n == 1 {
+            return Ok(vec![first]);
+        }
+        let group = Some(rand::random::<u64>());
+        Ok((0..self.n)
+            .map(|index| {
+                let mut request = first.clone();
+                request.params.seed = first.params.seed.map(|seed| seed.wrapping_add(index as u64));
+                request.params.prefill_group = group;
+                request
+            })
+            .collect())
+    }
+
     fn invalid(&self, error: InvalidParam) -> ApiError {
         match error.param.as_str() {
             "max_tokens" => ApiError::invalid_param(self.max_tokens_field, error.message),
@@ -82,11 +111,16 @@ impl GenerationOptions {
         let seed = parse_seed(fields.take("seed"))?;
         let frequency_penalty = fields.optional::<f64>("frequency_penalty")?;
         let presence_penalty = fields.optional::<f64>("presence_penalty")?;
-        if let Some(n) = fields.optional::<i64>("n")?
-            && n != 1
-        {
-            return Err(ApiError::invalid_param("n", "Only n = 1 is supported."));
-        }
+        let n = match fields.optional::<i64>("n")? {
+            None => 1,
+            Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ApiError::invalid_param(
+                    "n",
+                    format!("{n} is out of range for 'n': it must be between 1 and {MAX_CHOICES}."),
+                ));
+            }
+        };
         let logit_bias = parse_logit_bias(fields.take("logit_bias"))?;
         let ignore_eos = fields.optional::<bool>("ignore_eos")?.unwrap_or(defaults.ignore_eos);
         let response_format = parse_response_format(fields.take("response_format"))?;
@@ -124,11 +158,12 @@ impl GenerationOptions {
             tools: ToolParams::default(),
             logprobs: None,
             logit_bias,
+            prefill_group: None,
         };
         let max_tokens_field =
             if max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
         let max_tokens = max_completion_tokens.or(max_tokens).map(to_usize);
-        Ok(Self { sampling, max_tokens, max_tokens_field, stream, include_usage })
+        Ok(Self { sampling, max_tokens, max_tokens_field, stream, include_usage, n })
     }
 }
 

@@ -40,6 +40,9 @@ pub struct SamplingParams {
     /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`: -100 bans a token,
     /// 100 all but forces it).
     pub logit_bias: Vec<(u32, f32)>,
+    /// The choices of one request (`n`) share this id: a host runs their prompt once and gives
+    /// each a copy of its KV cache.
+    pub prefill_group: Option<u64>,
 }
 
 /// Tokens one `logit_bias` may name.
@@ -64,6 +67,7 @@ impl Default for SamplingParams {
             tools: ToolParams::default(),
             logprobs: None,
             logit_bias: Vec::new(),
+            prefill_group: None,
         }
     }
 }

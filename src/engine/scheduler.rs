@@ -235,7 +235,7 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
                 queue.try_recv()
             };
             match next {
-                Ok(job) => active.push(start(job, &mut cache)),
+                Ok(job) => join(&mut active, start(job, &mut cache)),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => queue_open = false,
             }
@@ -266,6 +266,7 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
                 false
             }
         });
+        share_prompts(&mut active);
         let work: Vec<_> = active.iter().map(Generation::work).collect();
         let plan = step::plan(&work, step::PREFILL_BUDGET);
         if plan.iter().any(|&tokens| tokens > 0) {
@@ -278,11 +279,46 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
                 std::thread::sleep(Duration::from_millis(2));
             } else {
                 match queue.recv_timeout(Duration::from_millis(2)) {
-                    Ok(job) => active.push(start(job, &mut cache)),
+                    Ok(job) => join(&mut active, start(job, &mut cache)),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => queue_open = false,
                 }
             }
+        }
+    }
+}
+
+/// Start a generation beside `active`: one of several choices of a request waits for the
+/// first of them to run the prompt (`share_prompts`).
+fn join(active: &mut Vec<Generation>, mut generation: Generation) {
+    let group = generation.group;
+    generation.awaiting_prompt = group.is_some() && active.iter().any(|other| other.group == group);
+    active.push(generation);
+}
+
+/// The choices of one request run their prompt once: the first to arrive runs it, the others
+/// wait and then each takes a copy of its KV cache. (Should the first end before, the next one
+/// runs the prompt itself.)
+fn share_prompts(active: &mut [Generation]) {
+    for follower in 0..active.len() {
+        if !active[follower].awaiting_prompt {
+            continue;
+        }
+        let group = active[follower].group;
+        let leader = active.iter().position(|other| other.group == group && !other.awaiting_prompt);
+        let Some(leader) = leader else {
+            active[follower].awaiting_prompt = false;
+            continue;
+        };
+        let prompt = active[follower].prompt_tokens().to_vec();
+        match active[leader].fork_prompt(&prompt) {
+            Some(Ok(sequence)) => active[follower].adopt_prompt(sequence),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "cannot copy a prompt's KV cache; running it again");
+                active[follower].awaiting_prompt = false;
+            }
+            // The first has not run the prompt yet.
+            None => {}
         }
     }
 }

@@ -1,4 +1,4 @@
-"""Log-probabilities with the official openai client: chat and legacy completions, whole and
+"""Log-probabilities and `n` with the official openai client: chat and legacy completions, whole and
 streamed, agreeing with the text."""
 
 import math
@@ -42,3 +42,13 @@ def test_completion_logprobs(client):
     assert "".join(logprobs.tokens) == answer.choices[0].text
     assert len(logprobs.token_logprobs) == len(logprobs.tokens) == len(logprobs.top_logprobs)
     assert all(len(top) == 3 for top in logprobs.top_logprobs)
+
+
+def test_n_gives_several_choices(client):
+    answer = client.chat.completions.create(model="smollm2", messages=ASK, n=3, temperature=1, seed=11,
+                                            max_tokens=12)
+    assert [choice.index for choice in answer.choices] == [0, 1, 2]
+    assert all(choice.message.content and choice.finish_reason for choice in answer.choices)
+    single = client.chat.completions.create(model="smollm2", messages=ASK, temperature=1, seed=11, max_tokens=12)
+    assert answer.usage.prompt_tokens == single.usage.prompt_tokens
+    assert answer.choices[0].message.content == single.choices[0].message.content  # the same seed

@@ -515,4 +515,8 @@ impl Sequence for DecoderSequence {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }
+
+    fn fork(&self, len: usize) -> Result<Box<dyn Sequence>> {
+        Ok(Box::new(DecoderSequence { cache: self.cache.fork(len)? }))
+    }
 }

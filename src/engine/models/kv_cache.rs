@@ -46,6 +46,21 @@ impl KvCache {
         }
     }
 
+    /// A copy of the first `len` positions (its own storage: appends to either leave the other
+    /// alone), for another generation that shares the prompt.
+    pub fn fork(&self, len: usize) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                let Some(cache) = layer else { return Ok(None) };
+                let kept = cache.len.min(len);
+                Ok(Some(LayerCache { keys: cache.keys.copy()?, values: cache.values.copy()?, len: kept }))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, max_len: self.max_len })
+    }
+
     /// Append `keys` and `values` (`(kv_heads, new, head_dim)`, contiguous) to `layer` and return
     /// views of all its positions, `(kv_heads, len, head_dim)`.
     pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -118,6 +133,20 @@ mod tests {
         let (keys, _) = cache.append(0, &rows(10, 1), &rows(10, 1)).unwrap();
         let keys = keys.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(keys, vec![vec![0.0, -0.0], vec![1.0, -1.0], vec![10.0, -10.0]]);
+    }
+
+    #[test]
+    fn a_fork_is_a_copy_of_the_prefix() {
+        let mut cache = KvCache::new(1, 100);
+        cache.append(0, &rows(0, 4), &rows(0, 4)).unwrap();
+        let mut fork = cache.fork(3).unwrap();
+        let (forked, _) = fork.append(0, &rows(20, 1), &rows(20, 1)).unwrap();
+        let (original, _) = cache.append(0, &rows(30, 1), &rows(30, 1)).unwrap();
+        let first = |keys: Tensor| {
+            keys.squeeze(0).unwrap().to_vec2::<f32>().unwrap().iter().map(|row| row[0]).collect::<Vec<_>>()
+        };
+        assert_eq!(first(forked), [0.0, 1.0, 2.0, 20.0]);
+        assert_eq!(first(original), [0.0, 1.0, 2.0, 3.0, 30.0]);
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub struct BatchEntry<'a> {
 pub trait Sequence: Send {
     /// For the model that made it to find its own type again in `forward_batch`.
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+
+    /// A new sequence holding a copy of this one's first `len` positions (the choices of one
+    /// request share their prompt's forward pass this way).
+    fn fork(&self, len: usize) -> candle_core::Result<Box<dyn Sequence>>;
 }
 
 /// A language model with what the engine needs to know about its file.

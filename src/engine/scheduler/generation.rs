@@ -57,6 +57,10 @@ pub struct Generation {
     prompt_tokens: Vec<u32>,
     /// Prompt tokens already run (or found in the prompt cache).
     pub(super) prefilled: usize,
+    /// The choices of one request share this id (`SamplingParams::prefill_group`).
+    pub(super) group: Option<u64>,
+    /// Waiting for another choice of its request to run the prompt, to take a copy.
+    pub(super) awaiting_prompt: bool,
     /// The last sampled token, fed to the model next.
     last_token: Option<u32>,
     sampler: Sampler,
@@ -98,6 +102,8 @@ impl Generation {
             failed: false,
             prompt_tokens: job.prompt_tokens,
             prefilled,
+            group: job.params.prefill_group,
+            awaiting_prompt: false,
             last_token: None,
             max_tokens: job.params.max_tokens,
             ignore_eos: job.params.ignore_eos,
@@ -144,7 +150,7 @@ impl Generation {
 
     /// What it needs from the next step; `None` while its reader lags behind or once it is done.
     pub fn work(&self) -> Option<Work> {
-        if self.finished || !self.outbox.is_empty() || self.sequence.is_none() {
+        if self.finished || !self.outbox.is_empty() || self.sequence.is_none() || self.awaiting_prompt {
             return None;
         }
         Some(match self.last_token {
@@ -162,6 +168,28 @@ impl Generation {
                 (self.prompt_tokens[self.prefilled..end].to_vec(), self.prefilled)
             }
         }
+    }
+
+    /// A copy of the KV cache of all but the prompt's last token, once this generation holds
+    /// them (another choice of the same request runs the last one itself, for its logits).
+    pub fn fork_prompt(&self, prompt: &[u32]) -> Option<candle_core::Result<Box<dyn Sequence>>> {
+        let shared = prompt.len().checked_sub(1)?;
+        let sequence = self.sequence.as_ref()?;
+        let holds = self.held.len() >= shared && self.held[..shared] == prompt[..shared];
+        holds.then(|| sequence.fork(shared))
+    }
+
+    pub fn prompt_tokens(&self) -> &[u32] {
+        &self.prompt_tokens
+    }
+
+    /// Continue from another choice's copy of the prompt (`fork_prompt`).
+    pub fn adopt_prompt(&mut self, sequence: Box<dyn Sequence>) {
+        let shared = self.prompt_tokens.len() - 1;
+        self.sequence = Some(sequence);
+        self.held = self.prompt_tokens[..shared].to_vec();
+        self.prefilled = shared;
+        self.awaiting_prompt = false;
     }
 
     /// The sequence, lent to a step; give it back with `ran`.

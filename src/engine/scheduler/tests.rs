@@ -38,6 +38,12 @@ impl Sequence for FakeSequence {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }
+
+    fn fork(&self, len: usize) -> candle_core::Result<Box<dyn Sequence>> {
+        static FORKS: AtomicUsize = AtomicUsize::new(1);
+        let id = 1000 * FORKS.fetch_add(1, Ordering::Relaxed) + self.id;
+        Ok(Box::new(FakeSequence { id, held: self.held.min(len) }))
+    }
 }
 
 impl LanguageModel for RecordingModel {
@@ -91,8 +97,17 @@ fn worker(max_active: usize) -> (GenerationWorker, Arc<Mutex<Vec<Vec<Entry>>>>) 
 }
 
 fn submit(worker: &GenerationWorker, prompt: Vec<u32>, max_tokens: usize) -> mpsc::Receiver<GenerationEvent> {
+    submit_in_group(worker, prompt, max_tokens, None)
+}
+
+fn submit_in_group(
+    worker: &GenerationWorker,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    prefill_group: Option<u64>,
+) -> mpsc::Receiver<GenerationEvent> {
     let (events, receiver) = mpsc::channel(4);
-    let params = SamplingParams { temperature: 0.0, max_tokens, ..SamplingParams::default() };
+    let params = SamplingParams { temperature: 0.0, max_tokens, prefill_group, ..SamplingParams::default() };
     let job = Job { prompt_tokens: prompt, params, grammar: None, events, span: tracing::Span::none() };
     worker.reserve().unwrap().submit(job).unwrap();
     receiver
@@ -204,4 +219,22 @@ async fn a_sequence_that_fails_a_batch_step_fails_alone() {
     let (poisoned, healthy) = tokio::join!(drain(poisoned), drain(healthy));
     assert!(poisoned.1.as_ref().is_err_and(|error| error.contains("poisoned")), "{poisoned:?}");
     assert_eq!(healthy.1, Ok((FinishReason::Length, 40)));
+}
+
+#[tokio::test]
+async fn the_choices_of_one_request_run_their_prompt_once() {
+    let (worker, steps) = worker(4);
+    let prompt: Vec<u32> = (1..=40).collect();
+    let choices: Vec<_> = (0..3).map(|_| submit_in_group(&worker, prompt.clone(), 3, Some(7))).collect();
+    for events in choices {
+        assert_eq!(drain(events).await.1, Ok((FinishReason::Length, 3)));
+    }
+    let steps = steps.lock().unwrap();
+    let entries: Vec<&Entry> = steps.iter().flatten().collect();
+    let prompt_runs = entries.iter().filter(|(_, tokens, position)| *position == 0 && *tokens > 1).count();
+    assert_eq!(prompt_runs, 1, "one prefill for three choices: {steps:?}");
+    // The others each ran only the prompt's last token, from a copy of the first one's cache.
+    let last_token_runs =
+        entries.iter().filter(|(id, tokens, position)| *id >= 1000 && *tokens == 1 && *position == 39);
+    assert_eq!(last_token_runs.count(), 2, "{steps:?}");
 }
