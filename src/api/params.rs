@@ -309,7 +309,7 @@ mod tests {
             param_of(serde_json::json!({"presence_penalty": -3})).as_deref(),
             Some("presence_penalty")
         );
-        assert_eq!(param_of(serde_json::json!({"n": 2})).as_deref(), Some("n"));
+        assert_eq!(param_of(serde_json::json!({"n": 9})).as_deref(), Some("n"));
         assert_eq!(param_of(serde_json::json!({"seed": 1.5})).as_deref(), Some("seed"));
     }
 

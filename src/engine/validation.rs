@@ -233,7 +233,7 @@ mod tests {
 
     #[test]
     fn prompts_must_say_something_in_known_roles() {
-        assert_eq!(param_of(&chat("tool")), "messages[0].role");
+        assert_eq!(param_of(&chat("wizard")), "messages[0].role");
         let empty = GenerateRequest { prompt: Prompt::Chat(Vec::new()), ..chat("user") };
         assert_eq!(param_of(&empty), "messages");
         let blank = GenerateRequest { prompt: Prompt::Text(String::new()), ..chat("user") };
