@@ -7,27 +7,14 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use axum::http::StatusCode;
-use llmesh::engine::{LocalEngine, ModelSpec, QueueLimits};
-use llmesh::node::Node;
 use serde_json::{Value, json};
 
-use support::cluster::{call, config, entry_node, eventually, hosts_of};
-
-fn chat_model() -> ModelSpec {
-    let dir = std::env::var_os("LLMESH_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "{} is missing: run scripts/fetch-models.sh", path.display());
-    ModelSpec { id: "smollm2".into(), path }
-}
+use support::cluster::call;
+use support::demo_models::{smollm2, smollm2_host_and_entry};
 
 fn smollm2_tokenizer() -> tokenizers::Tokenizer {
-    let path = chat_model().path;
+    let path = smollm2().path;
     let mut file = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     llmesh::engine::tokenizer_from_gguf(&content).unwrap().tokenizer
@@ -56,12 +43,7 @@ fn check_chat_entry(entry: &Value, top: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logprobs_through_a_remote_host_agree_with_the_text() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = LocalEngine::load(&[chat_model()], QueueLimits::default(), &candle_core::Device::Cpu)
-        .expect("load SmolLM2");
-    let host =
-        Node::spawn_with_engine(config("host", &dir, Vec::new(), None), Arc::new(engine)).await.unwrap();
-    let entry = entry_node("entry", &dir, host.p2p_addresses().to_vec(), |_| {}).await;
-    eventually("the entry sees the host", async || hosts_of(&entry, "smollm2").await.len() == 1).await;
+    let (host, entry) = smollm2_host_and_entry(&dir).await;
 
     let chat = |stream: bool| {
         json!({

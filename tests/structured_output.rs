@@ -6,30 +6,18 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use llmesh::api::{self, ApiConfig};
-use llmesh::engine::{LocalEngine, ModelSpec, QueueLimits, SharedEngine};
-use llmesh::node::Node;
+use llmesh::engine::{LocalEngine, QueueLimits, SharedEngine};
 use serde_json::{Map, Value, json};
 use tower::ServiceExt;
 
-use support::cluster::{call, config, entry_node, eventually, hosts_of};
-
-const CHAT_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn chat_model() -> ModelSpec {
-    let dir = std::env::var_os("LLMESH_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let path = dir.join(CHAT_FILE);
-    assert!(path.is_file(), "{} is missing: run scripts/fetch-models.sh", path.display());
-    ModelSpec { id: "smollm2".into(), path }
-}
+use support::cluster::call;
+use support::demo_models::{smollm2, smollm2_host_and_entry};
 
 fn engine() -> SharedEngine {
     static ENGINE: OnceLock<SharedEngine> = OnceLock::new();
@@ -39,7 +27,7 @@ fn engine() -> SharedEngine {
             // and the batching test compares answers.
             let limits = QueueLimits { prompt_cache_tokens: 0, ..QueueLimits::default() };
             let engine =
-                LocalEngine::load(&[chat_model()], limits, &candle_core::Device::Cpu).expect("load SmolLM2");
+                LocalEngine::load(&[smollm2()], limits, &candle_core::Device::Cpu).expect("load SmolLM2");
             Arc::new(engine)
         })
         .clone()
@@ -214,20 +202,10 @@ async fn schemas_the_engine_cannot_follow_are_refused_naming_them() {
 }
 
 /// A node hosting SmolLM2, and an entry node without models peered with it.
-async fn host_and_entry(dir: &tempfile::TempDir) -> (Node, Node) {
-    let engine = LocalEngine::load(&[chat_model()], QueueLimits::default(), &candle_core::Device::Cpu)
-        .expect("load SmolLM2");
-    let host =
-        Node::spawn_with_engine(config("host", dir, Vec::new(), None), Arc::new(engine)).await.unwrap();
-    let entry = entry_node("entry", dir, host.p2p_addresses().to_vec(), |_| {}).await;
-    eventually("the entry sees the host", async || hosts_of(&entry, "smollm2").await.len() == 1).await;
-    (host, entry)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_host_follows_the_schema_and_reports_what_it_cannot_follow() {
     let dir = tempfile::tempdir().unwrap();
-    let (host, entry) = host_and_entry(&dir).await;
+    let (host, entry) = smollm2_host_and_entry(&dir).await;
 
     let response = call(&entry, "POST", "/v1/chat/completions", Some(person_request(0.0, 0))).await;
     assert_eq!(response.status, StatusCode::OK, "{}", response.body);

@@ -7,24 +7,12 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use axum::http::StatusCode;
-use llmesh::engine::{LocalEngine, ModelSpec, QueueLimits};
 use llmesh::node::Node;
 use serde_json::{Value, json};
 
-use support::cluster::{call, config, entry_node, eventually, hosts_of};
-
-fn chat_model() -> ModelSpec {
-    let dir = std::env::var_os("LLMESH_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "{} is missing: run scripts/fetch-models.sh", path.display());
-    ModelSpec { id: "smollm2".into(), path }
-}
+use support::cluster::{call, entry_node};
+use support::demo_models::smollm2_host_and_entry;
 
 fn weather_tool() -> Value {
     json!({"type": "function", "function": {
@@ -139,16 +127,6 @@ fn assemble_stream(body: &str) -> (String, Vec<(String, String)>, String) {
     (content, calls, finish_reason)
 }
 
-async fn host_and_entry(dir: &tempfile::TempDir) -> (Node, Node) {
-    let engine = LocalEngine::load(&[chat_model()], QueueLimits::default(), &candle_core::Device::Cpu)
-        .expect("load SmolLM2");
-    let host =
-        Node::spawn_with_engine(config("host", dir, Vec::new(), None), Arc::new(engine)).await.unwrap();
-    let entry = entry_node("entry", dir, host.p2p_addresses().to_vec(), |_| {}).await;
-    eventually("the entry sees the host", async || hosts_of(&entry, "smollm2").await.len() == 1).await;
-    (host, entry)
-}
-
 async fn chat(entry: &Node, body: Value) -> Value {
     let response = call(entry, "POST", "/v1/chat/completions", Some(body)).await;
     assert_eq!(response.status, StatusCode::OK, "{}", response.body);
@@ -159,7 +137,7 @@ async fn chat(entry: &Node, body: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_through_a_remote_host() {
     let dir = tempfile::tempdir().unwrap();
-    let (host, entry) = host_and_entry(&dir).await;
+    let (host, entry) = smollm2_host_and_entry(&dir).await;
 
     // `required`: at least one call, of either tool, its arguments valid.
     let answer = chat(&entry, request(weather_question(), json!("required"), false)).await;
