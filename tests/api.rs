@@ -261,7 +261,7 @@ async fn invalid_chat_requests_are_400_naming_the_field() {
         ("stop", json!(["a", "b", "c", "d", "e"])),
         ("stop", json!("")),
         ("frequency_penalty", json!(2.5)),
-        ("n", json!(2)),
+        ("n", json!(9)),
         ("stream", json!("yes")),
         ("stream_options", json!(true)),
     ];
