@@ -143,14 +143,14 @@ pub async fn create_chat_completion(
 ) -> Result<Response, ApiError> {
     tracing::Span::current().record("model", request.model.as_str());
     let ChatCompletionRequest { model, messages, options } = request;
-    let tools = options.sampling_params(0).tools;
+    let tools = options.tools();
     let default_max_tokens = state.context_length(&model).unwrap_or(DEFAULT_CHAT_MAX_TOKENS);
     let requests = options.requests(model.clone(), Prompt::Chat(messages), default_max_tokens)?;
     let streams = generate_choices(&state.engine, requests).await?;
     let id = response_id("chatcmpl");
     let created = unix_now();
     let node = streams[0].served_by.clone();
-    let parser = || tools.active().then(|| ToolCallParser::new(&tools));
+    let parser = || tools.active().then(|| ToolCallParser::new(tools));
     if options.stream {
         let choices = streams
             .into_iter()

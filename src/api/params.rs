@@ -40,6 +40,10 @@ impl GenerationOptions {
         self.sampling.tools = tools;
     }
 
+    pub fn tools(&self) -> &ToolParams {
+        &self.sampling.tools
+    }
+
     /// Log-probabilities with this many alternatives per token.
     pub fn set_logprobs(&mut self, top: Option<usize>) {
         self.sampling.logprobs = top;

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::extract::json_kind;
-use crate::engine::ResponseFormat;
+use crate::engine::{ResponseFormat, excerpt, valid_name};
 
 const TYPES: &str = "'text', 'json_object' or 'json_schema'";
 
@@ -48,7 +48,7 @@ pub fn parse_response_format(value: Option<Value>) -> Result<ResponseFormat, Api
         "json_schema" => parse_json_schema(format.remove("json_schema")),
         other => Err(ApiError::invalid_param(
             "response_format.type",
-            format!("Unsupported 'response_format.type' '{}': expected {TYPES}.", printable(other)),
+            format!("Unsupported 'response_format.type' '{}': expected {TYPES}.", excerpt(other)),
         )),
     }
 }
@@ -87,7 +87,7 @@ fn parse_json_schema(value: Option<Value>) -> Result<ResponseFormat, ApiError> {
     Ok(ResponseFormat::JsonSchema { schema: Value::Object(schema).to_string() })
 }
 
-/// OpenAI's rule: 1 to 64 letters, digits, underscores and dashes.
+/// OpenAI's rule, the same as for function names: 1 to 64 letters, digits, underscores and dashes.
 fn check_name(value: Option<Value>) -> Result<(), ApiError> {
     const FIELD: &str = "response_format.json_schema.name";
     let name = match value {
@@ -102,8 +102,7 @@ fn check_name(value: Option<Value>) -> Result<(), ApiError> {
             ));
         }
     };
-    let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
-    if name.is_empty() || name.len() > 64 || !name.chars().all(valid) {
+    if !valid_name(&name) {
         return Err(ApiError::invalid_param(
             FIELD,
             format!("'{FIELD}' must be 1 to 64 letters, digits, underscores or dashes."),
@@ -126,11 +125,6 @@ fn optional(
             format!("'response_format.json_schema.{name}' must be {kind}, not {}.", json_kind(&other)),
         )),
     }
-}
-
-/// A client's string quoted back to it: at most 40 characters, no control characters.
-fn printable(text: &str) -> String {
-    text.chars().take(40).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::generation::{ChunkWriter, collect, stream_sse};
 use super::tool_calls::{Parsed, ToolCallParser};
 use super::types::unix_now;
 use super::{AppState, served_by};
-use crate::engine::{EngineError, FinishReason, Prompt, TokenLogprob, ToolCall, Usage};
+use crate::engine::{EngineError, FinishReason, Prompt, TokenLogprob, ToolCall, Usage, excerpt};
 
 /// A Responses request: the chat request it amounts to, and what the answer echoes back.
 pub struct ResponsesRequest {
@@ -146,7 +146,7 @@ fn input_messages(value: Option<Value>) -> Result<Vec<Value>, ApiError> {
             other => {
                 return Err(ApiError::invalid_param(
                     param(".type"),
-                    format!("Input items of type '{}' are not supported.", printable(other)),
+                    format!("Input items of type '{}' are not supported.", excerpt(other)),
                 ));
             }
         }
@@ -169,7 +169,7 @@ fn message_content(index: usize, value: Option<Value>) -> Result<Value, ApiError
             _ => {
                 return Err(ApiError::invalid_param(
                     format!("input[{index}].content[{part_index}].type"),
-                    format!("Content parts of type '{}' are not supported: only text is.", printable(kind)),
+                    format!("Content parts of type '{}' are not supported: only text is.", excerpt(kind)),
                 ));
             }
         }
@@ -266,13 +266,13 @@ pub async fn create_response(
     let ResponsesRequest { chat, stream, echo } = request;
     tracing::Span::current().record("model", chat.model.as_str());
     let ChatCompletionRequest { model, messages, options } = chat;
-    let tools = options.sampling_params(0).tools;
+    let tools = options.tools();
     let default_max_tokens = state.context_length(&model).unwrap_or(DEFAULT_CHAT_MAX_TOKENS);
     let request =
         options.request(model, Prompt::Chat(messages), default_max_tokens).map_err(responses_error)?;
     let events = state.engine.generate(request).await.map_err(|error| responses_error(error.into()))?;
     let node = events.served_by.clone();
-    let mut writer = ResponseEvents::new(echo, tools.active().then(|| ToolCallParser::new(&tools)));
+    let mut writer = ResponseEvents::new(echo, tools.active().then(|| ToolCallParser::new(tools)));
     if stream {
         return Ok(served_by(stream_sse(events, writer, true), node.as_deref()));
     }
@@ -480,11 +480,6 @@ impl ChunkWriter for ResponseEvents {
         let data = json!({"type": kind, "sequence_number": self.sequence_number, "response": response});
         Event::default().event(kind).data(data.to_string())
     }
-}
-
-/// A client's string quoted back to it: at most 40 characters, no control characters.
-fn printable(text: &str) -> String {
-    text.chars().take(40).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 #[cfg(test)]

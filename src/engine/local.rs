@@ -12,21 +12,22 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc;
+
+mod chat_runner;
 
 use super::chat_template::ChatTemplate;
 use super::embedding::EmbeddingWorker;
 use super::gguf_tokenizer::tokenizer_from_metadata;
-use super::grammar::{GenerationGrammar, GrammarCompiler, SCHEMA_PARAM};
+use super::grammar::GrammarCompiler;
 use super::loading::LoadProgress;
 use super::models::load_language_model;
-use super::scheduler::{GenerationWorker, Job, ModelRuntime, QueueLimits, QueuePlace, WorkerLoad};
+use super::scheduler::{GenerationWorker, ModelRuntime, QueueLimits, WorkerLoad};
 use super::source::resolve_model_path;
-use super::tools::{GrammarPlan, grammar_plan};
 use super::{
-    EmbedRequest, Embeddings, Engine, EngineError, EngineLoad, GenerateRequest, GenerationStream,
-    InvalidParam, ModelInfo, ModelKind, OriginalPrompt, Prompt, SamplingParams, ToolParams,
+    EmbedRequest, Embeddings, Engine, EngineError, EngineLoad, GenerateRequest, GenerationStream, ModelInfo,
+    ModelKind,
 };
+use chat_runner::ChatRunner;
 
 /// Events buffered between the worker and the reader of one generation.
 const EVENTS_PER_GENERATION: usize = 32;
@@ -113,19 +114,6 @@ pub struct ModelStatus {
     pub active: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queued: Option<usize>,
-}
-
-/// Turns a request into prompt tokens and hands it to the model's worker.
-struct ChatRunner {
-    model_id: String,
-    template: ChatTemplate,
-    tokenizer: Arc<Tokenizer>,
-    /// Prepended when the file asks for it and the rendered prompt lacks it.
-    bos_token_id: Option<u32>,
-    context_length: usize,
-    /// `None` when llguidance could not take the vocabulary: constrained requests are refused.
-    grammar: Option<Arc<GrammarCompiler>>,
-    worker: GenerationWorker,
 }
 
 /// The device models run on: the first GPU when built with `cuda` or `metal` and one is present.
@@ -350,119 +338,6 @@ fn tokenizer_json_beside(model: &Path) -> Option<PathBuf> {
     let own = model.with_extension("tokenizer.json");
     let shared = model.parent()?.join("tokenizer.json");
     [own, shared].into_iter().find(|path| path.is_file())
-}
-
-impl ChatRunner {
-    fn render(&self, prompt: &Prompt, tools: &ToolParams) -> Result<String, EngineError> {
-        Ok(match prompt {
-            Prompt::Chat(messages) => self.template.render(messages, tools)?,
-            Prompt::Text(text) => text.clone(),
-            Prompt::Continue { prompt: OriginalPrompt::Chat(messages), generated } => {
-                self.template.render(messages, tools)? + generated
-            }
-            Prompt::Continue { prompt: OriginalPrompt::Text(text), generated } => {
-                format!("{text}{generated}")
-            }
-        })
-    }
-
-    /// The grammar of `params.response_format` and `params.tools`, compiled, and advanced
-    /// through the text a continuation already has.
-    fn grammar(
-        &self,
-        prompt: &Prompt,
-        params: &SamplingParams,
-    ) -> Result<Option<GenerationGrammar>, EngineError> {
-        let format = self.template.tool_format();
-        let plan = grammar_plan(&params.tools, &params.response_format, format)
-            .map_err(InvalidParam::naming_the_field)?;
-        let (grammar, marker) = match plan {
-            GrammarPlan::Free => return Ok(None),
-            GrammarPlan::Now(grammar) => (grammar, None),
-            GrammarPlan::AfterMarker { marker, at_start, grammar } => (grammar, Some((marker, at_start))),
-        };
-        let (field, param) =
-            if params.tools.active() { ("tools", "tools") } else { ("response_format", SCHEMA_PARAM) };
-        let Some(compiler) = &self.grammar else {
-            return Err(EngineError::InvalidParam {
-                param: field.into(),
-                message: format!("Model '{}' does not support '{field}'.", self.model_id),
-            });
-        };
-        let started = std::time::Instant::now();
-        let constraint = compiler.compile_grammar(grammar, param)?;
-        tracing::debug!(milliseconds = started.elapsed().as_secs_f64() * 1e3, "grammar compiled");
-        let mut grammar = match marker {
-            None => GenerationGrammar::now(constraint),
-            Some((marker, at_start)) => GenerationGrammar::after_marker(constraint, marker, at_start),
-        };
-        if let Prompt::Continue { generated, .. } = prompt {
-            let advanced = match grammar.active() {
-                Some(constraint) => constraint.accept_text(generated),
-                None => grammar.observe_text(generated),
-            };
-            advanced.map_err(|error| {
-                EngineError::Inference(format!("the answer so far does not fit its grammar: {error}"))
-            })?;
-        }
-        Ok(Some(grammar))
-    }
-
-    /// Render, tokenize, check the context window and queue in `place`. Runs on a blocking thread.
-    fn submit(
-        &self,
-        request: GenerateRequest,
-        place: QueuePlace,
-        span: tracing::Span,
-    ) -> Result<GenerationStream, EngineError> {
-        let text = self.render(&request.prompt, &request.params.tools)?;
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?;
-        let mut prompt_tokens = encoding.get_ids().to_vec();
-        if let Some(bos) = self.bos_token_id
-            && prompt_tokens.first() != Some(&bos)
-        {
-            prompt_tokens.insert(0, bos);
-        }
-        if prompt_tokens.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt is empty".to_string()));
-        }
-        if prompt_tokens.len() >= self.context_length {
-            return Err(EngineError::ContextLength {
-                model: self.model_id.clone(),
-                prompt_tokens: prompt_tokens.len(),
-                context_length: self.context_length,
-            });
-        }
-        let mut params = request.params;
-        let vocabulary_size = self.tokenizer.get_vocab_size(true);
-        if let Some((token, _)) =
-            params.logit_bias.iter().find(|(token, _)| *token as usize >= vocabulary_size)
-        {
-            return Err(EngineError::InvalidParam {
-                param: "logit_bias".into(),
-                message: format!(
-                    "Token {token} is not in the vocabulary of model '{}' ({vocabulary_size} tokens).",
-                    self.model_id
-                ),
-            });
-        }
-        if params.max_tokens > self.context_length {
-            return Err(EngineError::InvalidRequest(format!(
-                "max_tokens is too large: {}. Model '{}' has a context window of {} tokens",
-                params.max_tokens, self.model_id, self.context_length
-            )));
-        }
-        // Within the window but too long for this prompt: generate what fits (finish_reason length).
-        params.max_tokens = params.max_tokens.min(self.context_length - prompt_tokens.len());
-        let grammar = self.grammar(&request.prompt, &params)?;
-        let (events, stream) = mpsc::channel(EVENTS_PER_GENERATION);
-        tracing::debug!(parent: &span, prompt_tokens = prompt_tokens.len(), max_tokens = params.max_tokens, "queued");
-        place.submit(Job { prompt_tokens, params, grammar, events, span })?;
-        Ok(GenerationStream::new(stream))
-    }
 }
 
 impl Engine for LocalEngine {

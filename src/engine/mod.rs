@@ -39,7 +39,7 @@ pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{QueueLimits, WorkerLoad};
 pub use source::resolve_model_path;
 pub use tools::{GrammarPlan, MAX_TOOLS, Tool, ToolChoice, ToolFormat, ToolParams, valid_name};
-pub use validation::{InvalidParam, MAX_EMBEDDING_INPUTS, MAX_STOP_SEQUENCES};
+pub use validation::{InvalidParam, MAX_EMBEDDING_INPUTS, MAX_STOP_SEQUENCES, excerpt};
 
 /// What a model is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

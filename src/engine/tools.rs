@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::grammar::{ResponseFormat, json_layout, parse_schema_text};
-use super::validation::InvalidParam;
+use super::validation::{InvalidParam, excerpt};
 use super::{ChatMessage, ToolCall};
 
 /// Tools one request may offer (OpenAI's limit).
@@ -104,10 +104,7 @@ impl ToolParams {
             ToolChoice::Function(name) if !self.tools.iter().any(|tool| &tool.name == name) => {
                 Err(InvalidParam::new(
                     "tool_choice",
-                    format!(
-                        "'tool_choice' names function '{}', which is not among 'tools'.",
-                        printable(name)
-                    ),
+                    format!("'tool_choice' names function '{}', which is not among 'tools'.", excerpt(name)),
                 ))
             }
             _ => Ok(()),
@@ -407,11 +404,6 @@ fn generic_instructions(tools: &ToolParams) -> String {
          directly: {{\"response\": \"<your answer>\"}}. After a call, the results come back as \
          {{\"tool_result\": ...}}."
     )
-}
-
-/// A client's string quoted back to it: at most 40 characters, no control characters.
-fn printable(text: &str) -> String {
-    text.chars().take(40).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 #[cfg(test)]

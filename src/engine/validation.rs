@@ -38,6 +38,11 @@ impl InvalidParam {
     }
 }
 
+/// A client's string quoted back to it in an error: at most 40 characters, no control characters.
+pub fn excerpt(text: &str) -> String {
+    text.chars().take(40).map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
 impl From<InvalidParam> for EngineError {
     fn from(error: InvalidParam) -> Self {
         EngineError::InvalidRequest(error.message)
