@@ -1,11 +1,12 @@
-// The dashboard: polls the node every 2 s for the cluster's nodes, models and routing
-// statistics, and renders them. Rates (requests/s, tokens/s) and their sparklines come from the
+// The dashboard: polls the node every 2 s for the cluster's nodes, models, routing statistics
+// and API keys, and renders them. Rates (requests/s, tokens/s) and their sparklines come from the
 // difference between successive polls, kept here for the last five minutes.
 
 import { AuthRequired, apiKey, clearApiKey, getJson, onAuthRequired, setApiKey } from './api.js';
 import { initChat, updateChatModels } from './chat.js';
 import { bar, h, patch, sparkline } from './dom.js';
 import * as fmt from './format.js';
+import { forgetSecret, initKeys, keysTable, updateKeyModels } from './keys.js';
 import { initMembership, revokeButton } from './membership.js';
 import { initModels, pendingModels, unloadButton } from './models.js';
 
@@ -21,6 +22,8 @@ const state = {
   models: [],
   /** This node's own models with their state (`/api/models`): loading, ready, unloading, failed. */
   localModels: [],
+  /** The cluster's API keys with their use (`/api/keys`). */
+  keys: [],
   stats: null,
   /** The previous stats poll, for rates: {t, stats}. */
   previous: null,
@@ -35,6 +38,8 @@ const state = {
   signedOut: false,
   timer: null,
   polling: false,
+  /** How many documents each poll asks for. */
+  polled: 0,
 };
 
 // ---- polling --------------------------------------------------------------------------------
@@ -43,11 +48,11 @@ async function poll() {
   if (state.polling || state.signedOut) return;
   state.polling = true;
   clearTimeout(state.timer);
-  const [nodes, models, stats, localModels] = await Promise.allSettled([
-    getJson('/api/nodes'), getJson('/v1/models'), getJson('/api/stats'), getJson('/api/models'),
+  const [nodes, models, stats, localModels, keys] = await Promise.allSettled([
+    getJson('/api/nodes'), getJson('/v1/models'), getJson('/api/stats'), getJson('/api/models'), getJson('/api/keys'),
   ]);
   state.polling = false;
-  const results = { nodes, models, stats, localModels };
+  const results = { nodes, models, stats, localModels, keys };
   if (Object.values(results).some((result) => result.reason instanceof AuthRequired)) {
     showLogin();
     return;
@@ -61,10 +66,13 @@ async function poll() {
   if (models.status === 'fulfilled') {
     state.models = models.value.data || [];
     updateChatModels(state.models);
+    updateKeyModels(state.models);
   }
   if (stats.status === 'fulfilled') takeStats(stats.value, now);
   if (localModels.status === 'fulfilled') state.localModels = localModels.value.data || [];
-  if (Object.keys(state.errors).length < 4) state.lastUpdate = new Date();
+  if (keys.status === 'fulfilled') state.keys = keys.value.data || [];
+  state.polled = Object.keys(results).length;
+  if (Object.keys(state.errors).length < state.polled) state.lastUpdate = new Date();
   render();
   state.timer = setTimeout(poll, POLL_MS);
 }
@@ -117,6 +125,7 @@ function render() {
   renderNodes();
   renderModels();
   renderStats();
+  renderKeys();
 }
 
 function renderSummary() {
@@ -136,7 +145,7 @@ function renderSummary() {
 
   const live = $('live');
   const failing = Object.keys(state.errors);
-  if (failing.length === 3) {
+  if (failing.length && failing.length === state.polled) {
     live.className = 'live down';
     live.textContent = `Node unreachable (${state.errors.nodes}) · retrying`;
   } else if (failing.length) {
@@ -253,6 +262,18 @@ function hostChip(host, node) {
     host.name, h('span', { class: 'host-load' }, ` · ${load}`));
 }
 
+function renderKeys() {
+  if (state.errors.keys && !state.keys.length) {
+    patch($('keys'), h('p', { class: 'placeholder error-text' }, `Cannot list keys: ${state.errors.keys}`));
+    return;
+  }
+  if (!state.keys.length) {
+    patch($('keys'), h('p', { class: 'placeholder' }, 'No API key yet. Create one for each user or application: it works on every node, for /v1 only, within its models and limits.'));
+    return;
+  }
+  patch($('keys'), keysTable(state.keys, state.nodes));
+}
+
 function renderStats() {
   const self = state.nodes.find((node) => node.this_node);
   $('stats-note').textContent = self ? `requests routed by ${self.name}` : '';
@@ -352,6 +373,7 @@ async function signIn(event) {
 
 function signOut() {
   clearApiKey();
+  forgetSecret();
   showLogin('');
 }
 
@@ -361,4 +383,5 @@ $('sign-out').addEventListener('click', signOut);
 initChat();
 initMembership({ refresh: poll });
 initModels({ refresh: poll });
+initKeys({ refresh: poll });
 poll();

@@ -1,8 +1,8 @@
 //! The web dashboard: a static page (HTML, CSS and JavaScript built into the binary) that every
 //! node serves at `/`, with its files under `/assets/`. The page itself holds no data: the
-//! browser polls `/api/nodes`, `/api/stats` and `/v1/models` and streams chats from
-//! `/v1/chat/completions`, sending the API key it asked the user for. So the page and its files
-//! are served without a key, and nothing here keeps state.
+//! browser polls `/api/nodes`, `/api/stats`, `/api/models`, `/api/keys` and `/v1/models` and
+//! streams chats from `/v1/chat/completions`, sending the API key it asked the user for. So the
+//! page and its files are served without a key, and nothing here keeps state.
 //!
 //! Files are revalidated on every load (`no-cache` with an `ETag` computed at compile time), so
 //! an upgraded node never serves a stale script next to a new page.
@@ -46,6 +46,7 @@ const ASSETS: &[Asset] = &[
     embed("chat.js", JAVASCRIPT, include_str!("../../assets/dashboard/chat.js")),
     embed("membership.js", JAVASCRIPT, include_str!("../../assets/dashboard/membership.js")),
     embed("models.js", JAVASCRIPT, include_str!("../../assets/dashboard/models.js")),
+    embed("keys.js", JAVASCRIPT, include_str!("../../assets/dashboard/keys.js")),
     embed("favicon.svg", SVG, include_str!("../../assets/dashboard/favicon.svg")),
 ];
 

@@ -5,8 +5,11 @@
 // nodes and the model appear, chats through the playground and waits for a streamed answer
 // served by gpu-box, saves a screenshot, creates a connection key in the invite panel (checking
 // its error, key, join command and QR code, with a screenshot of the panel), loads a model on
-// laptop from the Models panel (a missing file first) and unloads it, then revokes gpu-box
-// from the dashboard and waits for its card to go and stay gone. Every
+// laptop from the Models panel (a missing file first) and unloads it, creates an API key limited
+// to smollm2 in the Keys panel and checks its secret against gpu-box from here (smollm2 only on
+// /v1, refused on /api) before revoking it from the panel until both nodes refuse it (with a
+// screenshot of the panel), then revokes gpu-box from the dashboard and waits for its card to
+// go and stay gone. Every
 // wait is bounded; the nodes, the browser and the temporary directories are cleaned up on
 // success, failure and interruption.
 //
@@ -99,6 +102,15 @@ async function startNode(name, extraArgs) {
   child.on('error', (error) => { node.exited = error.message; });
   nodes.push(node);
   return node;
+}
+
+/** GET `route` on `node` with `key`, without failing on a refusal: {status, body}. */
+async function getWith(node, route, key) {
+  const response = await fetch(`${node.url}${route}`, {
+    headers: { Authorization: `Bearer ${key}` },
+    signal: AbortSignal.timeout(5000),
+  });
+  return { status: response.status, body: await response.json().catch(() => null) };
 }
 
 async function api(node, route) {
@@ -291,6 +303,75 @@ async function run() {
   page.once('dialog', (dialog) => dialog.accept());
   await loadedRow.locator('button.unload').click();
   await loadedRow.waitFor({ state: 'detached', timeout: 30_000 });
+
+  step('creating an API key for smollm2 in the Keys panel, using it on gpu-box, revoking it');
+  await page.click('#key-open');
+  await page.locator('#key-create').waitFor({ state: 'visible' });
+  await page.fill('#key-name', 'browser-test');
+  await page.locator('#key-models input[value="smollm2"]').check();
+  await page.fill('#key-rpm', '5');
+  await page.click('#key-submit');
+  await page.locator('#key-result').waitFor({ state: 'visible' });
+  if (await page.locator('#key-error').isVisible()) fail(`the key was refused: ${await page.textContent('#key-error')}`);
+  const secret = await page.inputValue('#key-secret');
+  if (!secret.startsWith('sk-llmesh-')) fail(`the secret field reads "${secret}"`);
+  if (!(await page.textContent('#key-result')).includes('Shown once')) fail('the secret is not marked as shown once');
+  const keptSecret = await page.evaluate((value) => [
+    ...Object.keys(sessionStorage).map((name) => sessionStorage.getItem(name)),
+    ...Object.keys(localStorage).map((name) => localStorage.getItem(name)),
+    location.href,
+  ].some((text) => text.includes(value)), secret);
+  if (keptSecret) fail('the secret was kept in storage or the URL');
+  const keyRow = page.locator('#keys tr[data-name="browser-test"]');
+  await keyRow.waitFor({ timeout: 15_000 });
+  const keyText = await keyRow.textContent();
+  if (!keyText.includes('smollm2') || !keyText.includes('5 req/min') || !keyText.includes('active')) {
+    fail(`browser-test's row reads "${keyText}"`);
+  }
+  // The key was made on laptop; gpu-box must know it (it spreads with the cluster's records).
+  const seen = await waitFor('gpu-box to accept the new key', async () => {
+    alive(gpuBox);
+    const answer = await getWith(gpuBox, '/v1/models', secret);
+    return answer.status === 200 ? answer.body : null;
+  }, 30_000);
+  const visible = seen.data.map((model) => model.id);
+  if (visible.join() !== 'smollm2') fail(`the key lists the models ${JSON.stringify(visible)} on gpu-box, not only smollm2`);
+  const forbidden = await getWith(gpuBox, '/api/nodes', secret);
+  if (forbidden.status !== 403) fail(`the key answered ${forbidden.status} on gpu-box's /api/nodes, not 403`);
+  const chat = await fetch(`${gpuBox.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${secret}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ model: 'smollm2', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 4 }),
+    signal: AbortSignal.timeout(60_000),
+  });
+  if (chat.status !== 200) fail(`a chat with the key on gpu-box answered ${chat.status}: ${await chat.text()}`);
+  // Counted on gpu-box, it reaches laptop's table with gpu-box's next announcement.
+  await waitFor('browser-test\'s request to show in laptop\'s Keys panel', async () =>
+    Number((await keyRow.locator('td').nth(5).textContent()).trim()) === 1, 20_000);
+  const minuteText = await keyRow.locator('td').nth(7).textContent();
+  if (!minuteText.startsWith('1 req')) fail(`browser-test's last minute reads "${minuteText}"`);
+  const keysShot = path.join(shots, 'keys.png');
+  await page.locator('#keys-panel').screenshot({ path: keysShot });
+  step(`keys screenshot: ${keysShot}`);
+  await page.click('#key-close');
+  await page.locator('#key-create').waitFor({ state: 'hidden' });
+  if (await page.inputValue('#key-secret')) fail('the secret stayed in the page after its box was closed');
+  let keyQuestion = null;
+  page.once('dialog', (dialog) => {
+    keyQuestion = dialog.message();
+    dialog.accept();
+  });
+  await keyRow.locator('button.revoke-key').click();
+  await page.locator('#keys-note', { hasText: 'Revoked the key browser-test' }).waitFor({ state: 'visible' });
+  if (!keyQuestion?.includes('browser-test')) fail(`the key's confirmation asked "${keyQuestion}"`);
+  await keyRow.locator('.pill', { hasText: 'revoked' }).waitFor({ timeout: 15_000 });
+  if (await keyRow.locator('button.revoke-key').count()) fail('a revoked key still offers to revoke it');
+  for (const node of [laptop, gpuBox]) {
+    await waitFor(`${node.name} to refuse the revoked key`, async () => {
+      alive(node);
+      return (await getWith(node, '/v1/models', secret)).status === 401;
+    }, 30_000);
+  }
 
   step('revoking gpu-box from laptop\'s dashboard: its card must go, and stay gone');
   let question = null;
