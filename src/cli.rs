@@ -1,11 +1,15 @@
-//! `llmesh nodes`, `llmesh models` (and `models load` / `models unload`) and `llmesh status`: ask a
-//! running node over its HTTP API and print readable tables, or the JSON with `--json`. Errors say
-//! what to do next.
+//! `llmesh nodes`, `llmesh models` (and `models load` / `models unload`), `llmesh keys`
+//! (`keys.rs`) and `llmesh status`: ask a running node over its HTTP API and print readable
+//! tables, or the JSON with `--json`. Errors say what to do next.
+
+mod keys;
 
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
+
+pub use keys::{KeysAction, KeysArgs, keys};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct NodeArgs {

@@ -28,6 +28,9 @@ enum Command {
     /// List the cluster's models and their hosts; `models load ID=PATH` / `models unload ID`
     /// change what a running node serves.
     Models(llmesh::cli::ModelsArgs),
+    /// The cluster's API keys: `keys create NAME [--models a,b] [--rate TOKENS_PER_MIN]
+    /// [--requests-per-min N] [--expires DURATION]`, `keys list`, `keys revoke NAME`.
+    Keys(llmesh::cli::KeysArgs),
     /// Summarise a running node: the cluster, its health, routing statistics.
     Status(llmesh::cli::NodeArgs),
     /// Print a connection key (and QR code) that lets one more machine join the cluster.
@@ -143,6 +146,7 @@ fn main() -> std::process::ExitCode {
         Command::Models(args) => block_on(ask_node(move || llmesh::cli::models(&args))),
         Command::Status(args) => block_on(ask_node(move || llmesh::cli::status(&args))),
         Command::Invite(args) => block_on(ask_node(move || llmesh::cli::invite(&args))),
+        Command::Keys(args) => block_on(ask_node(move || llmesh::cli::keys(&args))),
         Command::Join(args) => block_on(ask_node(move || llmesh::cli::join(&args))),
         Command::Drain(args) => block_on(ask_node(move || llmesh::cli::drain(&args))),
         Command::Service(ServiceCommand::Install { user, serve }) => service_install(user, *serve),

@@ -1,19 +1,28 @@
-//! Bearer-token authentication for the `/v1` routes, applied only when an API key is configured.
+//! Who is calling: the bearer token of each request to the `/v1`, `/api` and `/metrics` routes
+//! makes it the admin or a user.
 //!
-//! The key is compared in constant time, and the time taken depends only on the configured key's
-//! length, never on how much of the offered key matches.
+//! - The admin key (`--api-key`) may do everything. A node started without one is open: a request
+//!   with no key, or a key it does not know, is the admin's.
+//! - A user key (`llmesh keys create`, spread to every node by the p2p layer) may use `/v1` only,
+//!   and only its models; its limits are checked where the model is known (`key_scope.rs`).
+//!
+//! The admin key is compared in constant time, and the time taken depends only on its length,
+//! never on how much of the offered key matches; user keys are compared by their secrets' hashes,
+//! also in constant time (`p2p/api_keys.rs`). No secret is logged.
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::Response;
 use subtle::{Choice, ConstantTimeEq};
 
 use super::error::ApiError;
+use crate::p2p::{KeyGrant, KeyLookup};
 
-/// The key clients must present as `Authorization: Bearer <key>`.
+/// The admin key clients present as `Authorization: Bearer <key>`.
 #[derive(Clone)]
 pub struct ApiKey(Arc<str>);
 
@@ -23,21 +32,70 @@ impl ApiKey {
     }
 }
 
-/// Middleware: pass the request on only when it carries the right bearer token.
-pub async fn require_api_key(
-    State(expected): State<ApiKey>,
-    request: Request,
+/// Who a request comes from. Handlers take it as an extractor; without the middleware (an API
+/// with no keys at all) every request is the admin's.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Admin,
+    User(KeyGrant),
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<Caller>().cloned().unwrap_or(Caller::Admin))
+    }
+}
+
+/// What the middleware checks tokens against.
+#[derive(Clone)]
+pub struct Authenticator {
+    pub admin: Option<ApiKey>,
+    /// The cluster's user keys, on a node.
+    pub router: Option<crate::router::Router>,
+}
+
+impl Authenticator {
+    fn caller(&self, offered: Option<&str>) -> Result<Caller, ApiError> {
+        if let (Some(token), Some(admin)) = (offered, &self.admin)
+            && keys_match(token.as_bytes(), admin.0.as_bytes())
+        {
+            return Ok(Caller::Admin);
+        }
+        if let (Some(token), Some(router)) = (offered, &self.router) {
+            match router.lookup_api_key(token) {
+                KeyLookup::Valid(grant) => return Ok(Caller::User(grant)),
+                KeyLookup::Expired(name) => return Err(ApiError::ExpiredApiKey(name)),
+                KeyLookup::Unknown => {}
+            }
+        }
+        match (&self.admin, offered) {
+            (None, _) => Ok(Caller::Admin),
+            (Some(_), None) => Err(ApiError::MissingApiKey),
+            (Some(_), Some(_)) => Err(ApiError::WrongApiKey),
+        }
+    }
+}
+
+/// Middleware: find out who calls, refuse what that caller may not do, and hand the `Caller` to
+/// the handler.
+pub async fn authenticate(
+    State(authenticator): State<Authenticator>,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let offered = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(bearer_token)
-        .ok_or(ApiError::MissingApiKey)?;
-    if !keys_match(offered.as_bytes(), expected.0.as_bytes()) {
-        return Err(ApiError::WrongApiKey);
+    let offered =
+        request.headers().get(AUTHORIZATION).and_then(|value| value.to_str().ok()).and_then(bearer_token);
+    let caller = authenticator.caller(offered)?;
+    if let Caller::User(grant) = &caller {
+        let path = request.uri().path();
+        if !path.starts_with("/v1/") {
+            return Err(ApiError::AdminOnly { key: grant.name.clone(), path: path.to_string() });
+        }
+        tracing::Span::current().record("key", grant.name.as_str());
     }
+    request.extensions_mut().insert(caller);
     Ok(next.run(request).await)
 }
 

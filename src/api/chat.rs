@@ -7,6 +7,7 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
 use super::generation::{ChunkWriter, collect_choices, generate_choices, json_event, stream_choices};
@@ -139,14 +140,16 @@ fn text_of_part(param: &str, part_index: usize, part: Value) -> Result<String, A
 
 pub async fn create_chat_completion(
     State(state): State<AppState>,
+    caller: Caller,
     JsonBody(request): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     tracing::Span::current().record("model", request.model.as_str());
     let ChatCompletionRequest { model, messages, options } = request;
+    let engine = state.engine_for(&caller, &model)?;
     let tools = options.tools();
     let default_max_tokens = state.context_length(&model).unwrap_or(DEFAULT_CHAT_MAX_TOKENS);
     let requests = options.requests(model.clone(), Prompt::Chat(messages), default_max_tokens)?;
-    let streams = generate_choices(&state.engine, requests).await?;
+    let streams = generate_choices(&engine, requests).await?;
     let id = response_id("chatcmpl");
     let created = unix_now();
     let node = streams[0].served_by.clone();

@@ -7,6 +7,7 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
 use super::generation::{ChunkWriter, collect_choices, generate_choices, json_event, stream_choices};
@@ -66,12 +67,14 @@ fn parse_prompt(value: Option<Value>) -> Result<String, ApiError> {
 
 pub async fn create_completion(
     State(state): State<AppState>,
+    caller: Caller,
     JsonBody(request): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     tracing::Span::current().record("model", request.model.as_str());
     let CompletionRequest { model, prompt, options } = request;
+    let engine = state.engine_for(&caller, &model)?;
     let requests = options.requests(model.clone(), Prompt::Text(prompt), DEFAULT_COMPLETION_MAX_TOKENS)?;
-    let streams = generate_choices(&state.engine, requests).await?;
+    let streams = generate_choices(&engine, requests).await?;
     let id = response_id("cmpl");
     let created = unix_now();
     let writer = |index| TextChunks {

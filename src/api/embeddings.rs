@@ -8,6 +8,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind, missing};
 use super::types::{EmbeddingList, EmbeddingObject, EmbeddingUsage, EmbeddingVector};
@@ -79,6 +80,7 @@ fn parse_inputs(value: Option<Value>) -> Result<Vec<String>, ApiError> {
 
 pub async fn create_embeddings(
     State(state): State<AppState>,
+    caller: Caller,
     JsonBody(request): JsonBody<EmbeddingRequest>,
 ) -> Result<Response, ApiError> {
     tracing::Span::current().record("model", request.model.as_str());
@@ -86,7 +88,7 @@ pub async fn create_embeddings(
     let expected = inputs.len();
     let request = EmbedRequest { model: model.clone(), inputs };
     request.validate()?;
-    let embeddings = state.engine.embed(request).await?;
+    let embeddings = state.engine_for(&caller, &model)?.embed(request).await?;
     if embeddings.vectors.len() != expected {
         return Err(ApiError::Internal(format!(
             "the engine returned {} vectors for {expected} inputs",

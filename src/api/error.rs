@@ -29,6 +29,16 @@ pub enum ApiError {
     MissingApiKey,
     #[error("Incorrect API key provided.")]
     WrongApiKey,
+    #[error("no API key is named '{0}'")]
+    KeyNotFound(String),
+    #[error("the API key '{0}' has expired")]
+    ExpiredApiKey(String),
+    /// A user key asked for an operator route (`/api`, `/metrics`).
+    #[error("the API key '{key}' may use /v1 only, not {path}")]
+    AdminOnly { key: String, path: String },
+    /// A user key is over one of its limits, counted across the cluster.
+    #[error("the API key '{key}' is over its {limit} limit")]
+    RateLimited { key: String, limit: &'static str, retry_after_secs: u64 },
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("no route for {method} {path}")]
@@ -81,7 +91,10 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::MissingApiKey | Self::WrongApiKey => StatusCode::UNAUTHORIZED,
+            Self::MissingApiKey | Self::WrongApiKey | Self::ExpiredApiKey(_) => StatusCode::UNAUTHORIZED,
+            Self::AdminOnly { .. } => StatusCode::FORBIDDEN,
+            Self::KeyNotFound(_) => StatusCode::NOT_FOUND,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -104,6 +117,7 @@ impl ApiError {
     /// Seconds for the `Retry-After` header, for failures that a retry can cure.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
+            Self::RateLimited { retry_after_secs, .. } => Some(*retry_after_secs),
             Self::Engine(EngineError::QueueFull(_)) => Some(QUEUE_FULL_RETRY_AFTER_SECS),
             Self::Engine(EngineError::ShuttingDown(_) | EngineError::Unavailable(_)) => {
                 Some(SHUTTING_DOWN_RETRY_AFTER_SECS)
@@ -116,7 +130,16 @@ impl ApiError {
     pub fn body(&self) -> ErrorBody {
         let (kind, param, code): (_, Option<String>, _) = match self {
             Self::InvalidRequest { param, .. } => (INVALID_REQUEST, param.clone(), None),
-            Self::MissingApiKey | Self::WrongApiKey => (INVALID_REQUEST, None, Some("invalid_api_key")),
+            Self::MissingApiKey | Self::WrongApiKey | Self::ExpiredApiKey(_) => {
+                (INVALID_REQUEST, None, Some("invalid_api_key"))
+            }
+            Self::AdminOnly { .. } => (INVALID_REQUEST, None, Some("insufficient_permissions")),
+            Self::KeyNotFound(_) => (INVALID_REQUEST, Some("name".into()), Some("api_key_not_found")),
+            // OpenAI's type names what ran out: "requests" or "tokens".
+            Self::RateLimited { limit, .. } => {
+                let kind = if limit.starts_with("tokens") { "tokens" } else { "requests" };
+                (kind, None, Some("rate_limit_exceeded"))
+            }
             Self::PayloadTooLarge { .. } => (INVALID_REQUEST, None, Some("request_too_large")),
             Self::RouteNotFound { .. } => (INVALID_REQUEST, None, Some("unknown_url")),
             Self::MethodNotAllowed { .. } => (INVALID_REQUEST, None, Some("method_not_allowed")),
@@ -164,6 +187,13 @@ impl ApiError {
                 YOUR_KEY)."
                 .into(),
             Self::WrongApiKey => "Incorrect API key provided.".into(),
+            Self::ExpiredApiKey(name) => format!("The API key '{name}' has expired."),
+            Self::AdminOnly { key, path } => {
+                format!("The API key '{key}' may use the /v1 API only; {path} needs the node's admin key.")
+            }
+            Self::RateLimited { key, limit, retry_after_secs } => format!(
+                "Rate limit reached for the API key '{key}' on {limit}. Please try again in {retry_after_secs}s."
+            ),
             Self::PayloadTooLarge { limit } => {
                 format!("The request body is too large: the limit is {limit} bytes.")
             }

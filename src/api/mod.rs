@@ -17,6 +17,8 @@ mod embeddings;
 mod error;
 mod extract;
 mod generation;
+mod key_scope;
+mod keys;
 mod metrics;
 mod models;
 mod origin;
@@ -37,7 +39,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::engine::SharedEngine;
-use auth::ApiKey;
+use auth::{ApiKey, Authenticator};
 use extract::BodyLimit;
 
 pub use chat::DEFAULT_CHAT_MAX_TOKENS;
@@ -52,8 +54,9 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// When set, every `/v1` route requires `Authorization: Bearer <api_key>`; `/health` stays
-    /// open.
+    /// The admin key. When set, every `/v1`, `/api` and `/metrics` route requires
+    /// `Authorization: Bearer` with it or with a user key (`/v1` only); `/health` and the
+    /// dashboard's page stay open.
     pub api_key: Option<String>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
@@ -125,11 +128,15 @@ fn build(state: AppState, config: ApiConfig) -> Router {
             .route("/api/drain", post(cluster::drain))
             .route("/api/models", get(models::list_local_models).post(models::load_model))
             .route("/api/models/{id}", delete(models::unload_model))
+            .route("/api/keys", get(keys::list_keys).post(keys::create_key))
+            .route("/api/keys/{name}/revoke", post(keys::revoke_key))
             .route_layer(middleware::from_fn(origin::require_json));
         v1 = v1.merge(operator).route("/metrics", get(metrics::render));
     }
-    if let Some(key) = config.api_key.as_deref() {
-        v1 = v1.route_layer(middleware::from_fn_with_state(ApiKey::new(key), auth::require_api_key));
+    let admin = config.api_key.as_deref().map(ApiKey::new);
+    if admin.is_some() || state.router.is_some() {
+        let authenticator = Authenticator { admin, router: state.router.clone() };
+        v1 = v1.route_layer(middleware::from_fn_with_state(authenticator, auth::authenticate));
     }
     Router::new()
         .route("/health", get(health))
@@ -204,5 +211,6 @@ fn request_span(request: &Request) -> tracing::Span {
         method = %request.method(),
         path = request.uri().path(),
         model = tracing::field::Empty,
+        key = tracing::field::Empty,
     )
 }

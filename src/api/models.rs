@@ -8,13 +8,14 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject};
 use super::types::{ModelList, ModelObject};
 use crate::engine::{EngineError, ModelState, ModelStatus};
 
-pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
-    let data = state.engine.models().into_iter().map(ModelObject::from).collect();
+pub async fn list_models(State(state): State<AppState>, caller: Caller) -> Json<ModelList> {
+    let data = state.models_for(&caller).into_iter().map(ModelObject::from).collect();
     Json(ModelList { object: "list", data })
 }
 

@@ -14,6 +14,7 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
+use super::auth::Caller;
 use super::chat::{ChatCompletionRequest, DEFAULT_CHAT_MAX_TOKENS};
 use super::error::ApiError;
 use super::extract::{FromJsonObject, JsonBody, JsonObject, json_kind};
@@ -261,16 +262,18 @@ fn responses_param(param: &str) -> String {
 
 pub async fn create_response(
     State(state): State<AppState>,
+    caller: Caller,
     JsonBody(request): JsonBody<ResponsesRequest>,
 ) -> Result<Response, ApiError> {
     let ResponsesRequest { chat, stream, echo } = request;
     tracing::Span::current().record("model", chat.model.as_str());
     let ChatCompletionRequest { model, messages, options } = chat;
+    let engine = state.engine_for(&caller, &model).map_err(responses_error)?;
     let tools = options.tools();
     let default_max_tokens = state.context_length(&model).unwrap_or(DEFAULT_CHAT_MAX_TOKENS);
     let request =
         options.request(model, Prompt::Chat(messages), default_max_tokens).map_err(responses_error)?;
-    let events = state.engine.generate(request).await.map_err(|error| responses_error(error.into()))?;
+    let events = engine.generate(request).await.map_err(|error| responses_error(error.into()))?;
     let node = events.served_by.clone();
     let mut writer = ResponseEvents::new(echo, tools.active().then(|| ToolCallParser::new(tools)));
     if stream {

@@ -18,7 +18,9 @@ use super::signed::{self, EnvelopeError};
 /// (bincode reads a prefix and reports where it stopped), and a newer node reads an older
 /// announcement's prefix and defaults the rest. Nodes of versions 4 and later therefore see each
 /// other; `infer_protocols` says which of them can serve whom.
-pub const ANNOUNCEMENT_VERSION: u16 = 4;
+///
+/// 5: appends `Version5` (the API keys' digest and their usage through the node).
+pub const ANNOUNCEMENT_VERSION: u16 = 5;
 /// The oldest announcement version this node reads.
 pub const MIN_ANNOUNCEMENT_VERSION: u16 = 4;
 /// The largest signed announcement accepted on the wire (also gossipsub's transmit limit).
@@ -27,6 +29,8 @@ const MAX_MODELS: usize = 256;
 const MAX_ADDRESSES: usize = 32;
 const MAX_TEXT: usize = 256;
 const MAX_PROTOCOLS: usize = 8;
+/// Keys whose usage one announcement reports.
+pub const MAX_KEY_REPORTS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
@@ -50,7 +54,7 @@ pub struct Announcement {
     pub issued_at_ms: u64,
     /// The peers this node knows to be revoked, as a digest: a node whose own differs fetches
     /// the list (see `revoked.rs`). Filled in by the network task.
-    pub revoked: RevokedDigest,
+    pub revoked: RecordsDigest,
     /// Signed admission records, in a cluster with a secret: this node's own first, then those
     /// it vouches for (see `members.rs`). Filled in by the network task.
     pub members: Vec<Vec<u8>>,
@@ -62,6 +66,31 @@ pub struct Announcement {
     /// The inference stream protocols it serves (`/llmesh/infer/3`): a router hands a request
     /// only to a host that speaks its own.
     pub infer_protocols: Vec<String>,
+    /// Version 5: the API keys this node knows, as a digest: a node whose own differs fetches
+    /// the records (see `api_keys.rs`). Filled in by the network task.
+    #[serde(skip)]
+    pub api_keys: RecordsDigest,
+    /// Version 5: what each API key used through this node, for limits counted cluster-wide.
+    #[serde(skip)]
+    pub key_usage: Vec<KeyUsageReport>,
+}
+
+/// The fields version 5 appends, after the whole of version 4's `Announcement`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Version5 {
+    api_keys: RecordsDigest,
+    key_usage: Vec<KeyUsageReport>,
+}
+
+/// One API key's use of this node: in the last minute (what limits count) and since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyUsageReport {
+    pub key: String,
+    pub minute_requests: u32,
+    pub minute_tokens: u64,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,9 +125,10 @@ pub struct ResourceUsage {
     pub gpu_memory_used_bytes: Option<u64>,
 }
 
-/// A set of revoked peers in a few bytes: how many, and a SHA-256 of their ids in order.
+/// A set of signed records (revoked peers, API keys) in a few bytes: how many, and a SHA-256
+/// over them in order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RevokedDigest {
+pub struct RecordsDigest {
     pub count: u32,
     pub hash: [u8; 32],
 }
@@ -138,13 +168,20 @@ impl From<EnvelopeError> for AnnouncementError {
 impl Announcement {
     /// Sign and encode for publication.
     pub fn sign(&self, keypair: &Keypair) -> Result<Vec<u8>, AnnouncementError> {
-        signed::seal::<_, MAX_ANNOUNCEMENT_BYTES>(self, keypair).map_err(AnnouncementError::from)
+        let appended = Version5 { api_keys: self.api_keys, key_usage: self.key_usage.clone() };
+        signed::seal::<_, MAX_ANNOUNCEMENT_BYTES>(&(self, appended), keypair).map_err(AnnouncementError::from)
     }
 
     /// Decode and check an announcement that gossip says was published by `source`.
     pub fn verify(bytes: &[u8], source: &PeerId) -> Result<Self, AnnouncementError> {
-        let (mut announcement, signer): (Announcement, PeerId) =
-            signed::open::<_, MAX_ANNOUNCEMENT_BYTES>(bytes)?;
+        let (mut announcement, rest, signer): (Announcement, _, PeerId) =
+            signed::open_prefix::<_, MAX_ANNOUNCEMENT_BYTES>(bytes)?;
+        // Version 4 ends here; what a version after 5 appends beyond `Version5` is ignored.
+        if !rest.is_empty() {
+            let appended: Version5 = signed::decode_rest::<_, MAX_ANNOUNCEMENT_BYTES>(&rest)?;
+            announcement.api_keys = appended.api_keys;
+            announcement.key_usage = appended.key_usage;
+        }
         if signer != *source {
             return Err(AnnouncementError::WrongSigner {
                 signer: signer.to_string(),
@@ -194,6 +231,11 @@ impl Announcement {
         }
         if self.models.len() > MAX_MODELS {
             return Err(AnnouncementError::OutOfBounds("models"));
+        }
+        if self.key_usage.len() > MAX_KEY_REPORTS
+            || self.key_usage.iter().any(|report| !super::api_keys::valid_key_name(&report.key))
+        {
+            return Err(AnnouncementError::OutOfBounds("key_usage"));
         }
         for model in &self.models {
             if !identifier_ok(&model.id)
@@ -272,11 +314,13 @@ mod tests {
             software_version: "0.1.0".into(),
             started_at: 1,
             issued_at_ms: 2,
-            revoked: RevokedDigest::default(),
+            revoked: RecordsDigest::default(),
             members: vec![vec![1; 200]; 2],
             founder_proof: Some([3; 32]),
             draining: false,
             infer_protocols: vec![super::super::INFER_PROTOCOL.to_string()],
+            api_keys: Default::default(),
+            key_usage: Vec::new(),
         }
     }
 
@@ -344,9 +388,47 @@ mod tests {
         let peer = keypair.public().to_peer_id();
         let mut later = sample(&keypair);
         later.version = ANNOUNCEMENT_VERSION + 5;
+        later.api_keys = RecordsDigest { count: 2, hash: [3; 32] };
+        later.key_usage =
+            vec![KeyUsageReport { key: "intern".into(), minute_requests: 4, ..Default::default() }];
+        let version5 = Version5 { api_keys: later.api_keys, key_usage: later.key_usage.clone() };
         let appended = LaterFields { region: "eu".into(), protocols_v9: vec![9, 10] };
-        let bytes = signed::seal::<_, MAX_ANNOUNCEMENT_BYTES>(&(&later, &appended), &keypair).unwrap();
+        let bytes =
+            signed::seal::<_, MAX_ANNOUNCEMENT_BYTES>(&(&later, &version5, &appended), &keypair).unwrap();
         assert_eq!(Announcement::verify(&bytes, &peer), Ok(later));
+    }
+
+    #[test]
+    fn a_version_4_announcement_is_read_with_the_later_fields_empty() {
+        let keypair = Keypair::generate_ed25519();
+        let peer = keypair.public().to_peer_id();
+        let mut older = sample(&keypair);
+        older.version = 4;
+        let bytes = signed::seal::<_, MAX_ANNOUNCEMENT_BYTES>(&older, &keypair).unwrap();
+        let read = Announcement::verify(&bytes, &peer).unwrap();
+        assert_eq!((read.api_keys, read.key_usage.len()), (RecordsDigest::default(), 0));
+        // And a version 4 node reads ours: the fields it knows, the rest ignored.
+        let mut ours = sample(&keypair);
+        ours.key_usage = vec![KeyUsageReport { key: "app".into(), requests: 9, ..Default::default() }];
+        let (prefix, _): (Announcement, PeerId) =
+            signed::open::<_, MAX_ANNOUNCEMENT_BYTES>(&ours.sign(&keypair).unwrap()).unwrap();
+        assert_eq!(prefix.name, ours.name);
+    }
+
+    #[test]
+    fn key_usage_is_bounded_and_named_by_valid_key_names() {
+        let keypair = Keypair::generate_ed25519();
+        let peer = keypair.public().to_peer_id();
+        let mut many = sample(&keypair);
+        many.key_usage = (0..=MAX_KEY_REPORTS)
+            .map(|n| KeyUsageReport { key: format!("k{n}"), ..Default::default() })
+            .collect();
+        let bytes = many.sign(&keypair).unwrap();
+        assert_eq!(Announcement::verify(&bytes, &peer), Err(AnnouncementError::OutOfBounds("key_usage")));
+        let mut odd = sample(&keypair);
+        odd.key_usage = vec![KeyUsageReport { key: "a\nb".into(), ..Default::default() }];
+        let bytes = odd.sign(&keypair).unwrap();
+        assert_eq!(Announcement::verify(&bytes, &peer), Err(AnnouncementError::OutOfBounds("key_usage")));
     }
 
     #[test]

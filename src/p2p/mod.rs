@@ -7,6 +7,7 @@
 //! Peers are named by their peer id as a string at this border.
 
 mod announcement;
+mod api_keys;
 mod exposure;
 mod identity;
 pub mod invitation;
@@ -29,11 +30,14 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-pub use announcement::{ANNOUNCEMENT_VERSION, MAX_ANNOUNCEMENT_BYTES, MIN_ANNOUNCEMENT_VERSION};
 pub use announcement::{
-    AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware, ResourceUsage, RevokedDigest,
+    ANNOUNCEMENT_VERSION, KeyUsageReport, MAX_ANNOUNCEMENT_BYTES, MAX_KEY_REPORTS, MIN_ANNOUNCEMENT_VERSION,
+};
+pub use announcement::{
+    AnnouncedLoad, AnnouncedModel, Announcement, AnnouncementError, Hardware, RecordsDigest, ResourceUsage,
     printable,
 };
+pub use api_keys::{ApiKeyError, ApiKeyInfo, KeyGrant, KeyLookup, KeySpec, MAX_KEY_MODELS, valid_key_name};
 pub use invitation::{Invitation, InvitationError};
 pub use join::{JoinedCluster, unix_now};
 pub use members::MAX_MEMBERS;
@@ -101,6 +105,16 @@ pub enum P2pError {
     Join(String),
     #[error("cannot revoke: {0}")]
     Revocation(String),
+    #[error(transparent)]
+    ApiKey(ApiKeyError),
+}
+
+/// The sets of signed records every member keeps a copy of, each spread by a digest in
+/// announcements and fetched over a stream of its own (`network/records.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum RecordSet {
+    Revoked,
+    ApiKeys,
 }
 
 /// What the network tells the rest of the node.
@@ -125,15 +139,18 @@ enum Command {
     },
     AddAddresses(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     Revoke(PeerId, oneshot::Sender<Result<bool, revoked::RevocationError>>),
-    /// A member asks for the revocation records: `None` when it is not a member.
-    RevocationsFor(PeerId, oneshot::Sender<Option<Vec<Vec<u8>>>>),
-    /// A page of the revocation records a member sent (`network/revocations.rs`).
-    RevocationPage(PeerId, Vec<Vec<u8>>),
-    /// A fetch of a member's revocation records ended; `complete` when it read them all.
-    RevocationFetchEnded {
+    /// A member asks for the records of a set: `None` when it is not a member.
+    RecordsFor(RecordSet, PeerId, oneshot::Sender<Option<Vec<Vec<u8>>>>),
+    /// A page of the records a member sent (`network/records.rs`).
+    RecordPage(RecordSet, PeerId, Vec<Vec<u8>>),
+    /// A fetch of a member's records ended; `complete` when it read them all.
+    RecordFetchEnded {
+        set: RecordSet,
         from: PeerId,
         complete: bool,
     },
+    CreateApiKey(KeySpec, oneshot::Sender<Result<(String, ApiKeyInfo), ApiKeyError>>),
+    RevokeApiKey(String, oneshot::Sender<Result<bool, ApiKeyError>>),
     /// Admit a peer that redeemed a connection key here; replies with the roster to hand it, or
     /// `None` when the roster is full.
     Admit(PeerId, oneshot::Sender<Option<members::Credentials>>),
@@ -163,6 +180,7 @@ pub struct P2pHandle {
     data_dir: PathBuf,
     cluster_key: transport::ClusterKey,
     fixed_cluster: bool,
+    api_keys: api_keys::SharedApiKeys,
 }
 
 /// Inbound inference streams waiting to be served. libp2p-stream holds one inbound stream at a
@@ -298,6 +316,28 @@ impl P2pHandle {
         self.ask(|reply| Command::Revoke(peer_id, reply))
             .await?
             .map_err(|error| P2pError::Revocation(error.to_string()))
+    }
+
+    /// Make an API key that works on every node of the cluster once the record has spread (a
+    /// gossip round); returns its secret, which is shown once and kept nowhere.
+    pub async fn create_api_key(&self, spec: KeySpec) -> Result<(String, ApiKeyInfo), P2pError> {
+        self.ask(|reply| Command::CreateApiKey(spec, reply)).await?.map_err(P2pError::ApiKey)
+    }
+
+    /// Revoke an API key on every node; returns whether it was live.
+    pub async fn revoke_api_key(&self, name: &str) -> Result<bool, P2pError> {
+        let name = name.to_string();
+        self.ask(|reply| Command::RevokeApiKey(name, reply)).await?.map_err(P2pError::ApiKey)
+    }
+
+    /// What a presented secret may do (`now`: Unix seconds, for expiry).
+    pub fn lookup_api_key(&self, secret: &str, now: u64) -> KeyLookup {
+        api_keys::read(&self.api_keys).lookup(secret, now)
+    }
+
+    /// Every API key this node knows, revoked ones included.
+    pub fn api_keys(&self) -> Vec<ApiKeyInfo> {
+        api_keys::read(&self.api_keys).list()
     }
 
     /// Join with a connection key while running. A node in another cluster moves to the key's

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::announcement::Announcement;
+use super::api_keys::{ApiKeyRecords, SharedApiKeys};
 use super::exposure::Exposure;
 use super::identity::load_or_create_keypair;
 use super::invitation::{Invitation, InvitationLedger};
@@ -28,19 +29,21 @@ use super::peer_store::PeerStore;
 use super::relay::Relays;
 use super::revoked::RevokedPeers;
 use super::transport::ClusterKey;
-use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle};
+use super::{Command, INFER_PROTOCOL, InboundStreams, P2pConfig, P2pError, P2pEvent, P2pHandle, RecordSet};
 
 mod addresses;
 mod announcements;
+mod api_keys;
 mod dht;
 mod links;
 mod membership;
+mod records;
 mod revocations;
 mod swarm;
 
 use addresses::{parse_addresses, reachable, with_peer};
 use announcements::{Freshness, Greetings, Stale};
-use revocations::{REVOKED_PROTOCOL, RevocationFetches, serve_revocations};
+use records::{RecordFetches, serve_records};
 use swarm::{Behaviour, BehaviourEvent, build_swarm};
 
 /// How often explicit peers are checked (each is dialed again on its own backoff).
@@ -81,9 +84,11 @@ struct Network {
     /// The latest announcement taken from each author, so that none is taken twice.
     freshness: Freshness,
     revoked: RevokedPeers,
-    /// Fetches of other members' revocation records.
-    fetches: RevocationFetches,
-    /// For the streams this task opens itself (fetching revocation records).
+    /// The API keys, shared with the handle (the HTTP API looks secrets up there).
+    api_keys: SharedApiKeys,
+    /// Fetches of other members' records (revocations, API keys).
+    fetches: RecordFetches,
+    /// For the streams this task opens itself (fetching records).
     stream_control: libp2p_stream::Control,
     /// This task's own command queue, for the tasks it starts to report back on.
     commands: mpsc::Sender<Command>,
@@ -138,14 +143,16 @@ pub async fn spawn(
     let mut control = swarm.behaviour().stream.new_control();
     let inbound = control.accept(INFER_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
     let join_requests = control.accept(JOIN_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
-    let revocation_requests = control.accept(REVOKED_PROTOCOL).map_err(|e| P2pError::Setup(e.to_string()))?;
     let ledger = Arc::new(Mutex::new(InvitationLedger::load(&config.data_dir)));
     let cluster = cluster_key.cluster_id();
     let (commands, command_receiver) = mpsc::channel(COMMANDS_CAPACITY);
     let inviter =
         Inviter { peer_id: peer_id.to_string(), cluster: cluster_key.clone(), ledger: ledger.clone() };
     tokio::spawn(serve_joins(join_requests, inviter, commands.clone()));
-    tokio::spawn(serve_revocations(revocation_requests, commands.clone()));
+    for set in RecordSet::ALL {
+        let requests = control.accept(set.protocol()).map_err(|e| P2pError::Setup(e.to_string()))?;
+        tokio::spawn(serve_records(set, requests, commands.clone()));
+    }
     let roster = psk.map(|_| Roster::load(&config.data_dir, &cluster, &keypair, config.admission_key));
     if roster.as_ref().is_some_and(|roster| !roster.includes_this_node()) {
         tracing::warn!(
@@ -174,6 +181,8 @@ pub async fn spawn(
     for peer in revoked.iter() {
         swarm.behaviour_mut().blocked.block_peer(*peer);
     }
+    let api_keys: SharedApiKeys =
+        Arc::new(std::sync::RwLock::new(ApiKeyRecords::load(&config.data_dir, &cluster, peer_id)));
     let (events, events_receiver) = mpsc::channel(EVENTS_CAPACITY);
     tracing::info!(%peer_id, cluster = %topic, mdns = exposure.mdns, private = psk.is_some(), "p2p node starting");
     let network = Network {
@@ -185,7 +194,8 @@ pub async fn spawn(
         greetings: Greetings::default(),
         freshness: Freshness::default(),
         revoked,
-        fetches: RevocationFetches::default(),
+        api_keys: api_keys.clone(),
+        fetches: RecordFetches::default(),
         stream_control: control.clone(),
         commands: commands.clone(),
         keypair: keypair.clone(),
@@ -219,6 +229,7 @@ pub async fn spawn(
         data_dir: config.data_dir,
         cluster_key,
         fixed_cluster: config.fixed_cluster,
+        api_keys,
     };
     Ok((handle, events_receiver, inbound))
 }
@@ -265,6 +276,7 @@ impl Network {
         }
         self.peer_store.save();
         self.revoked.save_if_changed();
+        super::api_keys::write(&self.api_keys).save_if_changed();
         tracing::info!("p2p node stopped");
     }
 
@@ -277,11 +289,17 @@ impl Network {
             Command::Revoke(peer, reply) => {
                 let _ = reply.send(self.revoke_here(peer));
             }
-            Command::RevocationsFor(peer, reply) => {
-                let _ = reply.send(self.revocations_for(&peer));
+            Command::RecordsFor(set, peer, reply) => {
+                let _ = reply.send(self.records_for(set, &peer));
             }
-            Command::RevocationPage(from, records) => self.take_revocation_page(from, records),
-            Command::RevocationFetchEnded { from, complete } => self.revocation_fetch_ended(from, complete),
+            Command::RecordPage(set, from, records) => self.take_record_page(set, from, records),
+            Command::RecordFetchEnded { set, from, complete } => self.record_fetch_ended(set, from, complete),
+            Command::CreateApiKey(spec, reply) => {
+                let _ = reply.send(self.create_api_key(spec));
+            }
+            Command::RevokeApiKey(name, reply) => {
+                let _ = reply.send(self.revoke_api_key(&name));
+            }
             Command::ListenAddresses(reply) => {
                 let _ = reply.send(self.announced_addresses());
             }
@@ -386,6 +404,7 @@ impl Network {
         let Some(announcement) = &mut self.last_announcement else { return };
         announcement.addresses = addresses;
         announcement.revoked = self.revoked.digest();
+        announcement.api_keys = super::api_keys::write(&self.api_keys).digest();
         announcement.issued_at_ms = announcement.issued_at_ms.max(self.last_issued_ms.saturating_add(1));
         self.last_issued_ms = announcement.issued_at_ms;
         if let Some(roster) = &self.roster {

@@ -25,7 +25,7 @@ use libp2p::identity::{KeyType, Keypair, PublicKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::announcement::RevokedDigest;
+use super::announcement::RecordsDigest;
 use super::json_file::save_json;
 use super::signed::{self, EnvelopeError};
 
@@ -92,7 +92,7 @@ pub struct RevokedPeers {
     peers: BTreeMap<PeerId, Kept>,
     per_signer: HashMap<PeerId, usize>,
     /// The digest of `peers`, computed when asked after a change.
-    digest: Cell<Option<RevokedDigest>>,
+    digest: Cell<Option<RecordsDigest>>,
     /// Records taken in since the file was last written.
     unsaved: bool,
 }
@@ -162,7 +162,7 @@ impl RevokedPeers {
     }
 
     /// What announcements carry: how many peers are revoked, and a hash of their ids.
-    pub fn digest(&self) -> RevokedDigest {
+    pub fn digest(&self) -> RecordsDigest {
         if let Some(digest) = self.digest.get() {
             return digest;
         }
@@ -173,7 +173,7 @@ impl RevokedPeers {
             hash.update(&bytes);
         }
         let count = u32::try_from(self.peers.len()).unwrap_or(u32::MAX);
-        let digest = RevokedDigest { count, hash: hash.finalize().into() };
+        let digest = RecordsDigest { count, hash: hash.finalize().into() };
         self.digest.set(Some(digest));
         digest
     }

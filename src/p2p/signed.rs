@@ -59,17 +59,33 @@ pub fn read_unverified<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) ->
 
 /// Check the signature and decode; returns the value and the peer id of its signer.
 pub fn open<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<(T, PeerId), EnvelopeError> {
+    open_prefix::<T, LIMIT>(bytes).map(|(value, _, signer)| (value, signer))
+}
+
+/// Like `open`, for a payload that is a `T` followed by more (what a later version appended):
+/// returns the bytes after the `T` too.
+pub fn open_prefix<T: DeserializeOwned, const LIMIT: usize>(
+    bytes: &[u8],
+) -> Result<(T, Vec<u8>, PeerId), EnvelopeError> {
     if bytes.len() > LIMIT {
         return Err(EnvelopeError::TooLarge(bytes.len(), LIMIT));
     }
     let malformed = |e: &dyn std::fmt::Display| EnvelopeError::Malformed(e.to_string());
-    let (envelope, _): (Envelope, _) =
+    let (mut envelope, _): (Envelope, _) =
         bincode::serde::decode_from_slice(bytes, codec::<LIMIT>()).map_err(|e| malformed(&e))?;
     let public_key = PublicKey::try_decode_protobuf(&envelope.public_key).map_err(|e| malformed(&e))?;
     if !public_key.verify(&envelope.payload, &envelope.signature) {
         return Err(EnvelopeError::BadSignature);
     }
-    let (value, _): (T, _) =
+    let (value, read): (T, _) =
         bincode::serde::decode_from_slice(&envelope.payload, codec::<LIMIT>()).map_err(|e| malformed(&e))?;
-    Ok((value, public_key.to_peer_id()))
+    let rest = envelope.payload.split_off(read);
+    Ok((value, rest, public_key.to_peer_id()))
+}
+
+/// Decode what a later version appended to a payload (see `open_prefix`).
+pub fn decode_rest<T: DeserializeOwned, const LIMIT: usize>(rest: &[u8]) -> Result<T, EnvelopeError> {
+    let (value, _): (T, _) = bincode::serde::decode_from_slice(rest, codec::<LIMIT>())
+        .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    Ok(value)
 }

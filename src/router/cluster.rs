@@ -249,6 +249,8 @@ mod tests {
             founder_proof: None,
             draining: false,
             infer_protocols: vec![crate::p2p::INFER_PROTOCOL.to_string()],
+            api_keys: Default::default(),
+            key_usage: Vec::new(),
         }
     }
 

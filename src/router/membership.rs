@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use super::RouterInner;
 use crate::engine::ModelKind;
 use crate::p2p::{
-    ANNOUNCEMENT_VERSION, AnnouncedLoad, AnnouncedModel, Announcement, Hardware, P2pEvent, ResourceUsage,
-    RevokedDigest,
+    ANNOUNCEMENT_VERSION, AnnouncedLoad, AnnouncedModel, Announcement, Hardware, P2pEvent, RecordsDigest,
+    ResourceUsage,
 };
 
 /// Announcements go out at least this often; the cluster declares a node offline after three
@@ -127,11 +127,13 @@ async fn describe(router: &RouterInner, hardware: &Hardware, usage: ResourceUsag
         started_at: router.node.started_at,
         issued_at_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         // Filled in by the p2p task, which keeps the revoked list and the roster.
-        revoked: RevokedDigest::default(),
+        revoked: RecordsDigest::default(),
         members: Vec::new(),
         founder_proof: None,
         draining: router.draining.load(std::sync::atomic::Ordering::Relaxed),
         infer_protocols: vec![crate::p2p::INFER_PROTOCOL.to_string()],
+        api_keys: Default::default(),
+        key_usage: router.key_reports(),
     }
 }
 

@@ -9,6 +9,8 @@ mod balance;
 mod breaker;
 mod cluster;
 mod dispatch;
+mod key_usage;
+mod keys;
 mod membership;
 mod remote;
 mod stats;
@@ -25,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 pub use balance::{Balancer, Candidate, Strategy};
 pub use breaker::{Breaker, BreakerState};
 pub use cluster::{ClusterView, DEPARTED_GRACE, NodeRecord, OFFLINE_AFTER, OFFLINE_LISTED_FOR, RemoteHost};
+pub use key_usage::{ModelUsage, OverLimit, WINDOW_SECS};
+pub use keys::KeyWithUsage;
 /// Speaking to a host directly, as the router does (tools and tests use it too).
 pub use remote::{InferReply, InferRequest, forward_embed, forward_generate};
 pub use stats::{CountersSnapshot, Histogram, LATENCY_BUCKETS, Percentiles, RoutingStats, StatsSnapshot};
@@ -105,6 +109,10 @@ struct RouterInner {
     draining: Arc<AtomicBool>,
     /// Woken when something asks the node to drain (`POST /api/drain`).
     drain_requested: Notify,
+    /// What each API key used through this node.
+    key_meter: key_usage::KeyMeter,
+    /// The origin of the meter's seconds.
+    started: Instant,
 }
 
 impl Router {
@@ -132,6 +140,8 @@ impl Router {
             routing,
             draining: Arc::new(AtomicBool::new(false)),
             drain_requested: Notify::new(),
+            key_meter: key_usage::KeyMeter::default(),
+            started: Instant::now(),
         });
         let draining = inner.draining.clone();
         tokio::spawn(membership::run(inner.clone(), events, shutdown.clone()));
@@ -237,6 +247,11 @@ impl Router {
 }
 
 impl RouterInner {
+    /// Seconds since the router started (the key meter's clock).
+    fn seconds(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
     fn read_cluster(&self) -> std::sync::RwLockReadGuard<'_, ClusterView> {
         // A panic while holding the lock leaves plain data behind; keep serving with it.
         self.cluster.read().unwrap_or_else(|poisoned| poisoned.into_inner())

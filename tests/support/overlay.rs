@@ -61,6 +61,8 @@ pub fn announcement(peer_id: String, name: &str, model: &str, issued_at_ms: u64)
         founder_proof: None,
         draining: false,
         infer_protocols: vec![llmesh::p2p::INFER_PROTOCOL.to_string()],
+        api_keys: Default::default(),
+        key_usage: Vec::new(),
     }
 }
 

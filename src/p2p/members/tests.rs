@@ -191,6 +191,8 @@ fn an_announcement_held_on_probation_is_released_when_its_author_becomes_a_membe
         founder_proof: None,
         draining: false,
         infer_protocols: vec![crate::p2p::INFER_PROTOCOL.to_string()],
+        api_keys: Default::default(),
+        key_usage: Vec::new(),
     };
     // A joining node holds its inviter's announcement, with no clock running.
     probation.hold(bystander, announcement.clone());

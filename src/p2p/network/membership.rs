@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use libp2p::{Multiaddr, PeerId, relay};
 
-use super::super::P2pEvent;
 use super::super::announcement::Announcement;
+use super::super::api_keys::ApiKeyRecords;
 use super::super::members::{Probation, Roster};
 use super::super::revoked::RevokedPeers;
-use super::revocations::RevocationFetches;
+use super::super::{P2pEvent, RecordSet};
+use super::records::RecordFetches;
 use super::{Network, announcement_topic};
 
 impl Network {
@@ -86,7 +87,8 @@ impl Network {
             self.probation.hold(source, announcement);
             return false;
         }
-        self.revocations_announced(source, announcement.revoked);
+        self.records_announced(RecordSet::Revoked, source, announcement.revoked);
+        self.records_announced(RecordSet::ApiKeys, source, announcement.api_keys);
         // Announcements may arrive through other nodes: learn how to reach the author directly,
         // for forwarding requests to it, also after a restart.
         self.peer_store.remember(&source, &announcement.addresses, super::super::unix_now());
@@ -148,7 +150,9 @@ impl Network {
         for peer in self.revoked.iter() {
             self.swarm.behaviour_mut().blocked.block_peer(*peer);
         }
-        self.fetches = RevocationFetches::default();
+        *super::super::api_keys::write(&self.api_keys) =
+            ApiKeyRecords::load(&self.data_dir, &cluster, self.keypair.public().to_peer_id());
+        self.fetches = RecordFetches::default();
         self.probation = Probation::default();
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in connected {
