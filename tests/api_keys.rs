@@ -159,6 +159,12 @@ async fn keys_spread_limit_count_and_revoke_across_the_cluster() {
     assert!(entry["usage"]["completion_tokens"].as_u64().unwrap() >= 3, "{entry}");
     assert!(entry["usage"]["prompt_tokens"].as_u64().unwrap() > 0, "{entry}");
     assert_eq!(entry["usage_here"]["tiny"]["requests"], 1, "{entry}");
+    let metrics = send(&a, ADMIN, "GET", "/metrics", None).await.body;
+    assert!(metrics.contains(r#"llmesh_key_requests_total{key="intern",model="tiny"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"llmesh_key_completion_tokens_total{key="intern",model="tiny"}"#),
+        "{metrics}"
+    );
 
     // Revoked on b: refused everywhere within seconds.
     let revoked = send(&b, ADMIN, "POST", "/api/keys/intern/revoke", Some(json!({}))).await;

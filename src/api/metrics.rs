@@ -1,11 +1,13 @@
 //! `GET /metrics` in the Prometheus text format (0.0.4): routing counters and latency histograms by
-//! model and node, this node's load and resource use, and the size of the cluster.
+//! model and node, this node's load and resource use, the size of the cluster, and each API
+//! key's use of each model through this node (label `key`: the key's name, never its secret).
 //!
 //! Each scrape reads the router's snapshots into a [`Snapshot`], [`registry`] turns it into a
 //! `prometheus-client` registry (one section per group of metrics), and the library encodes it,
 //! so names, types, `_total` suffixes and label escaping are right by construction. Nothing is
 //! kept between scrapes: the values are the router's, the registry only describes them.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use axum::extract::State;
@@ -21,7 +23,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::engine::EngineLoad;
 use crate::p2p::{Hardware, ResourceUsage};
-use crate::router::{CountersSnapshot, Histogram, LATENCY_BUCKETS, StatsSnapshot};
+use crate::router::{CountersSnapshot, Histogram, LATENCY_BUCKETS, ModelUsage, StatsSnapshot};
 
 pub async fn render(State(state): State<AppState>) -> Result<Response, ApiError> {
     let router =
@@ -32,6 +34,7 @@ pub async fn render(State(state): State<AppState>) -> Result<Response, ApiError>
         resources: router.own_announcement().map(|own| (own.hardware, own.usage)),
         nodes_online: router.cluster_nodes().len() + 1,
         models: state.engine.models().len(),
+        keys: router.key_usage_here(),
     };
     let mut body = String::new();
     prometheus_text::encode(&mut body, &registry(snapshot))
@@ -49,6 +52,8 @@ struct Snapshot {
     nodes_online: usize,
     /// Distinct models in the cluster.
     models: usize,
+    /// Each API key's use of each model through this node.
+    keys: BTreeMap<String, BTreeMap<String, ModelUsage>>,
 }
 
 /// A metric's name, help text, and how to read it from a model's or node's counters. Names are
@@ -59,7 +64,7 @@ type HistogramMetric = (&'static str, &'static str, fn(&CountersSnapshot) -> &Hi
 
 /// Every metric of one scrape, in the order clients see them.
 fn registry(snapshot: Snapshot) -> Registry {
-    let Snapshot { stats, load, resources, nodes_online, models } = snapshot;
+    let Snapshot { stats, load, resources, nodes_online, models, keys } = snapshot;
     let mut registry = Registry::default();
 
     // Routing, by model (`scope="model"`) and by serving node (`scope="node"`).
@@ -151,8 +156,24 @@ fn registry(snapshot: Snapshot) -> Registry {
     );
     registry.register("llmesh_cluster_models", "Distinct models in the cluster", ConstGauge::new(models));
 
-    // Further groups go here: a field of `Snapshot`, then per metric a `Series` of
-    // `(labels([("key", key), ("model", model)]), ConstCounter::new(n))`, named without `_total`.
+    // API keys, by key name and model, through this node (Prometheus sums the nodes).
+    let key_counters: [(&str, &str, fn(&ModelUsage) -> u64); 3] = [
+        ("llmesh_key_requests", "Requests admitted for an API key, by model, through this node", |u| {
+            u.requests
+        }),
+        ("llmesh_key_prompt_tokens", "Prompt tokens of an API key's answers, by model", |u| u.prompt_tokens),
+        ("llmesh_key_completion_tokens", "Completion tokens of an API key's answers, by model", |u| {
+            u.completion_tokens
+        }),
+    ];
+    for (name, help, value) in key_counters {
+        let series = keys.iter().flat_map(|(key, by_model)| {
+            by_model.iter().map(move |(model, usage)| {
+                (labels([("key", key), ("model", model)]), ConstCounter::new(value(usage)))
+            })
+        });
+        registry.register(name, help, Series(series.collect()));
+    }
     registry
 }
 

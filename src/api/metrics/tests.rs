@@ -19,6 +19,7 @@ fn snapshot(models: &[(&str, CountersSnapshot)], nodes: &[(&str, CountersSnapsho
         resources: None,
         nodes_online: 2,
         models: 1,
+        keys: BTreeMap::new(),
     }
 }
 
@@ -149,6 +150,9 @@ fn names_types_and_help_are_those_clients_know() {
             "llmesh_node_gpu_memory_used_bytes gauge",
             "llmesh_cluster_nodes_online gauge",
             "llmesh_cluster_models gauge",
+            "llmesh_key_requests_total counter",
+            "llmesh_key_prompt_tokens_total counter",
+            "llmesh_key_completion_tokens_total counter",
         ]
     );
     assert!(text.contains("# HELP llmesh_requests_total Requests routed, by model and serving node.\n"));
@@ -158,4 +162,21 @@ fn names_types_and_help_are_those_clients_know() {
     assert!(text.contains("\nllmesh_requests_queued 2\n"), "{text}");
     assert!(text.contains("\nllmesh_prompt_cache_hits_total 3\n"), "{text}");
     assert!(text.contains("\nllmesh_cluster_nodes_online 2\n"), "{text}");
+}
+
+#[test]
+fn each_keys_use_is_counted_by_model_under_its_name() {
+    let mut snapshot = snapshot(&[], &[]);
+    let usage = ModelUsage { requests: 2, prompt_tokens: 30, completion_tokens: 7 };
+    snapshot.keys.insert("intern".into(), BTreeMap::from([("smollm2".to_string(), usage)]));
+    let text = encode(snapshot);
+    assert!(text.contains("\nllmesh_key_requests_total{key=\"intern\",model=\"smollm2\"} 2\n"), "{text}");
+    assert!(
+        text.contains("\nllmesh_key_prompt_tokens_total{key=\"intern\",model=\"smollm2\"} 30\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nllmesh_key_completion_tokens_total{key=\"intern\",model=\"smollm2\"} 7\n"),
+        "{text}"
+    );
 }
