@@ -109,3 +109,17 @@ export function sparkline(points, { now, windowMs, width = 72, height = 22, titl
   }
   return svg('svg', { class: 'spark', width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': title }, children);
 }
+
+/** Copy a text field's value, saying on `button` whether it worked. */
+export async function copyField(field, button) {
+  let copied = false;
+  try {
+    await navigator.clipboard.writeText(field.value);
+    copied = true;
+  } catch {
+    // No clipboard API outside secure contexts (a plain-HTTP LAN address): select and copy.
+    field.select();
+    copied = document.execCommand('copy');
+  }
+  button.textContent = copied ? 'Copied' : 'Select and copy';
+}

@@ -6,7 +6,7 @@
 // rows, so their clicks are taken by one listener on the panel.
 
 import { postJson } from './api.js';
-import { bar, h } from './dom.js';
+import { bar, copyField, h } from './dom.js';
 import * as fmt from './format.js';
 
 const $ = (id) => document.getElementById(id);
@@ -29,7 +29,7 @@ export function initKeys({ refresh }) {
     event.preventDefault();
     createKey(refresh);
   });
-  $('key-copy').addEventListener('click', copySecret);
+  $('key-copy').addEventListener('click', () => copyField($('key-secret'), $('key-copy')));
   $('key-done').addEventListener('click', forgetSecret);
   $('key-models').addEventListener('change', (event) => {
     const box = event.target.closest('input[type="checkbox"]');
@@ -215,20 +215,6 @@ function showSecret(key) {
   $('key-copy').textContent = 'Copy';
   $('key-result').hidden = false;
   $('key-secret').select();
-}
-
-async function copySecret() {
-  const field = $('key-secret');
-  let copied = false;
-  try {
-    await navigator.clipboard.writeText(field.value);
-    copied = true;
-  } catch {
-    // No clipboard API outside secure contexts (a plain-HTTP LAN address): select and copy.
-    field.select();
-    copied = document.execCommand('copy');
-  }
-  $('key-copy').textContent = copied ? 'Copied' : 'Select and copy';
 }
 
 async function revoke(name, refresh) {

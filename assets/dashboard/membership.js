@@ -4,7 +4,7 @@
 // (patched cards carry no listeners of their own).
 
 import { postJson } from './api.js';
-import { h } from './dom.js';
+import { copyField, h } from './dom.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -27,7 +27,7 @@ export function initMembership({ refresh }) {
     event.preventDefault();
     createInvitation();
   });
-  $('invite-copy').addEventListener('click', copyKey);
+  $('invite-copy').addEventListener('click', () => copyField($('invite-key'), $('invite-copy')));
   $('nodes').addEventListener('click', (event) => {
     const button = event.target.closest('button.revoke');
     if (button) revoke(button.dataset.peer, button.dataset.name, refresh);
@@ -99,20 +99,6 @@ function qrCode(markup) {
   root.setAttribute('class', 'qr-code');
   root.setAttribute('aria-hidden', 'true');
   return document.importNode(root, true);
-}
-
-async function copyKey() {
-  const field = $('invite-key');
-  let copied = false;
-  try {
-    await navigator.clipboard.writeText(field.value);
-    copied = true;
-  } catch {
-    // No clipboard API outside secure contexts (a plain-HTTP LAN address): select and copy.
-    field.select();
-    copied = document.execCommand('copy');
-  }
-  $('invite-copy').textContent = copied ? 'Copied' : 'Select and copy';
 }
 
 async function revoke(peerId, name, refresh) {
