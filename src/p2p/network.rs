@@ -43,6 +43,7 @@ mod swarm;
 
 use addresses::{parse_addresses, reachable, with_peer};
 use announcements::{Freshness, Greetings, Stale};
+use membership::RosterSent;
 use records::{RecordFetches, serve_records};
 use swarm::{Behaviour, BehaviourEvent, build_swarm};
 
@@ -122,6 +123,8 @@ struct Network {
     ledger: Arc<Mutex<InvitationLedger>>,
     /// Who belongs to the cluster; `None` in an open cluster (no secret), where anyone does.
     roster: Option<Roster>,
+    /// When the whole roster was last announced, and what it was.
+    roster_sent: RosterSent,
     probation: Probation,
     /// Relayed addresses reserved on bootstrap peers (none when relaying is off).
     relays: Relays,
@@ -217,6 +220,7 @@ pub async fn spawn(
         external_addresses,
         ledger,
         roster,
+        roster_sent: RosterSent::default(),
         probation: Probation::default(),
         relays,
     };
@@ -258,7 +262,7 @@ impl Network {
                 _ = shutdown.cancelled() => break,
                 _ = redial.tick() => {
                     if self.greetings.due(Instant::now()) {
-                        self.republish();
+                        self.greet();
                     }
                     self.enforce_membership();
                     self.reconnect_silent_peers();
@@ -397,8 +401,15 @@ impl Network {
         Ok(key)
     }
 
-    /// Sign and publish the last announcement, with the current revoked digest and roster. Each
-    /// publication is stamped later than the one before (receivers take each once).
+    /// Publish the announcement with the whole roster, for peers that just subscribed.
+    fn greet(&mut self) {
+        self.roster_sent.forget();
+        self.republish();
+    }
+
+    /// Sign and publish the last announcement, with the current revoked digest and roster (in
+    /// full when `RosterSent` says so). Each publication is stamped later than the one before
+    /// (receivers take each once).
     fn republish(&mut self) {
         let addresses = self.announced_addresses();
         let Some(announcement) = &mut self.last_announcement else { return };
@@ -408,7 +419,8 @@ impl Network {
         announcement.issued_at_ms = announcement.issued_at_ms.max(self.last_issued_ms.saturating_add(1));
         self.last_issued_ms = announcement.issued_at_ms;
         if let Some(roster) = &self.roster {
-            announcement.members = roster.records();
+            announcement.members =
+                self.roster_sent.records_for_announcement(roster.records(), Instant::now());
             announcement.founder_proof = roster.founder_proof();
         }
         match announcement.sign(&self.keypair) {
@@ -573,7 +585,7 @@ impl Network {
                     && self.is_member(&peer_id)
                     && self.greetings.subscribed(peer_id, Instant::now())
                 {
-                    self.republish();
+                    self.greet();
                 }
             }
             BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {

@@ -2,7 +2,7 @@
 //! (and teach the roster), connected non-members are on probation, relays serve members only, and
 //! a running node can move to another cluster when it joins one with a key.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId, relay};
 
@@ -13,6 +13,41 @@ use super::super::revoked::RevokedPeers;
 use super::super::{P2pEvent, RecordSet};
 use super::records::RecordFetches;
 use super::{Network, announcement_topic};
+
+/// How often the whole roster goes out even when it has not changed: a member that missed it (a
+/// lost message, a node that was away) learns the others within this long.
+const ROSTER_REFRESH: Duration = Duration::from_secs(30);
+
+/// Which announcements carry the whole roster. With every member's admission record (about 190
+/// bytes) in every heartbeat, an announcement grew with the cluster, and the gossip each node
+/// carries with the square of its size; yet the roster rarely changes. So an announcement carries
+/// the whole roster when it differs from the last one sent, when a peer just subscribed
+/// (`Network::greet`), and at least every `ROSTER_REFRESH`; the others carry this node's own
+/// admission only, the first record, which is all a node that does not know the author reads.
+#[derive(Default)]
+pub(super) struct RosterSent {
+    last: Option<(Instant, Vec<Vec<u8>>)>,
+}
+
+impl RosterSent {
+    /// The records to put in an announcement made `now`, given the whole roster's.
+    pub(super) fn records_for_announcement(&mut self, records: Vec<Vec<u8>>, now: Instant) -> Vec<Vec<u8>> {
+        let sent_lately = self
+            .last
+            .as_ref()
+            .is_some_and(|(at, sent)| *sent == records && now.duration_since(*at) < ROSTER_REFRESH);
+        if sent_lately {
+            return records.into_iter().take(1).collect();
+        }
+        self.last = Some((now, records.clone()));
+        records
+    }
+
+    /// Send the whole roster with the next announcement.
+    pub(super) fn forget(&mut self) {
+        self.last = None;
+    }
+}
 
 impl Network {
     pub(super) fn is_member(&self, peer: &PeerId) -> bool {
@@ -182,5 +217,38 @@ impl Network {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_whole_roster_goes_out_when_it_changes_when_greeting_and_every_refresh() {
+        let start = Instant::now();
+        let roster = |n: u8| (0..n).map(|i| vec![i; 3]).collect::<Vec<_>>();
+        let mut sent = RosterSent::default();
+        assert_eq!(sent.records_for_announcement(roster(3), start), roster(3), "the first announcement");
+        let heartbeat = start + Duration::from_secs(2);
+        assert_eq!(
+            sent.records_for_announcement(roster(3), heartbeat),
+            roster(1),
+            "unchanged: own record only"
+        );
+        assert_eq!(sent.records_for_announcement(roster(4), heartbeat), roster(4), "a new member");
+        assert_eq!(sent.records_for_announcement(roster(4), heartbeat), roster(1));
+        sent.forget();
+        assert_eq!(sent.records_for_announcement(roster(4), heartbeat), roster(4), "a greeting");
+        assert_eq!(
+            sent.records_for_announcement(roster(4), heartbeat + ROSTER_REFRESH),
+            roster(4),
+            "the refresh"
+        );
+        assert_eq!(
+            sent.records_for_announcement(roster(2), heartbeat + ROSTER_REFRESH),
+            roster(2),
+            "a revocation"
+        );
     }
 }
