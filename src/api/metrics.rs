@@ -61,6 +61,7 @@ struct Snapshot {
 /// their final full stop (the registry appends it).
 type CounterMetric = (&'static str, &'static str, fn(&CountersSnapshot) -> u64);
 type HistogramMetric = (&'static str, &'static str, fn(&CountersSnapshot) -> &Histogram);
+type KeyMetric = (&'static str, &'static str, fn(&ModelUsage) -> u64);
 
 /// Every metric of one scrape, in the order clients see them.
 fn registry(snapshot: Snapshot) -> Registry {
@@ -157,7 +158,7 @@ fn registry(snapshot: Snapshot) -> Registry {
     registry.register("llmesh_cluster_models", "Distinct models in the cluster", ConstGauge::new(models));
 
     // API keys, by key name and model, through this node (Prometheus sums the nodes).
-    let key_counters: [(&str, &str, fn(&ModelUsage) -> u64); 3] = [
+    let key_counters: [KeyMetric; 3] = [
         ("llmesh_key_requests", "Requests admitted for an API key, by model, through this node", |u| {
             u.requests
         }),
