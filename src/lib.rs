@@ -8,6 +8,8 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hardware;
 pub mod node;
 pub mod p2p;

@@ -16,6 +16,8 @@ mod dashboard;
 mod embeddings;
 mod error;
 mod extract;
+#[doc(hidden)]
+pub mod fuzz;
 mod generation;
 mod key_scope;
 mod keys;

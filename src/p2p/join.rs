@@ -31,7 +31,7 @@ pub const MAX_JOIN_FRAME_BYTES: usize = MAX_MEMBERS * (MAX_ADMISSION_BYTES + 8) 
 const _: () = assert!(MAX_JOIN_FRAME_BYTES >= 2 * MAX_INVITATION_BYTES + 64);
 
 #[derive(Debug, Serialize, Deserialize)]
-enum JoinReply {
+pub(super) enum JoinReply {
     /// Admitted: the inviter's roster, which now includes the new node.
     Accepted(Credentials),
     Refused(InvitationError),

@@ -9,6 +9,8 @@
 mod announcement;
 mod api_keys;
 mod exposure;
+#[doc(hidden)]
+pub mod fuzz;
 mod identity;
 pub mod invitation;
 mod join;

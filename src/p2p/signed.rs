@@ -32,8 +32,18 @@ pub fn seal<T: Serialize, const LIMIT: usize>(
     value: &T,
     keypair: &Keypair,
 ) -> Result<Vec<u8>, EnvelopeError> {
+    let payload = bincode::serde::encode_to_vec(value, codec::<LIMIT>())
+        .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    seal_payload::<LIMIT>(payload, keypair)
+}
+
+/// Sign bytes that are already a payload's encoding (`seal` after encoding; the fuzz targets
+/// seal payloads they made up, since no fuzzer forges a signature).
+pub fn seal_payload<const LIMIT: usize>(
+    payload: Vec<u8>,
+    keypair: &Keypair,
+) -> Result<Vec<u8>, EnvelopeError> {
     let malformed = |e: &dyn std::fmt::Display| EnvelopeError::Malformed(e.to_string());
-    let payload = bincode::serde::encode_to_vec(value, codec::<LIMIT>()).map_err(|e| malformed(&e))?;
     let signature = keypair.sign(&payload).map_err(|e| malformed(&e))?;
     let envelope = Envelope { payload, public_key: keypair.public().encode_protobuf(), signature };
     let bytes = bincode::serde::encode_to_vec(&envelope, codec::<LIMIT>()).map_err(|e| malformed(&e))?;
@@ -55,6 +65,13 @@ pub fn read_unverified<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) ->
     let (value, _): (T, _) =
         bincode::serde::decode_from_slice(&envelope.payload, codec::<LIMIT>()).map_err(|e| malformed(&e))?;
     Ok(value)
+}
+
+/// The payload's bytes, undecoded and unverified (the fuzz targets' seeds are made of them).
+pub fn payload_unverified<const LIMIT: usize>(bytes: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+    let (envelope, _): (Envelope, _) = bincode::serde::decode_from_slice(bytes, codec::<LIMIT>())
+        .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    Ok(envelope.payload)
 }
 
 /// Check the signature and decode; returns the value and the peer id of its signer.

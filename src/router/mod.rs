@@ -9,6 +9,8 @@ mod balance;
 mod breaker;
 mod cluster;
 mod dispatch;
+#[doc(hidden)]
+pub mod fuzz;
 mod key_usage;
 mod keys;
 mod membership;

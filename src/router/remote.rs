@@ -57,7 +57,7 @@ pub enum InferRequest {
 
 impl InferRequest {
     /// The limits an HTTP client's request meets, which a peer's must meet too.
-    fn validate(&self) -> Result<(), InvalidParam> {
+    pub(super) fn validate(&self) -> Result<(), InvalidParam> {
         match self {
             InferRequest::Generate(request) => request.validate(),
             InferRequest::Embed(request) => request.validate(),
