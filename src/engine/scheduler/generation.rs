@@ -70,6 +70,11 @@ pub struct Generation {
     next_mask: Option<Result<SimpleVob, String>>,
     /// Time spent computing masks, for the log line at the end.
     mask_time: Duration,
+    /// Step time beyond the forward pass spent on masks (starting their thread, waiting for it),
+    /// for the log line at the end.
+    mask_wait: Duration,
+    /// Time spent applying masks and advancing the grammar, on the step's thread, for the log line.
+    constraint_time: Duration,
     /// Send each token's log-probability with this many alternatives.
     logprobs: Option<usize>,
     /// Added to these tokens' logits.
@@ -114,6 +119,8 @@ impl Generation {
             grammar: job.grammar,
             next_mask: None,
             mask_time: Duration::ZERO,
+            mask_wait: Duration::ZERO,
+            constraint_time: Duration::ZERO,
             decoder: IncrementalDecoder::new(runtime.tokenizer.clone()),
             completion_tokens: 0,
             outbox: VecDeque::new(),
@@ -226,10 +233,12 @@ impl Generation {
         }
         let constraint = self.grammar.as_mut().and_then(GenerationGrammar::active);
         if let (Some(constraint), Some(allowed)) = (constraint, self.next_mask.take()) {
+            let started = Instant::now();
             match allowed {
                 Ok(allowed) => constraint.mask(&allowed, logits),
                 Err(error) => return self.grammar_failed(&error),
             }
+            self.constraint_time += started.elapsed();
         }
         let token = self.sampler.sample(logits);
         self.last_token = Some(token);
@@ -245,10 +254,12 @@ impl Generation {
         }
         let mut complete = false;
         if let Some(constraint) = self.grammar.as_mut().and_then(GenerationGrammar::active) {
+            let started = Instant::now();
             if let Err(error) = constraint.accept(token) {
                 return self.grammar_failed(&error);
             }
             complete = constraint.is_finished();
+            self.constraint_time += started.elapsed();
         }
         self.completion_tokens += 1;
         if let Some(piece) = self.decoder.push(token) {
@@ -291,6 +302,13 @@ impl Generation {
             let started = Instant::now();
             self.next_mask = Some(constraint.allowed_tokens());
             self.mask_time += started.elapsed();
+        }
+    }
+
+    /// A step spent `wait` beyond its forward pass on masks; counted if this generation's was one.
+    pub fn waited_for_mask(&mut self, wait: Duration) {
+        if self.next_mask.is_some() {
+            self.mask_wait += wait;
         }
     }
 
@@ -354,8 +372,13 @@ impl Generation {
         tracing::debug!(?finish_reason, completion_tokens = usage.completion_tokens, "generation finished");
         if self.grammar.is_some() {
             let steps = usage.completion_tokens.max(1) as f64;
-            let per_token = self.mask_time.as_secs_f64() * 1e6 / steps;
-            tracing::debug!(mask_microseconds_per_token = per_token, "grammar masks");
+            let per_token = |time: Duration| time.as_secs_f64() * 1e6 / steps;
+            tracing::debug!(
+                mask_microseconds_per_token = per_token(self.mask_time),
+                mask_wait_microseconds_per_token = per_token(self.mask_wait),
+                apply_and_accept_microseconds_per_token = per_token(self.constraint_time),
+                "grammar masks"
+            );
         }
         self.outbox.push_back(GenerationEvent::Done { finish_reason, usage });
         self.finished = true;

@@ -84,7 +84,8 @@ fn forward_while_masking(
     if !active.iter().any(Generation::needs_mask) {
         return forward_each(runtime, inputs);
     }
-    std::thread::scope(|scope| {
+    let started = std::time::Instant::now();
+    let (outcomes, forward_time) = std::thread::scope(|scope| {
         let masking = std::thread::Builder::new()
             .name("grammar-masks".into())
             .spawn_scoped(scope, || active.iter_mut().for_each(Generation::prepare_mask));
@@ -92,14 +93,19 @@ fn forward_while_masking(
             // Each mask is then computed when its logits arrive.
             tracing::warn!(%error, "cannot start a thread for grammar masks");
         }
+        let forward_started = std::time::Instant::now();
         let outcomes = forward_each(runtime, inputs);
+        let forward_time = forward_started.elapsed();
         if let Ok(masking) = masking
             && masking.join().is_err()
         {
             tracing::error!("computing grammar masks panicked");
         }
-        outcomes
-    })
+        (outcomes, forward_time)
+    });
+    let wait = started.elapsed().saturating_sub(forward_time);
+    active.iter_mut().for_each(|generation| generation.waited_for_mask(wait));
+    outcomes
 }
 
 /// The logits of each input, from one batch forward; when that fails for a batch of several,
