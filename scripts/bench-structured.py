@@ -14,7 +14,10 @@ The modes' answers differ in length (a JSON object ends where its grammar does, 
 to MAX_TOKENS), and a step costs more the longer the context, so whole-answer rates favour the
 short answers. `matched` therefore also compares the same stretch: the first K tokens after the
 first of both, K being the shortest answer of that grammar mode less one (counted in content
-chunks, one per token here: `chunks_equal_tokens` says whether that held).
+chunks, one per token here: `chunks_equal_tokens` says whether that held); `paired_ratio_to_free`
+is the median over rounds of that ratio within each round, which drift between rounds cancels;
+`median_gap_us` the median time between two of those tokens, which a burst of other load on the
+machine moves less than it moves a mean.
 
 With --log (the node's stderr, run with RUST_LOG=info,llmesh=debug) it also joins each request with
 its log lines by request id (`x-request-id`): the engine's per-generation `grammar masks` line
@@ -24,8 +27,7 @@ line has no request id, so it is taken from what the log gained while the reques
 
 --concurrent adds a second part: rounds of two streams at once, `free + free` then
 `json_schema + free`, in alternation, to show what a schema neighbour in the same batched step does
-to the other stream. There speed is content chunks/s while both streams ran (their answers differ in
-length, so whole-answer rates would mix batched and solo steps).
+to the other stream, over the first K tokens of both (K: the shortest schema answer less one).
 
     RUST_LOG=info,llmesh=debug llmesh serve --no-mdns --listen 127.0.0.1:8090 \\
         --model smollm2=models/SmolLM2-135M-Instruct.Q4_1.gguf 2> node.log &
@@ -162,6 +164,12 @@ def rate_over(result, count):
     return count / (chunks[count] - chunks[0])
 
 
+def median_gap(result, count):
+    """Median microseconds between the first `count` + 1 content chunks."""
+    chunks = result["chunks"][:count + 1]
+    return statistics.median(b - a for a, b in zip(chunks, chunks[1:])) * 1e6 if len(chunks) > 1 else None
+
+
 def median(results, field):
     values = [r[field] for r in results if r.get(field) is not None]
     return statistics.median(values) if values else None
@@ -170,11 +178,12 @@ def median(results, field):
 def sequential(args):
     for mode in MODES:  # warm-up: first-touch page faults, the prompt cache, lazily built state
         request(args.port, args.model, mode, args.max_tokens)
-    results = []
+    results, rounds = [], []
     for round_index in range(args.rounds):
         order = MODES[round_index % len(MODES):] + MODES[:round_index % len(MODES)]
         for mode in order:
             results.append(request(args.port, args.model, mode, args.max_tokens, args.log))
+        rounds.append({r["mode"]: r for r in results[-len(MODES):]})
     with_log(results, args.log)
     table = {}
     for mode in MODES:
@@ -209,23 +218,24 @@ def sequential(args):
         for name, of in (("tps", mode), ("free_tps", "free")):
             rates = [rate_over(r, count) for r in results if r["mode"] == of]
             matched[name] = statistics.median(rates) if None not in rates else None
+        for name, of in (("median_gap_us", mode), ("free_median_gap_us", "free")):
+            matched[name] = statistics.median(median_gap(r, count) for r in results if r["mode"] == of)
+        matched["median_gap_ratio_to_free"] = matched["median_gap_us"] / matched["free_median_gap_us"]
         if matched["tps"] and matched["free_tps"]:
             matched["ratio_to_free"] = matched["tps"] / matched["free_tps"]
+            paired = [rate_over(one[mode], count) / rate_over(one["free"], count) for one in rounds]
+            matched["paired_ratio_to_free"] = statistics.median(paired)
+            matched["paired_ratio_quartiles"] = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired
         table[mode]["matched"] = matched
     return table
 
 
-def overlap_rate(result, other):
-    """Content chunks/s of `result` while `other` was streaming too."""
-    start = max(result["chunks"][0], other["chunks"][0])
-    end = min(result["chunks"][-1], other["chunks"][-1])
-    inside = [t for t in result["chunks"] if start <= t <= end]
-    return (len(inside) - 1) / (end - start) if len(inside) > 1 and end > start else None
-
-
 def concurrent(args):
+    """Rounds of two streams started together, `free + free` and `json_schema + free` in turn; both
+    compared over the first K tokens, K being the shortest schema answer less one, so that both
+    streams ran through that stretch and at the same context lengths."""
     pairs = {"free+free": ("free", "free"), "json_schema+free": ("json_schema", "free")}
-    measured = {name: {"first": [], "second": [], "overlap_s": []} for name in pairs}
+    runs = {name: [] for name in pairs}
     for round_index in range(args.rounds * 2):
         name = list(pairs)[round_index % 2]
         outcomes = [None, None]
@@ -238,19 +248,20 @@ def concurrent(args):
             thread.start()
         for thread in threads:
             thread.join()
-        first, second = outcomes
-        measured[name]["first"].append(overlap_rate(first, second))
-        measured[name]["second"].append(overlap_rate(second, first))
-        overlap = min(first["chunks"][-1], second["chunks"][-1]) - max(first["chunks"][0], second["chunks"][0])
-        measured[name]["overlap_s"].append(overlap)
-    table = {}
-    for name, figures in measured.items():
+        runs[name].append(outcomes)
+    count = min(len(outcomes[0]["chunks"]) for outcomes in runs["json_schema+free"]) - 1
+    table = {"first_tokens": count}
+    for name, outcomes in runs.items():
         table[name] = {
-            key: statistics.median([v for v in values if v is not None] or [0]) for key, values in figures.items()
+            f"{slot}_{field}": statistics.median(measure(one[index], count) for one in outcomes)
+            for index, slot in enumerate(("first", "second"))
+            for field, measure in (("tps", rate_over), ("median_gap_us", median_gap))
         }
-    table["free_stream_ratio_schema_neighbour_to_free_neighbour"] = (
-        table["json_schema+free"]["second"] / table["free+free"]["second"]
-    )
+    free_neighbour, schema_neighbour = table["free+free"], table["json_schema+free"]
+    table["free_stream_ratio_schema_neighbour_to_free_neighbour"] = {
+        "tps": schema_neighbour["second_tps"] / free_neighbour["second_tps"],
+        "median_gap": schema_neighbour["second_median_gap_us"] / free_neighbour["second_median_gap_us"],
+    }
     return table
 
 
