@@ -50,15 +50,19 @@ bridge_hosts
 
 # The load: CLIENTS threads sending streamed chats to node-a back to back until $2.stop exists.
 # Every answer must end in [DONE] with no error and its whole length. On the end, one line:
-# "ANSWERED FAILED", and each failure's reason on stderr.
+# "ANSWERED FAILED LONGEST_PAUSE_MS" (the longest a client waited for its next chunk, the first
+# one included), and each failure's reason on stderr.
 cat >"$tmp/load.py" <<'EOF'
-import http.client, json, os, sys, threading
+import http.client, json, os, sys, threading, time
 
 clients, out, body = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 expected = json.loads(body)["max_tokens"]
 answered, failures, lock = [0], [], threading.Lock()
 
+longest_pause = [0.0]
+
 def one():
+    last = time.monotonic()
     connection = http.client.HTTPConnection("127.0.0.1", 8080, timeout=120)
     connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     response = connection.getresponse()
@@ -66,6 +70,10 @@ def one():
         return f"status {response.status}: {response.read(300)!r}"
     done, tokens = False, 0
     for line in response:
+        now = time.monotonic()
+        with lock:
+            longest_pause[0] = max(longest_pause[0], now - last)
+        last = now
         line = line.strip()
         if line == b"data: [DONE]":
             done = True
@@ -104,7 +112,7 @@ for thread in threads:
     thread.join()
 for failure in failures:
     print(failure, file=sys.stderr)
-print(answered[0], len(failures))
+print(answered[0], len(failures), round(longest_pause[0] * 1000))
 EOF
 
 answered() { [ -f "$tmp/load.count" ] && cat "$tmp/load.count" || echo 0; }
@@ -167,10 +175,11 @@ status=0
 wait "$step_pid" || status=$?
 step_pid=""
 [ "$status" -eq 0 ] || fail "the load client failed: $(cat "$tmp/load.errors")"
-read -r ok failed <"$tmp/load.summary"
+read -r ok failed longest_pause <"$tmp/load.summary"
 measure answers "$ok" requests
 measure failed "$failed" requests
 measure resumed "$(grep -c "answer resumed" "$(log_of a)" || true)" requests
+measure longest_pause "$longest_pause" ms
 [ "$failed" -eq 0 ] || fail "$failed of $((ok + failed)) requests failed during the upgrade: $(head -5 "$tmp/load.errors")"
 say "$ok answers streamed through the upgrade of both hosts, none failed"
 echo PASS
