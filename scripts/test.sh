@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: fetch the demo models, lint, run the Rust tests (the
 # network-namespace cluster test included, where `ip netns` works), the official openai Python
-# client against a real node, and the dashboard in headless Chromium.
+# client through a real two-node cluster, and the dashboard in headless Chromium.
 #
 #   scripts/test.sh
 #

@@ -1,4 +1,5 @@
-"""The official openai Python client against a running llmesh node."""
+"""The official openai Python client against a running llmesh node (the entry node of a two-node
+cluster: the models are on the other one)."""
 
 import openai
 import pytest
@@ -17,6 +18,11 @@ def client(node_url):
 def test_lists_both_models(client):
     ids = {model.id for model in client.models.list()}
     assert ids == {"smollm2", "minilm"}
+
+
+def test_the_models_are_on_the_other_node(client):
+    for model in client.models.list():
+        assert [host["name"] for host in model.llmesh["hosts"]] == ["pytest-host"]
 
 
 def test_chat(client):
