@@ -50,7 +50,8 @@ cable() { # NODE up|down: the node's port on the bridge, as a cable plugged in o
 
 # The streaming client: writes the answering host to $2.host as soon as the headers come, one line
 # per streamed piece ("SECONDS PIECE") to $2.pieces, and on the end a summary to stdout:
-# "PIECES LONGEST_GAP_SECONDS TOTAL_SECONDS", or exits non-zero with what went wrong.
+# "PIECES LONGEST_GAP_SECONDS TOTAL_SECONDS", or exits non-zero with what went wrong (also when the
+# usage it is told does not count max_tokens completion tokens: the answer runs its whole length).
 cat >"$tmp/stream.py" <<'EOF'
 import http.client, json, sys, time
 
@@ -63,7 +64,7 @@ if response.status != 200:
     sys.exit(f"status {response.status}: {response.read(500)!r}")
 with open(out + ".host", "w") as host:
     host.write(response.getheader("x-llmesh-node") or "")
-pieces, last, longest, done = 0, start, 0.0, False
+pieces, last, longest, done, usage = 0, start, 0.0, False, None
 with open(out + ".pieces", "w") as log:
     for line in response:
         line = line.strip()
@@ -75,6 +76,7 @@ with open(out + ".pieces", "w") as log:
         chunk = json.loads(line[5:])
         if "error" in chunk:
             sys.exit(f"the stream carried an error: {chunk['error']}")
+        usage = chunk.get("usage") or usage
         choices = chunk.get("choices") or [{}]
         if choices[0].get("delta", {}).get("content"):
             now = time.monotonic()
@@ -83,6 +85,9 @@ with open(out + ".pieces", "w") as log:
             log.flush()
 if not done:
     sys.exit(f"the stream ended after {pieces} pieces without [DONE]")
+expected = json.loads(body)["max_tokens"]
+if not usage or usage["completion_tokens"] != expected:
+    sys.exit(f"the usage counts {usage and usage['completion_tokens']} completion tokens, not {expected}")
 print(f"{pieces} {longest:.2f} {time.monotonic() - start:.2f}")
 EOF
 
@@ -120,7 +125,7 @@ chat_answered_by_either
 
 say "a long streamed answer through node-a"
 # ignore_eos: the answer runs its whole length, so the cut always lands in the middle of it.
-body=$(printf '{"model":"smollm2","temperature":0,"max_tokens":400,"ignore_eos":true,"stream":true,"messages":[%s]}' \
+body=$(printf '{"model":"smollm2","temperature":0,"max_tokens":400,"ignore_eos":true,"stream":true,"stream_options":{"include_usage":true},"messages":[%s]}' \
   '{"role":"user","content":"Tell me a long story about a lighthouse keeper."}')
 in_ns a python3 "$tmp/stream.py" "$((timeout * 3))" "$tmp/stream" "$body" >"$tmp/stream.summary" \
   2>"$tmp/stream.error" &

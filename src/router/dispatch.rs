@@ -203,6 +203,9 @@ async fn relay(
 ) {
     let mut delivered = String::new();
     let mut pieces: usize = 0;
+    // Pieces delivered when the answer last moved to another host: that host counts them as
+    // prompt, not as its completion.
+    let mut pieces_before_resume: usize = 0;
     let mut first_token = None;
     let mut failovers = 0;
     let mut avoid = Avoid::default();
@@ -228,7 +231,7 @@ async fn relay(
                 continue;
             }
             Some(GenerationEvent::Done { finish_reason, usage }) => {
-                let usage = if failovers > 0 { resumed_usage(usage, pieces) } else { usage };
+                let usage = if failovers > 0 { resumed_usage(usage, pieces_before_resume) } else { usage };
                 inner.stats.finished(Outcome {
                     model: &request.model,
                     node: Some(&running.target.name),
@@ -258,6 +261,7 @@ async fn relay(
                 Ok(Some(next)) => {
                     running = next;
                     failovers += 1;
+                    pieces_before_resume = pieces;
                     continue;
                 }
                 Ok(None) => {
@@ -298,8 +302,8 @@ async fn resume(
     Ok(Some(Running { target, stream, _guard: guard }))
 }
 
-/// Usage of a resumed answer: the final host counted the delivered text as prompt.
-/// (Counted in text pieces, about one token each.)
+/// Usage of a resumed answer: the final host counted the text delivered before it took over
+/// (`pieces_before`) as prompt. (Counted in text pieces, about one token each.)
 fn resumed_usage(last: Usage, pieces_before: usize) -> Usage {
     Usage {
         prompt_tokens: last.prompt_tokens.saturating_sub(pieces_before),
