@@ -16,6 +16,7 @@ timeout=${LLMESH_NETNS_TIMEOUT:-60}
 
 declare -A pid=()      # node -> pid of its llmesh, while it runs
 step_pid=""            # a slow request running in the background (run_killable)
+helpers=()             # other children to stop on exit (load clients)
 created_ns=()          # every namespace this run added, for the cleanup
 reported=0             # a FAIL or SKIP line was printed already
 tmp=""                 # this run's logs and scratch files
@@ -57,6 +58,10 @@ cleanup() {
     kill -KILL "$step_pid" 2>/dev/null
     wait "$step_pid" 2>/dev/null
   fi
+  for helper in "${helpers[@]}"; do
+    kill -KILL "$helper" 2>/dev/null
+    wait "$helper" 2>/dev/null
+  done
   for node in "${!pid[@]}"; do
     kill -TERM "${pid[$node]}" 2>/dev/null
   done
