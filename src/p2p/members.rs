@@ -189,6 +189,15 @@ impl Roster {
     /// Admit `peer` on this node's word (it redeemed a key here, or is this node). Returns whether
     /// it is new; a full roster admits no one.
     pub fn admit(&mut self, peer: PeerId) -> bool {
+        let admitted = self.sign_admission(peer);
+        if admitted {
+            self.save();
+        }
+        admitted
+    }
+
+    /// Sign `peer`'s admission and add it to the roster, without saving it.
+    fn sign_admission(&mut self, peer: PeerId) -> bool {
         if self.members.contains_key(&peer) || self.members.len() >= MAX_MEMBERS {
             return false;
         }
@@ -200,7 +209,6 @@ impl Roster {
         match signed::seal::<_, MAX_ADMISSION_BYTES>(&admission, &self.keypair) {
             Ok(record) => {
                 self.members.insert(peer, record);
-                self.save();
                 true
             }
             Err(error) => {
@@ -222,8 +230,19 @@ impl Roster {
     }
 
     /// Accept the records whose signer is a member (or becomes one through another record of the
-    /// same batch), vouching for each in turn. Returns the peers newly admitted.
+    /// same batch), vouching for each in turn. Returns the peers newly admitted. The roster is
+    /// saved once for the batch: a node meeting a cluster of N learns N records at once, and
+    /// saving each (two fsyncs of the whole file) on the overlay's task stalled every node at scale.
     pub fn learn(&mut self, records: &[Vec<u8>], is_revoked: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
+        let before = self.members.len();
+        let admitted = self.learn_unsaved(records, is_revoked);
+        if self.members.len() != before {
+            self.save();
+        }
+        admitted
+    }
+
+    fn learn_unsaved(&mut self, records: &[Vec<u8>], is_revoked: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
         let mut pending: Vec<&Vec<u8>> = records
             .iter()
             .take(MAX_MEMBERS)
@@ -247,9 +266,8 @@ impl Roster {
                     // Our own admission by another member: keep it, it convinces others.
                     if !self.is_member(&self.local) {
                         self.members.insert(self.local, (*record).clone());
-                        self.save();
                     }
-                } else if self.admit(checked.member) {
+                } else if self.sign_admission(checked.member) {
                     admitted.push(checked.member);
                 }
                 false
