@@ -119,6 +119,8 @@ pub struct Roster {
     /// Each member with the record this node keeps for it: signed by this node, except this
     /// node's own, which is signed by whoever admitted it (itself, for a founder).
     members: BTreeMap<PeerId, Vec<u8>>,
+    /// Records taken in since the file was last written (see `save_if_changed`).
+    unsaved: bool,
 }
 
 impl Roster {
@@ -138,6 +140,7 @@ impl Roster {
             local,
             admission_key,
             members: BTreeMap::new(),
+            unsaved: false,
         };
         let saved = std::fs::read(&roster.path)
             .ok()
@@ -186,13 +189,11 @@ impl Roster {
         self.admission_key.as_ref().map(|key| founder_proof(key, &self.local))
     }
 
-    /// Admit `peer` on this node's word (it redeemed a key here, or is this node). Returns whether
-    /// it is new; a full roster admits no one.
+    /// Admit `peer` on this node's word (it redeemed a key here, or is this node), and write the
+    /// roster at once. Returns whether it is new; a full roster admits no one.
     pub fn admit(&mut self, peer: PeerId) -> bool {
         let admitted = self.sign_admission(peer);
-        if admitted {
-            self.save();
-        }
+        self.save_if_changed();
         admitted
     }
 
@@ -209,6 +210,7 @@ impl Roster {
         match signed::seal::<_, MAX_ADMISSION_BYTES>(&admission, &self.keypair) {
             Ok(record) => {
                 self.members.insert(peer, record);
+                self.unsaved = true;
                 true
             }
             Err(error) => {
@@ -219,30 +221,24 @@ impl Roster {
     }
 
     /// Admit `peer` if `proof` shows it holds the cluster secret. Only a node that holds the
-    /// secret itself can tell; the others learn of the founder from members that can.
+    /// secret itself can tell; the others learn of the founder from members that can. Written to
+    /// the file by the next `save_if_changed`, like what `learn` takes in.
     pub fn admit_founder(&mut self, peer: PeerId, proof: &[u8; 32]) -> bool {
         let Some(key) = &self.admission_key else { return false };
         if founder_mac(key, &peer).verify_slice(proof).is_err() {
             tracing::warn!(%peer, "refused a founder proof that does not match the cluster secret");
             return false;
         }
-        self.admit(peer)
+        self.sign_admission(peer)
     }
 
     /// Accept the records whose signer is a member (or becomes one through another record of the
-    /// same batch), vouching for each in turn. Returns the peers newly admitted. The roster is
-    /// saved once for the batch: a node meeting a cluster of N learns N records at once, and
-    /// saving each (two fsyncs of the whole file) on the overlay's task stalled every node at scale.
+    /// same batch), vouching for each in turn. Returns the peers newly admitted. Written to the
+    /// file by the next `save_if_changed`: the overlay's task calls it once a second, since saving
+    /// each record as it came (two fsyncs of the whole file) stalled every node when tens of
+    /// founders met. A record lost to a crash before then is learned again from the members'
+    /// announcements, which carry the whole roster now and then.
     pub fn learn(&mut self, records: &[Vec<u8>], is_revoked: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
-        let before = self.members.len();
-        let admitted = self.learn_unsaved(records, is_revoked);
-        if self.members.len() != before {
-            self.save();
-        }
-        admitted
-    }
-
-    fn learn_unsaved(&mut self, records: &[Vec<u8>], is_revoked: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
         let mut pending: Vec<&Vec<u8>> = records
             .iter()
             .take(MAX_MEMBERS)
@@ -266,6 +262,7 @@ impl Roster {
                     // Our own admission by another member: keep it, it convinces others.
                     if !self.is_member(&self.local) {
                         self.members.insert(self.local, (*record).clone());
+                        self.unsaved = true;
                     }
                 } else if self.sign_admission(checked.member) {
                     admitted.push(checked.member);
@@ -304,6 +301,8 @@ impl Roster {
         }
         self.admit(inviter);
         self.learn(records, is_revoked);
+        // Joining is kept at once: the node must come back a member after any restart.
+        self.save_if_changed();
         Ok(())
     }
 
@@ -328,13 +327,24 @@ impl Roster {
         Ok(Checked { member, sponsor })
     }
 
-    fn save(&self) {
+    /// Write the roster if it changed since it was last written.
+    pub fn save_if_changed(&mut self) {
+        if self.unsaved {
+            self.save();
+        }
+    }
+
+    fn save(&mut self) {
         let file = MembersFile {
             cluster_id: self.cluster_id.clone(),
             records: self.members.values().map(|record| STANDARD.encode(record)).collect(),
         };
-        if let Err(error) = save_json(&self.path, &file) {
-            tracing::error!(%error, path = %self.path.display(), "cannot save the cluster's members");
+        match save_json(&self.path, &file) {
+            Ok(()) => self.unsaved = false,
+            Err(error) => {
+                self.unsaved = true;
+                tracing::error!(%error, path = %self.path.display(), "cannot save the cluster's members");
+            }
         }
     }
 }

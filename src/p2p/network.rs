@@ -271,6 +271,9 @@ impl Network {
                     self.dial_explicit_peers();
                     self.close_superseded();
                     self.bootstrap_dht();
+                    if let Some(roster) = &mut self.roster {
+                        roster.save_if_changed();
+                    }
                 }
                 command = commands.recv() => match command {
                     Some(command) => self.handle_command(command, &keypair),
@@ -282,6 +285,9 @@ impl Network {
         self.peer_store.save();
         self.revoked.save_if_changed();
         super::api_keys::write(&self.api_keys).save_if_changed();
+        if let Some(roster) = &mut self.roster {
+            roster.save_if_changed();
+        }
         tracing::info!("p2p node stopped");
     }
 
