@@ -2,7 +2,7 @@
 //! feeding bytes from a peer or a user to the decoder that reads them. `tests/fuzz_corpus.rs`
 //! replays the corpus (`fuzz/corpus/<name>/`) through them in every test run. Not an API.
 
-pub use crate::api::fuzz::{chat_template, request as api_request};
+pub use crate::api::fuzz::{chat_template, request as api_request, structured_output};
 pub use crate::p2p::fuzz::{
     admission_record, announcement, api_key_record, invitation, join_frames, revocation_record,
 };
@@ -23,6 +23,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("api_key_record", api_key_record),
     ("api_request", api_request),
     ("chat_template", chat_template),
+    ("structured_output", structured_output),
 ];
 
 /// Real encodings to start each target's corpus from, as `(target, bytes)`.

@@ -68,6 +68,19 @@ pub fn chat_template(data: &[u8]) {
     }
 }
 
+/// A chat request body whose `response_format` and `tools` become a grammar, walked on a small
+/// vocabulary as a model would sample under it (`engine::grammar::fuzz`). The first byte picks
+/// the tool format and the walk's tokens.
+pub fn structured_output(data: &[u8]) {
+    let Some((&seed, body)) = data.split_first() else { return };
+    let Some(chat) = extract::<ChatCompletionRequest>(body) else { return };
+    let prompt = Prompt::Chat(chat.messages);
+    let Ok(requests) = chat.options.requests(chat.model, prompt, DEFAULT_CHAT_MAX_TOKENS) else { return };
+    if let Some(request) = requests.first() {
+        crate::engine::fuzz_grammar_walk(&request.params, seed);
+    }
+}
+
 /// What the endpoint's extractor makes of `body`, as a handler would get it.
 fn extract<T: FromJsonObject>(body: &[u8]) -> Option<T> {
     let request = Request::new(Body::from(body.to_vec()));
@@ -85,7 +98,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let embeddings = r#"{"model":"all-minilm","input":["first text","second"],"encoding_format":"base64"}"#;
     let responses = r#"{"model":"smollm2","instructions":"Be brief.","input":[{"role":"user","content":[{"type":"input_text","text":"Hi"}]},{"type":"function_call","call_id":"c1","name":"add","arguments":"{}"},{"type":"function_call_output","call_id":"c1","output":"4"}],"tools":[{"type":"function","name":"add","parameters":{"type":"object"}}],"tool_choice":"required","max_output_tokens":20,"text":{"format":{"type":"json_schema","name":"a","schema":{"type":"object"}}},"stream":false}"#;
     let with_endpoint = |endpoint: u8, body: &str| [&[endpoint][..], body.as_bytes()].concat();
-    vec![
+    let mut seeds = vec![
         ("api_request", with_endpoint(0, chat)),
         ("api_request", with_endpoint(0, simple_chat)),
         ("api_request", with_endpoint(1, completion)),
@@ -93,5 +106,16 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("api_request", with_endpoint(3, responses)),
         ("chat_template", chat.as_bytes().to_vec()),
         ("chat_template", simple_chat.as_bytes().to_vec()),
-    ]
+    ];
+    let structured = [
+        r#"{"model":"m","messages":[{"role":"user","content":"Hi"}],"response_format":{"type":"json_object"}}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":"Hi"}],"response_format":{"type":"json_schema","json_schema":{"name":"city","strict":true,"schema":{"type":"object","properties":{"name":{"type":"string","maxLength":20},"population":{"type":"integer","minimum":0},"tags":{"type":"array","items":{"enum":["big","old"]},"maxItems":3},"coast":{"anyOf":[{"type":"boolean"},{"type":"null"}]}},"required":["name","population"],"additionalProperties":false}}}}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":"Weather?"}],"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"},"unit":{"enum":["celsius","fahrenheit"]}},"required":["city"]}}},{"type":"function","function":{"name":"get_time"}}],"tool_choice":"required","parallel_tool_calls":true}"#,
+    ];
+    for (index, body) in structured.iter().enumerate() {
+        // Seeds 0..4 pick each tool format once over the corpus.
+        seeds.push(("structured_output", with_endpoint(index as u8, body)));
+        seeds.push(("structured_output", with_endpoint(index as u8 + 3, body)));
+    }
+    seeds
 }

@@ -14,6 +14,8 @@
 //! JSON is generated in one fixed layout (`{"a": 1, "b": [2, 3]}`, no newlines): free whitespace
 //! lets a small model wander off into blank lines until it runs out of tokens.
 
+pub mod fuzz;
+mod small_vocabulary;
 mod vocabulary;
 
 use std::panic::AssertUnwindSafe;

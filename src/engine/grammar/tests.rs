@@ -1,48 +1,8 @@
-//! The grammar machinery on a small byte-level vocabulary: every byte, a few merges, an
-//! end-of-sequence token.
+//! The grammar machinery on a small byte-level vocabulary (`small_vocabulary.rs`): every byte, a
+//! few merges, an end-of-sequence token.
 
-use tokenizers::decoders::byte_level::ByteLevel;
-use tokenizers::models::bpe::{BPE, Vocab};
-use tokenizers::{AddedToken, Tokenizer};
-
+use super::small_vocabulary::tokenizer;
 use super::*;
-
-const EOS: &str = "<|end|>";
-
-/// GPT-2's spelling of `text`.
-fn spelled(text: &str) -> String {
-    let table = vocabulary_spelling();
-    text.bytes().map(|byte| table[byte as usize]).collect()
-}
-
-fn vocabulary_spelling() -> Vec<char> {
-    let decoding = super::vocabulary::byte_level_decoding_table();
-    let mut spelling = vec!['\0'; 256];
-    for (code, byte) in decoding.iter().enumerate() {
-        if let Some(byte) = byte {
-            spelling[*byte as usize] = char::from_u32(code as u32).expect("a character");
-        }
-    }
-    spelling
-}
-
-/// Every byte is a token (ids 0..256), then `{"`, `": `, `, "` and the end token.
-fn tokenizer() -> (Arc<Tokenizer>, u32) {
-    let mut vocabulary = Vocab::new();
-    let spelling = vocabulary_spelling();
-    for (byte, c) in spelling.iter().enumerate() {
-        vocabulary.insert(c.to_string(), byte as u32);
-    }
-    for (offset, merged) in ["{\"", "\": ", ", \""].iter().enumerate() {
-        vocabulary.insert(spelled(merged), 256 + offset as u32);
-    }
-    let model = BPE::builder().vocab_and_merges(vocabulary, Vec::new()).build().expect("a BPE model");
-    let mut tokenizer = Tokenizer::new(model);
-    tokenizer.with_decoder(Some(ByteLevel::default()));
-    tokenizer.add_special_tokens(vec![AddedToken::from(EOS, true)]).expect("an added token");
-    let eos = tokenizer.token_to_id(EOS).expect("the end token");
-    (Arc::new(tokenizer), eos)
-}
 
 fn compiler() -> (GrammarCompiler, Arc<Tokenizer>, u32) {
     let (tokenizer, eos) = tokenizer();
@@ -85,7 +45,7 @@ fn a_json_object_starts_with_a_brace_and_ends_at_its_close() {
     feed(&mut constraint, "{\"a\": [1, true]");
     assert!(!constraint.is_finished());
     let next = allowed(&mut constraint, size);
-    assert!(next.contains(&(b'}' as u32)) && next.contains(&258) && !next.contains(&eos), "{next:?}");
+    assert!(next.contains(&(b'}' as u32)) && next.contains(&260) && !next.contains(&eos), "{next:?}");
     feed(&mut constraint, "}");
     assert!(constraint.is_finished());
 }
@@ -280,4 +240,16 @@ mod tool_calls {
         assert!(accepts(&mut call, "\"parameters\": {}}"));
         assert!(call.active().unwrap().is_finished());
     }
+}
+
+#[test]
+fn after_a_token_that_stops_short_of_forced_bytes_the_mask_holds_what_the_grammar_takes() {
+    // `"` and `:` sampled as two tokens where `": ` is forced: only the space may follow, and
+    // every token the mask allows is taken.
+    let (compiler, tokenizer, _) = compiler();
+    let size = tokenizer.get_vocab_size(true);
+    let mut constraint = compile(&compiler, &ResponseFormat::JsonObject).unwrap().expect("a constraint");
+    feed(&mut constraint, "{\"a\":");
+    assert_eq!(allowed(&mut constraint, size), vec![b' ' as u32]);
+    constraint.accept(b' ' as u32).expect("the space the mask allowed");
 }

@@ -28,12 +28,16 @@ enum Spelling {
 }
 
 /// A model's tokens as bytes, for llguidance (`toktrie::TokenizerEnv`).
+///
+/// It tells llguidance that its tokenization is not canonical, even for byte-level BPE where
+/// encoding is. Told otherwise, llguidance computes the mask after a token that a canonical
+/// tokenization would have merged with the bytes the grammar forces next (`:` alone where `": `
+/// is forced) as if those bytes had been sampled too: the mask then allows only tokens that the
+/// grammar refuses once sampled, and the generation fails. Models sample such tokens (found by
+/// the `structured_output` fuzz target). llmesh never asks llguidance for forced tokens, the
+/// one thing canonical tokenization would buy.
 pub struct ModelVocabulary {
     trie: TokTrie,
-    tokenizer: Arc<Tokenizer>,
-    /// Whether `tokenizer.encode` of a piece of text gives that text's tokens and nothing else
-    /// (a SentencePiece normalizer prepends a space).
-    canonical: bool,
 }
 
 impl ModelVocabulary {
@@ -67,7 +71,7 @@ impl ModelVocabulary {
             .collect();
         let info = TokRxInfo::new(size, eos);
         let trie = TokTrie::from(&info, &words).with_eos_tokens(eos_token_ids);
-        Ok(Self { trie, tokenizer, canonical: spelling == Spelling::ByteLevel })
+        Ok(Self { trie })
     }
 }
 
@@ -77,20 +81,12 @@ impl TokenizerEnv for ModelVocabulary {
     }
 
     fn tokenize_bytes(&self, bytes: &[u8]) -> Vec<TokenId> {
-        if self.canonical {
-            self.trie.tokenize_with_greedy_fallback(bytes, |text| {
-                self.tokenizer
-                    .encode(text, false)
-                    .map(|encoding| encoding.get_ids().to_vec())
-                    .unwrap_or_default()
-            })
-        } else {
-            self.trie.greedy_tokenize(bytes)
-        }
+        self.trie.greedy_tokenize(bytes)
     }
 
+    /// Never (see the type's documentation).
     fn tokenize_is_canonical(&self) -> bool {
-        self.canonical
+        false
     }
 }
 
