@@ -22,15 +22,9 @@ set -euo pipefail -o errtrace
 repo=$(cd "$(dirname "$0")/.." && pwd)
 samples=${LLMESH_NETNS_SAMPLES:-20}
 
-nodes=(a b c)
-prefix="llmesh-$$"
-bridge_ns="$prefix-br"
-subnet="10.99.$((RANDOM % 200 + 20))"
-declare -A ns=([a]="$prefix-a" [b]="$prefix-b" [c]="$prefix-c")
-declare -A address=([a]="$subnet.11" [b]="$subnet.12" [c]="$subnet.13")
-
 # shellcheck source=scripts/netns-lib.sh
 source "$repo/scripts/netns-lib.sh"
+three_nodes_on_a_bridge 99
 
 # --- the network ------------------------------------------------------------------------------------
 

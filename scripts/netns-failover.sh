@@ -27,16 +27,9 @@
 set -euo pipefail -o errtrace
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
-nodes=(a b c)
-prefix="llmesh-$$"
-bridge_ns="$prefix-br"
-# 10.99.x is netns-cluster.sh's, 10.100-189.x netns-routed.sh's, 10.200-249.x netns-relay.sh's.
-subnet="10.98.$((RANDOM % 200 + 20))"
-declare -A ns=([a]="$prefix-a" [b]="$prefix-b" [c]="$prefix-c")
-declare -A address=([a]="$subnet.11" [b]="$subnet.12" [c]="$subnet.13")
-
 # shellcheck source=scripts/netns-lib.sh
 source "$repo/scripts/netns-lib.sh"
+three_nodes_on_a_bridge 98
 
 # --- the network ------------------------------------------------------------------------------------
 

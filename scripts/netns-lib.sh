@@ -24,6 +24,19 @@ declare -A runs=()     # node -> how many times it was started (one log file per
 
 say() { echo "--- $*"; }
 
+# Three nodes a, b and c on one bridge, in 10.OCTET.x.0/24 with x random so that runs side by side
+# do not collide: sets nodes, prefix, bridge_ns, subnet, ns and address. Each script has an OCTET
+# of its own: 99 netns-cluster.sh, 98 netns-failover.sh, 97 netns-rolling-upgrade.sh, 96 soak.sh
+# (10.100-189.x are netns-routed.sh's, 10.200-249.x netns-relay.sh's).
+three_nodes_on_a_bridge() { # OCTET
+  nodes=(a b c)
+  prefix="llmesh-$$"
+  bridge_ns="$prefix-br"
+  subnet="10.$1.$((RANDOM % 200 + 20))"
+  declare -gA ns=([a]="$prefix-a" [b]="$prefix-b" [c]="$prefix-c")
+  declare -gA address=([a]="$subnet.11" [b]="$subnet.12" [c]="$subnet.13")
+}
+
 measure() { echo "MEASURE $1 $2 $3"; } # NAME VALUE UNIT: reported, never asserted
 
 fail() {

@@ -39,17 +39,9 @@
 set -euo pipefail -o errtrace
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
-nodes=(a b c)
-prefix="llmesh-$$"
-bridge_ns="$prefix-br"
-# 10.99.x is netns-cluster.sh's, 10.98.x netns-failover.sh's, 10.97.x netns-rolling-upgrade.sh's,
-# 10.100-189.x netns-routed.sh's, 10.200-249.x netns-relay.sh's.
-subnet="10.96.$((RANDOM % 200 + 20))"
-declare -A ns=([a]="$prefix-a" [b]="$prefix-b" [c]="$prefix-c")
-declare -A address=([a]="$subnet.11" [b]="$subnet.12" [c]="$subnet.13")
-
 # shellcheck source=scripts/netns-lib.sh
 source "$repo/scripts/netns-lib.sh"
+three_nodes_on_a_bridge 96
 
 minutes=${LLMESH_SOAK_MINUTES:-30}
 kill_every=${LLMESH_SOAK_KILL_EVERY:-240}
