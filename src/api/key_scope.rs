@@ -72,20 +72,12 @@ impl Engine for KeyScope {
         let (engine, router, key, model) =
             (self.engine.clone(), self.router.clone(), self.grant.name.clone(), request.model.clone());
         async move {
-            let mut inner = engine.generate(request).await?;
+            let inner = engine.generate(request).await?;
             let served_by = inner.served_by.clone();
             let (sender, receiver) = mpsc::channel(RELAY_CAPACITY);
-            // Ends when the generation does or the client goes (dropping `inner` stops it).
-            tokio::spawn(async move {
-                while let Some(event) = inner.recv().await {
-                    if let GenerationEvent::Done { usage, .. } = &event {
-                        router.record_key_tokens(&key, &model, usage.prompt_tokens, usage.completion_tokens);
-                    }
-                    if sender.send(event).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            tokio::spawn(relay_counting(inner, sender, move |prompt, completion| {
+                router.record_key_tokens(&key, &model, prompt, completion);
+            }));
             let stream = GenerationStream::new(receiver);
             Ok(match served_by {
                 Some(node) => stream.served_by(node),
@@ -107,5 +99,88 @@ impl Engine for KeyScope {
             Ok(embeddings)
         }
         .boxed()
+    }
+}
+
+/// Relay a generation's events to `sender`, and count its tokens once with `record(prompt,
+/// completion)`: the engine's own count when the answer ends; else (the client went away, or the
+/// generation failed) the text pieces it produced, about a token each, with no prompt tokens, which
+/// only the end reports. Ends when the generation does or the client goes (dropping `inner` stops
+/// the generation).
+async fn relay_counting(
+    mut inner: GenerationStream,
+    sender: mpsc::Sender<GenerationEvent>,
+    record: impl FnOnce(usize, usize),
+) {
+    let mut pieces = 0;
+    while let Some(event) = inner.recv().await {
+        match &event {
+            GenerationEvent::Text(_) => pieces += 1,
+            GenerationEvent::Done { usage, .. } => {
+                let (prompt, completion) = (usage.prompt_tokens, usage.completion_tokens);
+                let _ = sender.send(event).await;
+                record(prompt, completion);
+                return;
+            }
+            _ => {}
+        }
+        if sender.send(event).await.is_err() {
+            break;
+        }
+    }
+    if pieces > 0 {
+        record(0, pieces);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::engine::{FinishReason, Usage};
+
+    /// Relay `events`, the receiving end dropped after `read` of them; what was recorded.
+    async fn relayed(events: Vec<GenerationEvent>, read: usize) -> Vec<(usize, usize)> {
+        let (engine_side, inner) = mpsc::channel(16);
+        for event in events {
+            engine_side.send(event).await.unwrap();
+        }
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let (sender, mut client) = mpsc::channel(1);
+        let log = recorded.clone();
+        let relay = tokio::spawn(relay_counting(GenerationStream::new(inner), sender, move |p, c| {
+            log.lock().unwrap().push((p, c));
+        }));
+        for _ in 0..read {
+            client.recv().await.expect("an event");
+        }
+        drop(client);
+        drop(engine_side); // a generation still running would be stopped by the relay leaving
+        relay.await.unwrap();
+        Arc::try_unwrap(recorded).unwrap().into_inner().unwrap()
+    }
+
+    fn text(piece: &str) -> GenerationEvent {
+        GenerationEvent::Text(piece.into())
+    }
+
+    #[tokio::test]
+    async fn a_whole_answer_counts_what_the_engine_says() {
+        let usage = Usage { prompt_tokens: 12, completion_tokens: 3 };
+        let done = GenerationEvent::Done { finish_reason: FinishReason::Length, usage };
+        assert_eq!(relayed(vec![text("a"), text("b"), text("c"), done], 4).await, vec![(12, 3)]);
+    }
+
+    #[tokio::test]
+    async fn an_answer_the_client_left_counts_the_pieces_made() {
+        // Read two, then gone: the third was made (and sent into the full channel) too.
+        let events = vec![text("a"), text("b"), text("c"), text("d")];
+        let recorded = relayed(events, 2).await;
+        assert_eq!(recorded.len(), 1);
+        assert!((2..=4).contains(&recorded[0].1) && recorded[0].0 == 0, "{recorded:?}");
+        let failed = vec![text("a"), GenerationEvent::Error(EngineError::Inference("broke".into()))];
+        assert_eq!(relayed(failed, 2).await, vec![(0, 1)]);
+        assert_eq!(relayed(vec![], 0).await, vec![], "nothing made, nothing counted");
     }
 }
