@@ -31,9 +31,9 @@ use tokio::sync::mpsc;
 pub use chat_template::ChatTemplate;
 
 pub use gguf_tokenizer::{GgufTokenizer, tokenizer_from_gguf, tokenizer_from_metadata};
-pub use grammar::{MAX_SCHEMA_BYTES, ResponseFormat};
 #[doc(hidden)]
 pub use grammar::fuzz::walk as fuzz_grammar_walk;
+pub use grammar::{MAX_SCHEMA_BYTES, ResponseFormat};
 
 pub use detokenize::{IncrementalDecoder, StopMatcher};
 pub use local::{LocalEngine, ModelSpec, ModelState, ModelStatus, default_device};
