@@ -285,43 +285,7 @@ mod tests {
     use super::*;
 
     fn sample(keypair: &Keypair) -> Announcement {
-        Announcement {
-            version: ANNOUNCEMENT_VERSION,
-            peer_id: keypair.public().to_peer_id().to_string(),
-            name: "workstation".into(),
-            addresses: vec!["/ip4/10.0.0.2/tcp/7690".into()],
-            models: vec![AnnouncedModel {
-                id: "smollm2".into(),
-                kind: "chat".into(),
-                architecture: "llama".into(),
-                quantization: "Q4_1".into(),
-                context_length: 4096,
-                parameters: 134_515_008,
-                file_bytes: 85_000_000,
-            }],
-            hardware: Hardware {
-                cpu: "Ryzen".into(),
-                cores: 16,
-                memory_bytes: 64 << 30,
-                ..Hardware::default()
-            },
-            usage: ResourceUsage {
-                cpu_percent: 12.5,
-                memory_used_bytes: 8 << 30,
-                ..ResourceUsage::default()
-            },
-            load: AnnouncedLoad { in_flight: 1, queued: 0 },
-            software_version: "0.1.0".into(),
-            started_at: 1,
-            issued_at_ms: 2,
-            revoked: RecordsDigest::default(),
-            members: vec![vec![1; 200]; 2],
-            founder_proof: Some([3; 32]),
-            draining: false,
-            infer_protocols: vec![super::super::INFER_PROTOCOL.to_string()],
-            api_keys: Default::default(),
-            key_usage: Vec::new(),
-        }
+        crate::p2p::fuzz::sample_announcement(&keypair.public().to_peer_id())
     }
 
     #[test]

@@ -190,7 +190,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     let mut seeds = Vec::new();
 
-    let announcement = sample_announcement();
+    let announcement = sample_announcement(&signer_id());
     let sealed = announcement.sign(signer()).expect("the sample signs");
     seeds.push(("announcement", with_mode(0, &sealed)));
     seeds.push(("announcement", with_mode(1, &payload(&sealed))));
@@ -251,11 +251,12 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds
 }
 
-fn sample_announcement() -> Announcement {
+/// An announcement with every field set, from `peer` (also the announcement tests' sample).
+pub(super) fn sample_announcement(peer: &PeerId) -> Announcement {
     use super::announcement::*;
     Announcement {
         version: ANNOUNCEMENT_VERSION,
-        peer_id: signer_id().to_string(),
+        peer_id: peer.to_string(),
         name: "workstation".into(),
         addresses: vec!["/ip4/10.0.0.2/tcp/7690".into()],
         models: vec![AnnouncedModel {
