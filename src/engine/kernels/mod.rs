@@ -11,6 +11,7 @@
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 
+pub mod activation;
 pub mod candle_pools;
 mod k_quants;
 pub mod pool;
@@ -23,6 +24,7 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::GgmlDType;
 
+pub use activation::GatedActivation;
 pub use pool::ComputePool;
 pub use scalar::{ActivationBlock, BLOCK};
 use scalar::{DotRow, DotRow4};
@@ -386,20 +388,28 @@ fn matmul_fused_on(
                     // no two threads write the same element.
                     unsafe { *(out_address as *mut f32).add(at) = value };
                 };
-                for row in first_row..matrix.rows.min(first_row + ROWS_PER_CHUNK) {
-                    let weights = &matrix.bytes[row * matrix.row_bytes..(row + 1) * matrix.row_bytes];
-                    let mut token = 0;
-                    if let Some(dot4) = dot4 {
-                        while token + 4 <= tokens {
-                            let values = dot4(weights, std::array::from_fn(|t| token_blocks(token + t)));
-                            for (t, value) in values.into_iter().enumerate() {
+                let rows = first_row..matrix.rows.min(first_row + ROWS_PER_CHUNK);
+                let weights =
+                    |row: usize| &matrix.bytes[row * matrix.row_bytes..(row + 1) * matrix.row_bytes];
+                // Four tokens at a time against every row of the chunk, rather than every token
+                // against one row: the chunk's rows (a few KiB) and four tokens' blocks stay in
+                // L1 while a prompt's activations (100 KiB and more) are read once per chunk,
+                // not once per row.
+                let mut token = 0;
+                if let Some(dot4) = dot4 {
+                    while token + 4 <= tokens {
+                        let group: [&[ActivationBlock]; 4] = std::array::from_fn(|t| token_blocks(token + t));
+                        for row in rows.clone() {
+                            for (t, value) in dot4(weights(row), group).into_iter().enumerate() {
                                 write(token + t, row, value);
                             }
-                            token += 4;
                         }
+                        token += 4;
                     }
-                    for token in token..tokens {
-                        write(token, row, dot(weights, token_blocks(token)));
+                }
+                for token in token..tokens {
+                    for row in rows.clone() {
+                        write(token, row, dot(weights(row), token_blocks(token)));
                     }
                 }
             }
