@@ -165,46 +165,58 @@ macro_rules! dot_kernels {
         // Four tokens against one row: each block's weights are unpacked once for all four (a
         // prompt's matmul, where unpacking was most of the work), four accumulators.
 
-        /// A signed block's products with block `index` of each token, into `acc`.
+        /// Four tokens against a row of signed blocks: `unpack` gives a block's weights and its
+        /// scale `d` (lane 0). The block loop is here, not in a per-block helper, so that the
+        /// four accumulators stay in registers.
         #[inline]
         #[target_feature(enable = $features)]
-        fn signed_block4(
-            acc: &mut [__m256; 4],
-            weights: __m256i,
-            d: __m128,
+        fn signed_dot4(
+            row: &[u8],
+            block_bytes: usize,
             tokens: [&[ActivationBlock]; 4],
-            index: usize,
-        ) {
-            let magnitudes = _mm256_sign_epi8(weights, weights);
-            // d·scale in every lane, as the one-token kernel's product broadcast (the same f32
-            // product), with the block's d broadcast once for the four tokens.
-            let d = _mm256_broadcastss_ps(d);
-            for (acc, activations) in acc.iter_mut().zip(tokens) {
-                let a = &activations[index];
-                let sums = products(magnitudes, _mm256_sign_epi8(activation_bytes(a), weights));
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.scale));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc);
+            unpack: impl Fn(&[u8]) -> (__m256i, __m128),
+        ) -> [f32; 4] {
+            let tokens = blocks_of4(row, block_bytes, tokens);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (index, block) in row.chunks_exact(block_bytes).enumerate() {
+                let (weights, d) = unpack(block);
+                let magnitudes = _mm256_sign_epi8(weights, weights);
+                // d·scale in every lane, as the one-token kernel's product broadcast (the same
+                // f32 product), with the block's d broadcast once for the four tokens.
+                let d = _mm256_broadcastss_ps(d);
+                for t in 0..4 {
+                    let a = &tokens[t][index];
+                    let sums = products(magnitudes, _mm256_sign_epi8(activation_bytes(a), weights));
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.scale));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
+                }
             }
+            finish4(acc, None)
         }
 
-        /// An unsigned block with a minimum (`dm`: d and m in lanes 0 and 1), as `signed_block4`.
+        /// As `signed_dot4`, for unsigned blocks with a minimum (`unpack` gives `dm`: d and m
+        /// in lanes 0 and 1).
         #[inline]
         #[target_feature(enable = $features)]
-        fn unsigned_block4(
-            acc: &mut [__m256; 4],
-            minimums: &mut [__m128; 4],
-            weights: __m256i,
-            dm: __m128,
+        fn unsigned_dot4(
+            row: &[u8],
+            block_bytes: usize,
             tokens: [&[ActivationBlock]; 4],
-            index: usize,
-        ) {
-            for ((acc, minimums), activations) in acc.iter_mut().zip(minimums.iter_mut()).zip(tokens) {
-                let a = &activations[index];
-                let sums = products(weights, activation_bytes(a));
-                let factors = _mm_mul_ps(dm, scale_and_sum(a));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_broadcastss_ps(factors), *acc);
-                *minimums = _mm_add_ps(*minimums, factors);
+            unpack: impl Fn(&[u8]) -> (__m256i, __m128),
+        ) -> [f32; 4] {
+            let tokens = blocks_of4(row, block_bytes, tokens);
+            let (mut acc, mut minimums) = ([_mm256_setzero_ps(); 4], [_mm_setzero_ps(); 4]);
+            for (index, block) in row.chunks_exact(block_bytes).enumerate() {
+                let (weights, dm) = unpack(block);
+                for t in 0..4 {
+                    let a = &tokens[t][index];
+                    let sums = products(weights, activation_bytes(a));
+                    let factors = _mm_mul_ps(dm, scale_and_sum(a));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_broadcastss_ps(factors), acc[t]);
+                    minimums[t] = _mm_add_ps(minimums[t], factors);
+                }
             }
+            finish4(acc, Some(minimums))
         }
 
         #[inline]
@@ -216,74 +228,53 @@ macro_rules! dot_kernels {
             })
         }
 
-        /// Every token has a block for every block of the row.
-        fn check4(row: &[u8], block_bytes: usize, tokens: &[&[ActivationBlock]; 4]) {
+        /// Each token's first blocks, one per block of the row (exactly as many, so that indexing
+        /// them by the row's block needs no check in the loop); panics when a token has fewer.
+        fn blocks_of4<'a>(row: &[u8], block_bytes: usize, tokens: [&'a [ActivationBlock]; 4]) -> [&'a [ActivationBlock]; 4] {
             let blocks = row.len() / block_bytes;
             assert!(tokens.iter().all(|t| t.len() >= blocks), "fewer activation blocks than weight blocks");
+            tokens.map(|t| &t[..blocks])
         }
 
         #[target_feature(enable = $features)]
         pub fn dot4_q4_0(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
-            check4(row, 18, &tokens);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (index, block) in row.chunks_exact(18).enumerate() {
-                let weights = _mm256_sub_epi8(nibbles_to_bytes(load16(&block[2..])), _mm256_set1_epi8(8));
-                signed_block4(&mut acc, weights, f16_pair(block, 0), tokens, index);
-            }
-            finish4(acc, None)
+            signed_dot4(row, 18, tokens, |block| {
+                (_mm256_sub_epi8(nibbles_to_bytes(load16(&block[2..])), _mm256_set1_epi8(8)), f16_pair(block, 0))
+            })
         }
 
         #[target_feature(enable = $features)]
         pub fn dot4_q4_1(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
-            check4(row, 20, &tokens);
-            let (mut acc, mut minimums) = ([_mm256_setzero_ps(); 4], [_mm_setzero_ps(); 4]);
-            for (index, block) in row.chunks_exact(20).enumerate() {
-                let weights = nibbles_to_bytes(load16(&block[4..]));
-                unsigned_block4(&mut acc, &mut minimums, weights, f16_pair(block, 0), tokens, index);
-            }
-            finish4(acc, Some(minimums))
+            unsigned_dot4(row, 20, tokens, |block| (nibbles_to_bytes(load16(&block[4..])), f16_pair(block, 0)))
         }
 
         #[target_feature(enable = $features)]
         pub fn dot4_q5_0(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
-            check4(row, 22, &tokens);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (index, block) in row.chunks_exact(22).enumerate() {
+            signed_dot4(row, 22, tokens, |block| {
                 let high_bits = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
                 let fifth = _mm256_and_si256(bits_to_bytes(high_bits), _mm256_set1_epi8(0x10));
                 let unsigned = _mm256_or_si256(nibbles_to_bytes(load16(&block[6..])), fifth);
-                let weights = _mm256_sub_epi8(unsigned, _mm256_set1_epi8(16));
-                signed_block4(&mut acc, weights, f16_pair(block, 0), tokens, index);
-            }
-            finish4(acc, None)
+                (_mm256_sub_epi8(unsigned, _mm256_set1_epi8(16)), f16_pair(block, 0))
+            })
         }
 
         #[target_feature(enable = $features)]
         pub fn dot4_q5_1(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
-            check4(row, 24, &tokens);
-            let (mut acc, mut minimums) = ([_mm256_setzero_ps(); 4], [_mm_setzero_ps(); 4]);
-            for (index, block) in row.chunks_exact(24).enumerate() {
+            unsigned_dot4(row, 24, tokens, |block| {
                 let high_bits = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
                 let fifth = _mm256_and_si256(bits_to_bytes(high_bits), _mm256_set1_epi8(0x10));
-                let weights = _mm256_or_si256(nibbles_to_bytes(load16(&block[8..])), fifth);
-                unsigned_block4(&mut acc, &mut minimums, weights, f16_pair(block, 0), tokens, index);
-            }
-            finish4(acc, Some(minimums))
+                (_mm256_or_si256(nibbles_to_bytes(load16(&block[8..])), fifth), f16_pair(block, 0))
+            })
         }
 
         #[target_feature(enable = $features)]
         pub fn dot4_q8_0(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
-            check4(row, 34, &tokens);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (index, block) in row.chunks_exact(34).enumerate() {
-                signed_block4(&mut acc, load32(&block[2..]), f16_pair(block, 0), tokens, index);
-            }
-            finish4(acc, None)
+            signed_dot4(row, 34, tokens, |block| (load32(&block[2..]), f16_pair(block, 0)))
         }
 
         #[target_feature(enable = $features)]
         pub fn dot4_q4_k(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
-            check4(row, Q4_K_BYTES / 8, &tokens);
+            let tokens = blocks_of4(row, Q4_K_BYTES / 8, tokens);
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut minimums = [0.0f32; 4];
             for (super_block, block) in row.chunks_exact(Q4_K_BYTES).enumerate() {
@@ -311,7 +302,7 @@ macro_rules! dot_kernels {
 
         #[target_feature(enable = $features)]
         pub fn dot4_q6_k(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4] {
-            check4(row, Q6_K_BYTES / 8, &tokens);
+            let tokens = blocks_of4(row, Q6_K_BYTES / 8, tokens);
             let mut acc = [_mm256_setzero_ps(); 4];
             for (super_block, block) in row.chunks_exact(Q6_K_BYTES).enumerate() {
                 let d = _mm_cvtss_f32(_mm_movehdup_ps(f16_pair(block, 206)));
