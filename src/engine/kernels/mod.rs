@@ -12,7 +12,6 @@
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 
 pub mod activation;
-pub mod attention;
 pub mod candle_pools;
 mod k_quants;
 pub mod pool;
