@@ -121,17 +121,7 @@ pub mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Values across the range a feed-forward sees, the tails of the sigmoid included.
-    fn sample(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 40.0
-            })
-            .collect()
-    }
+    use crate::engine::kernels::tests::Random;
 
     #[test]
     fn the_sigmoid_form_is_gelu_tanh_and_silu() {
@@ -166,7 +156,8 @@ mod tests {
         }
         // Widths with and without a tail of fewer than eight values.
         for width in [8, 13, 640, 2051] {
-            let fused = sample(3 * 2 * width, width as u64);
+            // Values across the range a feed-forward sees, the tails of the sigmoid included.
+            let fused = Random(width as u64).floats(3 * 2 * width, 20.0);
             for activation in [GatedActivation::Silu, GatedActivation::GeluTanh] {
                 let (mut expected, mut got) = (vec![0.0; 3 * width], vec![0.0; 3 * width]);
                 scalar(activation, &fused, width, &mut expected);
