@@ -11,7 +11,6 @@
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 
-pub mod activation;
 pub mod candle_pools;
 mod k_quants;
 pub mod pool;
@@ -24,7 +23,6 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::GgmlDType;
 
-pub use activation::GatedActivation;
 pub use pool::ComputePool;
 pub use scalar::{ActivationBlock, BLOCK};
 use scalar::{DotRow, DotRow4};

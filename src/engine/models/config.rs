@@ -10,8 +10,6 @@ use std::collections::HashMap;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::{Result, bail};
 
-use crate::engine::kernels::GatedActivation;
-
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -19,6 +17,15 @@ pub enum RopeStyle {
     Interleaved,
     /// Pairs (i, i + d/2): gemma, qwen, phi3 ("neox").
     Halves,
+}
+
+/// The activation that gates the feed-forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatedActivation {
+    /// SiLU (llama, qwen, phi3).
+    Silu,
+    /// GELU, tanh approximation (gemma).
+    GeluTanh,
 }
 
 /// Gemma's local layers: they attend to the last `size` positions only and use their own rotary
