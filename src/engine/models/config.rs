@@ -19,13 +19,11 @@ pub enum RopeStyle {
     Halves,
 }
 
-/// The activation that gates the feed-forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GatedActivation {
-    /// SiLU (llama, qwen, phi3).
+pub enum Activation {
     Silu,
-    /// GELU, tanh approximation (gemma).
-    GeluTanh,
+    /// GELU, tanh approximation.
+    Gelu,
 }
 
 /// Gemma's local layers: they attend to the last `size` positions only and use their own rotary
@@ -58,7 +56,7 @@ pub struct DecoderConfig {
     pub attention_bias: bool,
     /// RMS norms on the attention and feed-forward outputs too, before the residual add (gemma).
     pub post_norms: bool,
-    pub activation: GatedActivation,
+    pub activation: Activation,
     pub sliding_window: Option<SlidingWindow>,
     /// Queries are multiplied by this before the dot products: 1/√head_dim, except gemma 27B.
     pub query_scale: f32,
@@ -115,7 +113,7 @@ impl DecoderConfig {
             qk_norm: false,
             attention_bias: false,
             post_norms: false,
-            activation: GatedActivation::Silu,
+            activation: Activation::Silu,
             sliding_window: None,
             query_scale: 1.0 / (head_dim as f32).sqrt(),
             attention_softcap: None,
@@ -149,7 +147,7 @@ impl DecoderConfig {
                 config.rope_style = RopeStyle::Halves;
                 config.embedding_scale = Some((hidden as f32).sqrt());
                 config.post_norms = true;
-                config.activation = GatedActivation::GeluTanh;
+                config.activation = Activation::Gelu;
                 config.qk_norm = gemma3;
                 // The 27B models scale queries by the width per head, not the head size.
                 if layers == if gemma3 { 62 } else { 46 } {

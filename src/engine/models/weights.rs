@@ -11,8 +11,6 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, 
 
 use crate::engine::kernels::{Kernels, QuantizedMatrix, WeightType, matmul_fused};
 
-use super::config::GatedActivation;
-
 /// Reads named tensors out of one GGUF file for one device.
 pub struct WeightReader<'a, R> {
     content: &'a gguf_file::Content,
@@ -200,23 +198,6 @@ impl Linear {
             start += matrix.rows();
         }
         Ok(outputs)
-    }
-
-    /// The gated feed-forward's first half, `act(x · gateᵀ) · (x · upᵀ)`, the two projections fused.
-    pub fn forward_gated(
-        gate: &Linear,
-        up: &Linear,
-        activation: GatedActivation,
-        x: &Tensor,
-    ) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] = Self::forward_fused(&[gate, up], x)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("two projections expected".into()))?;
-        let gate = match activation {
-            GatedActivation::Silu => candle_nn::ops::silu(&gate)?,
-            GatedActivation::GeluTanh => gate.gelu()?,
-        };
-        gate * up
     }
 
     /// Whether the layer runs on llmesh's kernels (for logs and tests).
