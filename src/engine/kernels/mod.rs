@@ -10,7 +10,9 @@
 //! across the engine's compute pool (`pool.rs`: persistent workers that park when
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
+//! `attention.rs` is attention over one sequence's KV cache, on the same pool.
 
+pub mod attention;
 pub mod candle_pools;
 mod k_quants;
 pub mod pool;

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor, bail};
 
+use crate::engine::kernels::attention::AttentionShape;
+
 use super::config::{Activation, DecoderConfig, RopeStyle};
+use super::cpu_attention::CpuAttention;
 use super::kv_cache::KvCache;
 use super::weights::{Linear, TokenEmbedding, WeightReader};
 use super::{BatchEntry, LanguageModel, Sequence};
@@ -413,6 +416,20 @@ impl Decoder {
         }
         let (keys, values) = cache.append(index, keys, values)?;
         let len = position + tokens;
+        if self.device.is_cpu() {
+            // Every row computed alike however the prompt was split (see `kernels::attention`).
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+                tokens,
+                position,
+                window: layer.window,
+                scale: config.query_scale,
+                softcap: config.attention_softcap,
+            };
+            return queries.apply_op3_no_bwd(&keys, &values, &CpuAttention(shape));
+        }
 
         // Query heads that share a key/value head sit next to each other: group them as extra
         // rows of one matmul per key/value head instead of repeating the cache.

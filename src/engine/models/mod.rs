@@ -6,6 +6,7 @@
 //! arm in `DecoderConfig::from_metadata` and its name to `ARCHITECTURES`.
 
 mod config;
+mod cpu_attention;
 mod decoder;
 mod kv_cache;
 #[cfg(test)]

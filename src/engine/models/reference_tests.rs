@@ -287,3 +287,39 @@ fn tiny_llama3_agrees_with_llama_cpp() {
 fn tiny_gemma2_agrees_with_llama_cpp() {
     agrees_with_llama_cpp("tiny-gemma2.json", TINY_F32);
 }
+
+/// The model of fixture `name` gives a prompt's logits to the bit however the prompt is split into
+/// steps, as a prompt-cache hit and the scheduler's chunks split it (the tiny llama of
+/// `tests.rs` is cut everywhere; these are the real files, with every family feature they have).
+fn a_split_prompt_gives_the_same_logits(name: &str) {
+    let fixture = read_fixture(name);
+    let Some(path) = model_file(&fixture) else { return };
+    let model = load_language_model(&path, &Device::Cpu, &Default::default()).unwrap().model;
+    for case in &fixture.cases {
+        let prompt = &case.prompt_tokens;
+        let whole =
+            model.forward_one(model.new_sequence().as_mut(), prompt, 0).unwrap().to_vec1::<f32>().unwrap();
+        for cut in [1, prompt.len() / 2, prompt.len() - 1] {
+            let mut sequence = model.new_sequence();
+            model.forward_one(sequence.as_mut(), &prompt[..cut], 0).unwrap();
+            let split =
+                model.forward_one(sequence.as_mut(), &prompt[cut..], cut).unwrap().to_vec1::<f32>().unwrap();
+            let differing = whole.iter().zip(&split).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(
+                differing, 0,
+                "{name}, prompt {:?} cut after {cut} tokens: {differing} logits differ",
+                case.prompt
+            );
+        }
+    }
+}
+
+#[test]
+fn smollm2_gives_a_split_prompt_the_same_logits() {
+    a_split_prompt_gives_the_same_logits("SmolLM2-135M-Instruct.Q4_1.json");
+}
+
+#[test]
+fn gemma3_gives_a_split_prompt_the_same_logits() {
+    a_split_prompt_gives_the_same_logits("gemma-3-270m-q4_k_m.json");
+}

@@ -1,0 +1,423 @@
+//! Attention of a step's query rows against one sequence's cached keys and values, on the CPU,
+//! read in place from the cache: no transposed copy of the keys, no packing for a general matmul,
+//! no score tensor per op.
+//!
+//! Every query row is computed the same way whatever else the step holds: its scores in position
+//! order, its softmax, its weighted sum of values in position order. So a row's result does not
+//! depend on how its prompt was split into steps (a prompt-cache hit resumes a prompt in the
+//! middle; the scheduler cuts long prompts into chunks), which candle's matmul does not promise:
+//! it blocks its sums by the shape of the whole product. Rows are spread across the engine's
+//! compute pool; which thread runs a row does not change its result either.
+//!
+//! Query heads that share a key/value head (grouped-query attention) read the same cached rows.
+
+use std::ops::Range;
+
+use super::pool;
+
+/// What one call attends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Query rows (new tokens); the first sits at `position`, so the cache holds
+    /// `position + tokens` positions, the new ones included.
+    pub tokens: usize,
+    pub position: usize,
+    /// Sliding-window layers see only the last `window` positions, their own included.
+    pub window: Option<usize>,
+    /// Scores are `scale · q·k`, then `cap · tanh(score / cap)` where a cap is set.
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+impl AttentionShape {
+    /// Positions in the cache, the new ones included.
+    pub fn positions(&self) -> usize {
+        self.position + self.tokens
+    }
+
+    /// The cache positions query row `token` may look at.
+    fn visible(&self, token: usize) -> Range<usize> {
+        let query = self.position + token;
+        let first = self.window.map_or(0, |size| (query + 1).saturating_sub(size));
+        first..query + 1
+    }
+}
+
+/// Multiply-adds below which a call runs on its caller alone: a decode step over a short cache is
+/// a few microseconds of work, less than waking the pool costs.
+const THREADED_WORK: usize = 1 << 18;
+
+/// `queries` is `(heads, tokens, head_dim)`; `keys` and `values` hold key/value head `h`'s
+/// position `p` at `h · kv_stride + p · head_dim` (the cache's buffers, `positions()` filled);
+/// `out` is `(tokens, heads · head_dim)`. Panics on slices too short for the shape.
+pub fn attend(
+    shape: &AttentionShape,
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    kv_stride: usize,
+    out: &mut [f32],
+) {
+    let AttentionShape { heads, kv_heads, head_dim, tokens, .. } = *shape;
+    assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "heads in whole groups");
+    assert_eq!(queries.len(), heads * tokens * head_dim, "queries");
+    assert_eq!(out.len(), tokens * heads * head_dim, "output");
+    let len = shape.positions();
+    let needed = (kv_heads - 1) * kv_stride + len * head_dim;
+    assert!(kv_stride >= len * head_dim && keys.len() >= needed && values.len() >= needed, "cache");
+    let group = heads / kv_heads;
+    let rows = heads * tokens;
+    let out_address = out.as_mut_ptr() as usize;
+    // Row r is query head r / tokens at token r % tokens: neighbouring rows share their keys.
+    let body = |range: Range<usize>| {
+        let mut scores = vec![0.0f32; len];
+        for row in range {
+            let (head, token) = (row / tokens, row % tokens);
+            let cache_start = head / group * kv_stride;
+            // SAFETY: `out` holds tokens · heads · head_dim values (asserted above) and outlives
+            // this call; each row's slice is written by the one thread that claimed the row.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(
+                    (out_address as *mut f32).add((token * heads + head) * head_dim),
+                    head_dim,
+                )
+            };
+            attend_row(
+                shape,
+                &queries[row * head_dim..][..head_dim],
+                &keys[cache_start..],
+                &values[cache_start..],
+                shape.visible(token),
+                &mut scores,
+                out,
+            );
+        }
+    };
+    if rows * len * head_dim < THREADED_WORK {
+        body(0..rows);
+    } else {
+        pool::global().run(rows, body);
+    }
+}
+
+/// One query row: scores over `visible`, softmax, the weighted sum of values into `out`.
+fn attend_row(
+    shape: &AttentionShape,
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    visible: Range<usize>,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: `available()` confirmed the CPU has the features.
+        return unsafe { simd::attend_row(shape, query, keys, values, visible, scores, out) };
+    }
+    attend_row_portable(shape, query, keys, values, visible, scores, out);
+}
+
+/// The row's arithmetic, written once. Lanes are summed in the same order whatever the compiler
+/// makes of them, so the AVX2 build of this function gives the portable one's bits.
+#[inline(always)]
+fn attend_row_portable(
+    shape: &AttentionShape,
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    visible: Range<usize>,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let head_dim = shape.head_dim;
+    let scores = &mut scores[visible.clone()];
+    let mut max = f32::NEG_INFINITY;
+    for (score, position) in scores.iter_mut().zip(visible.clone()) {
+        let mut value = shape.scale * dot(query, &keys[position * head_dim..][..head_dim]);
+        if let Some(cap) = shape.softcap {
+            value = cap * (value / cap).tanh();
+        }
+        *score = value;
+        max = max.max(value);
+    }
+    let mut total = 0.0f32;
+    for score in scores.iter_mut() {
+        *score = (*score - max).exp();
+        total += *score;
+    }
+    out.fill(0.0);
+    for (&weight, position) in scores.iter().zip(visible) {
+        add_scaled(out, weight, &values[position * head_dim..][..head_dim]);
+    }
+    let inverse = 1.0 / total;
+    out.iter_mut().for_each(|value| *value *= inverse);
+}
+
+/// Sixteen independent partial sums (two vector registers), added pairwise at the end.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut even = [0.0f32; 8];
+    let mut odd = [0.0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..8 {
+            even[lane] += x[lane] * y[lane];
+            odd[lane] += x[lane + 8] * y[lane + 8];
+        }
+    }
+    let mut lanes = [0.0f32; 8];
+    for lane in 0..8 {
+        lanes[lane] = even[lane] + odd[lane];
+    }
+    let quarter = [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
+    (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]) + tail
+}
+
+/// `out += weight · values`.
+#[inline(always)]
+fn add_scaled(out: &mut [f32], weight: f32, values: &[f32]) {
+    for (out, value) in out.iter_mut().zip(values) {
+        *out += weight * value;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::ops::Range;
+    use std::sync::OnceLock;
+
+    use super::AttentionShape;
+
+    pub fn available() -> bool {
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+    }
+
+    /// `attend_row_portable` compiled for AVX2 (no FMA: a fused multiply-add rounds once where
+    /// the portable code rounds twice, and the two must agree).
+    #[target_feature(enable = "avx2")]
+    pub fn attend_row(
+        shape: &AttentionShape,
+        query: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        visible: Range<usize>,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        super::attend_row_portable(shape, query, keys, values, visible, scores, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// The textbook definition, in f64, one query head at a time.
+    fn reference(
+        shape: &AttentionShape,
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        kv_stride: usize,
+    ) -> Vec<f32> {
+        let AttentionShape { heads, kv_heads, head_dim, tokens, position, .. } = *shape;
+        let mut out = vec![0.0f32; tokens * heads * head_dim];
+        for head in 0..heads {
+            let kv = head / (heads / kv_heads);
+            for token in 0..tokens {
+                let query = position + token;
+                let q = &queries[(head * tokens + token) * head_dim..][..head_dim];
+                let scores: Vec<Option<f64>> = (0..shape.positions())
+                    .map(|key| {
+                        let hidden = key > query || shape.window.is_some_and(|size| query - key >= size);
+                        (!hidden).then(|| {
+                            let k = &keys[kv * kv_stride + key * head_dim..][..head_dim];
+                            let mut s = f64::from(shape.scale)
+                                * q.iter().zip(k).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>();
+                            if let Some(cap) = shape.softcap {
+                                s = f64::from(cap) * (s / f64::from(cap)).tanh();
+                            }
+                            s
+                        })
+                    })
+                    .collect();
+                let max = scores.iter().flatten().fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+                let total: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
+                for d in 0..head_dim {
+                    let mut value = 0.0;
+                    for (key, score) in scores.iter().enumerate() {
+                        if let Some(s) = score {
+                            value += (s - max).exp() / total
+                                * f64::from(values[kv * kv_stride + key * head_dim + d]);
+                        }
+                    }
+                    out[(token * heads + head) * head_dim + d] = value as f32;
+                }
+            }
+        }
+        out
+    }
+
+    struct Case {
+        shape: AttentionShape,
+        kv_stride: usize,
+        queries: Vec<f32>,
+        keys: Vec<f32>,
+        values: Vec<f32>,
+    }
+
+    impl Case {
+        #[allow(clippy::too_many_arguments)]
+        fn new(
+            seed: u64,
+            heads: usize,
+            kv_heads: usize,
+            head_dim: usize,
+            tokens: usize,
+            position: usize,
+            window: Option<usize>,
+            softcap: Option<f32>,
+        ) -> Self {
+            let shape =
+                AttentionShape { heads, kv_heads, head_dim, tokens, position, window, scale: 0.3, softcap };
+            // A cache with room beyond what is filled, as the real one has.
+            let kv_stride = (shape.positions() + 5) * head_dim;
+            Self {
+                shape,
+                kv_stride,
+                queries: sample(heads * tokens * head_dim, seed),
+                keys: sample(kv_heads * kv_stride, 100 + seed),
+                values: sample(kv_heads * kv_stride, 200 + seed),
+            }
+        }
+
+        fn run(&self) -> Vec<f32> {
+            let shape = &self.shape;
+            let mut out = vec![f32::NAN; shape.tokens * shape.heads * shape.head_dim];
+            attend(shape, &self.queries, &self.keys, &self.values, self.kv_stride, &mut out);
+            out
+        }
+    }
+
+    #[test]
+    fn agrees_with_the_definition() {
+        let cases = [
+            // heads, kv_heads, head_dim, tokens, position, window, softcap
+            (4, 4, 16, 1, 0, None, None),
+            (9, 3, 64, 1, 37, None, None),
+            (4, 1, 36, 3, 20, None, Some(50.0)),
+            (8, 2, 12, 2, 30, Some(8), None),
+            (2, 1, 8, 5, 0, Some(3), Some(30.0)),
+            // Enough work to be spread over the pool.
+            (8, 2, 64, 48, 100, None, None),
+            (4, 4, 40, 64, 0, Some(16), None),
+        ];
+        for (seed, (heads, kv_heads, head_dim, tokens, position, window, softcap)) in
+            cases.into_iter().enumerate()
+        {
+            let case = Case::new(seed as u64, heads, kv_heads, head_dim, tokens, position, window, softcap);
+            let out = case.run();
+            let expected = reference(&case.shape, &case.queries, &case.keys, &case.values, case.kv_stride);
+            for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+                assert!((got - want).abs() <= 1e-5, "case {seed}, value {i}: {got} against {want}");
+            }
+        }
+    }
+
+    /// A row's bits do not depend on the other rows of its call: the last rows of a prompt run
+    /// whole equal those rows run as a step of their own over the same cache.
+    #[test]
+    fn a_row_is_the_same_whatever_rows_run_beside_it() {
+        let whole = Case::new(7, 8, 2, 64, 60, 0, None, None);
+        let (heads, head_dim) = (8, 64);
+        let all = whole.run();
+        for first in [1, 13, 59] {
+            let tokens = 60 - first;
+            let queries: Vec<f32> = (0..heads)
+                .flat_map(|head| {
+                    whole.queries[(head * 60 + first) * head_dim..(head * 60 + 60) * head_dim].to_vec()
+                })
+                .collect();
+            let shape = AttentionShape { tokens, position: first, ..whole.shape };
+            let mut out = vec![0.0; tokens * heads * head_dim];
+            attend(&shape, &queries, &whole.keys, &whole.values, whole.kv_stride, &mut out);
+            assert!(
+                out.iter().zip(&all[first * heads * head_dim..]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rows from {first} on differ"
+            );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_simd_build_gives_the_portable_bits() {
+        if !simd::available() {
+            return;
+        }
+        let case = Case::new(3, 4, 2, 72, 5, 30, None, Some(20.0));
+        let shape = &case.shape;
+        for token in 0..shape.tokens {
+            let head_dim = shape.head_dim;
+            let query = &case.queries[token * head_dim..][..head_dim];
+            let (mut scores, mut simd_out, mut portable_out) =
+                (vec![0.0; shape.positions()], vec![0.0; head_dim], vec![0.0; head_dim]);
+            // SAFETY: `available()` said yes.
+            unsafe {
+                simd::attend_row(
+                    shape,
+                    query,
+                    &case.keys,
+                    &case.values,
+                    shape.visible(token),
+                    &mut scores,
+                    &mut simd_out,
+                )
+            };
+            attend_row_portable(
+                shape,
+                query,
+                &case.keys,
+                &case.values,
+                shape.visible(token),
+                &mut scores,
+                &mut portable_out,
+            );
+            assert!(simd_out.iter().zip(&portable_out).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+
+    #[test]
+    fn a_window_of_one_sees_only_its_own_position() {
+        let shape = AttentionShape {
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            tokens: 1,
+            position: 3,
+            window: Some(1),
+            scale: 1.0,
+            softcap: None,
+        };
+        let keys = [9.0; 8];
+        let values = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, -4.0];
+        let mut out = [0.0; 2];
+        attend(&shape, &[1.0, 0.0], &keys, &values, 8, &mut out);
+        assert_eq!(out, [4.0, -4.0]);
+    }
+}
