@@ -1,6 +1,6 @@
 //! The CPU kernels alone: `cargo bench --bench kernels`. For each weight type, a matmul of a
 //! 2048 × 2048 matrix against 1 token (decode), 4 and 128 tokens (a prompt), on the engine's
-//! compute pool as a forward pass runs it.
+//! compute pool as a forward pass runs it; then the gated activation over 128 tokens of 2048.
 //! Prints the median time per call and the weight bytes read per second; asserts nothing.
 //! `LLMESH_KERNELS=scalar|avx2|vnni` picks a variant, `LLMESH_THREADS` the threads.
 
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use llmesh::engine::kernels::activation::{GatedActivation, gated};
 use llmesh::engine::kernels::{Kernels, QuantizedMatrix, WeightType, matmul_fused};
 
 const SIZE: usize = 2048;
@@ -63,6 +64,12 @@ fn main() -> candle_core::Result<()> {
             );
         }
         println!("{line}");
+    }
+    let fused = values(128 * 2 * SIZE, 3);
+    let mut out = vec![0.0f32; 128 * SIZE];
+    for activation in [GatedActivation::Silu, GatedActivation::GeluTanh] {
+        let seconds = median_seconds(|| gated(activation, black_box(&fused), SIZE, &mut out));
+        println!("{activation:?}, 128 tokens of {SIZE}: {:.1} µs", seconds * 1e6);
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 //! `attention.rs` is attention over one sequence's KV cache, on the same pool.
 
+pub mod activation;
 pub mod attention;
 pub mod candle_pools;
 mod k_quants;
@@ -25,6 +26,7 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::GgmlDType;
 
+pub use activation::GatedActivation;
 pub use pool::ComputePool;
 pub use scalar::{ActivationBlock, BLOCK};
 use scalar::{DotRow, DotRow4};

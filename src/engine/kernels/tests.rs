@@ -17,8 +17,9 @@ const TYPES: [WeightType; 7] = [
     WeightType::Q6K,
 ];
 
-/// A small deterministic generator (no dependency on `rand`'s algorithms across versions).
-struct Random(u64);
+/// A small deterministic generator (no dependency on `rand`'s algorithms across versions), shared
+/// by the tests of every kernel here.
+pub(super) struct Random(pub(super) u64);
 
 impl Random {
     fn next(&mut self) -> u64 {
@@ -26,8 +27,13 @@ impl Random {
         self.0 >> 33
     }
 
-    fn float(&mut self) -> f32 {
+    pub(super) fn float(&mut self) -> f32 {
         self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+    }
+
+    /// `len` values in `[-scale, scale)`.
+    pub(super) fn floats(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.float() * scale).collect()
     }
 }
 

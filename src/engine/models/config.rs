@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::{Result, bail};
 
+use crate::engine::kernels::GatedActivation;
+
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -17,13 +19,6 @@ pub enum RopeStyle {
     Interleaved,
     /// Pairs (i, i + d/2): gemma, qwen, phi3 ("neox").
     Halves,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    /// GELU, tanh approximation.
-    Gelu,
 }
 
 /// Gemma's local layers: they attend to the last `size` positions only and use their own rotary
@@ -56,7 +51,7 @@ pub struct DecoderConfig {
     pub attention_bias: bool,
     /// RMS norms on the attention and feed-forward outputs too, before the residual add (gemma).
     pub post_norms: bool,
-    pub activation: Activation,
+    pub activation: GatedActivation,
     pub sliding_window: Option<SlidingWindow>,
     /// Queries are multiplied by this before the dot products: 1/√head_dim, except gemma 27B.
     pub query_scale: f32,
@@ -113,7 +108,7 @@ impl DecoderConfig {
             qk_norm: false,
             attention_bias: false,
             post_norms: false,
-            activation: Activation::Silu,
+            activation: GatedActivation::Silu,
             sliding_window: None,
             query_scale: 1.0 / (head_dim as f32).sqrt(),
             attention_softcap: None,
@@ -147,7 +142,7 @@ impl DecoderConfig {
                 config.rope_style = RopeStyle::Halves;
                 config.embedding_scale = Some((hidden as f32).sqrt());
                 config.post_norms = true;
-                config.activation = Activation::Gelu;
+                config.activation = GatedActivation::GeluTanh;
                 config.qk_norm = gemma3;
                 // The 27B models scale queries by the width per head, not the head size.
                 if layers == if gemma3 { 62 } else { 46 } {

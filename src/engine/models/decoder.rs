@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Result, Tensor, bail};
 
 use crate::engine::kernels::attention::AttentionShape;
 
-use super::config::{Activation, DecoderConfig, RopeStyle};
+use super::config::{DecoderConfig, RopeStyle};
 use super::cpu_attention::CpuAttention;
 use super::kv_cache::KvCache;
 use super::weights::{Linear, TokenEmbedding, WeightReader};
@@ -336,14 +336,8 @@ impl Decoder {
         }
         let hidden = (hidden + attention)?;
         let x = layer.ffn_norm.forward(&hidden)?;
-        let [gate, up]: [Tensor; 2] = Linear::forward_fused(&[&layer.gate, &layer.up], &x)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("two projections expected".into()))?;
-        let gate = match self.config.activation {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::Gelu => gate.gelu()?,
-        };
-        let mut feed_forward = layer.down.forward(&(gate * up)?)?;
+        let gated = Linear::forward_gated(&layer.gate, &layer.up, self.config.activation, &x)?;
+        let mut feed_forward = layer.down.forward(&gated)?;
         if let Some(norm) = &layer.post_ffn_norm {
             feed_forward = norm.forward(&feed_forward)?;
         }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, gguf_file};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor, bail};
 
-use crate::engine::kernels::{Kernels, QuantizedMatrix, WeightType, matmul_fused};
+use crate::engine::kernels::activation::gated;
+use crate::engine::kernels::{GatedActivation, Kernels, QuantizedMatrix, WeightType, matmul_fused};
 
 /// Reads named tensors out of one GGUF file for one device.
 pub struct WeightReader<'a, R> {
@@ -200,6 +201,34 @@ impl Linear {
         Ok(outputs)
     }
 
+    /// The gated feed-forward's first half, `act(x · gateᵀ) · (x · upᵀ)`. On our kernels the two
+    /// projections run as one fused matmul and the activation reads their joint output in one
+    /// pass; elsewhere candle's ops.
+    pub fn forward_gated(
+        gate: &Linear,
+        up: &Linear,
+        activation: GatedActivation,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        if let (Self::Native { matrix: gate_matrix, kernels }, Self::Native { matrix: up_matrix, .. }) =
+            (gate, up)
+            && gate_matrix.rows() == up_matrix.rows()
+        {
+            let matrices = [&**gate_matrix, &**up_matrix];
+            let fused =
+                x.contiguous()?.apply_op1_no_bwd(&NativeMatMul { matrices: &matrices, kernels: *kernels })?;
+            return fused.apply_op1_no_bwd(&GatedOp(activation));
+        }
+        let [gate, up]: [Tensor; 2] = Self::forward_fused(&[gate, up], x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("two projections expected".into()))?;
+        let gate = match activation {
+            GatedActivation::Silu => candle_nn::ops::silu(&gate)?,
+            GatedActivation::GeluTanh => gate.gelu()?,
+        };
+        gate * up
+    }
+
     /// Whether the layer runs on llmesh's kernels (for logs and tests).
     pub fn is_native(&self) -> bool {
         matches!(self, Self::Native { .. })
@@ -236,6 +265,34 @@ impl CustomOp1 for NativeMatMul<'_> {
         let input = &data[start..end];
         let mut out = vec![0.0f32; input.len() / columns * rows];
         matmul_fused(&self.kernels, self.matrices, input, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// `activation::gated` as a candle op on a fused gate|up output (CPU only, like `NativeMatMul`).
+struct GatedOp(GatedActivation);
+
+impl CustomOp1 for GatedOp {
+    fn name(&self) -> &'static str {
+        "llmesh-gated-activation"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { bail!("{}: the input must be f32", self.name()) };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("{}: the input must be contiguous", self.name())
+        };
+        let mut dims = layout.shape().dims().to_vec();
+        let width = match dims.last_mut() {
+            Some(last) if *last > 0 && last.is_multiple_of(2) => {
+                *last /= 2;
+                *last
+            }
+            _ => bail!("{}: input {:?} is not gate|up pairs", self.name(), layout.shape()),
+        };
+        let fused = &data[start..end];
+        let mut out = vec![0.0f32; fused.len() / 2];
+        gated(self.0, fused, width, &mut out);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
