@@ -301,12 +301,9 @@ fn load_model(
         created,
         hosts: Vec::new(),
     };
-    let started = std::time::Instant::now();
+    // Cheap: the grammar machinery itself is built by the first request that needs it.
     let grammar = match GrammarCompiler::new(tokenizer.clone(), &tokens.eos_token_ids) {
-        Ok(compiler) => {
-            tracing::debug!(model = %spec.id, seconds = started.elapsed().as_secs_f32(), "grammar vocabulary built");
-            Some(Arc::new(compiler))
-        }
+        Ok(compiler) => Some(Arc::new(compiler)),
         Err(error) => {
             tracing::warn!(model = %spec.id, %error, "no constrained decoding (response_format) for this model");
             None

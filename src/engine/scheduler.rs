@@ -65,7 +65,7 @@ pub struct ModelRuntime {
     pub model: Box<dyn LanguageModel>,
     pub tokenizer: Arc<Tokenizer>,
     pub eos_token_ids: Vec<u32>,
-    /// The vocabulary as bytes (built for grammars), for log-probabilities' `bytes`.
+    /// The vocabulary as bytes (the grammars' spelling), for log-probabilities' `bytes`.
     pub vocabulary: Option<Arc<GrammarCompiler>>,
 }
 

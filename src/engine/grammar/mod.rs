@@ -5,8 +5,9 @@
 //! Three pieces, with three lifetimes:
 //! - [`ResponseFormat`], part of a request's `SamplingParams`: plain data that travels to a
 //!   remote host (the schema as JSON text, since bincode cannot carry a `serde_json::Value`);
-//! - [`GrammarCompiler`], one per model, built at load: the vocabulary's trie
-//!   (`vocabulary.rs`) and llguidance's `ParserFactory`, shared by every request;
+//! - [`GrammarCompiler`], one per model, made at load and built by the first constrained
+//!   request: the vocabulary's trie (`vocabulary.rs`) and llguidance's `ParserFactory`, shared
+//!   by every request;
 //! - [`TokenConstraint`], one per constrained generation, compiled on the blocking thread that
 //!   prepares the prompt and then owned by the generation on the worker: each step it masks the
 //!   logits, then is told which token was sampled.
@@ -19,7 +20,7 @@ mod small_vocabulary;
 mod vocabulary;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
@@ -30,7 +31,7 @@ use toktrie::{SimpleVob, TokEnv};
 
 use super::EngineError;
 use super::validation::InvalidParam;
-use vocabulary::ModelVocabulary;
+use vocabulary::{ModelVocabulary, TokenSpeller};
 
 /// A schema's JSON text may be this long (a generous bound: real schemas are a few KiB).
 pub const MAX_SCHEMA_BYTES: usize = 256 * 1024;
@@ -103,35 +104,62 @@ pub(super) fn parse_schema_text(
     }
 }
 
-/// One model's grammar machinery: its vocabulary as bytes and llguidance's parser factory.
+/// One model's grammar machinery: its tokens as bytes, and llguidance's parser factory over the
+/// vocabulary's trie, built on first use. The factory is the costly part (gemma-3's 262,144
+/// tokens: 1.4 s and about 140 MiB, most of it llguidance's pre-sliced tries that make masks
+/// fast), and most nodes are never sent a `response_format`: they do not pay for it at load.
 pub struct GrammarCompiler {
-    factory: ParserFactory,
+    speller: TokenSpeller,
+    /// Built by the first constrained request (one builds, others wait for it); a vocabulary
+    /// llguidance cannot take is remembered as the error.
+    factory: OnceLock<Result<ParserFactory, String>>,
 }
 
 impl GrammarCompiler {
-    /// Build the vocabulary's trie and the factory (tens to hundreds of milliseconds: once, at
-    /// load). A vocabulary llguidance cannot take is an error, never a panic.
+    /// Check the vocabulary's end tokens and size (cheap); the factory is built on first use.
     pub fn new(tokenizer: Arc<Tokenizer>, eos_token_ids: &[u32]) -> Result<Self, String> {
-        let build = || -> Result<Self, String> {
-            let vocabulary: TokEnv = Arc::new(ModelVocabulary::new(tokenizer, eos_token_ids)?);
-            let mut factory = ParserFactory::new_simple(&vocabulary).map_err(|error| error.to_string())?;
-            factory.quiet();
-            // Errors name what went wrong, without the parser's state and the whole grammar.
-            factory.limits_mut().verbose_errors = false;
-            Ok(Self { factory })
-        };
-        std::panic::catch_unwind(AssertUnwindSafe(build))
-            .unwrap_or_else(|_| Err("llguidance panicked on the vocabulary".into()))
+        Ok(Self { speller: TokenSpeller::new(tokenizer, eos_token_ids)?, factory: OnceLock::new() })
+    }
+
+    /// The factory, built now if no request has needed it before. A vocabulary llguidance
+    /// cannot take is an error, never a panic.
+    pub fn ready(&self) -> Result<&ParserFactory, String> {
+        let built = self.factory.get_or_init(|| {
+            let started = std::time::Instant::now();
+            let build = || -> Result<ParserFactory, String> {
+                let vocabulary: TokEnv = Arc::new(ModelVocabulary::new(&self.speller));
+                let mut factory =
+                    ParserFactory::new_simple(&vocabulary).map_err(|error| error.to_string())?;
+                factory.quiet();
+                // Errors name what went wrong, without the parser's state and the whole grammar.
+                factory.limits_mut().verbose_errors = false;
+                Ok(factory)
+            };
+            let built = std::panic::catch_unwind(AssertUnwindSafe(build))
+                .unwrap_or_else(|_| Err("llguidance panicked on the vocabulary".into()));
+            match &built {
+                Ok(_) => {
+                    tracing::debug!(seconds = started.elapsed().as_secs_f32(), "grammar vocabulary built")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "no constrained decoding (response_format, tools) for this model")
+                }
+            }
+            built
+        });
+        built.as_ref().map_err(Clone::clone)
     }
 
     /// A token's bytes (a special token's name), for log-probabilities.
     pub fn token_bytes(&self, token: u32) -> Vec<u8> {
-        let trie = self.factory.tok_env().tok_trie();
-        if token as usize >= trie.vocab_size() {
+        if token >= self.speller.size() {
             return Vec::new();
         }
-        let bytes = trie.token(token);
-        bytes.strip_prefix(&[toktrie::TokTrie::SPECIAL_TOKEN_MARKER]).unwrap_or(bytes).to_vec()
+        let bytes = self.speller.bytes(token);
+        match bytes.strip_prefix(&[toktrie::TokTrie::SPECIAL_TOKEN_MARKER]) {
+            Some(name) => name.to_vec(),
+            None => bytes,
+        }
     }
 
     /// The constraint for one generation. A schema llguidance cannot compile (unsupported
@@ -142,12 +170,19 @@ impl GrammarCompiler {
         grammar: TopLevelGrammar,
         param: &str,
     ) -> Result<TokenConstraint, EngineError> {
-        let parser = self.factory.create_parser(grammar).map_err(|error| EngineError::InvalidParam {
+        let factory = self.ready().map_err(|error| EngineError::InvalidParam {
+            param: param.into(),
+            message: format!(
+                "This model's vocabulary cannot be used for constrained decoding: {}",
+                cut(&error)
+            ),
+        })?;
+        let parser = factory.create_parser(grammar).map_err(|error| EngineError::InvalidParam {
             param: param.into(),
             message: format!("The schema cannot be used: {}", cut(&error.to_string())),
         })?;
         let matcher = Matcher::new(Ok(parser));
-        let vocabulary_size = self.factory.tok_env().tok_trie().vocab_size();
+        let vocabulary_size = factory.tok_env().tok_trie().vocab_size();
         Ok(TokenConstraint { matcher, vocabulary_size })
     }
 }

@@ -253,3 +253,22 @@ fn after_a_token_that_stops_short_of_forced_bytes_the_mask_holds_what_the_gramma
     assert_eq!(allowed(&mut constraint, size), vec![b' ' as u32]);
     constraint.accept(b' ' as u32).expect("the space the mask allowed");
 }
+
+#[test]
+fn the_factory_is_built_by_the_first_grammar_and_spells_tokens_as_before() {
+    let (compiler, _, eos) = compiler();
+    assert!(compiler.factory.get().is_none(), "nothing is built before a grammar needs it");
+    // Log-probabilities' bytes come without building anything.
+    assert_eq!(compiler.token_bytes(u32::from(b'{')), b"{");
+    assert!(compiler.factory.get().is_none());
+    compile(&compiler, &ResponseFormat::JsonObject).unwrap();
+    let trie = compiler.factory.get().unwrap().as_ref().unwrap().tok_env().tok_trie();
+    // Every token's bytes as the trie holds them (special tokens without their marker).
+    for token in 0..trie.vocab_size() as u32 {
+        let held = trie.token(token);
+        let held = held.strip_prefix(&[toktrie::TokTrie::SPECIAL_TOKEN_MARKER]).unwrap_or(held);
+        assert_eq!(compiler.token_bytes(token), held, "token {token}");
+    }
+    assert!(!compiler.token_bytes(eos).is_empty());
+    assert!(compiler.token_bytes(trie.vocab_size() as u32).is_empty());
+}

@@ -13,9 +13,10 @@
 //!
 //! (toktrie's own `toktrie_hf_tokenizers` adapter does the same but pins an older `tokenizers`.)
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokenizers::{DecoderWrapper, Tokenizer};
+use tokenizers::{AddedToken, DecoderWrapper, Tokenizer};
 use toktrie::{TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
 /// How the vocabulary's strings spell bytes.
@@ -25,6 +26,65 @@ enum Spelling {
     ByteLevel,
     /// SentencePiece: `▁` for a space, `<0xNN>` for raw bytes.
     SentencePiece,
+}
+
+/// Each token id's bytes, as the table below spells them: cheap to build and hold (the tokenizer
+/// is shared), so a node has it from load, for log-probabilities' `bytes`, while the trie that
+/// grammars need is built on first use.
+pub struct TokenSpeller {
+    tokenizer: Arc<Tokenizer>,
+    spelling: Spelling,
+    byte_of_char: Vec<Option<u8>>,
+    added: HashMap<u32, AddedToken>,
+    eos_token_ids: Vec<u32>,
+    size: u32,
+}
+
+impl TokenSpeller {
+    /// The tokens of `tokenizer`, where the ids in `eos_token_ids` (at least one) end a
+    /// generation.
+    pub fn new(tokenizer: Arc<Tokenizer>, eos_token_ids: &[u32]) -> Result<Self, String> {
+        if eos_token_ids.is_empty() {
+            return Err("the model has no end-of-sequence token".into());
+        }
+        let added: HashMap<u32, AddedToken> = tokenizer.get_added_tokens_decoder().into_iter().collect();
+        let size = added.keys().map(|&id| id as usize + 1).fold(tokenizer.get_vocab_size(true), usize::max);
+        let size = u32::try_from(size).map_err(|_| "the vocabulary is too large")?;
+        if eos_token_ids.iter().any(|&id| id >= size) {
+            return Err("an end-of-sequence token is outside the vocabulary".into());
+        }
+        Ok(Self {
+            spelling: spelling_of(&tokenizer),
+            tokenizer,
+            byte_of_char: byte_level_decoding_table(),
+            added,
+            eos_token_ids: eos_token_ids.to_vec(),
+            size,
+        })
+    }
+
+    /// Token ids run from 0 to this.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// What token `id` stands for in the output; special tokens (chat markers, EOS) are their
+    /// name behind toktrie's 0xFF marker, ids without a token are empty.
+    pub fn bytes(&self, id: u32) -> Vec<u8> {
+        let added_token = self.added.get(&id);
+        if added_token.is_some_and(|token| token.special) || self.eos_token_ids.contains(&id) {
+            let text = self.tokenizer.id_to_token(id).unwrap_or_else(|| format!("<[{id}]>"));
+            return [&[TokTrie::SPECIAL_TOKEN_MARKER][..], text.as_bytes()].concat();
+        }
+        match added_token {
+            Some(token) => token.content.as_bytes().to_vec(),
+            // No text: a hole in the ids, a token that can never be produced.
+            None => self
+                .tokenizer
+                .id_to_token(id)
+                .map_or_else(Vec::new, |text| token_bytes(&text, self.spelling, &self.byte_of_char)),
+        }
+    }
 }
 
 /// A model's tokens as bytes, for llguidance (`toktrie::TokenizerEnv`).
@@ -41,37 +101,13 @@ pub struct ModelVocabulary {
 }
 
 impl ModelVocabulary {
-    /// The vocabulary of `tokenizer`, where the ids in `eos_token_ids` (at least one) end a
-    /// generation. Panics inside toktrie (its invariants are asserted) are the caller's to catch.
-    pub fn new(tokenizer: Arc<Tokenizer>, eos_token_ids: &[u32]) -> Result<Self, String> {
-        let eos = *eos_token_ids.first().ok_or("the model has no end-of-sequence token")?;
-        let spelling = spelling_of(&tokenizer);
-        let added = tokenizer.get_added_tokens_decoder();
-        let size = added.keys().map(|&id| id as usize + 1).fold(tokenizer.get_vocab_size(true), usize::max);
-        let size = u32::try_from(size).map_err(|_| "the vocabulary is too large")?;
-        if eos_token_ids.iter().any(|&id| id >= size) {
-            return Err("an end-of-sequence token is outside the vocabulary".into());
-        }
-        let byte_of_char = byte_level_decoding_table();
-        let words: Vec<Vec<u8>> = (0..size)
-            .map(|id| {
-                let added_token = added.get(&id);
-                if added_token.is_some_and(|token| token.special) || eos_token_ids.contains(&id) {
-                    let text = tokenizer.id_to_token(id).unwrap_or_else(|| format!("<[{id}]>"));
-                    return [&[TokTrie::SPECIAL_TOKEN_MARKER][..], text.as_bytes()].concat();
-                }
-                match added_token {
-                    Some(token) => token.content.as_bytes().to_vec(),
-                    // No text: a hole in the ids, a token that can never be produced.
-                    None => tokenizer
-                        .id_to_token(id)
-                        .map_or_else(Vec::new, |text| token_bytes(&text, spelling, &byte_of_char)),
-                }
-            })
-            .collect();
-        let info = TokRxInfo::new(size, eos);
-        let trie = TokTrie::from(&info, &words).with_eos_tokens(eos_token_ids);
-        Ok(Self { trie })
+    /// Every token of `speller` in one trie. Panics inside toktrie (its invariants are asserted)
+    /// are the caller's to catch.
+    pub fn new(speller: &TokenSpeller) -> Self {
+        let words: Vec<Vec<u8>> = (0..speller.size).map(|id| speller.bytes(id)).collect();
+        let info = TokRxInfo::new(speller.size, speller.eos_token_ids[0]);
+        let trie = TokTrie::from(&info, &words).with_eos_tokens(&speller.eos_token_ids);
+        Self { trie }
     }
 }
 

@@ -25,7 +25,8 @@ pub(super) struct ChatRunner {
     /// Prepended when the file asks for it and the rendered prompt lacks it.
     pub(super) bos_token_id: Option<u32>,
     pub(super) context_length: usize,
-    /// `None` when llguidance could not take the vocabulary: constrained requests are refused.
+    /// `None`, or failing to build, when llguidance cannot take the vocabulary: constrained
+    /// requests are refused.
     pub(super) grammar: Option<Arc<GrammarCompiler>>,
     pub(super) worker: GenerationWorker,
 }
@@ -61,7 +62,8 @@ impl ChatRunner {
         };
         let (field, param) =
             if params.tools.active() { ("tools", "tools") } else { ("response_format", SCHEMA_PARAM) };
-        let Some(compiler) = &self.grammar else {
+        // The first constrained request builds the compiler's factory (see `GrammarCompiler`).
+        let Some(compiler) = self.grammar.as_ref().filter(|compiler| compiler.ready().is_ok()) else {
             return Err(EngineError::InvalidParam {
                 param: field.into(),
                 message: format!("Model '{}' does not support '{field}'.", self.model_id),

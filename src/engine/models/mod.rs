@@ -110,7 +110,6 @@ pub fn load_language_model(
         .and_then(|value| value.to_u64().ok())
         .map(|length| length as usize);
     let quantization = quantization_name(&content);
-    let metadata = content.metadata.clone();
     if !ARCHITECTURES.contains(&architecture.as_str()) {
         return Err(load_error(&format!(
             "architecture '{architecture}' is not supported ({} are)",
@@ -127,6 +126,8 @@ pub fn load_language_model(
     check_memory(&path.display().to_string(), MemoryNeed { weights: weight_bytes, kv_cache })?;
     let decoder = Decoder::load(config, &content, &mut file, device).map_err(|e| load_error(&message(&e)))?;
     progress.finish();
+    // Moved, not cloned: a large vocabulary's metadata is tens of MiB.
+    let metadata = content.metadata;
     let model: Box<dyn LanguageModel> = Box::new(DecoderModel(Arc::new(decoder)));
     let context_length =
         declared_context.map_or(supported_context, |declared| declared.min(supported_context));
