@@ -38,16 +38,19 @@ def test_create_answers_with_text(client):
 
 
 def test_stream_gives_the_same_text_as_its_events(client):
+    # Room for the whole answer (about 60 tokens): one cut short ends with `response.incomplete`,
+    # and the SDK's `get_final_response` wants `response.completed`.
     deltas = []
     with client.responses.stream(model="smollm2", instructions="Be brief.", input="Name a fruit.",
-                                 temperature=0, max_output_tokens=20) as stream:
+                                 temperature=0, max_output_tokens=200) as stream:
         for event in stream:
             if event.type == "response.output_text.delta":
                 deltas.append(event.delta)
         final = stream.get_final_response()
     assert "".join(deltas) == final.output_text
+    assert final.status == "completed"
     plain = client.responses.create(model="smollm2", instructions="Be brief.", input="Name a fruit.",
-                                    temperature=0, max_output_tokens=20)
+                                    temperature=0, max_output_tokens=200)
     assert plain.output_text == final.output_text
 
 
