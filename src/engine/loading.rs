@@ -39,6 +39,10 @@ impl<'a, R> CountingReader<'a, R> {
     pub fn new(inner: R, progress: &'a LoadProgress) -> Self {
         Self { inner, progress }
     }
+
+    pub fn progress(&self) -> &'a LoadProgress {
+        self.progress
+    }
 }
 
 impl<R: Read> Read for CountingReader<'_, R> {

@@ -20,7 +20,7 @@ use super::embedding::EmbeddingWorker;
 use super::gguf_tokenizer::tokenizer_from_metadata;
 use super::grammar::GrammarCompiler;
 use super::loading::LoadProgress;
-use super::models::load_language_model;
+use super::models::open_language_model;
 use super::scheduler::{GenerationWorker, ModelRuntime, QueueLimits, WorkerLoad};
 use super::source::resolve_model_path;
 use super::{
@@ -277,18 +277,22 @@ fn load_model(
         };
         return Ok(runner(info, Runner::Embeddings(worker)));
     }
-    let loaded = load_language_model(&spec.path, device, progress)?;
-    let mut tokens = tokenizer_from_metadata(&loaded.metadata)?;
+    // The tokenizer and template first, from the metadata alone; the vocabulary's arrays are
+    // dropped before the weights are read, so the two are never in memory together.
+    let mut opened = open_language_model(&spec.path, progress)?;
+    let mut tokens = tokenizer_from_metadata(opened.metadata())?;
     if let Some(path) = tokenizer_json_beside(&spec.path) {
         tracing::info!(path = %path.display(), "using the tokenizer.json beside the model");
         tokens.tokenizer = Tokenizer::from_file(&path)
             .map_err(|e| EngineError::Inference(format!("cannot read {}: {e}", path.display())))?;
     }
-    let template_source = match loaded.metadata.get("tokenizer.chat_template") {
+    let template_source = match opened.metadata().get("tokenizer.chat_template") {
         Some(candle_core::quantized::gguf_file::Value::String(source)) => Some(source.as_str()),
         _ => None,
     };
     let template = ChatTemplate::new(template_source, tokens.bos_token.clone(), tokens.eos_token.clone())?;
+    opened.forget_vocabulary();
+    let loaded = opened.load(device)?;
     let tokenizer = Arc::new(tokens.tokenizer);
     let info = ModelInfo {
         id: spec.id.clone(),

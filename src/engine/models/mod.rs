@@ -75,7 +75,6 @@ pub trait Sequence: Send {
 /// A language model with what the engine needs to know about its file.
 pub struct LoadedLanguageModel {
     pub model: Box<dyn LanguageModel>,
-    pub metadata: std::collections::HashMap<String, gguf_file::Value>,
     pub architecture: String,
     pub quantization: String,
     /// The smaller of what the file declares and what the implementation supports.
@@ -85,16 +84,28 @@ pub struct LoadedLanguageModel {
     pub file_bytes: u64,
 }
 
-/// Read a GGUF chat model, counting the bytes read into `progress`. Before any weight is read,
-/// the memory it needs is checked against what is available (`check_memory`).
-pub fn load_language_model(
+/// A GGUF chat model whose metadata is read and checked, its weights not yet: what the metadata
+/// alone gives (the tokenizer) can be built, and its arrays dropped, before the weights are in
+/// memory beside them.
+pub struct OpenedLanguageModel<'a> {
+    path: std::path::PathBuf,
+    content: gguf_file::Content,
+    file: CountingReader<'a, std::io::BufReader<File>>,
+    config: DecoderConfig,
+    architecture: String,
+    quantization: String,
+    declared_context: Option<usize>,
+    file_bytes: u64,
+}
+
+/// Open a GGUF chat model and read its metadata, counting the bytes read into `progress`; an
+/// unsupported architecture or configuration is refused here. `load` then reads the weights,
+/// after checking the memory they need against what is available (`check_memory`).
+pub fn open_language_model<'a>(
     path: &Path,
-    device: &Device,
-    progress: &LoadProgress,
-) -> Result<LoadedLanguageModel, EngineError> {
-    let load_error = |error: &dyn std::fmt::Display| {
-        EngineError::Inference(format!("cannot load {}: {error}", path.display()))
-    };
+    progress: &'a LoadProgress,
+) -> Result<OpenedLanguageModel<'a>, EngineError> {
+    let load_error = |error: &dyn std::fmt::Display| load_error(path, error);
     let file = File::open(path).map_err(|e| load_error(&e))?;
     let file_bytes = file.metadata().map_err(|e| load_error(&e))?.len();
     progress.set_total(file_bytes);
@@ -118,28 +129,62 @@ pub fn load_language_model(
     }
     let config = DecoderConfig::from_metadata(&architecture, &content.metadata)
         .map_err(|e| load_error(&message(&e)))?;
-    let supported_context = config.context_length;
-    let (parameters, weight_bytes) = tensor_sizes(&content);
-    let kv_cache = (config.layers * config.kv_heads * config.head_dim * 2 * std::mem::size_of::<f32>())
-        as u64
-        * supported_context as u64;
-    check_memory(&path.display().to_string(), MemoryNeed { weights: weight_bytes, kv_cache })?;
-    let decoder = Decoder::load(config, &content, &mut file, device).map_err(|e| load_error(&message(&e)))?;
-    progress.finish();
-    // Moved, not cloned: a large vocabulary's metadata is tens of MiB.
-    let metadata = content.metadata;
-    let model: Box<dyn LanguageModel> = Box::new(DecoderModel(Arc::new(decoder)));
-    let context_length =
-        declared_context.map_or(supported_context, |declared| declared.min(supported_context));
-    Ok(LoadedLanguageModel {
-        model,
-        metadata,
+    Ok(OpenedLanguageModel {
+        path: path.to_path_buf(),
+        content,
+        file,
+        config,
         architecture,
         quantization,
-        context_length,
-        parameters,
+        declared_context,
         file_bytes,
     })
+}
+
+impl OpenedLanguageModel<'_> {
+    pub fn metadata(&self) -> &std::collections::HashMap<String, gguf_file::Value> {
+        &self.content.metadata
+    }
+
+    /// Drop the vocabulary's arrays from the metadata (`tokenizer.ggml.*`: every token, score,
+    /// type and merge; tens of MiB as parsed for a vocabulary of 262,144) once the tokenizer is
+    /// built from them, so that they are not in memory beside the weights.
+    pub fn forget_vocabulary(&mut self) {
+        self.content.metadata.retain(|key, _| !key.starts_with("tokenizer.ggml."));
+    }
+
+    /// Check the memory the model needs against what is available (`check_memory`), then read
+    /// the weights.
+    pub fn load(self, device: &Device) -> Result<LoadedLanguageModel, EngineError> {
+        let Self {
+            path,
+            content,
+            mut file,
+            config,
+            architecture,
+            quantization,
+            declared_context,
+            file_bytes,
+        } = self;
+        let load_error = |error: &dyn std::fmt::Display| load_error(&path, error);
+        let supported_context = config.context_length;
+        let (parameters, weight_bytes) = tensor_sizes(&content);
+        let kv_cache = (config.layers * config.kv_heads * config.head_dim * 2 * std::mem::size_of::<f32>())
+            as u64
+            * supported_context as u64;
+        check_memory(&path.display().to_string(), MemoryNeed { weights: weight_bytes, kv_cache })?;
+        let decoder =
+            Decoder::load(config, &content, &mut file, device).map_err(|e| load_error(&message(&e)))?;
+        file.progress().finish();
+        let model: Box<dyn LanguageModel> = Box::new(DecoderModel(Arc::new(decoder)));
+        let context_length =
+            declared_context.map_or(supported_context, |declared| declared.min(supported_context));
+        Ok(LoadedLanguageModel { model, architecture, quantization, context_length, parameters, file_bytes })
+    }
+}
+
+fn load_error(path: &Path, error: &dyn std::fmt::Display) -> EngineError {
+    EngineError::Inference(format!("cannot load {}: {error}", path.display()))
 }
 
 /// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set:

@@ -16,7 +16,7 @@ use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use serde::Deserialize;
 
-use super::{Decoder, DecoderConfig, DecoderModel, LanguageModel, load_language_model};
+use super::{Decoder, DecoderConfig, DecoderModel, LanguageModel, open_language_model};
 use crate::engine::tokenizer_from_metadata;
 
 /// What the reference program (`scripts/reference/greedy_reference.cpp`) writes.
@@ -174,8 +174,10 @@ fn agrees_with_llama_cpp(name: &str, bounds: Bounds) {
         let content = gguf_file::Content::read(&mut file).unwrap();
         (Box::new(dequantized_model(&content, &mut file)), content.metadata)
     } else {
-        let loaded = load_language_model(&path, &Device::Cpu, &Default::default()).unwrap();
-        (loaded.model, loaded.metadata)
+        let progress = Default::default();
+        let opened = open_language_model(&path, &progress).unwrap();
+        let metadata = opened.metadata().clone();
+        (opened.load(&Device::Cpu).unwrap().model, metadata)
     };
     let tokens = tokenizer_from_metadata(&metadata).unwrap();
     let bos = tokens.bos_token_id.filter(|_| tokens.add_bos_token);
@@ -294,7 +296,8 @@ fn tiny_gemma2_agrees_with_llama_cpp() {
 fn a_split_prompt_gives_the_same_logits(name: &str) {
     let fixture = read_fixture(name);
     let Some(path) = model_file(&fixture) else { return };
-    let model = load_language_model(&path, &Device::Cpu, &Default::default()).unwrap().model;
+    let progress = Default::default();
+    let model = open_language_model(&path, &progress).unwrap().load(&Device::Cpu).unwrap().model;
     for case in &fixture.cases {
         let prompt = &case.prompt_tokens;
         let whole =
