@@ -85,15 +85,13 @@ pub fn attend(
                     head_dim,
                 )
             };
-            attend_row(
-                shape,
-                &queries[row * head_dim..][..head_dim],
-                &keys[cache_start..],
-                &values[cache_start..],
-                shape.visible(token),
-                &mut scores,
-                out,
-            );
+            let inputs = Row {
+                query: &queries[row * head_dim..][..head_dim],
+                keys: &keys[cache_start..],
+                values: &values[cache_start..],
+                visible: shape.visible(token),
+            };
+            attend_row(shape, inputs, &mut scores, out);
         }
     };
     if rows * len * head_dim < THREADED_WORK {
@@ -103,36 +101,29 @@ pub fn attend(
     }
 }
 
-/// One query row: scores over `visible`, softmax, the weighted sum of values into `out`.
-fn attend_row(
-    shape: &AttentionShape,
-    query: &[f32],
-    keys: &[f32],
-    values: &[f32],
+/// One query row and what it attends: its key/value head's cached rows, the positions it sees.
+struct Row<'a> {
+    query: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
     visible: Range<usize>,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+}
+
+/// One query row: scores over `visible`, softmax, the weighted sum of values into `out`.
+fn attend_row(shape: &AttentionShape, row: Row<'_>, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
         // SAFETY: `available()` confirmed the CPU has the features.
-        return unsafe { simd::attend_row(shape, query, keys, values, visible, scores, out) };
+        return unsafe { simd::attend_row(shape, row, scores, out) };
     }
-    attend_row_portable(shape, query, keys, values, visible, scores, out);
+    attend_row_portable(shape, row, scores, out);
 }
 
 /// The row's arithmetic, written once. Lanes are summed in the same order whatever the compiler
 /// makes of them, so the AVX2 build of this function gives the portable one's bits.
 #[inline(always)]
-fn attend_row_portable(
-    shape: &AttentionShape,
-    query: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    visible: Range<usize>,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+fn attend_row_portable(shape: &AttentionShape, row: Row<'_>, scores: &mut [f32], out: &mut [f32]) {
+    let Row { query, keys, values, visible } = row;
     let head_dim = shape.head_dim;
     let scores = &mut scores[visible.clone()];
     let mut max = f32::NEG_INFINITY;
@@ -188,10 +179,9 @@ fn add_scaled(out: &mut [f32], weight: f32, values: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use std::ops::Range;
     use std::sync::OnceLock;
 
-    use super::AttentionShape;
+    use super::{AttentionShape, Row};
 
     pub fn available() -> bool {
         static AVAILABLE: OnceLock<bool> = OnceLock::new();
@@ -201,31 +191,18 @@ mod simd {
     /// `attend_row_portable` compiled for AVX2 (no FMA: a fused multiply-add rounds once where
     /// the portable code rounds twice, and the two must agree).
     #[target_feature(enable = "avx2")]
-    pub fn attend_row(
-        shape: &AttentionShape,
-        query: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        visible: Range<usize>,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        super::attend_row_portable(shape, query, keys, values, visible, scores, out);
+    pub(super) fn attend_row(shape: &AttentionShape, row: Row<'_>, scores: &mut [f32], out: &mut [f32]) {
+        super::attend_row_portable(shape, row, scores, out);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::kernels::tests::Random;
 
     fn sample(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
+        Random(seed).floats(len, 1.0)
     }
 
     /// The textbook definition, in f64, one query head at a time.
@@ -377,27 +354,10 @@ mod tests {
             let query = &case.queries[token * head_dim..][..head_dim];
             let (mut scores, mut simd_out, mut portable_out) =
                 (vec![0.0; shape.positions()], vec![0.0; head_dim], vec![0.0; head_dim]);
+            let row = || Row { query, keys: &case.keys, values: &case.values, visible: shape.visible(token) };
             // SAFETY: `available()` said yes.
-            unsafe {
-                simd::attend_row(
-                    shape,
-                    query,
-                    &case.keys,
-                    &case.values,
-                    shape.visible(token),
-                    &mut scores,
-                    &mut simd_out,
-                )
-            };
-            attend_row_portable(
-                shape,
-                query,
-                &case.keys,
-                &case.values,
-                shape.visible(token),
-                &mut scores,
-                &mut portable_out,
-            );
+            unsafe { simd::attend_row(shape, row(), &mut scores, &mut simd_out) };
+            attend_row_portable(shape, row(), &mut scores, &mut portable_out);
             assert!(simd_out.iter().zip(&portable_out).all(|(a, b)| a.to_bits() == b.to_bits()));
         }
     }
