@@ -16,6 +16,7 @@ use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use serde::Deserialize;
 
+use super::tests::logits_differing_when_cut;
 use super::{Decoder, DecoderConfig, DecoderModel, LanguageModel, open_language_model};
 use crate::engine::tokenizer_from_metadata;
 
@@ -303,11 +304,7 @@ fn a_split_prompt_gives_the_same_logits(name: &str) {
         let whole =
             model.forward_one(model.new_sequence().as_mut(), prompt, 0).unwrap().to_vec1::<f32>().unwrap();
         for cut in [1, prompt.len() / 2, prompt.len() - 1] {
-            let mut sequence = model.new_sequence();
-            model.forward_one(sequence.as_mut(), &prompt[..cut], 0).unwrap();
-            let split =
-                model.forward_one(sequence.as_mut(), &prompt[cut..], cut).unwrap().to_vec1::<f32>().unwrap();
-            let differing = whole.iter().zip(&split).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            let differing = logits_differing_when_cut(model.as_ref(), prompt, cut, &whole);
             assert_eq!(
                 differing, 0,
                 "{name}, prompt {:?} cut after {cut} tokens: {differing} logits differ",

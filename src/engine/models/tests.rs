@@ -312,11 +312,21 @@ fn a_prompt_split_anywhere_gives_the_same_logits_to_the_bit() {
     let whole =
         model.forward_one(model.new_sequence().as_mut(), &tokens, 0).unwrap().to_vec1::<f32>().unwrap();
     for cut in 1..tokens.len() {
-        let mut sequence = model.new_sequence();
-        model.forward_one(sequence.as_mut(), &tokens[..cut], 0).unwrap();
-        let split =
-            model.forward_one(sequence.as_mut(), &tokens[cut..], cut).unwrap().to_vec1::<f32>().unwrap();
-        let differing = whole.iter().zip(&split).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let differing = logits_differing_when_cut(&model, &tokens, cut, &whole);
         assert_eq!(differing, 0, "cut after {cut} tokens: {differing} logits differ");
     }
+}
+
+/// How many of `whole` (the logits of `prompt` run in one step) differ, to the bit, from those of
+/// the same prompt run as two steps cut after `cut` tokens.
+pub(super) fn logits_differing_when_cut(
+    model: &dyn LanguageModel,
+    prompt: &[u32],
+    cut: usize,
+    whole: &[f32],
+) -> usize {
+    let mut sequence = model.new_sequence();
+    model.forward_one(sequence.as_mut(), &prompt[..cut], 0).unwrap();
+    let split = model.forward_one(sequence.as_mut(), &prompt[cut..], cut).unwrap().to_vec1::<f32>().unwrap();
+    whole.iter().zip(&split).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
 }
