@@ -10,13 +10,15 @@
 //! across the engine's compute pool (`pool.rs`: persistent workers that park when
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
-//! `attention.rs` is attention over one sequence's KV cache, on the same pool.
+//! `attention.rs` is attention over one sequence's KV cache, on the same pool. `row_groups.rs`
+//! keeps Q5_0 matrices as groups of eight interleaved rows, run by eight-row kernels.
 
 pub mod activation;
 pub mod attention;
 pub mod candle_pools;
 mod k_quants;
 pub mod pool;
+pub mod row_groups;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -28,6 +30,7 @@ use candle_core::quantized::GgmlDType;
 
 pub use activation::GatedActivation;
 pub use pool::ComputePool;
+use row_groups::{DotGroup, GROUP_ROWS};
 pub use scalar::{ActivationBlock, BLOCK};
 use scalar::{DotRow, DotRow4};
 
@@ -129,6 +132,8 @@ pub struct Kernels {
     q8_0x4: Option<DotRow4>,
     q4_kx4: Option<DotRow4>,
     q6_kx4: Option<DotRow4>,
+    /// Eight rows at once, for the types stored as row groups (`row_groups`).
+    q5_0_group: DotGroup,
     quantize: Quantize,
 }
 
@@ -153,6 +158,7 @@ impl Kernels {
             q8_0x4: None,
             q4_kx4: None,
             q6_kx4: None,
+            q5_0_group: row_groups::dot_q5_0_group,
             quantize: scalar::quantize_activations,
         }
     }
@@ -179,6 +185,7 @@ impl Kernels {
                 q8_0x4: Some(|r, t| unsafe { x86::avx2::dot4_q8_0(r, t) }),
                 q4_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q4_k(r, t) }),
                 q6_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q6_k(r, t) }),
+                q5_0_group: |g, t, o| unsafe { x86::avx2::dot_q5_0_group(g, t, o) },
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
             }),
             #[cfg(target_arch = "x86_64")]
@@ -199,6 +206,7 @@ impl Kernels {
                 q8_0x4: Some(|r, t| unsafe { x86::vnni::dot4_q8_0(r, t) }),
                 q4_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q4_k(r, t) }),
                 q6_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q6_k(r, t) }),
+                q5_0_group: |g, t, o| unsafe { x86::vnni::dot_q5_0_group(g, t, o) },
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
             }),
             _ => None,
@@ -252,20 +260,35 @@ impl Kernels {
             WeightType::F32 | WeightType::F16 => None,
         }
     }
+
+    /// The eight-row kernel of a type stored as row groups (`WeightType::in_row_groups`).
+    pub fn group_dot(&self, weight_type: WeightType) -> Option<DotGroup> {
+        (weight_type == WeightType::Q5_0).then_some(self.q5_0_group)
+    }
 }
 
-/// A weight matrix as GGUF stores it: `rows` rows of `columns` values, row after row of blocks.
+impl WeightType {
+    /// Whether a matrix of this type and height is kept as row groups (`row_groups`).
+    fn in_row_groups(self, rows: usize) -> bool {
+        self == Self::Q5_0 && rows.is_multiple_of(GROUP_ROWS)
+    }
+}
+
+/// A weight matrix of GGUF blocks: `rows` rows of `columns` values, row after row of blocks as the
+/// file stores them, or (`grouped`) as row groups of eight (`row_groups`).
 pub struct QuantizedMatrix {
     weight_type: WeightType,
     rows: usize,
     columns: usize,
     row_bytes: usize,
+    grouped: bool,
     bytes: Vec<u8>,
 }
 
 /// Rows handed to a thread at a time: small enough to balance two to sixteen threads on the
 /// smallest matrices (192 rows), large enough that the per-chunk cost vanishes.
 const ROWS_PER_CHUNK: usize = 16;
+const _: () = assert!(ROWS_PER_CHUNK.is_multiple_of(GROUP_ROWS), "a chunk is whole row groups");
 
 thread_local! {
     static ACTIVATIONS: RefCell<Vec<ActivationBlock>> = const { RefCell::new(Vec::new()) };
@@ -297,7 +320,9 @@ impl QuantizedMatrix {
                 got: bytes.len(),
             });
         }
-        Ok(Self { weight_type, rows, columns, row_bytes, bytes })
+        let grouped = weight_type.in_row_groups(rows);
+        let bytes = if grouped { row_groups::interleave_q5_0(&bytes, rows, columns) } else { bytes };
+        Ok(Self { weight_type, rows, columns, row_bytes, grouped, bytes })
     }
 
     pub fn weight_type(&self) -> WeightType {
@@ -317,8 +342,14 @@ impl QuantizedMatrix {
         if index >= self.rows || out.len() != self.columns {
             return false;
         }
-        let row = &self.bytes[index * self.row_bytes..(index + 1) * self.row_bytes];
-        (self.weight_type.dequantize())(row, out);
+        if self.grouped {
+            let mut row = vec![0; self.row_bytes];
+            row_groups::native_q5_0_row(&self.bytes, index, self.columns, &mut row);
+            (self.weight_type.dequantize())(&row, out);
+        } else {
+            let row = &self.bytes[index * self.row_bytes..(index + 1) * self.row_bytes];
+            (self.weight_type.dequantize())(row, out);
+        }
         true
     }
 
@@ -355,6 +386,10 @@ fn matmul_fused_on(
         .collect();
     let dots4: Vec<Option<DotRow4>> =
         matrices.iter().map(|matrix| kernels.dot4(matrix.weight_type)).collect();
+    let group_dots: Vec<Option<DotGroup>> = matrices
+        .iter()
+        .map(|matrix| matrix.grouped.then(|| kernels.group_dot(matrix.weight_type).expect("a group kernel")))
+        .collect();
     assert_eq!(input.len() % columns, 0, "input is not whole rows");
     let tokens = input.len() / columns;
     let total_rows: usize = matrices.iter().map(|matrix| matrix.rows).sum();
@@ -391,6 +426,27 @@ fn matmul_fused_on(
                     unsafe { *(out_address as *mut f32).add(at) = value };
                 };
                 let rows = first_row..matrix.rows.min(first_row + ROWS_PER_CHUNK);
+                if let Some(group_dot) = group_dots[which] {
+                    // Up to four tokens against each group of the chunk (as below, the chunk's
+                    // weights stay in L1 while the tokens pass).
+                    let group_bytes = GROUP_ROWS * matrix.row_bytes;
+                    let mut results = [[0.0; GROUP_ROWS]; 4];
+                    for first in (0..tokens).step_by(4) {
+                        let count = (tokens - first).min(4);
+                        let group: [&[ActivationBlock]; 4] =
+                            std::array::from_fn(|t| token_blocks((first + t).min(tokens - 1)));
+                        for start in rows.clone().step_by(GROUP_ROWS) {
+                            let weights = &matrix.bytes[start * matrix.row_bytes..][..group_bytes];
+                            group_dot(weights, &group[..count], &mut results[..count]);
+                            for (t, values) in results[..count].iter().enumerate() {
+                                for (r, &value) in values.iter().enumerate() {
+                                    write(first + t, start + r, value);
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
                 let weights =
                     |row: usize| &matrix.bytes[row * matrix.row_bytes..(row + 1) * matrix.row_bytes];
                 // Four tokens at a time against every row of the chunk, rather than every token

@@ -19,13 +19,14 @@ use half::f16;
 pub const BLOCK: usize = 32;
 
 /// One block of activations quantized to 8 bits (the counterpart of ggml's Q8_1, with f32 scales):
-/// `value ≈ values[i] * scale`, and `sum = scale * Σ values`, which the types with a minimum or an
-/// offset need.
+/// `value ≈ values[i] * scale`, `total = Σ values` and `sum = scale * total`, which the types with
+/// a minimum or an offset need.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[repr(C)]
 pub struct ActivationBlock {
     pub scale: f32,
     pub sum: f32,
+    pub total: i32,
     pub values: [i8; BLOCK],
 }
 
@@ -44,6 +45,7 @@ pub fn quantize_activations(input: &[f32], out: &mut [ActivationBlock]) {
         }
         block.scale = scale;
         block.sum = scale * total as f32;
+        block.total = total;
     }
 }
 

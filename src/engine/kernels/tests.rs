@@ -152,6 +152,43 @@ fn four_token_dots_equal_four_single_ones_to_the_bit() {
     }
 }
 
+/// Row groups of random Q5_0 rows against 1 to 9 tokens: every SIMD variant equals the scalar
+/// kernel to the bit (they do the same integer sums and the same fma per block), and a token's
+/// results do not depend on the tokens in the same call.
+#[test]
+fn row_group_kernels_equal_the_scalar_one_to_the_bit_in_any_batch() {
+    let variants: Vec<Kernels> =
+        [Variant::Scalar, Variant::Avx2, Variant::Vnni].into_iter().filter_map(Kernels::variant).collect();
+    let reference = Kernels::scalar().group_dot(WeightType::Q5_0).unwrap();
+    let mut random = Random(17);
+    for columns in [32, 640, 2048] {
+        let native: Vec<u8> =
+            (0..GROUP_ROWS).flat_map(|_| random_row(WeightType::Q5_0, columns, &mut random)).collect();
+        let group = row_groups::interleave_q5_0(&native, GROUP_ROWS, columns);
+        let tokens: Vec<Vec<ActivationBlock>> =
+            (0..9).map(|_| random_activations(columns, &mut random)).collect();
+        let tokens: Vec<&[ActivationBlock]> = tokens.iter().map(Vec::as_slice).collect();
+        let mut expected = vec![[0.0; GROUP_ROWS]; tokens.len()];
+        reference(&group, &tokens, &mut expected);
+        for kernels in &variants {
+            let dot = kernels.group_dot(WeightType::Q5_0).unwrap();
+            for count in 1..=tokens.len() {
+                let mut got = vec![[f32::NAN; GROUP_ROWS]; count];
+                dot(&group, &tokens[..count], &mut got);
+                let bits = |rows: &[[f32; GROUP_ROWS]]| {
+                    rows.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    bits(&got),
+                    bits(&expected[..count]),
+                    "{:?} × {columns}, {count} tokens",
+                    kernels.variant
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn scalar_dots_equal_the_dot_of_the_dequantized_rows() {
     let mut random = Random(11);
@@ -174,7 +211,8 @@ fn scalar_dots_equal_the_dot_of_the_dequantized_rows() {
 
 #[test]
 fn rows_dequantize_as_candle_does() {
-    let (rows, columns) = (3, 512);
+    // 16 rows: Q5_0 is kept as row groups, and its rows read back from them.
+    let (rows, columns) = (16, 512);
     let mut random = Random(3);
     let values: Vec<f32> = (0..rows * columns).map(|_| random.float()).collect();
     let tensor = Tensor::from_vec(values, (rows, columns), &Device::Cpu).unwrap();
@@ -209,7 +247,7 @@ fn matmul_over_threads_equals_row_by_row_dots() {
     let kernels = Kernels::detect();
     for weight_type in TYPES {
         let bytes: Vec<u8> = (0..rows).flat_map(|_| random_row(weight_type, columns, &mut random)).collect();
-        let matrix = QuantizedMatrix::new(weight_type, rows, columns, bytes).unwrap();
+        let matrix = QuantizedMatrix::new(weight_type, rows, columns, bytes.clone()).unwrap();
         let input: Vec<f32> = (0..tokens * columns).map(|_| random.float()).collect();
         let mut out = vec![0.0; tokens * rows];
         matrix.matmul(&kernels, &input, &mut out);
@@ -217,7 +255,7 @@ fn matmul_over_threads_equals_row_by_row_dots() {
             let mut activations = vec![ActivationBlock::default(); columns / BLOCK];
             scalar::quantize_activations(&input[token * columns..(token + 1) * columns], &mut activations);
             for row in 0..rows {
-                let weights = &matrix.bytes[row * matrix.row_bytes..(row + 1) * matrix.row_bytes];
+                let weights = &bytes[row * matrix.row_bytes..(row + 1) * matrix.row_bytes];
                 let expected = (Kernels::scalar().dot(weight_type).unwrap())(weights, &activations);
                 assert!(close(expected, out[token * rows + row]), "{weight_type:?} token {token} row {row}");
             }
@@ -245,6 +283,7 @@ fn fused_matmuls_equal_separate_ones() {
         matrix(40, WeightType::Q4_1, &mut random),
         matrix(7, WeightType::Q8_0, &mut random),
         matrix(17, WeightType::Q5_0, &mut random),
+        matrix(24, WeightType::Q5_0, &mut random),
         matrix(9, WeightType::Q4K, &mut random),
         matrix(5, WeightType::Q6K, &mut random),
     ];
@@ -274,7 +313,7 @@ fn matmul_results_do_not_depend_on_the_thread_count() {
     let kernels = Kernels::detect();
     // Row counts that do not divide into chunks or threads evenly.
     let matrices: Vec<QuantizedMatrix> =
-        [(37, WeightType::Q4_1), (250, WeightType::Q8_0), (5, WeightType::Q5_1)]
+        [(37, WeightType::Q4_1), (250, WeightType::Q8_0), (5, WeightType::Q5_1), (40, WeightType::Q5_0)]
             .into_iter()
             .map(|(rows, weight_type)| {
                 let bytes: Vec<u8> =

@@ -10,6 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::k_quants::{Q4_K_BYTES, Q6_K_BYTES, scale_and_min};
+use super::row_groups::{GROUP_ROWS, Q5_0_GROUP_BYTES};
 use super::scalar::ActivationBlock;
 
 /// The 32 nibbles of 16 bytes as 32 bytes: low nibbles first, then high nibbles.
@@ -80,11 +81,100 @@ fn activation_bytes(block: &ActivationBlock) -> __m256i {
     unsafe { _mm256_loadu_si256(block.values.as_ptr().cast()) }
 }
 
+/// Activation bytes `4j..4j+4` of a block in every 32-bit lane.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn four_activations(block: &ActivationBlock, j: usize) -> __m256i {
+    let v = &block.values[4 * j..4 * j + 4];
+    _mm256_set1_epi32(i32::from_le_bytes([v[0] as u8, v[1] as u8, v[2] as u8, v[3] as u8]))
+}
+
+/// Weights `4j..4j+4` of the eight rows of a Q5_0 group block (see `row_groups`), for `j` in
+/// `4·half..4·half+4`, as unsigned bytes 0..31: row `r` in bytes `4r..4r+4`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q5_0_group_weights(block: &[u8], half: usize) -> [__m256i; 4] {
+    let fifth_bits = load32(&block[16..]);
+    let mut weights = [_mm256_setzero_si256(); 4];
+    for (k, weights) in weights.iter_mut().enumerate() {
+        let packed = load32(&block[48 + 32 * k..]);
+        let packed = if half == 0 { packed } else { _mm256_srli_epi16(packed, 4) };
+        let nibbles = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));
+        // Bit j of each byte to bit 4 (16-bit shifts: bit 4 of either byte comes from the same
+        // byte for shifts up to four left or three right).
+        let fifth = match 4 * half + k {
+            0 => _mm256_slli_epi16(fifth_bits, 4),
+            1 => _mm256_slli_epi16(fifth_bits, 3),
+            2 => _mm256_slli_epi16(fifth_bits, 2),
+            3 => _mm256_slli_epi16(fifth_bits, 1),
+            4 => fifth_bits,
+            5 => _mm256_srli_epi16(fifth_bits, 1),
+            6 => _mm256_srli_epi16(fifth_bits, 2),
+            _ => _mm256_srli_epi16(fifth_bits, 3),
+        };
+        *weights = _mm256_or_si256(nibbles, _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)));
+    }
+    weights
+}
+
 macro_rules! dot_kernels {
-    ($features:literal, $products:item) => {
+    ($features:literal, $products:item, $group_sums:item) => {
         use super::*;
 
         $products
+
+        $group_sums
+
+        /// `T` tokens against the eight rows of a Q5_0 row group: per block, each row's exact
+        /// integer dot, less 16 times the activations' total, then one fma with `d·scale`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q5_0_group_dot<const T: usize>(group: &[u8], tokens: [&[ActivationBlock]; T]) -> [__m256; T] {
+            let blocks = group.len() / Q5_0_GROUP_BYTES;
+            assert!(tokens.iter().all(|t| t.len() >= blocks), "fewer activation blocks than weight blocks");
+            let tokens = tokens.map(|t| &t[..blocks]);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for (index, block) in group.chunks_exact(Q5_0_GROUP_BYTES).enumerate() {
+                let mut sums = [_mm256_setzero_si256(); T];
+                for half in 0..2 {
+                    let weights = q5_0_group_weights(block, half);
+                    for t in 0..T {
+                        let a = &tokens[t][index];
+                        let activations: [__m256i; 4] = std::array::from_fn(|k| four_activations(a, 4 * half + k));
+                        sums[t] = _mm256_add_epi32(sums[t], group_sums(weights, activations));
+                    }
+                }
+                let d = _mm256_cvtph_ps(load16(block));
+                for t in 0..T {
+                    let a = &tokens[t][index];
+                    let sum = _mm256_sub_epi32(sums[t], _mm256_set1_epi32(16 * a.total));
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.scale));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[t]);
+                }
+            }
+            acc
+        }
+
+        /// `row_groups::DotGroup` of Q5_0: four tokens at a time, then one.
+        #[target_feature(enable = $features)]
+        pub fn dot_q5_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+            assert_eq!(tokens.len(), out.len(), "one output per token");
+            let store = |acc: __m256, out: &mut [f32; GROUP_ROWS]| {
+                // SAFETY: `out` is eight f32; storeu has no alignment requirement.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc) }
+            };
+            let mut four = tokens.chunks_exact(4).zip(out.chunks_exact_mut(4));
+            for (tokens, out) in &mut four {
+                let acc = q5_0_group_dot::<4>(group, [tokens[0], tokens[1], tokens[2], tokens[3]]);
+                for (acc, out) in acc.into_iter().zip(out) {
+                    store(acc, out);
+                }
+            }
+            let done = tokens.len() / 4 * 4;
+            for (token, out) in tokens[done..].iter().zip(&mut out[done..]) {
+                store(q5_0_group_dot::<1>(group, [token])[0], out);
+            }
+        }
 
         /// Products of signed weight bytes with signed activation bytes.
         #[inline]
@@ -401,6 +491,17 @@ pub mod avx2 {
         #[target_feature(enable = "avx2,fma,f16c")]
         fn products(unsigned: __m256i, signed: __m256i) -> __m256i {
             _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
+        },
+        /// Eight sums (one per row of a row group) of four parts' products: weights below 32,
+        /// so the i16 sums cannot saturate (4 · 2 · 31 · 127 fits).
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn group_sums(weights: [__m256i; 4], activations: [__m256i; 4]) -> __m256i {
+            let mut pairs = _mm256_maddubs_epi16(weights[0], activations[0]);
+            for k in 1..4 {
+                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(weights[k], activations[k]));
+            }
+            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
         }
     );
 
@@ -420,6 +521,15 @@ pub mod vnni {
         #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
         fn products(unsigned: __m256i, signed: __m256i) -> __m256i {
             _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned, signed)
+        },
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        fn group_sums(weights: [__m256i; 4], activations: [__m256i; 4]) -> __m256i {
+            let mut sums = _mm256_setzero_si256();
+            for k in 0..4 {
+                sums = _mm256_dpbusd_epi32(sums, weights[k], activations[k]);
+            }
+            sums
         }
     );
 
@@ -476,5 +586,6 @@ pub unsafe fn quantize_activations(input: &[f32], out: &mut [ActivationBlock]) {
         unsafe { _mm256_storeu_si256(block.values.as_mut_ptr().cast(), bytes) };
         block.scale = scale;
         block.sum = scale * total as f32;
+        block.total = total;
     }
 }

@@ -1,0 +1,169 @@
+//! Weight rows kept in groups of eight, interleaved block by block, and the reference kernel over
+//! them. Q5_0 matrices are stored so (gemma-3's attention and feed-forward inputs are Q5_0, and a
+//! prompt spent most of its time in them): one row at a time, every 32-weight block paid for its
+//! own unpacking, sign fix-up, widening, conversion to float and scaling, once per token. Eight
+//! rows side by side let one multiply take four weights of each row against the same four
+//! activation bytes, and share the integer and float work of a block among the eight rows. The
+//! bytes are the file's, moved and not re-encoded: a group block is exactly eight native blocks
+//! (llama.cpp repacks Q4_0 and Q4_K rows for the same reason).
+//!
+//! A Q5_0 group block, rows `8g..8g+8` by one 32-column block, is 176 bytes:
+//! - `0..16`: the eight rows' scales `d` (f16), in row order;
+//! - `16..48`: fifth bits: bit `j` of byte `4r + i` is the fifth bit of weight `4j + i` of row `r`;
+//! - `48..176`: nibbles in four parts of 32 bytes: byte `48 + 32k + 4r + i` is the native nibble byte
+//!   `4k + i` of row `r` (low nibble weight `4k + i`, high nibble weight `16 + 4k + i`).
+//!
+//! So the 32 bytes of part `k` hold weights `4k..4k+4` of every row in their low nibbles and
+//! weights `16+4k..16+4k+4` in their high ones, row `r` in bytes `4r..4r+4`: one AVX2 register.
+//!
+//! Every kernel computes a row's result the same way whatever tokens share its call: per block
+//! the exact integer dot `s = Σ (q − 16)·a`, then `acc = fma(s, d·scale, acc)` in block order. The
+//! SIMD kernels equal this one to the bit, and a token's result does not depend on its batch.
+
+use super::scalar::{ActivationBlock, BLOCK, f16_at};
+
+/// Rows in a group.
+pub const GROUP_ROWS: usize = 8;
+/// Bytes of a Q5_0 group block: eight native 22-byte blocks.
+pub const Q5_0_GROUP_BYTES: usize = GROUP_ROWS * 22;
+
+/// Eight rows' dot products with several tokens: `group` is a row group's blocks, `tokens[t]` a
+/// token's activation blocks (at least as many), `out[t][r]` row `r` with token `t`.
+pub type DotGroup = fn(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]);
+
+/// `rows × columns` Q5_0 weights in GGUF's row order as row groups. `rows` must be a multiple of
+/// eight and `native` whole rows of whole blocks.
+pub fn interleave_q5_0(native: &[u8], rows: usize, columns: usize) -> Vec<u8> {
+    let blocks = columns / BLOCK;
+    let row_bytes = blocks * 22;
+    assert!(rows.is_multiple_of(GROUP_ROWS) && columns.is_multiple_of(BLOCK));
+    assert_eq!(native.len(), rows * row_bytes);
+    let mut grouped = vec![0; native.len()];
+    for (index, out) in grouped.chunks_exact_mut(Q5_0_GROUP_BYTES).enumerate() {
+        let (group, block) = (index / blocks, index % blocks);
+        for r in 0..GROUP_ROWS {
+            let start = (group * GROUP_ROWS + r) * row_bytes + block * 22;
+            let native = &native[start..start + 22];
+            out[2 * r..2 * r + 2].copy_from_slice(&native[..2]);
+            let fifth = u32::from_le_bytes([native[2], native[3], native[4], native[5]]);
+            for i in 0..4 {
+                out[16 + 4 * r + i] = (0..8).map(|j| (((fifth >> (4 * j + i)) & 1) as u8) << j).sum();
+            }
+            for k in 0..4 {
+                out[48 + 32 * k + 4 * r..][..4].copy_from_slice(&native[6 + 4 * k..][..4]);
+            }
+        }
+    }
+    grouped
+}
+
+/// Row `row` of grouped Q5_0 weights `columns` wide, back in GGUF's encoding, into `out`.
+pub fn native_q5_0_row(grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
+    let blocks = columns / BLOCK;
+    let (group, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
+    let group_blocks = &grouped[group * blocks * Q5_0_GROUP_BYTES..][..blocks * Q5_0_GROUP_BYTES];
+    for (block, native) in group_blocks.chunks_exact(Q5_0_GROUP_BYTES).zip(out.chunks_exact_mut(22)) {
+        native[..2].copy_from_slice(&block[2 * r..2 * r + 2]);
+        let fifth: u32 = (0..BLOCK).map(|v| u32::from(fifth_bit(block, r, v)) << v).sum();
+        native[2..6].copy_from_slice(&fifth.to_le_bytes());
+        for k in 0..4 {
+            native[6 + 4 * k..][..4].copy_from_slice(&block[48 + 32 * k + 4 * r..][..4]);
+        }
+    }
+}
+
+fn fifth_bit(block: &[u8], r: usize, v: usize) -> u8 {
+    (block[16 + 4 * r + v % 4] >> (v / 4)) & 1
+}
+
+/// Weight `v` (0..32) of row `r` of a group block, as stored: 0..31.
+fn q5_0_weight(block: &[u8], r: usize, v: usize) -> i32 {
+    let byte = block[48 + 32 * (v % 16 / 4) + 4 * r + v % 4];
+    let nibble = if v < 16 { byte & 0x0F } else { byte >> 4 };
+    i32::from(nibble | (fifth_bit(block, r, v) << 4))
+}
+
+/// The reference `DotGroup` of Q5_0.
+pub fn dot_q5_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+    assert_eq!(tokens.len(), out.len(), "one output per token");
+    for (activations, out) in tokens.iter().zip(out.iter_mut()) {
+        *out = [0.0; GROUP_ROWS];
+        for (block, a) in group.chunks_exact(Q5_0_GROUP_BYTES).zip(activations.iter()) {
+            for (r, acc) in out.iter_mut().enumerate() {
+                let sum: i32 =
+                    (0..BLOCK).map(|v| (q5_0_weight(block, r, v) - 16) * i32::from(a.values[v])).sum();
+                *acc = (sum as f32).mul_add(f16_at(block, 2 * r) * a.scale, *acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::kernels::scalar;
+    use crate::engine::kernels::tests::Random;
+
+    fn random_q5_0(rows: usize, columns: usize, random: &mut Random) -> Vec<u8> {
+        (0..rows * columns / BLOCK)
+            .flat_map(|_| {
+                let mut block = half::f16::from_f32(random.float() * 0.05).to_le_bytes().to_vec();
+                block.extend((0..20).map(|_| (random.float() * 128.0 + 128.0) as u8));
+                block
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grouping_moves_every_byte_and_back() {
+        let mut random = Random(3);
+        let (rows, columns) = (16, 96);
+        let native = random_q5_0(rows, columns, &mut random);
+        let grouped = interleave_q5_0(&native, rows, columns);
+        assert_ne!(grouped, native);
+        let mut row = vec![0; columns / BLOCK * 22];
+        for index in 0..rows {
+            native_q5_0_row(&grouped, index, columns, &mut row);
+            assert_eq!(row, native[index * row.len()..(index + 1) * row.len()], "row {index}");
+        }
+    }
+
+    #[test]
+    fn a_group_dot_is_the_dot_of_the_dequantized_rows() {
+        let mut random = Random(11);
+        let (rows, columns) = (16, 256);
+        let native = random_q5_0(rows, columns, &mut random);
+        let grouped = interleave_q5_0(&native, rows, columns);
+        let input = random.floats(3 * columns, 2.0);
+        let mut activations = vec![ActivationBlock::default(); 3 * columns / BLOCK];
+        scalar::quantize_activations(&input, &mut activations);
+        let tokens: Vec<&[ActivationBlock]> = activations.chunks(columns / BLOCK).collect();
+        let row_bytes = columns / BLOCK * 22;
+        let mut weights = vec![0.0; columns];
+        for group in 0..rows / GROUP_ROWS {
+            let mut out = vec![[0.0; GROUP_ROWS]; tokens.len()];
+            dot_q5_0_group(
+                &grouped[group * row_bytes * GROUP_ROWS..][..row_bytes * GROUP_ROWS],
+                &tokens,
+                &mut out,
+            );
+            for r in 0..GROUP_ROWS {
+                let row = group * GROUP_ROWS + r;
+                scalar::dequantize_q5_0(&native[row * row_bytes..(row + 1) * row_bytes], &mut weights);
+                for (t, (token, out)) in tokens.iter().zip(&out).enumerate() {
+                    let expected: f64 = token
+                        .iter()
+                        .flat_map(|a| a.values.iter().map(move |&q| f64::from(q) * f64::from(a.scale)))
+                        .zip(&weights)
+                        .map(|(x, &w)| x * f64::from(w))
+                        .sum();
+                    let got = f64::from(out[r]);
+                    assert!(
+                        (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                        "row {row} token {t}: {got} vs {expected}"
+                    );
+                }
+            }
+        }
+    }
+}
