@@ -11,7 +11,7 @@
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 //! `attention.rs` is attention over one sequence's KV cache, on the same pool. `row_groups.rs`
-//! keeps Q5_0 matrices as groups of eight interleaved rows, run by eight-row kernels.
+//! keeps Q5_0 and Q4_K matrices as groups of eight interleaved rows, run by eight-row kernels.
 
 pub mod activation;
 pub mod attention;
@@ -134,6 +134,7 @@ pub struct Kernels {
     q6_kx4: Option<DotRow4>,
     /// Eight rows at once, for the types stored as row groups (`row_groups`).
     q5_0_group: DotGroup,
+    q4_k_group: DotGroup,
     quantize: Quantize,
 }
 
@@ -159,6 +160,7 @@ impl Kernels {
             q4_kx4: None,
             q6_kx4: None,
             q5_0_group: row_groups::dot_q5_0_group,
+            q4_k_group: row_groups::dot_q4_k_group,
             quantize: scalar::quantize_activations,
         }
     }
@@ -186,6 +188,7 @@ impl Kernels {
                 q4_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q4_k(r, t) }),
                 q6_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q6_k(r, t) }),
                 q5_0_group: |g, t, o| unsafe { x86::avx2::dot_q5_0_group(g, t, o) },
+                q4_k_group: |g, t, o| unsafe { x86::avx2::dot_q4_k_group(g, t, o) },
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
             }),
             #[cfg(target_arch = "x86_64")]
@@ -207,6 +210,7 @@ impl Kernels {
                 q4_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q4_k(r, t) }),
                 q6_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q6_k(r, t) }),
                 q5_0_group: |g, t, o| unsafe { x86::vnni::dot_q5_0_group(g, t, o) },
+                q4_k_group: |g, t, o| unsafe { x86::vnni::dot_q4_k_group(g, t, o) },
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
             }),
             _ => None,
@@ -263,14 +267,18 @@ impl Kernels {
 
     /// The eight-row kernel of a type stored as row groups (`WeightType::in_row_groups`).
     pub fn group_dot(&self, weight_type: WeightType) -> Option<DotGroup> {
-        (weight_type == WeightType::Q5_0).then_some(self.q5_0_group)
+        match weight_type {
+            WeightType::Q5_0 => Some(self.q5_0_group),
+            WeightType::Q4K => Some(self.q4_k_group),
+            _ => None,
+        }
     }
 }
 
 impl WeightType {
     /// Whether a matrix of this type and height is kept as row groups (`row_groups`).
     fn in_row_groups(self, rows: usize) -> bool {
-        self == Self::Q5_0 && rows.is_multiple_of(GROUP_ROWS)
+        matches!(self, Self::Q5_0 | Self::Q4K) && rows.is_multiple_of(GROUP_ROWS)
     }
 }
 
@@ -321,7 +329,11 @@ impl QuantizedMatrix {
             });
         }
         let grouped = weight_type.in_row_groups(rows);
-        let bytes = if grouped { row_groups::interleave_q5_0(&bytes, rows, columns) } else { bytes };
+        let bytes = match (grouped, weight_type) {
+            (true, WeightType::Q5_0) => row_groups::interleave_q5_0(&bytes, rows, columns),
+            (true, WeightType::Q4K) => row_groups::interleave_q4_k(&bytes, rows, columns),
+            _ => bytes,
+        };
         Ok(Self { weight_type, rows, columns, row_bytes, grouped, bytes })
     }
 
@@ -344,7 +356,11 @@ impl QuantizedMatrix {
         }
         if self.grouped {
             let mut row = vec![0; self.row_bytes];
-            row_groups::native_q5_0_row(&self.bytes, index, self.columns, &mut row);
+            let native_row = match self.weight_type {
+                WeightType::Q5_0 => row_groups::native_q5_0_row,
+                _ => row_groups::native_q4_k_row,
+            };
+            native_row(&self.bytes, index, self.columns, &mut row);
             (self.weight_type.dequantize())(&row, out);
         } else {
             let row = &self.bytes[index * self.row_bytes..(index + 1) * self.row_bytes];

@@ -1,11 +1,11 @@
-//! Weight rows kept in groups of eight, interleaved block by block, and the reference kernel over
-//! them. Q5_0 matrices are stored so (gemma-3's attention and feed-forward inputs are Q5_0, and a
-//! prompt spent most of its time in them): one row at a time, every 32-weight block paid for its
-//! own unpacking, sign fix-up, widening, conversion to float and scaling, once per token. Eight
-//! rows side by side let one multiply take four weights of each row against the same four
-//! activation bytes, and share the integer and float work of a block among the eight rows. The
-//! bytes are the file's, moved and not re-encoded: a group block is exactly eight native blocks
-//! (llama.cpp repacks Q4_0 and Q4_K rows for the same reason).
+//! Weight rows kept in groups of eight, interleaved block by block, and the reference kernels over
+//! them. Q5_0 and Q4_K matrices are stored so (gemma-3's attention and feed-forward inputs are
+//! Q5_0; Q4_K is most of every `Q4_K_M` file): one row at a time, every 32-weight block paid for
+//! its own unpacking, widening, conversion to float and scaling, once per token. Eight rows side
+//! by side let one multiply take four weights of each row against the same four activation bytes,
+//! and share the integer and float work of a block among the eight rows. The bytes are the
+//! file's, moved and not re-encoded: a group block is exactly eight native blocks (llama.cpp
+//! repacks Q4_0 and Q4_K rows for the same reason).
 //!
 //! A Q5_0 group block, rows `8g..8g+8` by one 32-column block, is 176 bytes:
 //! - `0..16`: the eight rows' scales `d` (f16), in row order;
@@ -13,19 +13,31 @@
 //! - `48..176`: nibbles in four parts of 32 bytes: byte `48 + 32k + 4r + i` is the native nibble byte
 //!   `4k + i` of row `r` (low nibble weight `4k + i`, high nibble weight `16 + 4k + i`).
 //!
-//! So the 32 bytes of part `k` hold weights `4k..4k+4` of every row in their low nibbles and
-//! weights `16+4k..16+4k+4` in their high ones, row `r` in bytes `4r..4r+4`: one AVX2 register.
+//! A Q4_K group block, eight rows by one 256-column super-block, is 1,152 bytes:
+//! - `0..16` the rows' `d`, `16..32` their `dmin` (f16, row order);
+//! - `32..128`: the 12 packed scale bytes of each row as three words: bytes `32 + 32w + 4r..+4` are
+//!   bytes `4w..4w+4` of row `r`'s (so one register holds word `w` of all eight rows);
+//! - `128..1152`: nibbles, 32 parts of 32 bytes: part `8c + p` holds, at `4r..4r+4`, the native
+//!   nibble bytes `32c + 4p..+4` of row `r` (weights `4p..4p+4` of sub-block `2c` in the low nibbles,
+//!   of sub-block `2c + 1` in the high ones).
 //!
-//! Every kernel computes a row's result the same way whatever tokens share its call: per block
-//! the exact integer dot `s = Σ (q − 16)·a`, then `acc = fma(s, d·scale, acc)` in block order. The
-//! SIMD kernels equal this one to the bit, and a token's result does not depend on its batch.
+//! So a register of 32 bytes holds four weights of every row, row `r` in bytes `4r..4r+4`.
+//!
+//! Every kernel computes a row's result the same way whatever tokens share its call: per 32-weight
+//! block the exact integer dot `s` (Q5_0: `Σ (q − 16)·a`; Q4_K: `Σ q·a`), then
+//! `acc = fma(s, d·scale, acc)` (Q4_K: `d·sc_j` first, then `acc = fma(−dmin·m_j, sum, acc)`), in
+//! block order. The SIMD kernels equal these to the bit, and a token's result does not depend on its
+//! batch.
 
+use super::k_quants::{Q4_K_BYTES, SUPER_BLOCK, scale_and_min};
 use super::scalar::{ActivationBlock, BLOCK, f16_at};
 
 /// Rows in a group.
 pub const GROUP_ROWS: usize = 8;
 /// Bytes of a Q5_0 group block: eight native 22-byte blocks.
 pub const Q5_0_GROUP_BYTES: usize = GROUP_ROWS * 22;
+/// Bytes of a Q4_K group block: eight native super-blocks.
+pub const Q4_K_GROUP_BYTES: usize = GROUP_ROWS * Q4_K_BYTES;
 
 /// Eight rows' dot products with several tokens: `group` is a row group's blocks, `tokens[t]` a
 /// token's activation blocks (at least as many), `out[t][r]` row `r` with token `t`.
@@ -98,70 +110,145 @@ pub fn dot_q5_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f
     }
 }
 
+/// `rows × columns` Q4_K weights in GGUF's row order as row groups (`rows` a multiple of eight).
+pub fn interleave_q4_k(native: &[u8], rows: usize, columns: usize) -> Vec<u8> {
+    let blocks = columns / SUPER_BLOCK;
+    let row_bytes = blocks * Q4_K_BYTES;
+    assert!(rows.is_multiple_of(GROUP_ROWS) && columns.is_multiple_of(SUPER_BLOCK));
+    assert_eq!(native.len(), rows * row_bytes);
+    let mut grouped = vec![0; native.len()];
+    for (index, out) in grouped.chunks_exact_mut(Q4_K_GROUP_BYTES).enumerate() {
+        let (group, block) = (index / blocks, index % blocks);
+        for r in 0..GROUP_ROWS {
+            let start = (group * GROUP_ROWS + r) * row_bytes + block * Q4_K_BYTES;
+            let native = &native[start..start + Q4_K_BYTES];
+            out[2 * r..2 * r + 2].copy_from_slice(&native[..2]);
+            out[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&native[2..4]);
+            for w in 0..3 {
+                out[32 + 32 * w + 4 * r..][..4].copy_from_slice(&native[4 + 4 * w..][..4]);
+            }
+            for part in 0..32 {
+                out[128 + 32 * part + 4 * r..][..4].copy_from_slice(&native[16 + 4 * part..][..4]);
+            }
+        }
+    }
+    grouped
+}
+
+/// Row `row` of grouped Q4_K weights `columns` wide, back in GGUF's encoding, into `out`.
+pub fn native_q4_k_row(grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
+    let blocks = columns / SUPER_BLOCK;
+    let (group, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
+    let group_blocks = &grouped[group * blocks * Q4_K_GROUP_BYTES..][..blocks * Q4_K_GROUP_BYTES];
+    for (block, native) in group_blocks.chunks_exact(Q4_K_GROUP_BYTES).zip(out.chunks_exact_mut(Q4_K_BYTES)) {
+        native[..2].copy_from_slice(&block[2 * r..2 * r + 2]);
+        native[2..4].copy_from_slice(&block[16 + 2 * r..16 + 2 * r + 2]);
+        native[4..16].copy_from_slice(&q4_k_packed_scales(block, r));
+        for part in 0..32 {
+            native[16 + 4 * part..][..4].copy_from_slice(&block[128 + 32 * part + 4 * r..][..4]);
+        }
+    }
+}
+
+/// Row `r`'s 12 packed scale bytes of a Q4_K group block.
+fn q4_k_packed_scales(block: &[u8], r: usize) -> [u8; 12] {
+    std::array::from_fn(|i| block[32 + 32 * (i / 4) + 4 * r + i % 4])
+}
+
+/// The reference `DotGroup` of Q4_K.
+pub fn dot_q4_k_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+    assert_eq!(tokens.len(), out.len(), "one output per token");
+    for (activations, out) in tokens.iter().zip(out.iter_mut()) {
+        *out = [0.0; GROUP_ROWS];
+        for (block, a) in group.chunks_exact(Q4_K_GROUP_BYTES).zip(activations.chunks_exact(8)) {
+            for (r, acc) in out.iter_mut().enumerate() {
+                let (d, dmin) = (f16_at(block, 2 * r), f16_at(block, 16 + 2 * r));
+                let packed = q4_k_packed_scales(block, r);
+                for (j, a) in a.iter().enumerate() {
+                    let sum: i32 = (0..BLOCK)
+                        .map(|v| {
+                            let byte = block[128 + 32 * (8 * (j / 2) + v / 4) + 4 * r + v % 4];
+                            let q = if j.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
+                            i32::from(q) * i32::from(a.values[v])
+                        })
+                        .sum();
+                    let (scale, min) = scale_and_min(j, &packed);
+                    let (scale, min) = (d * f32::from(scale), dmin * f32::from(min));
+                    *acc = (sum as f32).mul_add(scale * a.scale, *acc);
+                    *acc = (-min).mul_add(a.sum, *acc);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::kernels::scalar;
-    use crate::engine::kernels::tests::Random;
+    use crate::engine::kernels::WeightType;
+    use crate::engine::kernels::tests::{Random, random_activations, random_row};
 
-    fn random_q5_0(rows: usize, columns: usize, random: &mut Random) -> Vec<u8> {
-        (0..rows * columns / BLOCK)
-            .flat_map(|_| {
-                let mut block = half::f16::from_f32(random.float() * 0.05).to_le_bytes().to_vec();
-                block.extend((0..20).map(|_| (random.float() * 128.0 + 128.0) as u8));
-                block
-            })
-            .collect()
-    }
+    type Interleave = fn(&[u8], usize, usize) -> Vec<u8>;
+    type NativeRow = fn(&[u8], usize, usize, &mut [u8]);
+
+    const TYPES: [(WeightType, Interleave, NativeRow, DotGroup); 2] = [
+        (WeightType::Q5_0, interleave_q5_0, native_q5_0_row, dot_q5_0_group),
+        (WeightType::Q4K, interleave_q4_k, native_q4_k_row, dot_q4_k_group),
+    ];
 
     #[test]
     fn grouping_moves_every_byte_and_back() {
         let mut random = Random(3);
-        let (rows, columns) = (16, 96);
-        let native = random_q5_0(rows, columns, &mut random);
-        let grouped = interleave_q5_0(&native, rows, columns);
-        assert_ne!(grouped, native);
-        let mut row = vec![0; columns / BLOCK * 22];
-        for index in 0..rows {
-            native_q5_0_row(&grouped, index, columns, &mut row);
-            assert_eq!(row, native[index * row.len()..(index + 1) * row.len()], "row {index}");
+        for (weight_type, interleave, native_row, _) in TYPES {
+            let (rows, columns) = (16, 512);
+            let native: Vec<u8> =
+                (0..rows).flat_map(|_| random_row(weight_type, columns, &mut random)).collect();
+            let grouped = interleave(&native, rows, columns);
+            assert_ne!(grouped, native);
+            let mut row = vec![0; weight_type.row_bytes(columns).unwrap()];
+            for index in 0..rows {
+                native_row(&grouped, index, columns, &mut row);
+                assert_eq!(
+                    row,
+                    native[index * row.len()..(index + 1) * row.len()],
+                    "{weight_type:?} row {index}"
+                );
+            }
         }
     }
 
     #[test]
     fn a_group_dot_is_the_dot_of_the_dequantized_rows() {
         let mut random = Random(11);
-        let (rows, columns) = (16, 256);
-        let native = random_q5_0(rows, columns, &mut random);
-        let grouped = interleave_q5_0(&native, rows, columns);
-        let input = random.floats(3 * columns, 2.0);
-        let mut activations = vec![ActivationBlock::default(); 3 * columns / BLOCK];
-        scalar::quantize_activations(&input, &mut activations);
-        let tokens: Vec<&[ActivationBlock]> = activations.chunks(columns / BLOCK).collect();
-        let row_bytes = columns / BLOCK * 22;
-        let mut weights = vec![0.0; columns];
-        for group in 0..rows / GROUP_ROWS {
-            let mut out = vec![[0.0; GROUP_ROWS]; tokens.len()];
-            dot_q5_0_group(
-                &grouped[group * row_bytes * GROUP_ROWS..][..row_bytes * GROUP_ROWS],
-                &tokens,
-                &mut out,
-            );
-            for r in 0..GROUP_ROWS {
-                let row = group * GROUP_ROWS + r;
-                scalar::dequantize_q5_0(&native[row * row_bytes..(row + 1) * row_bytes], &mut weights);
-                for (t, (token, out)) in tokens.iter().zip(&out).enumerate() {
-                    let expected: f64 = token
-                        .iter()
-                        .flat_map(|a| a.values.iter().map(move |&q| f64::from(q) * f64::from(a.scale)))
-                        .zip(&weights)
-                        .map(|(x, &w)| x * f64::from(w))
-                        .sum();
-                    let got = f64::from(out[r]);
-                    assert!(
-                        (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
-                        "row {row} token {t}: {got} vs {expected}"
-                    );
+        for (weight_type, interleave, _, dot) in TYPES {
+            let (rows, columns) = (16, 512);
+            let row_bytes = weight_type.row_bytes(columns).unwrap();
+            let native: Vec<u8> =
+                (0..rows).flat_map(|_| random_row(weight_type, columns, &mut random)).collect();
+            let grouped = interleave(&native, rows, columns);
+            let tokens: Vec<Vec<ActivationBlock>> =
+                (0..3).map(|_| random_activations(columns, &mut random)).collect();
+            let tokens: Vec<&[ActivationBlock]> = tokens.iter().map(Vec::as_slice).collect();
+            let mut weights = vec![0.0; columns];
+            for group in 0..rows / GROUP_ROWS {
+                let mut out = vec![[0.0; GROUP_ROWS]; tokens.len()];
+                dot(&grouped[group * row_bytes * GROUP_ROWS..][..row_bytes * GROUP_ROWS], &tokens, &mut out);
+                for r in 0..GROUP_ROWS {
+                    let row = group * GROUP_ROWS + r;
+                    (weight_type.dequantize())(&native[row * row_bytes..(row + 1) * row_bytes], &mut weights);
+                    for (t, (token, out)) in tokens.iter().zip(&out).enumerate() {
+                        let expected: f64 = token
+                            .iter()
+                            .flat_map(|a| a.values.iter().map(move |&q| f64::from(q) * f64::from(a.scale)))
+                            .zip(&weights)
+                            .map(|(x, &w)| x * f64::from(w))
+                            .sum();
+                        let got = f64::from(out[r]);
+                        assert!(
+                            (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                            "{weight_type:?} row {row} token {t}: {got} vs {expected}"
+                        );
+                    }
                 }
             }
         }

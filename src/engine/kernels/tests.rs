@@ -38,7 +38,7 @@ impl Random {
 }
 
 /// Random bytes shaped as valid blocks: finite f16 scales and minimums, anything elsewhere.
-fn random_row(weight_type: WeightType, columns: usize, random: &mut Random) -> Vec<u8> {
+pub(super) fn random_row(weight_type: WeightType, columns: usize, random: &mut Random) -> Vec<u8> {
     let (values, block_bytes) = weight_type.layout();
     let small_scale = |random: &mut Random| half::f16::from_f32(random.float() * 0.05).to_le_bytes();
     match weight_type {
@@ -81,7 +81,7 @@ fn random_row(weight_type: WeightType, columns: usize, random: &mut Random) -> V
     row
 }
 
-fn random_activations(columns: usize, random: &mut Random) -> Vec<ActivationBlock> {
+pub(super) fn random_activations(columns: usize, random: &mut Random) -> Vec<ActivationBlock> {
     let input: Vec<f32> = (0..columns).map(|_| random.float() * 3.0).collect();
     let mut blocks = vec![ActivationBlock::default(); columns / BLOCK];
     scalar::quantize_activations(&input, &mut blocks);
@@ -152,36 +152,45 @@ fn four_token_dots_equal_four_single_ones_to_the_bit() {
     }
 }
 
-/// Row groups of random Q5_0 rows against 1 to 9 tokens: every SIMD variant equals the scalar
-/// kernel to the bit (they do the same integer sums and the same fma per block), and a token's
-/// results do not depend on the tokens in the same call.
+/// Row groups of random Q5_0 and Q4_K rows against 1 to 9 tokens: every SIMD variant equals the
+/// scalar kernel to the bit (they do the same integer sums and the same fmas per block), and a
+/// token's results do not depend on the tokens in the same call.
 #[test]
 fn row_group_kernels_equal_the_scalar_one_to_the_bit_in_any_batch() {
     let variants: Vec<Kernels> =
         [Variant::Scalar, Variant::Avx2, Variant::Vnni].into_iter().filter_map(Kernels::variant).collect();
-    let reference = Kernels::scalar().group_dot(WeightType::Q5_0).unwrap();
     let mut random = Random(17);
-    for columns in [32, 640, 2048] {
+    let shapes = [
+        (WeightType::Q5_0, 32),
+        (WeightType::Q5_0, 640),
+        (WeightType::Q5_0, 2048),
+        (WeightType::Q4K, 256),
+        (WeightType::Q4K, 2048),
+    ];
+    for (weight_type, columns) in shapes {
+        let reference = Kernels::scalar().group_dot(weight_type).unwrap();
         let native: Vec<u8> =
-            (0..GROUP_ROWS).flat_map(|_| random_row(WeightType::Q5_0, columns, &mut random)).collect();
-        let group = row_groups::interleave_q5_0(&native, GROUP_ROWS, columns);
+            (0..GROUP_ROWS).flat_map(|_| random_row(weight_type, columns, &mut random)).collect();
+        let matrix = QuantizedMatrix::new(weight_type, GROUP_ROWS, columns, native).unwrap();
+        assert!(matrix.grouped);
+        let group = &matrix.bytes;
         let tokens: Vec<Vec<ActivationBlock>> =
             (0..9).map(|_| random_activations(columns, &mut random)).collect();
         let tokens: Vec<&[ActivationBlock]> = tokens.iter().map(Vec::as_slice).collect();
         let mut expected = vec![[0.0; GROUP_ROWS]; tokens.len()];
-        reference(&group, &tokens, &mut expected);
+        reference(group, &tokens, &mut expected);
         for kernels in &variants {
-            let dot = kernels.group_dot(WeightType::Q5_0).unwrap();
+            let dot = kernels.group_dot(weight_type).unwrap();
             for count in 1..=tokens.len() {
                 let mut got = vec![[f32::NAN; GROUP_ROWS]; count];
-                dot(&group, &tokens[..count], &mut got);
+                dot(group, &tokens[..count], &mut got);
                 let bits = |rows: &[[f32; GROUP_ROWS]]| {
                     rows.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
                 assert_eq!(
                     bits(&got),
                     bits(&expected[..count]),
-                    "{:?} × {columns}, {count} tokens",
+                    "{:?} {weight_type:?} × {columns}, {count} tokens",
                     kernels.variant
                 );
             }

@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::k_quants::{Q4_K_BYTES, Q6_K_BYTES, scale_and_min};
-use super::row_groups::{GROUP_ROWS, Q5_0_GROUP_BYTES};
+use super::row_groups::{GROUP_ROWS, Q4_K_GROUP_BYTES, Q5_0_GROUP_BYTES};
 use super::scalar::ActivationBlock;
 
 /// The 32 nibbles of 16 bytes as 32 bytes: low nibbles first, then high nibbles.
@@ -117,6 +117,53 @@ fn q5_0_group_weights(block: &[u8], half: usize) -> [__m256i; 4] {
     weights
 }
 
+/// The scales and minimums of the eight rows of a Q4_K group block, as `k_quants::scale_and_min`
+/// unpacks them, all rows at once: (scales of sub-blocks 0..4, of 4..8, minimums of 0..4, of
+/// 4..8), byte `j % 4` of lane `r` being row `r`'s.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q4_k_group_scales(block: &[u8]) -> [__m256i; 4] {
+    let words = [load32(&block[32..]), load32(&block[64..]), load32(&block[96..])];
+    let (six, four) = (_mm256_set1_epi8(0x3F), _mm256_set1_epi8(0x0F));
+    // The top two bits of each byte of a word, as bits 4 and 5.
+    let top = |word: __m256i| {
+        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(word, 6), _mm256_set1_epi8(3)), 4)
+    };
+    [
+        _mm256_and_si256(words[0], six),
+        _mm256_or_si256(_mm256_and_si256(words[2], four), top(words[0])),
+        _mm256_and_si256(words[1], six),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(words[2], 4), four), top(words[1])),
+    ]
+}
+
+/// Byte `j % 4` of every 32-bit lane, as f32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lane_byte(bytes: __m256i, j: usize) -> __m256 {
+    let shifted = match j % 4 {
+        0 => bytes,
+        1 => _mm256_srli_epi32(bytes, 8),
+        2 => _mm256_srli_epi32(bytes, 16),
+        _ => _mm256_srli_epi32(bytes, 24),
+    };
+    _mm256_cvtepi32_ps(_mm256_and_si256(shifted, _mm256_set1_epi32(0xFF)))
+}
+
+/// Weights `4p..4p+4` of sub-block `j` of the eight rows of a Q4_K group block, for `p` in
+/// `4·half..4·half+4`, as bytes 0..15: row `r` in bytes `4r..4r+4`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q4_k_group_weights(block: &[u8], j: usize, half: usize) -> [__m256i; 4] {
+    let mut weights = [_mm256_setzero_si256(); 4];
+    for (k, weights) in weights.iter_mut().enumerate() {
+        let packed = load32(&block[128 + 32 * (8 * (j / 2) + 4 * half + k)..]);
+        let packed = if j.is_multiple_of(2) { packed } else { _mm256_srli_epi16(packed, 4) };
+        *weights = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));
+    }
+    weights
+}
+
 macro_rules! dot_kernels {
     ($features:literal, $products:item, $group_sums:item) => {
         use super::*;
@@ -155,25 +202,75 @@ macro_rules! dot_kernels {
             acc
         }
 
-        /// `row_groups::DotGroup` of Q5_0: four tokens at a time, then one.
+        /// `T` tokens against the eight rows of a Q4_K row group: per 32-weight sub-block, each
+        /// row's exact integer dot, one fma with `d·scale_j·scale` and one with `−dmin·min_j·sum`.
+        #[inline]
         #[target_feature(enable = $features)]
-        pub fn dot_q5_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+        fn q4_k_group_dot<const T: usize>(group: &[u8], tokens: [&[ActivationBlock]; T]) -> [__m256; T] {
+            let blocks = group.len() / Q4_K_GROUP_BYTES;
+            assert!(tokens.iter().all(|t| t.len() >= 8 * blocks), "fewer activation blocks than weight blocks");
+            let tokens = tokens.map(|t| &t[..8 * blocks]);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for (super_block, block) in group.chunks_exact(Q4_K_GROUP_BYTES).enumerate() {
+                let (d, dmin) = (_mm256_cvtph_ps(load16(block)), _mm256_cvtph_ps(load16(&block[16..])));
+                let [scales_low, scales_high, mins_low, mins_high] = q4_k_group_scales(block);
+                for j in 0..8 {
+                    let (scales, mins) = if j < 4 { (scales_low, mins_low) } else { (scales_high, mins_high) };
+                    let scale = _mm256_mul_ps(d, lane_byte(scales, j));
+                    let min = _mm256_mul_ps(dmin, lane_byte(mins, j));
+                    let mut sums = [_mm256_setzero_si256(); T];
+                    for half in 0..2 {
+                        let weights = q4_k_group_weights(block, j, half);
+                        for t in 0..T {
+                            let a = &tokens[t][8 * super_block + j];
+                            let activations: [__m256i; 4] = std::array::from_fn(|k| four_activations(a, 4 * half + k));
+                            sums[t] = _mm256_add_epi32(sums[t], group_sums(weights, activations));
+                        }
+                    }
+                    for t in 0..T {
+                        let a = &tokens[t][8 * super_block + j];
+                        let factor = _mm256_mul_ps(scale, _mm256_set1_ps(a.scale));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), factor, acc[t]);
+                        acc[t] = _mm256_fnmadd_ps(min, _mm256_set1_ps(a.sum), acc[t]);
+                    }
+                }
+            }
+            acc
+        }
+
+        /// A `row_groups::DotGroup` from a kernel for four tokens and one for one.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn in_fours(
+            tokens: &[&[ActivationBlock]],
+            out: &mut [[f32; GROUP_ROWS]],
+            four: impl Fn([&[ActivationBlock]; 4]) -> [__m256; 4],
+            one: impl Fn([&[ActivationBlock]; 1]) -> [__m256; 1],
+        ) {
             assert_eq!(tokens.len(), out.len(), "one output per token");
             let store = |acc: __m256, out: &mut [f32; GROUP_ROWS]| {
                 // SAFETY: `out` is eight f32; storeu has no alignment requirement.
                 unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc) }
             };
-            let mut four = tokens.chunks_exact(4).zip(out.chunks_exact_mut(4));
-            for (tokens, out) in &mut four {
-                let acc = q5_0_group_dot::<4>(group, [tokens[0], tokens[1], tokens[2], tokens[3]]);
-                for (acc, out) in acc.into_iter().zip(out) {
+            for (tokens, out) in tokens.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
+                for (acc, out) in four([tokens[0], tokens[1], tokens[2], tokens[3]]).into_iter().zip(out) {
                     store(acc, out);
                 }
             }
             let done = tokens.len() / 4 * 4;
             for (token, out) in tokens[done..].iter().zip(&mut out[done..]) {
-                store(q5_0_group_dot::<1>(group, [token])[0], out);
+                store(one([token])[0], out);
             }
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot_q5_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+            in_fours(tokens, out, |t| q5_0_group_dot::<4>(group, t), |t| q5_0_group_dot::<1>(group, t))
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot_q4_k_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+            in_fours(tokens, out, |t| q4_k_group_dot::<4>(group, t), |t| q4_k_group_dot::<1>(group, t))
         }
 
         /// Products of signed weight bytes with signed activation bytes.
