@@ -11,7 +11,8 @@
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 //! `attention.rs` is attention over one sequence's KV cache, on the same pool. `row_groups.rs`
-//! keeps Q5_0 and Q4_K matrices as groups of eight interleaved rows, run by eight-row kernels.
+//! keeps Q4_0, Q4_1, Q5_0 and Q4_K matrices as groups of eight interleaved rows, run by eight-row
+//! kernels.
 
 pub mod activation;
 pub mod attention;
@@ -133,6 +134,8 @@ pub struct Kernels {
     q4_kx4: Option<DotRow4>,
     q6_kx4: Option<DotRow4>,
     /// Eight rows at once, for the types stored as row groups (`row_groups`).
+    q4_0_group: DotGroup,
+    q4_1_group: DotGroup,
     q5_0_group: DotGroup,
     q4_k_group: DotGroup,
     quantize: Quantize,
@@ -159,7 +162,9 @@ impl Kernels {
             q8_0x4: None,
             q4_kx4: None,
             q6_kx4: None,
-            q5_0_group: row_groups::dot_q5_0_group,
+            q4_0_group: |g, t, o| row_groups::Q4_0.dot(g, t, o),
+            q4_1_group: |g, t, o| row_groups::Q4_1.dot(g, t, o),
+            q5_0_group: |g, t, o| row_groups::Q5_0.dot(g, t, o),
             q4_k_group: row_groups::dot_q4_k_group,
             quantize: scalar::quantize_activations,
         }
@@ -187,6 +192,8 @@ impl Kernels {
                 q8_0x4: Some(|r, t| unsafe { x86::avx2::dot4_q8_0(r, t) }),
                 q4_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q4_k(r, t) }),
                 q6_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q6_k(r, t) }),
+                q4_0_group: |g, t, o| unsafe { x86::avx2::dot_q4_0_group(g, t, o) },
+                q4_1_group: |g, t, o| unsafe { x86::avx2::dot_q4_1_group(g, t, o) },
                 q5_0_group: |g, t, o| unsafe { x86::avx2::dot_q5_0_group(g, t, o) },
                 q4_k_group: |g, t, o| unsafe { x86::avx2::dot_q4_k_group(g, t, o) },
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
@@ -209,6 +216,8 @@ impl Kernels {
                 q8_0x4: Some(|r, t| unsafe { x86::vnni::dot4_q8_0(r, t) }),
                 q4_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q4_k(r, t) }),
                 q6_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q6_k(r, t) }),
+                q4_0_group: |g, t, o| unsafe { x86::vnni::dot_q4_0_group(g, t, o) },
+                q4_1_group: |g, t, o| unsafe { x86::vnni::dot_q4_1_group(g, t, o) },
                 q5_0_group: |g, t, o| unsafe { x86::vnni::dot_q5_0_group(g, t, o) },
                 q4_k_group: |g, t, o| unsafe { x86::vnni::dot_q4_k_group(g, t, o) },
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
@@ -268,6 +277,8 @@ impl Kernels {
     /// The eight-row kernel of a type stored as row groups (`WeightType::in_row_groups`).
     pub fn group_dot(&self, weight_type: WeightType) -> Option<DotGroup> {
         match weight_type {
+            WeightType::Q4_0 => Some(self.q4_0_group),
+            WeightType::Q4_1 => Some(self.q4_1_group),
             WeightType::Q5_0 => Some(self.q5_0_group),
             WeightType::Q4K => Some(self.q4_k_group),
             _ => None,
@@ -278,7 +289,17 @@ impl Kernels {
 impl WeightType {
     /// Whether a matrix of this type and height is kept as row groups (`row_groups`).
     fn in_row_groups(self, rows: usize) -> bool {
-        matches!(self, Self::Q5_0 | Self::Q4K) && rows.is_multiple_of(GROUP_ROWS)
+        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q4K) && rows.is_multiple_of(GROUP_ROWS)
+    }
+
+    /// The group layout of the 32-weight types kept as row groups.
+    fn small_blocks(self) -> Option<row_groups::SmallBlocks> {
+        match self {
+            Self::Q4_0 => Some(row_groups::Q4_0),
+            Self::Q4_1 => Some(row_groups::Q4_1),
+            Self::Q5_0 => Some(row_groups::Q5_0),
+            _ => None,
+        }
     }
 }
 
@@ -329,10 +350,10 @@ impl QuantizedMatrix {
             });
         }
         let grouped = weight_type.in_row_groups(rows);
-        let bytes = match (grouped, weight_type) {
-            (true, WeightType::Q5_0) => row_groups::interleave_q5_0(&bytes, rows, columns),
-            (true, WeightType::Q4K) => row_groups::interleave_q4_k(&bytes, rows, columns),
-            _ => bytes,
+        let bytes = match (grouped, weight_type.small_blocks()) {
+            (false, _) => bytes,
+            (true, Some(layout)) => layout.interleave(&bytes, rows, columns),
+            (true, None) => row_groups::interleave_q4_k(&bytes, rows, columns),
         };
         Ok(Self { weight_type, rows, columns, row_bytes, grouped, bytes })
     }
@@ -356,11 +377,10 @@ impl QuantizedMatrix {
         }
         if self.grouped {
             let mut row = vec![0; self.row_bytes];
-            let native_row = match self.weight_type {
-                WeightType::Q5_0 => row_groups::native_q5_0_row,
-                _ => row_groups::native_q4_k_row,
-            };
-            native_row(&self.bytes, index, self.columns, &mut row);
+            match self.weight_type.small_blocks() {
+                Some(layout) => layout.native_row(&self.bytes, index, self.columns, &mut row),
+                None => row_groups::native_q4_k_row(&self.bytes, index, self.columns, &mut row),
+            }
             (self.weight_type.dequantize())(&row, out);
         } else {
             let row = &self.bytes[index * self.row_bytes..(index + 1) * self.row_bytes];

@@ -1,17 +1,20 @@
 //! Weight rows kept in groups of eight, interleaved block by block, and the reference kernels over
-//! them. Q5_0 and Q4_K matrices are stored so (gemma-3's attention and feed-forward inputs are
-//! Q5_0; Q4_K is most of every `Q4_K_M` file): one row at a time, every 32-weight block paid for
+//! them. Q4_0, Q4_1, Q5_0 and Q4_K matrices are stored so (SmolLM2 is Q4_1; gemma-3's attention and
+//! feed-forward inputs are Q5_0; Q4_K is most of every `Q4_K_M` file): one row at a time, every 32-weight block paid for
 //! its own unpacking, widening, conversion to float and scaling, once per token. Eight rows side
 //! by side let one multiply take four weights of each row against the same four activation bytes,
 //! and share the integer and float work of a block among the eight rows. The bytes are the
 //! file's, moved and not re-encoded: a group block is exactly eight native blocks (llama.cpp
 //! repacks Q4_0 and Q4_K rows for the same reason).
 //!
-//! A Q5_0 group block, rows `8g..8g+8` by one 32-column block, is 176 bytes:
+//! A group block of the 32-weight types (Q4_0, Q4_1, Q5_0), rows `8g..8g+8` by one 32-column
+//! block, is eight native blocks' bytes (`SmallBlocks`):
 //! - `0..16`: the eight rows' scales `d` (f16), in row order;
-//! - `16..48`: fifth bits: bit `j` of byte `4r + i` is the fifth bit of weight `4j + i` of row `r`;
-//! - `48..176`: nibbles in four parts of 32 bytes: byte `48 + 32k + 4r + i` is the native nibble byte
-//!   `4k + i` of row `r` (low nibble weight `4k + i`, high nibble weight `16 + 4k + i`).
+//! - Q4_1: `16..32` their minimums `m` (f16); Q5_0: `16..48` fifth bits: bit `j` of byte `4r + i` is
+//!   the fifth bit of weight `4j + i` of row `r`;
+//! - the last 128 bytes: nibbles in four parts of 32 bytes: byte `32k + 4r + i` of them is the
+//!   native nibble byte `4k + i` of row `r` (low nibble weight `4k + i`, high nibble weight
+//!   `16 + 4k + i`).
 //!
 //! A Q4_K group block, eight rows by one 256-column super-block, is 1,152 bytes:
 //! - `0..16` the rows' `d`, `16..32` their `dmin` (f16, row order);
@@ -24,9 +27,9 @@
 //! So a register of 32 bytes holds four weights of every row, row `r` in bytes `4r..4r+4`.
 //!
 //! Every kernel computes a row's result the same way whatever tokens share its call: per 32-weight
-//! block the exact integer dot `s` (Q5_0: `Σ (q − 16)·a`; Q4_K: `Σ q·a`), then
-//! `acc = fma(s, d·scale, acc)` (Q4_K: `d·sc_j` first, then `acc = fma(−dmin·m_j, sum, acc)`), in
-//! block order. The SIMD kernels equal these to the bit, and a token's result does not depend on its
+//! block the exact integer dot `s = Σ (q − offset)·a`, then `acc = fma(s, d·scale, acc)` and, for
+//! the types with a minimum, `acc = fma(m, sum, acc)` (Q4_K: `d·sc_j` for `d`, `−dmin·m_j` for `m`),
+//! in block order. The SIMD kernels equal these to the bit, and a token's result does not depend on its
 //! batch.
 
 use super::k_quants::{Q4_K_BYTES, SUPER_BLOCK, scale_and_min};
@@ -34,8 +37,6 @@ use super::scalar::{ActivationBlock, BLOCK, f16_at};
 
 /// Rows in a group.
 pub const GROUP_ROWS: usize = 8;
-/// Bytes of a Q5_0 group block: eight native 22-byte blocks.
-pub const Q5_0_GROUP_BYTES: usize = GROUP_ROWS * 22;
 /// Bytes of a Q4_K group block: eight native super-blocks.
 pub const Q4_K_GROUP_BYTES: usize = GROUP_ROWS * Q4_K_BYTES;
 
@@ -43,71 +44,124 @@ pub const Q4_K_GROUP_BYTES: usize = GROUP_ROWS * Q4_K_BYTES;
 /// token's activation blocks (at least as many), `out[t][r]` row `r` with token `t`.
 pub type DotGroup = fn(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]);
 
-/// `rows × columns` Q5_0 weights in GGUF's row order as row groups. `rows` must be a multiple of
-/// eight and `native` whole rows of whole blocks.
-pub fn interleave_q5_0(native: &[u8], rows: usize, columns: usize) -> Vec<u8> {
-    let blocks = columns / BLOCK;
-    let row_bytes = blocks * 22;
-    assert!(rows.is_multiple_of(GROUP_ROWS) && columns.is_multiple_of(BLOCK));
-    assert_eq!(native.len(), rows * row_bytes);
-    let mut grouped = vec![0; native.len()];
-    for (index, out) in grouped.chunks_exact_mut(Q5_0_GROUP_BYTES).enumerate() {
-        let (group, block) = (index / blocks, index % blocks);
-        for r in 0..GROUP_ROWS {
-            let start = (group * GROUP_ROWS + r) * row_bytes + block * 22;
-            let native = &native[start..start + 22];
-            out[2 * r..2 * r + 2].copy_from_slice(&native[..2]);
-            let fifth = u32::from_le_bytes([native[2], native[3], native[4], native[5]]);
-            for i in 0..4 {
-                out[16 + 4 * r + i] = (0..8).map(|j| (((fifth >> (4 * j + i)) & 1) as u8) << j).sum();
+/// A type of 32-weight blocks with one f16 scale `d` and 16 bytes of nibbles: Q4_0, Q4_1 (with a
+/// minimum `m`) and Q5_0 (with fifth bits). Its group block holds the eight rows' `d` at 0..16,
+/// then their minimums (16..32) or fifth bits (16..48), and the nibbles in the last 128 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SmallBlocks {
+    /// Bytes of a native block.
+    pub native_bytes: usize,
+    pub minimum: bool,
+    pub fifth_bits: bool,
+    /// Subtracted from every stored weight (8 for Q4_0, 16 for Q5_0).
+    pub offset: i32,
+}
+
+pub const Q4_0: SmallBlocks = SmallBlocks { native_bytes: 18, minimum: false, fifth_bits: false, offset: 8 };
+pub const Q4_1: SmallBlocks = SmallBlocks { native_bytes: 20, minimum: true, fifth_bits: false, offset: 0 };
+pub const Q5_0: SmallBlocks = SmallBlocks { native_bytes: 22, minimum: false, fifth_bits: true, offset: 16 };
+
+impl SmallBlocks {
+    /// Bytes of a group block: eight native blocks.
+    pub const fn group_bytes(self) -> usize {
+        GROUP_ROWS * self.native_bytes
+    }
+
+    /// Where the nibbles start in a group block.
+    pub const fn nibbles(self) -> usize {
+        self.group_bytes() - 128
+    }
+
+    /// Where the minimums (f16) or fifth bits start in a group block.
+    pub const EXTRA: usize = 16;
+
+    /// `rows × columns` weights in GGUF's row order as row groups. `rows` must be a multiple of
+    /// eight and `native` whole rows of whole blocks.
+    pub fn interleave(self, native: &[u8], rows: usize, columns: usize) -> Vec<u8> {
+        let blocks = columns / BLOCK;
+        let (row_bytes, group_bytes) = (blocks * self.native_bytes, self.group_bytes());
+        assert!(rows.is_multiple_of(GROUP_ROWS) && columns.is_multiple_of(BLOCK));
+        assert_eq!(native.len(), rows * row_bytes);
+        let mut grouped = vec![0; native.len()];
+        for (index, out) in grouped.chunks_exact_mut(group_bytes).enumerate() {
+            let (group, block) = (index / blocks, index % blocks);
+            for r in 0..GROUP_ROWS {
+                let start = (group * GROUP_ROWS + r) * row_bytes + block * self.native_bytes;
+                let native = &native[start..start + self.native_bytes];
+                out[2 * r..2 * r + 2].copy_from_slice(&native[..2]);
+                if self.minimum {
+                    out[Self::EXTRA + 2 * r..][..2].copy_from_slice(&native[2..4]);
+                }
+                if self.fifth_bits {
+                    let fifth = u32::from_le_bytes([native[2], native[3], native[4], native[5]]);
+                    for i in 0..4 {
+                        out[Self::EXTRA + 4 * r + i] =
+                            (0..8).map(|j| (((fifth >> (4 * j + i)) & 1) as u8) << j).sum();
+                    }
+                }
+                let nibbles = &native[self.native_bytes - 16..];
+                for k in 0..4 {
+                    out[self.nibbles() + 32 * k + 4 * r..][..4].copy_from_slice(&nibbles[4 * k..][..4]);
+                }
             }
+        }
+        grouped
+    }
+
+    /// Row `row` of grouped weights `columns` wide, back in GGUF's encoding, into `out`.
+    pub fn native_row(self, grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
+        let (blocks, group_bytes) = (columns / BLOCK, self.group_bytes());
+        let (group, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
+        let group_blocks = &grouped[group * blocks * group_bytes..][..blocks * group_bytes];
+        for (block, native) in
+            group_blocks.chunks_exact(group_bytes).zip(out.chunks_exact_mut(self.native_bytes))
+        {
+            native[..2].copy_from_slice(&block[2 * r..2 * r + 2]);
+            if self.minimum {
+                native[2..4].copy_from_slice(&block[Self::EXTRA + 2 * r..][..2]);
+            }
+            if self.fifth_bits {
+                let fifth: u32 = (0..BLOCK).map(|v| u32::from(fifth_bit(block, r, v)) << v).sum();
+                native[2..6].copy_from_slice(&fifth.to_le_bytes());
+            }
+            let at = self.native_bytes - 16;
             for k in 0..4 {
-                out[48 + 32 * k + 4 * r..][..4].copy_from_slice(&native[6 + 4 * k..][..4]);
+                native[at + 4 * k..][..4].copy_from_slice(&block[self.nibbles() + 32 * k + 4 * r..][..4]);
             }
         }
     }
-    grouped
-}
 
-/// Row `row` of grouped Q5_0 weights `columns` wide, back in GGUF's encoding, into `out`.
-pub fn native_q5_0_row(grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
-    let blocks = columns / BLOCK;
-    let (group, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
-    let group_blocks = &grouped[group * blocks * Q5_0_GROUP_BYTES..][..blocks * Q5_0_GROUP_BYTES];
-    for (block, native) in group_blocks.chunks_exact(Q5_0_GROUP_BYTES).zip(out.chunks_exact_mut(22)) {
-        native[..2].copy_from_slice(&block[2 * r..2 * r + 2]);
-        let fifth: u32 = (0..BLOCK).map(|v| u32::from(fifth_bit(block, r, v)) << v).sum();
-        native[2..6].copy_from_slice(&fifth.to_le_bytes());
-        for k in 0..4 {
-            native[6 + 4 * k..][..4].copy_from_slice(&block[48 + 32 * k + 4 * r..][..4]);
+    /// Weight `v` (0..32) of row `r` of a group block, as stored (before the offset).
+    fn weight(self, block: &[u8], r: usize, v: usize) -> i32 {
+        let byte = block[self.nibbles() + 32 * (v % 16 / 4) + 4 * r + v % 4];
+        let nibble = if v < 16 { byte & 0x0F } else { byte >> 4 };
+        let fifth = if self.fifth_bits { fifth_bit(block, r, v) << 4 } else { 0 };
+        i32::from(nibble | fifth)
+    }
+
+    /// The reference kernel: per block and row, `acc = fma(Σ (q − offset)·a, d·scale, acc)`, then
+    /// with a minimum `acc = fma(m, sum, acc)`.
+    pub fn dot(self, group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+        assert_eq!(tokens.len(), out.len(), "one output per token");
+        for (activations, out) in tokens.iter().zip(out.iter_mut()) {
+            *out = [0.0; GROUP_ROWS];
+            for (block, a) in group.chunks_exact(self.group_bytes()).zip(activations.iter()) {
+                for (r, acc) in out.iter_mut().enumerate() {
+                    let sum: i32 = (0..BLOCK)
+                        .map(|v| (self.weight(block, r, v) - self.offset) * i32::from(a.values[v]))
+                        .sum();
+                    *acc = (sum as f32).mul_add(f16_at(block, 2 * r) * a.scale, *acc);
+                    if self.minimum {
+                        *acc = f16_at(block, Self::EXTRA + 2 * r).mul_add(a.sum, *acc);
+                    }
+                }
+            }
         }
     }
 }
 
 fn fifth_bit(block: &[u8], r: usize, v: usize) -> u8 {
-    (block[16 + 4 * r + v % 4] >> (v / 4)) & 1
-}
-
-/// Weight `v` (0..32) of row `r` of a group block, as stored: 0..31.
-fn q5_0_weight(block: &[u8], r: usize, v: usize) -> i32 {
-    let byte = block[48 + 32 * (v % 16 / 4) + 4 * r + v % 4];
-    let nibble = if v < 16 { byte & 0x0F } else { byte >> 4 };
-    i32::from(nibble | (fifth_bit(block, r, v) << 4))
-}
-
-/// The reference `DotGroup` of Q5_0.
-pub fn dot_q5_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
-    assert_eq!(tokens.len(), out.len(), "one output per token");
-    for (activations, out) in tokens.iter().zip(out.iter_mut()) {
-        *out = [0.0; GROUP_ROWS];
-        for (block, a) in group.chunks_exact(Q5_0_GROUP_BYTES).zip(activations.iter()) {
-            for (r, acc) in out.iter_mut().enumerate() {
-                let sum: i32 =
-                    (0..BLOCK).map(|v| (q5_0_weight(block, r, v) - 16) * i32::from(a.values[v])).sum();
-                *acc = (sum as f32).mul_add(f16_at(block, 2 * r) * a.scale, *acc);
-            }
-        }
-    }
+    (block[SmallBlocks::EXTRA + 4 * r + v % 4] >> (v / 4)) & 1
 }
 
 /// `rows × columns` Q4_K weights in GGUF's row order as row groups (`rows` a multiple of eight).
@@ -191,8 +245,25 @@ mod tests {
     type Interleave = fn(&[u8], usize, usize) -> Vec<u8>;
     type NativeRow = fn(&[u8], usize, usize, &mut [u8]);
 
-    const TYPES: [(WeightType, Interleave, NativeRow, DotGroup); 2] = [
-        (WeightType::Q5_0, interleave_q5_0, native_q5_0_row, dot_q5_0_group),
+    const TYPES: [(WeightType, Interleave, NativeRow, DotGroup); 4] = [
+        (
+            WeightType::Q4_0,
+            |n, r, c| Q4_0.interleave(n, r, c),
+            |g, r, c, o| Q4_0.native_row(g, r, c, o),
+            |g, t, o| Q4_0.dot(g, t, o),
+        ),
+        (
+            WeightType::Q4_1,
+            |n, r, c| Q4_1.interleave(n, r, c),
+            |g, r, c, o| Q4_1.native_row(g, r, c, o),
+            |g, t, o| Q4_1.dot(g, t, o),
+        ),
+        (
+            WeightType::Q5_0,
+            |n, r, c| Q5_0.interleave(n, r, c),
+            |g, r, c, o| Q5_0.native_row(g, r, c, o),
+            |g, t, o| Q5_0.dot(g, t, o),
+        ),
         (WeightType::Q4K, interleave_q4_k, native_q4_k_row, dot_q4_k_group),
     ];
 

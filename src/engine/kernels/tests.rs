@@ -152,7 +152,7 @@ fn four_token_dots_equal_four_single_ones_to_the_bit() {
     }
 }
 
-/// Row groups of random Q5_0 and Q4_K rows against 1 to 9 tokens: every SIMD variant equals the
+/// Row groups of random rows of every grouped type against 1 to 9 tokens: every SIMD variant equals the
 /// scalar kernel to the bit (they do the same integer sums and the same fmas per block), and a
 /// token's results do not depend on the tokens in the same call.
 #[test]
@@ -161,7 +161,9 @@ fn row_group_kernels_equal_the_scalar_one_to_the_bit_in_any_batch() {
         [Variant::Scalar, Variant::Avx2, Variant::Vnni].into_iter().filter_map(Kernels::variant).collect();
     let mut random = Random(17);
     let shapes = [
-        (WeightType::Q5_0, 32),
+        (WeightType::Q4_0, 640),
+        (WeightType::Q4_1, 32),
+        (WeightType::Q4_1, 576),
         (WeightType::Q5_0, 640),
         (WeightType::Q5_0, 2048),
         (WeightType::Q4K, 256),

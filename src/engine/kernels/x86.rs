@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::k_quants::{Q4_K_BYTES, Q6_K_BYTES, scale_and_min};
-use super::row_groups::{GROUP_ROWS, Q4_K_GROUP_BYTES, Q5_0_GROUP_BYTES};
+use super::row_groups::{self, GROUP_ROWS, Q4_K_GROUP_BYTES, SmallBlocks};
 use super::scalar::ActivationBlock;
 
 /// The 32 nibbles of 16 bytes as 32 bytes: low nibbles first, then high nibbles.
@@ -89,30 +89,33 @@ fn four_activations(block: &ActivationBlock, j: usize) -> __m256i {
     _mm256_set1_epi32(i32::from_le_bytes([v[0] as u8, v[1] as u8, v[2] as u8, v[3] as u8]))
 }
 
-/// Weights `4j..4j+4` of the eight rows of a Q5_0 group block (see `row_groups`), for `j` in
-/// `4·half..4·half+4`, as unsigned bytes 0..31: row `r` in bytes `4r..4r+4`.
+/// Weights `4j..4j+4` of the eight rows of a group block of `layout` (see `row_groups`), for `j`
+/// in `4·half..4·half+4`, as stored (unsigned, 0..15 or with fifth bits 0..31): row `r` in bytes
+/// `4r..4r+4`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn q5_0_group_weights(block: &[u8], half: usize) -> [__m256i; 4] {
-    let fifth_bits = load32(&block[16..]);
+fn small_group_weights(block: &[u8], layout: SmallBlocks, half: usize) -> [__m256i; 4] {
     let mut weights = [_mm256_setzero_si256(); 4];
     for (k, weights) in weights.iter_mut().enumerate() {
-        let packed = load32(&block[48 + 32 * k..]);
+        let packed = load32(&block[layout.nibbles() + 32 * k..]);
         let packed = if half == 0 { packed } else { _mm256_srli_epi16(packed, 4) };
-        let nibbles = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));
-        // Bit j of each byte to bit 4 (16-bit shifts: bit 4 of either byte comes from the same
-        // byte for shifts up to four left or three right).
-        let fifth = match 4 * half + k {
-            0 => _mm256_slli_epi16(fifth_bits, 4),
-            1 => _mm256_slli_epi16(fifth_bits, 3),
-            2 => _mm256_slli_epi16(fifth_bits, 2),
-            3 => _mm256_slli_epi16(fifth_bits, 1),
-            4 => fifth_bits,
-            5 => _mm256_srli_epi16(fifth_bits, 1),
-            6 => _mm256_srli_epi16(fifth_bits, 2),
-            _ => _mm256_srli_epi16(fifth_bits, 3),
-        };
-        *weights = _mm256_or_si256(nibbles, _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)));
+        *weights = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));
+        if layout.fifth_bits {
+            let fifth_bits = load32(&block[SmallBlocks::EXTRA..]);
+            // Bit j of each byte to bit 4 (16-bit shifts: bit 4 of either byte comes from the
+            // same byte for shifts up to four left or three right).
+            let fifth = match 4 * half + k {
+                0 => _mm256_slli_epi16(fifth_bits, 4),
+                1 => _mm256_slli_epi16(fifth_bits, 3),
+                2 => _mm256_slli_epi16(fifth_bits, 2),
+                3 => _mm256_slli_epi16(fifth_bits, 1),
+                4 => fifth_bits,
+                5 => _mm256_srli_epi16(fifth_bits, 1),
+                6 => _mm256_srli_epi16(fifth_bits, 2),
+                _ => _mm256_srli_epi16(fifth_bits, 3),
+            };
+            *weights = _mm256_or_si256(*weights, _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)));
+        }
     }
     weights
 }
@@ -172,19 +175,24 @@ macro_rules! dot_kernels {
 
         $group_sums
 
-        /// `T` tokens against the eight rows of a Q5_0 row group: per block, each row's exact
-        /// integer dot, less 16 times the activations' total, then one fma with `d·scale`.
+        /// `T` tokens against the eight rows of a row group of `layout`: per block, each row's
+        /// exact integer dot, less `offset` times the activations' total, then one fma with
+        /// `d·scale` (and one with `m·sum` for a type with a minimum).
         #[inline]
         #[target_feature(enable = $features)]
-        fn q5_0_group_dot<const T: usize>(group: &[u8], tokens: [&[ActivationBlock]; T]) -> [__m256; T] {
-            let blocks = group.len() / Q5_0_GROUP_BYTES;
+        fn small_group_dot<const T: usize>(
+            group: &[u8],
+            tokens: [&[ActivationBlock]; T],
+            layout: SmallBlocks,
+        ) -> [__m256; T] {
+            let blocks = group.len() / layout.group_bytes();
             assert!(tokens.iter().all(|t| t.len() >= blocks), "fewer activation blocks than weight blocks");
             let tokens = tokens.map(|t| &t[..blocks]);
             let mut acc = [_mm256_setzero_ps(); T];
-            for (index, block) in group.chunks_exact(Q5_0_GROUP_BYTES).enumerate() {
+            for (index, block) in group.chunks_exact(layout.group_bytes()).enumerate() {
                 let mut sums = [_mm256_setzero_si256(); T];
                 for half in 0..2 {
-                    let weights = q5_0_group_weights(block, half);
+                    let weights = small_group_weights(block, layout, half);
                     for t in 0..T {
                         let a = &tokens[t][index];
                         let activations: [__m256i; 4] = std::array::from_fn(|k| four_activations(a, 4 * half + k));
@@ -194,9 +202,13 @@ macro_rules! dot_kernels {
                 let d = _mm256_cvtph_ps(load16(block));
                 for t in 0..T {
                     let a = &tokens[t][index];
-                    let sum = _mm256_sub_epi32(sums[t], _mm256_set1_epi32(16 * a.total));
+                    let sum = _mm256_sub_epi32(sums[t], _mm256_set1_epi32(layout.offset * a.total));
                     let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.scale));
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[t]);
+                    if layout.minimum {
+                        let m = _mm256_cvtph_ps(load16(&block[SmallBlocks::EXTRA..]));
+                        acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.sum), acc[t]);
+                    }
                 }
             }
             acc
@@ -264,8 +276,21 @@ macro_rules! dot_kernels {
         }
 
         #[target_feature(enable = $features)]
+        pub fn dot_q4_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+            let layout = row_groups::Q4_0;
+            in_fours(tokens, out, |t| small_group_dot::<4>(group, t, layout), |t| small_group_dot::<1>(group, t, layout))
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot_q4_1_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+            let layout = row_groups::Q4_1;
+            in_fours(tokens, out, |t| small_group_dot::<4>(group, t, layout), |t| small_group_dot::<1>(group, t, layout))
+        }
+
+        #[target_feature(enable = $features)]
         pub fn dot_q5_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
-            in_fours(tokens, out, |t| q5_0_group_dot::<4>(group, t), |t| q5_0_group_dot::<1>(group, t))
+            let layout = row_groups::Q5_0;
+            in_fours(tokens, out, |t| small_group_dot::<4>(group, t, layout), |t| small_group_dot::<1>(group, t, layout))
         }
 
         #[target_feature(enable = $features)]
