@@ -1,5 +1,5 @@
 //! Weight rows kept in groups of eight, interleaved block by block, and the reference kernels over
-//! them. Q4_0, Q4_1, Q5_0 and Q4_K matrices are stored so (SmolLM2 is Q4_1; gemma-3's attention and
+//! them. Q4_0, Q4_1, Q5_0, Q4_K and Q6_K matrices are stored so (SmolLM2 is Q4_1; gemma-3's attention and
 //! feed-forward inputs are Q5_0; Q4_K is most of every `Q4_K_M` file): one row at a time, every 32-weight block paid for
 //! its own unpacking, widening, conversion to float and scaling, once per token. Eight rows side
 //! by side let one multiply take four weights of each row against the same four activation bytes,
@@ -24,21 +24,33 @@
 //!   nibble bytes `32c + 4p..+4` of row `r` (weights `4p..4p+4` of sub-block `2c` in the low nibbles,
 //!   of sub-block `2c + 1` in the high ones).
 //!
+//! A Q6_K group block, eight rows by one super-block, is 1,680 bytes: `0..16` the rows' `d`; then
+//! their 16 signed scales as four registers (register `v`, at `16 + 32v`, holds scales `4v..4v+4`
+//! of row `r` at `4r`); then the low nibbles (`ql`) as 32 registers, register `16h + 8c + p`
+//! holding bytes `64h + 32c + 4p..+4` of each row; then the high bits (`qh`) as 16 registers,
+//! register `8h + p` holding bytes `32h + 4p..+4` of each row.
+//!
 //! So a register of 32 bytes holds four weights of every row, row `r` in bytes `4r..4r+4`.
 //!
 //! Every kernel computes a row's result the same way whatever tokens share its call: per 32-weight
 //! block the exact integer dot `s = Σ (q − offset)·a`, then `acc = fma(s, d·scale, acc)` and, for
-//! the types with a minimum, `acc = fma(m, sum, acc)` (Q4_K: `d·sc_j` for `d`, `−dmin·m_j` for `m`),
-//! in block order. The SIMD kernels equal these to the bit, and a token's result does not depend on its
+//! the types with a minimum, `acc = fma(m, sum, acc)` (Q4_K: `d·sc_j` for `d`, `−dmin·m_j` for `m`;
+//! Q6_K: one fma per 16 weights, with `d·sc`), in block order. The SIMD kernels equal these to the bit, and a token's result does not depend on its
 //! batch.
 
-use super::k_quants::{Q4_K_BYTES, SUPER_BLOCK, scale_and_min};
+use super::k_quants::{Q4_K_BYTES, Q6_K_BYTES, SUPER_BLOCK, scale_and_min};
 use super::scalar::{ActivationBlock, BLOCK, f16_at};
 
 /// Rows in a group.
 pub const GROUP_ROWS: usize = 8;
 /// Bytes of a Q4_K group block: eight native super-blocks.
 pub const Q4_K_GROUP_BYTES: usize = GROUP_ROWS * Q4_K_BYTES;
+/// Bytes of a Q6_K group block: eight native super-blocks.
+pub const Q6_K_GROUP_BYTES: usize = GROUP_ROWS * Q6_K_BYTES;
+/// Where a Q6_K group block's parts start: scales, low nibbles, high bits.
+pub const Q6_K_SCALES: usize = 16;
+pub const Q6_K_LOW: usize = 144;
+pub const Q6_K_HIGH: usize = 144 + 1024;
 
 /// Eight rows' dot products with several tokens: `group` is a row group's blocks, `tokens[t]` a
 /// token's activation blocks (at least as many), `out[t][r]` row `r` with token `t`.
@@ -236,6 +248,90 @@ pub fn dot_q4_k_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f
     }
 }
 
+/// `rows × columns` Q6_K weights in GGUF's row order as row groups (`rows` a multiple of eight).
+pub fn interleave_q6_k(native: &[u8], rows: usize, columns: usize) -> Vec<u8> {
+    let blocks = columns / SUPER_BLOCK;
+    let row_bytes = blocks * Q6_K_BYTES;
+    assert!(rows.is_multiple_of(GROUP_ROWS) && columns.is_multiple_of(SUPER_BLOCK));
+    assert_eq!(native.len(), rows * row_bytes);
+    let mut grouped = vec![0; native.len()];
+    for (index, out) in grouped.chunks_exact_mut(Q6_K_GROUP_BYTES).enumerate() {
+        let (group, block) = (index / blocks, index % blocks);
+        for r in 0..GROUP_ROWS {
+            let start = (group * GROUP_ROWS + r) * row_bytes + block * Q6_K_BYTES;
+            let native = &native[start..start + Q6_K_BYTES];
+            for (from, to) in q6_k_moves(r) {
+                out[to..to + 4].copy_from_slice(&native[from..from + 4]);
+            }
+            out[2 * r..2 * r + 2].copy_from_slice(&native[208..210]);
+        }
+    }
+    grouped
+}
+
+/// Row `row` of grouped Q6_K weights `columns` wide, back in GGUF's encoding, into `out`.
+pub fn native_q6_k_row(grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
+    let blocks = columns / SUPER_BLOCK;
+    let (group, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
+    let group_blocks = &grouped[group * blocks * Q6_K_GROUP_BYTES..][..blocks * Q6_K_GROUP_BYTES];
+    for (block, native) in group_blocks.chunks_exact(Q6_K_GROUP_BYTES).zip(out.chunks_exact_mut(Q6_K_BYTES)) {
+        for (from, to) in q6_k_moves(r) {
+            native[from..from + 4].copy_from_slice(&block[to..to + 4]);
+        }
+        native[208..210].copy_from_slice(&block[2 * r..2 * r + 2]);
+    }
+}
+
+/// Where each 4 bytes of row `r`'s native Q6_K super-block (but `d`) go in a group block:
+/// (native offset, group offset). Scales: bytes `4v..4v+4` to register `v` of the scales; low
+/// nibbles: bytes `64h + 32c + 4p..` to register `16h + 8c + p`; high bits: bytes
+/// `128 + 32h + 4p..` to register `8h + p`; row `r` at `4r` in each.
+fn q6_k_moves(r: usize) -> impl Iterator<Item = (usize, usize)> {
+    let scales = (0..4).map(move |v| (192 + 4 * v, Q6_K_SCALES + 32 * v + 4 * r));
+    let low = (0..32).map(move |i| (4 * i, Q6_K_LOW + 32 * i + 4 * r));
+    let high = (0..16).map(move |i| (128 + 4 * i, Q6_K_HIGH + 32 * i + 4 * r));
+    scales.chain(low).chain(high)
+}
+
+/// Weight `l` (0..32) of quarter `k` (0..4) of half `h` (0..2) of row `r` of a Q6_K group block,
+/// as stored: 0..63.
+fn q6_k_weight(block: &[u8], r: usize, h: usize, k: usize, l: usize) -> i32 {
+    let (p, i) = (l / 4, l % 4);
+    let low = block[Q6_K_LOW + 32 * (16 * h + 8 * (k % 2) + p) + 4 * r + i];
+    let low = if k < 2 { low & 0x0F } else { low >> 4 };
+    let high = (block[Q6_K_HIGH + 32 * (8 * h + p) + 4 * r + i] >> (2 * k)) & 3;
+    i32::from(low | (high << 4))
+}
+
+/// Scale `s` (0..16) of row `r` of a Q6_K group block.
+fn q6_k_scale(block: &[u8], r: usize, s: usize) -> f32 {
+    f32::from(block[Q6_K_SCALES + 32 * (s / 4) + 4 * r + s % 4] as i8)
+}
+
+/// The reference `DotGroup` of Q6_K: per 16 weights (one scale), `acc = fma(Σ (q − 32)·a,
+/// d·scale_s·scale, acc)`.
+pub fn dot_q6_k_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+    assert_eq!(tokens.len(), out.len(), "one output per token");
+    for (activations, out) in tokens.iter().zip(out.iter_mut()) {
+        *out = [0.0; GROUP_ROWS];
+        for (block, a) in group.chunks_exact(Q6_K_GROUP_BYTES).zip(activations.chunks_exact(8)) {
+            for (r, acc) in out.iter_mut().enumerate() {
+                let d = f16_at(block, 2 * r);
+                for (quarter, a) in a.iter().enumerate() {
+                    let (h, k) = (quarter / 4, quarter % 4);
+                    for e in 0..2 {
+                        let sum: i32 = (16 * e..16 * e + 16)
+                            .map(|l| (q6_k_weight(block, r, h, k, l) - 32) * i32::from(a.values[l]))
+                            .sum();
+                        let scale = d * q6_k_scale(block, r, 8 * h + 2 * k + e);
+                        *acc = (sum as f32).mul_add(scale * a.scale, *acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,7 +341,7 @@ mod tests {
     type Interleave = fn(&[u8], usize, usize) -> Vec<u8>;
     type NativeRow = fn(&[u8], usize, usize, &mut [u8]);
 
-    const TYPES: [(WeightType, Interleave, NativeRow, DotGroup); 4] = [
+    const TYPES: [(WeightType, Interleave, NativeRow, DotGroup); 5] = [
         (
             WeightType::Q4_0,
             |n, r, c| Q4_0.interleave(n, r, c),
@@ -265,6 +361,7 @@ mod tests {
             |g, t, o| Q5_0.dot(g, t, o),
         ),
         (WeightType::Q4K, interleave_q4_k, native_q4_k_row, dot_q4_k_group),
+        (WeightType::Q6K, interleave_q6_k, native_q6_k_row, dot_q6_k_group),
     ];
 
     #[test]
@@ -308,16 +405,20 @@ mod tests {
                     let row = group * GROUP_ROWS + r;
                     (weight_type.dequantize())(&native[row * row_bytes..(row + 1) * row_bytes], &mut weights);
                     for (t, (token, out)) in tokens.iter().zip(&out).enumerate() {
-                        let expected: f64 = token
+                        let products: Vec<f64> = token
                             .iter()
                             .flat_map(|a| a.values.iter().map(move |&q| f64::from(q) * f64::from(a.scale)))
                             .zip(&weights)
                             .map(|(x, &w)| x * f64::from(w))
-                            .sum();
+                            .collect();
+                        let expected: f64 = products.iter().sum();
+                        // f32 sums of terms that cancel (Q6_K's scales make them large): the error
+                        // bound scales with the terms' magnitudes, not the result's.
+                        let magnitude: f64 = products.iter().map(|p| p.abs()).sum();
                         let got = f64::from(out[r]);
                         assert!(
-                            (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
-                            "{weight_type:?} row {row} token {t}: {got} vs {expected}"
+                            (got - expected).abs() <= 1e-5 * (1.0 + magnitude),
+                            "{weight_type:?} row {row} token {t}: {got} vs {expected} (terms {magnitude})"
                         );
                     }
                 }

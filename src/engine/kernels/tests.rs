@@ -168,6 +168,8 @@ fn row_group_kernels_equal_the_scalar_one_to_the_bit_in_any_batch() {
         (WeightType::Q5_0, 2048),
         (WeightType::Q4K, 256),
         (WeightType::Q4K, 2048),
+        (WeightType::Q6K, 256),
+        (WeightType::Q6K, 2048),
     ];
     for (weight_type, columns) in shapes {
         let reference = Kernels::scalar().group_dot(weight_type).unwrap();

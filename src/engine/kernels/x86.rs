@@ -10,7 +10,9 @@
 use std::arch::x86_64::*;
 
 use super::k_quants::{Q4_K_BYTES, Q6_K_BYTES, scale_and_min};
-use super::row_groups::{self, GROUP_ROWS, Q4_K_GROUP_BYTES, SmallBlocks};
+use super::row_groups::{
+    self, GROUP_ROWS, Q4_K_GROUP_BYTES, Q6_K_GROUP_BYTES, Q6_K_HIGH, Q6_K_LOW, Q6_K_SCALES, SmallBlocks,
+};
 use super::scalar::ActivationBlock;
 
 /// The 32 nibbles of 16 bytes as 32 bytes: low nibbles first, then high nibbles.
@@ -167,6 +169,48 @@ fn q4_k_group_weights(block: &[u8], j: usize, half: usize) -> [__m256i; 4] {
     weights
 }
 
+/// Weights `16e + 4p..+4` (`p` in 0..4) of quarter `k` of half `h` of the eight rows of a Q6_K
+/// group block, signed (q − 32, in −32..31): row `r` in bytes `4r..4r+4`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6_k_group_weights(block: &[u8], h: usize, k: usize, e: usize) -> [__m256i; 4] {
+    let mut weights = [_mm256_setzero_si256(); 4];
+    for (m, weights) in weights.iter_mut().enumerate() {
+        let p = 4 * e + m;
+        let low = load32(&block[Q6_K_LOW + 32 * (16 * h + 8 * (k % 2) + p)..]);
+        let low = if k < 2 { low } else { _mm256_srli_epi16(low, 4) };
+        let high = load32(&block[Q6_K_HIGH + 32 * (8 * h + p)..]);
+        // Bits 2k, 2k+1 of each byte to bits 4, 5 (16-bit shifts; the mask keeps each byte's own).
+        let high = match k {
+            0 => _mm256_slli_epi16(high, 4),
+            1 => _mm256_slli_epi16(high, 2),
+            2 => high,
+            _ => _mm256_srli_epi16(high, 2),
+        };
+        let q = _mm256_or_si256(
+            _mm256_and_si256(low, _mm256_set1_epi8(0x0F)),
+            _mm256_and_si256(high, _mm256_set1_epi8(0x30)),
+        );
+        *weights = _mm256_sub_epi8(q, _mm256_set1_epi8(32));
+    }
+    weights
+}
+
+/// Scale `s` (0..16) of the eight rows of a Q6_K group block, as f32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6_k_group_scale(block: &[u8], s: usize) -> __m256 {
+    let scales = load32(&block[Q6_K_SCALES + 32 * (s / 4)..]);
+    // Byte s % 4 of each lane to the top, then sign-extended down.
+    let top = match s % 4 {
+        0 => _mm256_slli_epi32(scales, 24),
+        1 => _mm256_slli_epi32(scales, 16),
+        2 => _mm256_slli_epi32(scales, 8),
+        _ => scales,
+    };
+    _mm256_cvtepi32_ps(_mm256_srai_epi32(top, 24))
+}
+
 macro_rules! dot_kernels {
     ($features:literal, $products:item, $group_sums:item) => {
         use super::*;
@@ -248,6 +292,43 @@ macro_rules! dot_kernels {
                 }
             }
             acc
+        }
+
+        /// `T` tokens against the eight rows of a Q6_K row group: per 16 weights, each row's exact
+        /// integer dot (signed weights: their magnitudes against the activations carrying their
+        /// signs) and one fma with `d·scale_s·scale`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q6_k_group_dot<const T: usize>(group: &[u8], tokens: [&[ActivationBlock]; T]) -> [__m256; T] {
+            let blocks = group.len() / Q6_K_GROUP_BYTES;
+            assert!(tokens.iter().all(|t| t.len() >= 8 * blocks), "fewer activation blocks than weight blocks");
+            let tokens = tokens.map(|t| &t[..8 * blocks]);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for (super_block, block) in group.chunks_exact(Q6_K_GROUP_BYTES).enumerate() {
+                let d = _mm256_cvtph_ps(load16(block));
+                for quarter in 0..8 {
+                    let (h, k) = (quarter / 4, quarter % 4);
+                    for e in 0..2 {
+                        let weights = q6_k_group_weights(block, h, k, e);
+                        let magnitudes = weights.map(|w| _mm256_sign_epi8(w, w));
+                        let scale = _mm256_mul_ps(d, q6_k_group_scale(block, 8 * h + 2 * k + e));
+                        for t in 0..T {
+                            let a = &tokens[t][8 * super_block + quarter];
+                            let activations: [__m256i; 4] = std::array::from_fn(|m| {
+                                _mm256_sign_epi8(four_activations(a, 4 * e + m), weights[m])
+                            });
+                            let sum = _mm256_cvtepi32_ps(group_sums(magnitudes, activations));
+                            acc[t] = _mm256_fmadd_ps(sum, _mm256_mul_ps(scale, _mm256_set1_ps(a.scale)), acc[t]);
+                        }
+                    }
+                }
+            }
+            acc
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot_q6_k_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+            in_fours(tokens, out, |t| q6_k_group_dot::<4>(group, t), |t| q6_k_group_dot::<1>(group, t))
         }
 
         /// A `row_groups::DotGroup` from a kernel for four tokens and one for one.
