@@ -11,7 +11,7 @@
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 //! `attention.rs` is attention over one sequence's KV cache, on the same pool. `row_groups.rs`
-//! keeps Q4_0, Q4_1, Q5_0, Q4_K and Q6_K matrices as groups of eight interleaved rows, run by eight-row
+//! keeps every type but Q5_1 as groups of eight interleaved rows, run by eight-row
 //! kernels.
 
 pub mod activation;
@@ -137,6 +137,7 @@ pub struct Kernels {
     q4_0_group: DotGroup,
     q4_1_group: DotGroup,
     q5_0_group: DotGroup,
+    q8_0_group: DotGroup,
     q4_k_group: DotGroup,
     q6_k_group: DotGroup,
     quantize: Quantize,
@@ -166,6 +167,7 @@ impl Kernels {
             q4_0_group: |g, t, o| row_groups::Q4_0.dot(g, t, o),
             q4_1_group: |g, t, o| row_groups::Q4_1.dot(g, t, o),
             q5_0_group: |g, t, o| row_groups::Q5_0.dot(g, t, o),
+            q8_0_group: row_groups::dot_q8_0_group,
             q4_k_group: row_groups::dot_q4_k_group,
             q6_k_group: row_groups::dot_q6_k_group,
             quantize: scalar::quantize_activations,
@@ -197,6 +199,7 @@ impl Kernels {
                 q4_0_group: |g, t, o| unsafe { x86::avx2::dot_q4_0_group(g, t, o) },
                 q4_1_group: |g, t, o| unsafe { x86::avx2::dot_q4_1_group(g, t, o) },
                 q5_0_group: |g, t, o| unsafe { x86::avx2::dot_q5_0_group(g, t, o) },
+                q8_0_group: |g, t, o| unsafe { x86::avx2::dot_q8_0_group(g, t, o) },
                 q4_k_group: |g, t, o| unsafe { x86::avx2::dot_q4_k_group(g, t, o) },
                 q6_k_group: |g, t, o| unsafe { x86::avx2::dot_q6_k_group(g, t, o) },
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
@@ -222,6 +225,7 @@ impl Kernels {
                 q4_0_group: |g, t, o| unsafe { x86::vnni::dot_q4_0_group(g, t, o) },
                 q4_1_group: |g, t, o| unsafe { x86::vnni::dot_q4_1_group(g, t, o) },
                 q5_0_group: |g, t, o| unsafe { x86::vnni::dot_q5_0_group(g, t, o) },
+                q8_0_group: |g, t, o| unsafe { x86::vnni::dot_q8_0_group(g, t, o) },
                 q4_k_group: |g, t, o| unsafe { x86::vnni::dot_q4_k_group(g, t, o) },
                 q6_k_group: |g, t, o| unsafe { x86::vnni::dot_q6_k_group(g, t, o) },
                 quantize: |i, o| unsafe { x86::quantize_activations(i, o) },
@@ -284,6 +288,7 @@ impl Kernels {
             WeightType::Q4_0 => Some(self.q4_0_group),
             WeightType::Q4_1 => Some(self.q4_1_group),
             WeightType::Q5_0 => Some(self.q5_0_group),
+            WeightType::Q8_0 => Some(self.q8_0_group),
             WeightType::Q4K => Some(self.q4_k_group),
             WeightType::Q6K => Some(self.q6_k_group),
             _ => None,
@@ -294,18 +299,8 @@ impl Kernels {
 impl WeightType {
     /// Whether a matrix of this type and height is kept as row groups (`row_groups`).
     fn in_row_groups(self, rows: usize) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q4K | Self::Q6K)
+        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 | Self::Q4K | Self::Q6K)
             && rows.is_multiple_of(GROUP_ROWS)
-    }
-
-    /// The group layout of the 32-weight types kept as row groups.
-    fn small_blocks(self) -> Option<row_groups::SmallBlocks> {
-        match self {
-            Self::Q4_0 => Some(row_groups::Q4_0),
-            Self::Q4_1 => Some(row_groups::Q4_1),
-            Self::Q5_0 => Some(row_groups::Q5_0),
-            _ => None,
-        }
     }
 }
 
@@ -356,14 +351,7 @@ impl QuantizedMatrix {
             });
         }
         let grouped = weight_type.in_row_groups(rows);
-        let bytes = match (grouped, weight_type.small_blocks()) {
-            (false, _) => bytes,
-            (true, Some(layout)) => layout.interleave(&bytes, rows, columns),
-            (true, None) if weight_type == WeightType::Q4K => {
-                row_groups::interleave_q4_k(&bytes, rows, columns)
-            }
-            (true, None) => row_groups::interleave_q6_k(&bytes, rows, columns),
-        };
+        let bytes = if grouped { row_groups::interleave(weight_type, bytes, rows, columns) } else { bytes };
         Ok(Self { weight_type, rows, columns, row_bytes, grouped, bytes })
     }
 
@@ -386,13 +374,7 @@ impl QuantizedMatrix {
         }
         if self.grouped {
             let mut row = vec![0; self.row_bytes];
-            match self.weight_type.small_blocks() {
-                Some(layout) => layout.native_row(&self.bytes, index, self.columns, &mut row),
-                None if self.weight_type == WeightType::Q4K => {
-                    row_groups::native_q4_k_row(&self.bytes, index, self.columns, &mut row)
-                }
-                None => row_groups::native_q6_k_row(&self.bytes, index, self.columns, &mut row),
-            }
+            row_groups::native_row(self.weight_type, &self.bytes, index, self.columns, &mut row);
             (self.weight_type.dequantize())(&row, out);
         } else {
             let row = &self.bytes[index * self.row_bytes..(index + 1) * self.row_bytes];

@@ -1,7 +1,9 @@
 //! Weight rows kept in groups of eight, interleaved block by block, and the reference kernels over
-//! them. Q4_0, Q4_1, Q5_0, Q4_K and Q6_K matrices are stored so (SmolLM2 is Q4_1; gemma-3's attention and
-//! feed-forward inputs are Q5_0; Q4_K is most of every `Q4_K_M` file): one row at a time, every 32-weight block paid for
-//! its own unpacking, widening, conversion to float and scaling, once per token. Eight rows side
+//! them. Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K matrices are stored so (SmolLM2 is Q4_1; gemma-3's
+//! attention and feed-forward inputs are Q5_0; Q4_K is most of every `Q4_K_M` file; Q8_0 is the
+//! output layer of many, whose single-token matmul is a large part of decoding): one row at a
+//! time, every 32-weight block paid for its own unpacking, widening, conversion to float and
+//! scaling, once per token. Eight rows side
 //! by side let one multiply take four weights of each row against the same four activation bytes,
 //! and share the integer and float work of a block among the eight rows. The bytes are the
 //! file's, moved and not re-encoded: a group block is exactly eight native blocks (llama.cpp
@@ -15,6 +17,9 @@
 //! - the last 128 bytes: nibbles in four parts of 32 bytes: byte `32k + 4r + i` of them is the
 //!   native nibble byte `4k + i` of row `r` (low nibble weight `4k + i`, high nibble weight
 //!   `16 + 4k + i`).
+//!
+//! A Q8_0 group block (272 bytes): the rows' `d` at `0..16`, then eight registers of values,
+//! register `p` holding bytes `4p..4p+4` of row `r` at `4r`.
 //!
 //! A Q4_K group block, eight rows by one 256-column super-block, is 1,152 bytes:
 //! - `0..16` the rows' `d`, `16..32` their `dmin` (f16, row order);
@@ -38,11 +43,14 @@
 //! Q6_K: one fma per 16 weights, with `d·sc`), in block order. The SIMD kernels equal these to the bit, and a token's result does not depend on its
 //! batch.
 
+use super::WeightType;
 use super::k_quants::{Q4_K_BYTES, Q6_K_BYTES, SUPER_BLOCK, scale_and_min};
 use super::scalar::{ActivationBlock, BLOCK, f16_at};
 
 /// Rows in a group.
 pub const GROUP_ROWS: usize = 8;
+/// Bytes of a Q8_0 group block: eight native 34-byte blocks.
+pub const Q8_0_GROUP_BYTES: usize = GROUP_ROWS * 34;
 /// Bytes of a Q4_K group block: eight native super-blocks.
 pub const Q4_K_GROUP_BYTES: usize = GROUP_ROWS * Q4_K_BYTES;
 /// Bytes of a Q6_K group block: eight native super-blocks.
@@ -55,6 +63,42 @@ pub const Q6_K_HIGH: usize = 144 + 1024;
 /// Eight rows' dot products with several tokens: `group` is a row group's blocks, `tokens[t]` a
 /// token's activation blocks (at least as many), `out[t][r]` row `r` with token `t`.
 pub type DotGroup = fn(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]);
+
+/// `rows × columns` weights of `weight_type`, in GGUF's row order, as row groups, in place: a
+/// group's eight rows take the same bytes in either order, so only one group is copied at a time
+/// (the token table of a large vocabulary is hundreds of MB). `rows` must be a multiple of eight
+/// and `weight_type` one kept so (`WeightType::in_row_groups`).
+pub fn interleave(weight_type: WeightType, mut bytes: Vec<u8>, rows: usize, columns: usize) -> Vec<u8> {
+    let interleave = match weight_type {
+        WeightType::Q4_0 => |n: &[u8], r, c| Q4_0.interleave(n, r, c),
+        WeightType::Q4_1 => |n: &[u8], r, c| Q4_1.interleave(n, r, c),
+        WeightType::Q5_0 => |n: &[u8], r, c| Q5_0.interleave(n, r, c),
+        WeightType::Q8_0 => interleave_q8_0,
+        WeightType::Q4K => interleave_q4_k,
+        WeightType::Q6K => interleave_q6_k,
+        other => panic!("{other:?} is not kept as row groups"),
+    };
+    assert!(rows.is_multiple_of(GROUP_ROWS) && bytes.len().is_multiple_of(rows));
+    let group_bytes = bytes.len() / rows * GROUP_ROWS;
+    for group in bytes.chunks_exact_mut(group_bytes) {
+        let grouped = interleave(group, GROUP_ROWS, columns);
+        group.copy_from_slice(&grouped);
+    }
+    bytes
+}
+
+/// Row `row` of grouped weights `columns` wide, back in GGUF's encoding, into `out`.
+pub fn native_row(weight_type: WeightType, grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
+    match weight_type {
+        WeightType::Q4_0 => Q4_0.native_row(grouped, row, columns, out),
+        WeightType::Q4_1 => Q4_1.native_row(grouped, row, columns, out),
+        WeightType::Q5_0 => Q5_0.native_row(grouped, row, columns, out),
+        WeightType::Q8_0 => native_q8_0_row(grouped, row, columns, out),
+        WeightType::Q4K => native_q4_k_row(grouped, row, columns, out),
+        WeightType::Q6K => native_q6_k_row(grouped, row, columns, out),
+        other => panic!("{other:?} is not kept as row groups"),
+    }
+}
 
 /// A type of 32-weight blocks with one f16 scale `d` and 16 bytes of nibbles: Q4_0, Q4_1 (with a
 /// minimum `m`) and Q5_0 (with fifth bits). Its group block holds the eight rows' `d` at 0..16,
@@ -174,6 +218,60 @@ impl SmallBlocks {
 
 fn fifth_bit(block: &[u8], r: usize, v: usize) -> u8 {
     (block[SmallBlocks::EXTRA + 4 * r + v % 4] >> (v / 4)) & 1
+}
+
+/// `rows × columns` Q8_0 weights in GGUF's row order as row groups (`rows` a multiple of eight):
+/// the rows' `d` at `0..16`, then eight registers, register `p` holding bytes `4p..4p+4` of each
+/// row's values.
+pub fn interleave_q8_0(native: &[u8], rows: usize, columns: usize) -> Vec<u8> {
+    let blocks = columns / BLOCK;
+    let row_bytes = blocks * 34;
+    assert!(rows.is_multiple_of(GROUP_ROWS) && columns.is_multiple_of(BLOCK));
+    assert_eq!(native.len(), rows * row_bytes);
+    let mut grouped = vec![0; native.len()];
+    for (index, out) in grouped.chunks_exact_mut(Q8_0_GROUP_BYTES).enumerate() {
+        let (group, block) = (index / blocks, index % blocks);
+        for r in 0..GROUP_ROWS {
+            let start = (group * GROUP_ROWS + r) * row_bytes + block * 34;
+            let native = &native[start..start + 34];
+            out[2 * r..2 * r + 2].copy_from_slice(&native[..2]);
+            for p in 0..8 {
+                out[16 + 32 * p + 4 * r..][..4].copy_from_slice(&native[2 + 4 * p..][..4]);
+            }
+        }
+    }
+    grouped
+}
+
+/// Row `row` of grouped Q8_0 weights `columns` wide, back in GGUF's encoding, into `out`.
+pub fn native_q8_0_row(grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
+    let blocks = columns / BLOCK;
+    let (group, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
+    let group_blocks = &grouped[group * blocks * Q8_0_GROUP_BYTES..][..blocks * Q8_0_GROUP_BYTES];
+    for (block, native) in group_blocks.chunks_exact(Q8_0_GROUP_BYTES).zip(out.chunks_exact_mut(34)) {
+        native[..2].copy_from_slice(&block[2 * r..2 * r + 2]);
+        for p in 0..8 {
+            native[2 + 4 * p..][..4].copy_from_slice(&block[16 + 32 * p + 4 * r..][..4]);
+        }
+    }
+}
+
+/// The reference `DotGroup` of Q8_0: per block and row, `acc = fma(Σ q·a, d·scale, acc)`.
+pub fn dot_q8_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+    assert_eq!(tokens.len(), out.len(), "one output per token");
+    for (activations, out) in tokens.iter().zip(out.iter_mut()) {
+        *out = [0.0; GROUP_ROWS];
+        for (block, a) in group.chunks_exact(Q8_0_GROUP_BYTES).zip(activations.iter()) {
+            for (r, acc) in out.iter_mut().enumerate() {
+                let sum: i32 = (0..BLOCK)
+                    .map(|v| {
+                        i32::from(block[16 + 32 * (v / 4) + 4 * r + v % 4] as i8) * i32::from(a.values[v])
+                    })
+                    .sum();
+                *acc = (sum as f32).mul_add(f16_at(block, 2 * r) * a.scale, *acc);
+            }
+        }
+    }
 }
 
 /// `rows × columns` Q4_K weights in GGUF's row order as row groups (`rows` a multiple of eight).
@@ -335,13 +433,12 @@ pub fn dot_q6_k_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::kernels::WeightType;
     use crate::engine::kernels::tests::{Random, random_activations, random_row};
 
     type Interleave = fn(&[u8], usize, usize) -> Vec<u8>;
     type NativeRow = fn(&[u8], usize, usize, &mut [u8]);
 
-    const TYPES: [(WeightType, Interleave, NativeRow, DotGroup); 5] = [
+    const TYPES: [(WeightType, Interleave, NativeRow, DotGroup); 6] = [
         (
             WeightType::Q4_0,
             |n, r, c| Q4_0.interleave(n, r, c),
@@ -360,6 +457,7 @@ mod tests {
             |g, r, c, o| Q5_0.native_row(g, r, c, o),
             |g, t, o| Q5_0.dot(g, t, o),
         ),
+        (WeightType::Q8_0, interleave_q8_0, native_q8_0_row, dot_q8_0_group),
         (WeightType::Q4K, interleave_q4_k, native_q4_k_row, dot_q4_k_group),
         (WeightType::Q6K, interleave_q6_k, native_q6_k_row, dot_q6_k_group),
     ];

@@ -11,7 +11,8 @@ use std::arch::x86_64::*;
 
 use super::k_quants::{Q4_K_BYTES, Q6_K_BYTES, scale_and_min};
 use super::row_groups::{
-    self, GROUP_ROWS, Q4_K_GROUP_BYTES, Q6_K_GROUP_BYTES, Q6_K_HIGH, Q6_K_LOW, Q6_K_SCALES, SmallBlocks,
+    self, GROUP_ROWS, Q4_K_GROUP_BYTES, Q6_K_GROUP_BYTES, Q6_K_HIGH, Q6_K_LOW, Q6_K_SCALES, Q8_0_GROUP_BYTES,
+    SmallBlocks,
 };
 use super::scalar::ActivationBlock;
 
@@ -329,6 +330,40 @@ macro_rules! dot_kernels {
         #[target_feature(enable = $features)]
         pub fn dot_q6_k_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
             in_fours(tokens, out, |t| q6_k_group_dot::<4>(group, t), |t| q6_k_group_dot::<1>(group, t))
+        }
+
+        /// `T` tokens against the eight rows of a Q8_0 row group: per block, each row's exact
+        /// integer dot (magnitudes against activations carrying the weights' signs, each part
+        /// widened on its own: two parts' products could overflow i16) and one fma.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q8_0_group_dot<const T: usize>(group: &[u8], tokens: [&[ActivationBlock]; T]) -> [__m256; T] {
+            let blocks = group.len() / Q8_0_GROUP_BYTES;
+            assert!(tokens.iter().all(|t| t.len() >= blocks), "fewer activation blocks than weight blocks");
+            let tokens = tokens.map(|t| &t[..blocks]);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for (index, block) in group.chunks_exact(Q8_0_GROUP_BYTES).enumerate() {
+                let mut sums = [_mm256_setzero_si256(); T];
+                for p in 0..8 {
+                    let weights = load32(&block[16 + 32 * p..]);
+                    let magnitudes = _mm256_sign_epi8(weights, weights);
+                    for t in 0..T {
+                        let a = _mm256_sign_epi8(four_activations(&tokens[t][index], p), weights);
+                        sums[t] = _mm256_add_epi32(sums[t], products(magnitudes, a));
+                    }
+                }
+                let d = _mm256_cvtph_ps(load16(block));
+                for t in 0..T {
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(tokens[t][index].scale));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), scale, acc[t]);
+                }
+            }
+            acc
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot_q8_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+            in_fours(tokens, out, |t| q8_0_group_dot::<4>(group, t), |t| q8_0_group_dot::<1>(group, t))
         }
 
         /// A `row_groups::DotGroup` from a kernel for four tokens and one for one.
