@@ -11,7 +11,7 @@
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 //! `attention.rs` is attention over one sequence's KV cache, on the same pool. `row_groups.rs`
-//! keeps every type but Q5_1 as groups of eight interleaved rows, run by eight-row
+//! keeps matrices whose height is a multiple of eight as groups of eight interleaved rows, run by eight-row
 //! kernels.
 
 pub mod activation;
@@ -137,6 +137,7 @@ pub struct Kernels {
     q4_0_group: DotGroup,
     q4_1_group: DotGroup,
     q5_0_group: DotGroup,
+    q5_1_group: DotGroup,
     q8_0_group: DotGroup,
     q4_k_group: DotGroup,
     q6_k_group: DotGroup,
@@ -167,6 +168,7 @@ impl Kernels {
             q4_0_group: |g, t, o| row_groups::Q4_0.dot(g, t, o),
             q4_1_group: |g, t, o| row_groups::Q4_1.dot(g, t, o),
             q5_0_group: |g, t, o| row_groups::Q5_0.dot(g, t, o),
+            q5_1_group: |g, t, o| row_groups::Q5_1.dot(g, t, o),
             q8_0_group: row_groups::dot_q8_0_group,
             q4_k_group: row_groups::dot_q4_k_group,
             q6_k_group: row_groups::dot_q6_k_group,
@@ -199,6 +201,7 @@ impl Kernels {
                 q4_0_group: |g, t, o| unsafe { x86::avx2::dot_q4_0_group(g, t, o) },
                 q4_1_group: |g, t, o| unsafe { x86::avx2::dot_q4_1_group(g, t, o) },
                 q5_0_group: |g, t, o| unsafe { x86::avx2::dot_q5_0_group(g, t, o) },
+                q5_1_group: |g, t, o| unsafe { x86::avx2::dot_q5_1_group(g, t, o) },
                 q8_0_group: |g, t, o| unsafe { x86::avx2::dot_q8_0_group(g, t, o) },
                 q4_k_group: |g, t, o| unsafe { x86::avx2::dot_q4_k_group(g, t, o) },
                 q6_k_group: |g, t, o| unsafe { x86::avx2::dot_q6_k_group(g, t, o) },
@@ -225,6 +228,7 @@ impl Kernels {
                 q4_0_group: |g, t, o| unsafe { x86::vnni::dot_q4_0_group(g, t, o) },
                 q4_1_group: |g, t, o| unsafe { x86::vnni::dot_q4_1_group(g, t, o) },
                 q5_0_group: |g, t, o| unsafe { x86::vnni::dot_q5_0_group(g, t, o) },
+                q5_1_group: |g, t, o| unsafe { x86::vnni::dot_q5_1_group(g, t, o) },
                 q8_0_group: |g, t, o| unsafe { x86::vnni::dot_q8_0_group(g, t, o) },
                 q4_k_group: |g, t, o| unsafe { x86::vnni::dot_q4_k_group(g, t, o) },
                 q6_k_group: |g, t, o| unsafe { x86::vnni::dot_q6_k_group(g, t, o) },
@@ -288,6 +292,7 @@ impl Kernels {
             WeightType::Q4_0 => Some(self.q4_0_group),
             WeightType::Q4_1 => Some(self.q4_1_group),
             WeightType::Q5_0 => Some(self.q5_0_group),
+            WeightType::Q5_1 => Some(self.q5_1_group),
             WeightType::Q8_0 => Some(self.q8_0_group),
             WeightType::Q4K => Some(self.q4_k_group),
             WeightType::Q6K => Some(self.q6_k_group),
@@ -299,8 +304,7 @@ impl Kernels {
 impl WeightType {
     /// Whether a matrix of this type and height is kept as row groups (`row_groups`).
     fn in_row_groups(self, rows: usize) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 | Self::Q4K | Self::Q6K)
-            && rows.is_multiple_of(GROUP_ROWS)
+        self.has_dot_kernel() && rows.is_multiple_of(GROUP_ROWS)
     }
 }
 

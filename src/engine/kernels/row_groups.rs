@@ -1,5 +1,5 @@
 //! Weight rows kept in groups of eight, interleaved block by block, and the reference kernels over
-//! them. Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K matrices are stored so (SmolLM2 is Q4_1; gemma-3's
+//! them. Matrices of every quantized type are stored so (SmolLM2 is Q4_1; gemma-3's
 //! attention and feed-forward inputs are Q5_0; Q4_K is most of every `Q4_K_M` file; Q8_0 is the
 //! output layer of many, whose single-token matmul is a large part of decoding): one row at a
 //! time, every 32-weight block paid for its own unpacking, widening, conversion to float and
@@ -9,11 +9,12 @@
 //! file's, moved and not re-encoded: a group block is exactly eight native blocks (llama.cpp
 //! repacks Q4_0 and Q4_K rows for the same reason).
 //!
-//! A group block of the 32-weight types (Q4_0, Q4_1, Q5_0), rows `8g..8g+8` by one 32-column
+//! A group block of the 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1), rows `8g..8g+8` by one 32-column
 //! block, is eight native blocks' bytes (`SmallBlocks`):
 //! - `0..16`: the eight rows' scales `d` (f16), in row order;
-//! - Q4_1: `16..32` their minimums `m` (f16); Q5_0: `16..48` fifth bits: bit `j` of byte `4r + i` is
-//!   the fifth bit of weight `4j + i` of row `r`;
+//! - with a minimum (Q4_1, Q5_1), `16..32` the rows' minimums `m` (f16);
+//! - with fifth bits (Q5_0, Q5_1), 32 bytes: bit `j` of byte `4r + i` is the fifth bit of weight
+//!   `4j + i` of row `r`;
 //! - the last 128 bytes: nibbles in four parts of 32 bytes: byte `32k + 4r + i` of them is the
 //!   native nibble byte `4k + i` of row `r` (low nibble weight `4k + i`, high nibble weight
 //!   `16 + 4k + i`).
@@ -73,6 +74,7 @@ pub fn interleave(weight_type: WeightType, mut bytes: Vec<u8>, rows: usize, colu
         WeightType::Q4_0 => |n: &[u8], r, c| Q4_0.interleave(n, r, c),
         WeightType::Q4_1 => |n: &[u8], r, c| Q4_1.interleave(n, r, c),
         WeightType::Q5_0 => |n: &[u8], r, c| Q5_0.interleave(n, r, c),
+        WeightType::Q5_1 => |n: &[u8], r, c| Q5_1.interleave(n, r, c),
         WeightType::Q8_0 => interleave_q8_0,
         WeightType::Q4K => interleave_q4_k,
         WeightType::Q6K => interleave_q6_k,
@@ -93,6 +95,7 @@ pub fn native_row(weight_type: WeightType, grouped: &[u8], row: usize, columns: 
         WeightType::Q4_0 => Q4_0.native_row(grouped, row, columns, out),
         WeightType::Q4_1 => Q4_1.native_row(grouped, row, columns, out),
         WeightType::Q5_0 => Q5_0.native_row(grouped, row, columns, out),
+        WeightType::Q5_1 => Q5_1.native_row(grouped, row, columns, out),
         WeightType::Q8_0 => native_q8_0_row(grouped, row, columns, out),
         WeightType::Q4K => native_q4_k_row(grouped, row, columns, out),
         WeightType::Q6K => native_q6_k_row(grouped, row, columns, out),
@@ -101,8 +104,9 @@ pub fn native_row(weight_type: WeightType, grouped: &[u8], row: usize, columns: 
 }
 
 /// A type of 32-weight blocks with one f16 scale `d` and 16 bytes of nibbles: Q4_0, Q4_1 (with a
-/// minimum `m`) and Q5_0 (with fifth bits). Its group block holds the eight rows' `d` at 0..16,
-/// then their minimums (16..32) or fifth bits (16..48), and the nibbles in the last 128 bytes.
+/// minimum `m`), Q5_0 (with fifth bits) and Q5_1 (both). Its group block holds the eight rows' `d`
+/// at 0..16, then their minimums (16..32), then their fifth bits (32 bytes), and the nibbles in
+/// the last 128 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SmallBlocks {
     /// Bytes of a native block.
@@ -116,6 +120,7 @@ pub struct SmallBlocks {
 pub const Q4_0: SmallBlocks = SmallBlocks { native_bytes: 18, minimum: false, fifth_bits: false, offset: 8 };
 pub const Q4_1: SmallBlocks = SmallBlocks { native_bytes: 20, minimum: true, fifth_bits: false, offset: 0 };
 pub const Q5_0: SmallBlocks = SmallBlocks { native_bytes: 22, minimum: false, fifth_bits: true, offset: 16 };
+pub const Q5_1: SmallBlocks = SmallBlocks { native_bytes: 24, minimum: true, fifth_bits: true, offset: 0 };
 
 impl SmallBlocks {
     /// Bytes of a group block: eight native blocks.
@@ -128,8 +133,18 @@ impl SmallBlocks {
         self.group_bytes() - 128
     }
 
-    /// Where the minimums (f16) or fifth bits start in a group block.
-    pub const EXTRA: usize = 16;
+    /// Where the minimums (f16) start in a group block.
+    pub const MINIMUMS: usize = 16;
+
+    /// Where the fifth bits start in a group block, after the minimums if any.
+    pub const fn fifth_bits_at(self) -> usize {
+        if self.minimum { 32 } else { 16 }
+    }
+
+    /// Where the fifth bits start in a native block.
+    const fn native_fifth_bits_at(self) -> usize {
+        if self.minimum { 4 } else { 2 }
+    }
 
     /// `rows × columns` weights in GGUF's row order as row groups. `rows` must be a multiple of
     /// eight and `native` whole rows of whole blocks.
@@ -146,12 +161,14 @@ impl SmallBlocks {
                 let native = &native[start..start + self.native_bytes];
                 out[2 * r..2 * r + 2].copy_from_slice(&native[..2]);
                 if self.minimum {
-                    out[Self::EXTRA + 2 * r..][..2].copy_from_slice(&native[2..4]);
+                    out[Self::MINIMUMS + 2 * r..][..2].copy_from_slice(&native[2..4]);
                 }
                 if self.fifth_bits {
-                    let fifth = u32::from_le_bytes([native[2], native[3], native[4], native[5]]);
+                    let at = self.native_fifth_bits_at();
+                    let fifth =
+                        u32::from_le_bytes([native[at], native[at + 1], native[at + 2], native[at + 3]]);
                     for i in 0..4 {
-                        out[Self::EXTRA + 4 * r + i] =
+                        out[self.fifth_bits_at() + 4 * r + i] =
                             (0..8).map(|j| (((fifth >> (4 * j + i)) & 1) as u8) << j).sum();
                     }
                 }
@@ -174,11 +191,11 @@ impl SmallBlocks {
         {
             native[..2].copy_from_slice(&block[2 * r..2 * r + 2]);
             if self.minimum {
-                native[2..4].copy_from_slice(&block[Self::EXTRA + 2 * r..][..2]);
+                native[2..4].copy_from_slice(&block[Self::MINIMUMS + 2 * r..][..2]);
             }
             if self.fifth_bits {
-                let fifth: u32 = (0..BLOCK).map(|v| u32::from(fifth_bit(block, r, v)) << v).sum();
-                native[2..6].copy_from_slice(&fifth.to_le_bytes());
+                let fifth: u32 = (0..BLOCK).map(|v| u32::from(self.fifth_bit(block, r, v)) << v).sum();
+                native[self.native_fifth_bits_at()..][..4].copy_from_slice(&fifth.to_le_bytes());
             }
             let at = self.native_bytes - 16;
             for k in 0..4 {
@@ -187,11 +204,15 @@ impl SmallBlocks {
         }
     }
 
+    fn fifth_bit(self, block: &[u8], r: usize, v: usize) -> u8 {
+        (block[self.fifth_bits_at() + 4 * r + v % 4] >> (v / 4)) & 1
+    }
+
     /// Weight `v` (0..32) of row `r` of a group block, as stored (before the offset).
     fn weight(self, block: &[u8], r: usize, v: usize) -> i32 {
         let byte = block[self.nibbles() + 32 * (v % 16 / 4) + 4 * r + v % 4];
         let nibble = if v < 16 { byte & 0x0F } else { byte >> 4 };
-        let fifth = if self.fifth_bits { fifth_bit(block, r, v) << 4 } else { 0 };
+        let fifth = if self.fifth_bits { self.fifth_bit(block, r, v) << 4 } else { 0 };
         i32::from(nibble | fifth)
     }
 
@@ -208,16 +229,12 @@ impl SmallBlocks {
                         .sum();
                     *acc = (sum as f32).mul_add(f16_at(block, 2 * r) * a.scale, *acc);
                     if self.minimum {
-                        *acc = f16_at(block, Self::EXTRA + 2 * r).mul_add(a.sum, *acc);
+                        *acc = f16_at(block, Self::MINIMUMS + 2 * r).mul_add(a.sum, *acc);
                     }
                 }
             }
         }
     }
-}
-
-fn fifth_bit(block: &[u8], r: usize, v: usize) -> u8 {
-    (block[SmallBlocks::EXTRA + 4 * r + v % 4] >> (v / 4)) & 1
 }
 
 /// `rows × columns` Q8_0 weights in GGUF's row order as row groups (`rows` a multiple of eight):
@@ -438,7 +455,7 @@ mod tests {
     type Interleave = fn(&[u8], usize, usize) -> Vec<u8>;
     type NativeRow = fn(&[u8], usize, usize, &mut [u8]);
 
-    const TYPES: [(WeightType, Interleave, NativeRow, DotGroup); 6] = [
+    const TYPES: [(WeightType, Interleave, NativeRow, DotGroup); 7] = [
         (
             WeightType::Q4_0,
             |n, r, c| Q4_0.interleave(n, r, c),
@@ -456,6 +473,12 @@ mod tests {
             |n, r, c| Q5_0.interleave(n, r, c),
             |g, r, c, o| Q5_0.native_row(g, r, c, o),
             |g, t, o| Q5_0.dot(g, t, o),
+        ),
+        (
+            WeightType::Q5_1,
+            |n, r, c| Q5_1.interleave(n, r, c),
+            |g, r, c, o| Q5_1.native_row(g, r, c, o),
+            |g, t, o| Q5_1.dot(g, t, o),
         ),
         (WeightType::Q8_0, interleave_q8_0, native_q8_0_row, dot_q8_0_group),
         (WeightType::Q4K, interleave_q4_k, native_q4_k_row, dot_q4_k_group),

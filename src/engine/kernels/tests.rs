@@ -165,6 +165,7 @@ fn row_group_kernels_equal_the_scalar_one_to_the_bit_in_any_batch() {
         (WeightType::Q4_1, 32),
         (WeightType::Q4_1, 576),
         (WeightType::Q5_0, 640),
+        (WeightType::Q5_1, 96),
         (WeightType::Q5_0, 2048),
         (WeightType::Q8_0, 64),
         (WeightType::Q8_0, 640),

@@ -104,7 +104,7 @@ fn small_group_weights(block: &[u8], layout: SmallBlocks, half: usize) -> [__m25
         let packed = if half == 0 { packed } else { _mm256_srli_epi16(packed, 4) };
         *weights = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));
         if layout.fifth_bits {
-            let fifth_bits = load32(&block[SmallBlocks::EXTRA..]);
+            let fifth_bits = load32(&block[layout.fifth_bits_at()..]);
             // Bit j of each byte to bit 4 (16-bit shifts: bit 4 of either byte comes from the
             // same byte for shifts up to four left or three right).
             let fifth = match 4 * half + k {
@@ -251,7 +251,7 @@ macro_rules! dot_kernels {
                     let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.scale));
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[t]);
                     if layout.minimum {
-                        let m = _mm256_cvtph_ps(load16(&block[SmallBlocks::EXTRA..]));
+                        let m = _mm256_cvtph_ps(load16(&block[SmallBlocks::MINIMUMS..]));
                         acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.sum), acc[t]);
                     }
                 }
@@ -400,6 +400,12 @@ macro_rules! dot_kernels {
         #[target_feature(enable = $features)]
         pub fn dot_q4_1_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
             let layout = row_groups::Q4_1;
+            in_fours(tokens, out, |t| small_group_dot::<4>(group, t, layout), |t| small_group_dot::<1>(group, t, layout))
+        }
+
+        #[target_feature(enable = $features)]
+        pub fn dot_q5_1_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f32; GROUP_ROWS]]) {
+            let layout = row_groups::Q5_1;
             in_fours(tokens, out, |t| small_group_dot::<4>(group, t, layout), |t| small_group_dot::<1>(group, t, layout))
         }
 
