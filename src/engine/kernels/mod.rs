@@ -6,13 +6,13 @@
 //! SIMD variants beside them; `Kernels::detect` picks the best variant this CPU runs, once, at
 //! run time (never from compile-time target features), and tests hold every variant to its
 //! scalar twin. A matmul quantizes its input once to 8-bit activation blocks, then splits the
-//! weight rows (each run against four tokens at a time where the variant has a `dot4` kernel)
+//! weight rows (in groups of eight, `row_groups.rs`, each against four tokens at a time)
 //! across the engine's compute pool (`pool.rs`: persistent workers that park when
 //! idle, the calling thread taking part) in one dispatch. `candle_pools.rs` sizes candle's own
 //! pools, which run the rest of a forward pass, so that they do not fight this one.
 //! `attention.rs` is attention over one sequence's KV cache, on the same pool. `row_groups.rs`
-//! keeps matrices whose height is a multiple of eight as groups of eight interleaved rows, run by eight-row
-//! kernels.
+//! keeps matrices whose height is a multiple of eight as groups of eight interleaved rows, run
+//! by eight-row kernels; the one-row kernels serve other heights.
 
 pub mod activation;
 pub mod attention;
@@ -32,8 +32,8 @@ use candle_core::quantized::GgmlDType;
 pub use activation::GatedActivation;
 pub use pool::ComputePool;
 use row_groups::{DotGroup, GROUP_ROWS};
+use scalar::DotRow;
 pub use scalar::{ActivationBlock, BLOCK};
-use scalar::{DotRow, DotRow4};
 
 /// A GGUF weight type this module reads rows of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,14 +125,6 @@ pub struct Kernels {
     q8_0: DotRow,
     q4_k: DotRow,
     q6_k: DotRow,
-    /// Four tokens at once, for the types that have it in this variant.
-    q4_0x4: Option<DotRow4>,
-    q4_1x4: Option<DotRow4>,
-    q5_0x4: Option<DotRow4>,
-    q5_1x4: Option<DotRow4>,
-    q8_0x4: Option<DotRow4>,
-    q4_kx4: Option<DotRow4>,
-    q6_kx4: Option<DotRow4>,
     /// Eight rows at once, for the types stored as row groups (`row_groups`).
     q4_0_group: DotGroup,
     q4_1_group: DotGroup,
@@ -158,13 +150,6 @@ impl Kernels {
             q8_0: scalar::dot_q8_0,
             q4_k: k_quants::dot_q4_k,
             q6_k: k_quants::dot_q6_k,
-            q4_0x4: None,
-            q4_1x4: None,
-            q5_0x4: None,
-            q5_1x4: None,
-            q8_0x4: None,
-            q4_kx4: None,
-            q6_kx4: None,
             q4_0_group: |g, t, o| row_groups::Q4_0.dot(g, t, o),
             q4_1_group: |g, t, o| row_groups::Q4_1.dot(g, t, o),
             q5_0_group: |g, t, o| row_groups::Q5_0.dot(g, t, o),
@@ -191,13 +176,6 @@ impl Kernels {
                 q8_0: |r, a| unsafe { x86::avx2::dot_q8_0(r, a) },
                 q4_k: |r, a| unsafe { x86::avx2::dot_q4_k(r, a) },
                 q6_k: |r, a| unsafe { x86::avx2::dot_q6_k(r, a) },
-                q4_0x4: Some(|r, t| unsafe { x86::avx2::dot4_q4_0(r, t) }),
-                q4_1x4: Some(|r, t| unsafe { x86::avx2::dot4_q4_1(r, t) }),
-                q5_0x4: Some(|r, t| unsafe { x86::avx2::dot4_q5_0(r, t) }),
-                q5_1x4: Some(|r, t| unsafe { x86::avx2::dot4_q5_1(r, t) }),
-                q8_0x4: Some(|r, t| unsafe { x86::avx2::dot4_q8_0(r, t) }),
-                q4_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q4_k(r, t) }),
-                q6_kx4: Some(|r, t| unsafe { x86::avx2::dot4_q6_k(r, t) }),
                 q4_0_group: |g, t, o| unsafe { x86::avx2::dot_q4_0_group(g, t, o) },
                 q4_1_group: |g, t, o| unsafe { x86::avx2::dot_q4_1_group(g, t, o) },
                 q5_0_group: |g, t, o| unsafe { x86::avx2::dot_q5_0_group(g, t, o) },
@@ -218,13 +196,6 @@ impl Kernels {
                 q8_0: |r, a| unsafe { x86::vnni::dot_q8_0(r, a) },
                 q4_k: |r, a| unsafe { x86::vnni::dot_q4_k(r, a) },
                 q6_k: |r, a| unsafe { x86::vnni::dot_q6_k(r, a) },
-                q4_0x4: Some(|r, t| unsafe { x86::vnni::dot4_q4_0(r, t) }),
-                q4_1x4: Some(|r, t| unsafe { x86::vnni::dot4_q4_1(r, t) }),
-                q5_0x4: Some(|r, t| unsafe { x86::vnni::dot4_q5_0(r, t) }),
-                q5_1x4: Some(|r, t| unsafe { x86::vnni::dot4_q5_1(r, t) }),
-                q8_0x4: Some(|r, t| unsafe { x86::vnni::dot4_q8_0(r, t) }),
-                q4_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q4_k(r, t) }),
-                q6_kx4: Some(|r, t| unsafe { x86::vnni::dot4_q6_k(r, t) }),
                 q4_0_group: |g, t, o| unsafe { x86::vnni::dot_q4_0_group(g, t, o) },
                 q4_1_group: |g, t, o| unsafe { x86::vnni::dot_q4_1_group(g, t, o) },
                 q5_0_group: |g, t, o| unsafe { x86::vnni::dot_q5_0_group(g, t, o) },
@@ -268,20 +239,6 @@ impl Kernels {
             WeightType::Q8_0 => Some(self.q8_0),
             WeightType::Q4K => Some(self.q4_k),
             WeightType::Q6K => Some(self.q6_k),
-            WeightType::F32 | WeightType::F16 => None,
-        }
-    }
-
-    /// The four-token dot product of a type, where this variant has one.
-    pub fn dot4(&self, weight_type: WeightType) -> Option<DotRow4> {
-        match weight_type {
-            WeightType::Q4_0 => self.q4_0x4,
-            WeightType::Q4_1 => self.q4_1x4,
-            WeightType::Q5_0 => self.q5_0x4,
-            WeightType::Q5_1 => self.q5_1x4,
-            WeightType::Q8_0 => self.q8_0x4,
-            WeightType::Q4K => self.q4_kx4,
-            WeightType::Q6K => self.q6_kx4,
             WeightType::F32 | WeightType::F16 => None,
         }
     }
@@ -418,8 +375,6 @@ fn matmul_fused_on(
         .iter()
         .map(|matrix| kernels.dot(matrix.weight_type).expect("matmul on a type without a dot kernel"))
         .collect();
-    let dots4: Vec<Option<DotRow4>> =
-        matrices.iter().map(|matrix| kernels.dot4(matrix.weight_type)).collect();
     let group_dots: Vec<Option<DotGroup>> = matrices
         .iter()
         .map(|matrix| matrix.grouped.then(|| kernels.group_dot(matrix.weight_type).expect("a group kernel")))
@@ -449,7 +404,7 @@ fn matmul_fused_on(
         pool.run(chunks, |range| {
             for chunk in range {
                 let which = first_chunk.partition_point(|&start| start <= chunk) - 1;
-                let (matrix, dot, dot4) = (matrices[which], dots[which], dots4[which]);
+                let (matrix, dot) = (matrices[which], dots[which]);
                 let first_row = (chunk - first_chunk[which]) * ROWS_PER_CHUNK;
                 let token_blocks = |token: usize| &activations[token * blocks..(token + 1) * blocks];
                 let write = |token: usize, row: usize, value: f32| {
@@ -461,8 +416,10 @@ fn matmul_fused_on(
                 };
                 let rows = first_row..matrix.rows.min(first_row + ROWS_PER_CHUNK);
                 if let Some(group_dot) = group_dots[which] {
-                    // Up to four tokens against each group of the chunk (as below, the chunk's
-                    // weights stay in L1 while the tokens pass).
+                    // Four tokens at a time against every group of the chunk, rather than every
+                    // token against one group: the chunk's rows (a few KiB) and four tokens'
+                    // blocks stay in L1 while a prompt's activations (100 KiB and more) are read
+                    // once per chunk, not once per group.
                     let group_bytes = GROUP_ROWS * matrix.row_bytes;
                     let mut results = [[0.0; GROUP_ROWS]; 4];
                     for first in (0..tokens).step_by(4) {
@@ -483,23 +440,8 @@ fn matmul_fused_on(
                 }
                 let weights =
                     |row: usize| &matrix.bytes[row * matrix.row_bytes..(row + 1) * matrix.row_bytes];
-                // Four tokens at a time against every row of the chunk, rather than every token
-                // against one row: the chunk's rows (a few KiB) and four tokens' blocks stay in
-                // L1 while a prompt's activations (100 KiB and more) are read once per chunk,
-                // not once per row.
-                let mut token = 0;
-                if let Some(dot4) = dot4 {
-                    while token + 4 <= tokens {
-                        let group: [&[ActivationBlock]; 4] = std::array::from_fn(|t| token_blocks(token + t));
-                        for row in rows.clone() {
-                            for (t, value) in dot4(weights(row), group).into_iter().enumerate() {
-                                write(token + t, row, value);
-                            }
-                        }
-                        token += 4;
-                    }
-                }
-                for token in token..tokens {
+                // A matrix whose height is not a multiple of eight, row by row.
+                for token in 0..tokens {
                     for row in rows.clone() {
                         write(token, row, dot(weights(row), token_blocks(token)));
                     }

@@ -59,8 +59,6 @@ fn fifth_bits(block: &[u8]) -> u32 {
 
 /// One row of weights dotted with one row of quantized activations.
 pub type DotRow = fn(row: &[u8], activations: &[ActivationBlock]) -> f32;
-/// Four tokens' dot products with one row at once (`tokens[t]` as `activations` above).
-pub type DotRow4 = fn(row: &[u8], tokens: [&[ActivationBlock]; 4]) -> [f32; 4];
 
 pub fn dot_q4_0(row: &[u8], activations: &[ActivationBlock]) -> f32 {
     let mut total = 0.0;
