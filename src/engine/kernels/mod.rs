@@ -407,12 +407,21 @@ fn matmul_fused_on(
                 let (matrix, dot) = (matrices[which], dots[which]);
                 let first_row = (chunk - first_chunk[which]) * ROWS_PER_CHUNK;
                 let token_blocks = |token: usize| &activations[token * blocks..(token + 1) * blocks];
-                let write = |token: usize, row: usize, value: f32| {
+                // Values of consecutive rows of one token, from `row` on.
+                let write = |token: usize, row: usize, values: &[f32]| {
                     let at = token * total_rows + first_column[which] + row;
+                    assert!(row + values.len() <= matrix.rows && token < tokens, "write out of bounds");
                     // SAFETY: `out` holds tokens × total_rows values (asserted above) and
-                    // outlives this call; each (token, row) is written by exactly one chunk, so
-                    // no two threads write the same element.
-                    unsafe { *(out_address as *mut f32).add(at) = value };
+                    // outlives this call, and the rows are the matrix's (asserted here); each
+                    // (token, row) is written by exactly one chunk, so no two threads write the
+                    // same element.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            values.as_ptr(),
+                            (out_address as *mut f32).add(at),
+                            values.len(),
+                        )
+                    };
                 };
                 let rows = first_row..matrix.rows.min(first_row + ROWS_PER_CHUNK);
                 if let Some(group_dot) = group_dots[which] {
@@ -430,9 +439,7 @@ fn matmul_fused_on(
                             let weights = &matrix.bytes[start * matrix.row_bytes..][..group_bytes];
                             group_dot(weights, &group[..count], &mut results[..count]);
                             for (t, values) in results[..count].iter().enumerate() {
-                                for (r, &value) in values.iter().enumerate() {
-                                    write(first + t, start + r, value);
-                                }
+                                write(first + t, start, values);
                             }
                         }
                     }
@@ -443,7 +450,7 @@ fn matmul_fused_on(
                 // A matrix whose height is not a multiple of eight, row by row.
                 for token in 0..tokens {
                     for row in rows.clone() {
-                        write(token, row, dot(weights(row), token_blocks(token)));
+                        write(token, row, &[dot(weights(row), token_blocks(token))]);
                     }
                 }
             }
