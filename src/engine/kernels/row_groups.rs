@@ -75,9 +75,9 @@ pub fn interleave(weight_type: WeightType, mut bytes: Vec<u8>, rows: usize, colu
         WeightType::Q4_1 => |n: &[u8], r, c| Q4_1.interleave(n, r, c),
         WeightType::Q5_0 => |n: &[u8], r, c| Q5_0.interleave(n, r, c),
         WeightType::Q5_1 => |n: &[u8], r, c| Q5_1.interleave(n, r, c),
-        WeightType::Q8_0 => interleave_q8_0,
-        WeightType::Q4K => interleave_q4_k,
-        WeightType::Q6K => interleave_q6_k,
+        WeightType::Q8_0 => |n: &[u8], r, c| Q8_0.interleave(n, r, c),
+        WeightType::Q4K => |n: &[u8], r, c| Q4_K.interleave(n, r, c),
+        WeightType::Q6K => |n: &[u8], r, c| Q6_K.interleave(n, r, c),
         other => panic!("{other:?} is not kept as row groups"),
     };
     assert!(rows.is_multiple_of(GROUP_ROWS) && bytes.len().is_multiple_of(rows));
@@ -96,9 +96,9 @@ pub fn native_row(weight_type: WeightType, grouped: &[u8], row: usize, columns: 
         WeightType::Q4_1 => Q4_1.native_row(grouped, row, columns, out),
         WeightType::Q5_0 => Q5_0.native_row(grouped, row, columns, out),
         WeightType::Q5_1 => Q5_1.native_row(grouped, row, columns, out),
-        WeightType::Q8_0 => native_q8_0_row(grouped, row, columns, out),
-        WeightType::Q4K => native_q4_k_row(grouped, row, columns, out),
-        WeightType::Q6K => native_q6_k_row(grouped, row, columns, out),
+        WeightType::Q8_0 => Q8_0.native_row(grouped, row, columns, out),
+        WeightType::Q4K => Q4_K.native_row(grouped, row, columns, out),
+        WeightType::Q6K => Q6_K.native_row(grouped, row, columns, out),
         other => panic!("{other:?} is not kept as row groups"),
     }
 }
@@ -237,38 +237,83 @@ impl SmallBlocks {
     }
 }
 
-/// `rows × columns` Q8_0 weights in GGUF's row order as row groups (`rows` a multiple of eight):
-/// the rows' `d` at `0..16`, then eight registers, register `p` holding bytes `4p..4p+4` of each
-/// row's values.
-pub fn interleave_q8_0(native: &[u8], rows: usize, columns: usize) -> Vec<u8> {
-    let blocks = columns / BLOCK;
-    let row_bytes = blocks * 34;
-    assert!(rows.is_multiple_of(GROUP_ROWS) && columns.is_multiple_of(BLOCK));
-    assert_eq!(native.len(), rows * row_bytes);
-    let mut grouped = vec![0; native.len()];
-    for (index, out) in grouped.chunks_exact_mut(Q8_0_GROUP_BYTES).enumerate() {
-        let (group, block) = (index / blocks, index % blocks);
-        for r in 0..GROUP_ROWS {
-            let start = (group * GROUP_ROWS + r) * row_bytes + block * 34;
-            let native = &native[start..start + 34];
-            out[2 * r..2 * r + 2].copy_from_slice(&native[..2]);
-            for p in 0..8 {
-                out[16 + 32 * p + 4 * r..][..4].copy_from_slice(&native[2 + 4 * p..][..4]);
-            }
-        }
-    }
-    grouped
+/// A type whose group block is its eight rows' native blocks moved in runs of bytes (Q8_0, Q4_K,
+/// Q6_K): `moves(r)` lists, for row `r`, each run as (native offset, group offset, length).
+#[derive(Debug, Clone, Copy)]
+pub struct MovedBlocks {
+    /// Values in a native block.
+    pub values: usize,
+    /// Bytes of a native block.
+    pub native_bytes: usize,
+    moves: fn(usize) -> Vec<(usize, usize, usize)>,
 }
 
-/// Row `row` of grouped Q8_0 weights `columns` wide, back in GGUF's encoding, into `out`.
-pub fn native_q8_0_row(grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
-    let blocks = columns / BLOCK;
-    let (group, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
-    let group_blocks = &grouped[group * blocks * Q8_0_GROUP_BYTES..][..blocks * Q8_0_GROUP_BYTES];
-    for (block, native) in group_blocks.chunks_exact(Q8_0_GROUP_BYTES).zip(out.chunks_exact_mut(34)) {
-        native[..2].copy_from_slice(&block[2 * r..2 * r + 2]);
-        for p in 0..8 {
-            native[2 + 4 * p..][..4].copy_from_slice(&block[16 + 32 * p + 4 * r..][..4]);
+/// Q8_0: the rows' `d` at `0..16`, then register `p` holding bytes `4p..4p+4` of each row's values.
+pub const Q8_0: MovedBlocks = MovedBlocks {
+    values: BLOCK,
+    native_bytes: 34,
+    moves: |r| {
+        let values = (0..8).map(|p| (2 + 4 * p, 16 + 32 * p + 4 * r, 4));
+        std::iter::once((0, 2 * r, 2)).chain(values).collect()
+    },
+};
+
+/// Q4_K: `d` at `0..16`, `dmin` at `16..32`, the scale words, the nibble parts (see above).
+pub const Q4_K: MovedBlocks = MovedBlocks {
+    values: SUPER_BLOCK,
+    native_bytes: Q4_K_BYTES,
+    moves: |r| {
+        let scales = (0..3).map(|w| (4 + 4 * w, 32 + 32 * w + 4 * r, 4));
+        let nibbles = (0..32).map(|p| (16 + 4 * p, 128 + 32 * p + 4 * r, 4));
+        [(0, 2 * r, 2), (2, 16 + 2 * r, 2)].into_iter().chain(scales).chain(nibbles).collect()
+    },
+};
+
+/// Q6_K: `d` at `0..16`, the scale registers, the low nibbles, the high bits (see above).
+pub const Q6_K: MovedBlocks = MovedBlocks {
+    values: SUPER_BLOCK,
+    native_bytes: Q6_K_BYTES,
+    moves: |r| {
+        let scales = (0..4).map(|v| (192 + 4 * v, Q6_K_SCALES + 32 * v + 4 * r, 4));
+        let low = (0..32).map(|i| (4 * i, Q6_K_LOW + 32 * i + 4 * r, 4));
+        let high = (0..16).map(|i| (128 + 4 * i, Q6_K_HIGH + 32 * i + 4 * r, 4));
+        std::iter::once((208, 2 * r, 2)).chain(scales).chain(low).chain(high).collect()
+    },
+};
+
+impl MovedBlocks {
+    /// `rows × columns` weights in GGUF's row order as row groups (`rows` a multiple of eight).
+    pub fn interleave(self, native: &[u8], rows: usize, columns: usize) -> Vec<u8> {
+        let blocks = columns / self.values;
+        let (row_bytes, group_bytes) = (blocks * self.native_bytes, GROUP_ROWS * self.native_bytes);
+        assert!(rows.is_multiple_of(GROUP_ROWS) && columns.is_multiple_of(self.values));
+        assert_eq!(native.len(), rows * row_bytes);
+        let moves: Vec<_> = (0..GROUP_ROWS).map(self.moves).collect();
+        let mut grouped = vec![0; native.len()];
+        for (index, out) in grouped.chunks_exact_mut(group_bytes).enumerate() {
+            let (group, block) = (index / blocks, index % blocks);
+            for (r, moves) in moves.iter().enumerate() {
+                let start = (group * GROUP_ROWS + r) * row_bytes + block * self.native_bytes;
+                for &(from, to, len) in moves {
+                    out[to..to + len].copy_from_slice(&native[start + from..start + from + len]);
+                }
+            }
+        }
+        grouped
+    }
+
+    /// Row `row` of grouped weights `columns` wide, back in GGUF's encoding, into `out`.
+    pub fn native_row(self, grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
+        let (blocks, group_bytes) = (columns / self.values, GROUP_ROWS * self.native_bytes);
+        let (group, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
+        let moves = (self.moves)(r);
+        let group_blocks = &grouped[group * blocks * group_bytes..][..blocks * group_bytes];
+        for (block, native) in
+            group_blocks.chunks_exact(group_bytes).zip(out.chunks_exact_mut(self.native_bytes))
+        {
+            for &(from, to, len) in &moves {
+                native[from..from + len].copy_from_slice(&block[to..to + len]);
+            }
         }
     }
 }
@@ -287,46 +332,6 @@ pub fn dot_q8_0_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f
                     .sum();
                 *acc = (sum as f32).mul_add(f16_at(block, 2 * r) * a.scale, *acc);
             }
-        }
-    }
-}
-
-/// `rows × columns` Q4_K weights in GGUF's row order as row groups (`rows` a multiple of eight).
-pub fn interleave_q4_k(native: &[u8], rows: usize, columns: usize) -> Vec<u8> {
-    let blocks = columns / SUPER_BLOCK;
-    let row_bytes = blocks * Q4_K_BYTES;
-    assert!(rows.is_multiple_of(GROUP_ROWS) && columns.is_multiple_of(SUPER_BLOCK));
-    assert_eq!(native.len(), rows * row_bytes);
-    let mut grouped = vec![0; native.len()];
-    for (index, out) in grouped.chunks_exact_mut(Q4_K_GROUP_BYTES).enumerate() {
-        let (group, block) = (index / blocks, index % blocks);
-        for r in 0..GROUP_ROWS {
-            let start = (group * GROUP_ROWS + r) * row_bytes + block * Q4_K_BYTES;
-            let native = &native[start..start + Q4_K_BYTES];
-            out[2 * r..2 * r + 2].copy_from_slice(&native[..2]);
-            out[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&native[2..4]);
-            for w in 0..3 {
-                out[32 + 32 * w + 4 * r..][..4].copy_from_slice(&native[4 + 4 * w..][..4]);
-            }
-            for part in 0..32 {
-                out[128 + 32 * part + 4 * r..][..4].copy_from_slice(&native[16 + 4 * part..][..4]);
-            }
-        }
-    }
-    grouped
-}
-
-/// Row `row` of grouped Q4_K weights `columns` wide, back in GGUF's encoding, into `out`.
-pub fn native_q4_k_row(grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
-    let blocks = columns / SUPER_BLOCK;
-    let (group, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
-    let group_blocks = &grouped[group * blocks * Q4_K_GROUP_BYTES..][..blocks * Q4_K_GROUP_BYTES];
-    for (block, native) in group_blocks.chunks_exact(Q4_K_GROUP_BYTES).zip(out.chunks_exact_mut(Q4_K_BYTES)) {
-        native[..2].copy_from_slice(&block[2 * r..2 * r + 2]);
-        native[2..4].copy_from_slice(&block[16 + 2 * r..16 + 2 * r + 2]);
-        native[4..16].copy_from_slice(&q4_k_packed_scales(block, r));
-        for part in 0..32 {
-            native[16 + 4 * part..][..4].copy_from_slice(&block[128 + 32 * part + 4 * r..][..4]);
         }
     }
 }
@@ -361,51 +366,6 @@ pub fn dot_q4_k_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f
             }
         }
     }
-}
-
-/// `rows × columns` Q6_K weights in GGUF's row order as row groups (`rows` a multiple of eight).
-pub fn interleave_q6_k(native: &[u8], rows: usize, columns: usize) -> Vec<u8> {
-    let blocks = columns / SUPER_BLOCK;
-    let row_bytes = blocks * Q6_K_BYTES;
-    assert!(rows.is_multiple_of(GROUP_ROWS) && columns.is_multiple_of(SUPER_BLOCK));
-    assert_eq!(native.len(), rows * row_bytes);
-    let mut grouped = vec![0; native.len()];
-    for (index, out) in grouped.chunks_exact_mut(Q6_K_GROUP_BYTES).enumerate() {
-        let (group, block) = (index / blocks, index % blocks);
-        for r in 0..GROUP_ROWS {
-            let start = (group * GROUP_ROWS + r) * row_bytes + block * Q6_K_BYTES;
-            let native = &native[start..start + Q6_K_BYTES];
-            for (from, to) in q6_k_moves(r) {
-                out[to..to + 4].copy_from_slice(&native[from..from + 4]);
-            }
-            out[2 * r..2 * r + 2].copy_from_slice(&native[208..210]);
-        }
-    }
-    grouped
-}
-
-/// Row `row` of grouped Q6_K weights `columns` wide, back in GGUF's encoding, into `out`.
-pub fn native_q6_k_row(grouped: &[u8], row: usize, columns: usize, out: &mut [u8]) {
-    let blocks = columns / SUPER_BLOCK;
-    let (group, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
-    let group_blocks = &grouped[group * blocks * Q6_K_GROUP_BYTES..][..blocks * Q6_K_GROUP_BYTES];
-    for (block, native) in group_blocks.chunks_exact(Q6_K_GROUP_BYTES).zip(out.chunks_exact_mut(Q6_K_BYTES)) {
-        for (from, to) in q6_k_moves(r) {
-            native[from..from + 4].copy_from_slice(&block[to..to + 4]);
-        }
-        native[208..210].copy_from_slice(&block[2 * r..2 * r + 2]);
-    }
-}
-
-/// Where each 4 bytes of row `r`'s native Q6_K super-block (but `d`) go in a group block:
-/// (native offset, group offset). Scales: bytes `4v..4v+4` to register `v` of the scales; low
-/// nibbles: bytes `64h + 32c + 4p..` to register `16h + 8c + p`; high bits: bytes
-/// `128 + 32h + 4p..` to register `8h + p`; row `r` at `4r` in each.
-fn q6_k_moves(r: usize) -> impl Iterator<Item = (usize, usize)> {
-    let scales = (0..4).map(move |v| (192 + 4 * v, Q6_K_SCALES + 32 * v + 4 * r));
-    let low = (0..32).map(move |i| (4 * i, Q6_K_LOW + 32 * i + 4 * r));
-    let high = (0..16).map(move |i| (128 + 4 * i, Q6_K_HIGH + 32 * i + 4 * r));
-    scales.chain(low).chain(high)
 }
 
 /// Weight `l` (0..32) of quarter `k` (0..4) of half `h` (0..2) of row `r` of a Q6_K group block,
@@ -450,53 +410,31 @@ pub fn dot_q6_k_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::kernels::Kernels;
     use crate::engine::kernels::tests::{Random, random_activations, random_row};
 
-    type Interleave = fn(&[u8], usize, usize) -> Vec<u8>;
-    type NativeRow = fn(&[u8], usize, usize, &mut [u8]);
-
-    const TYPES: [(WeightType, Interleave, NativeRow, DotGroup); 7] = [
-        (
-            WeightType::Q4_0,
-            |n, r, c| Q4_0.interleave(n, r, c),
-            |g, r, c, o| Q4_0.native_row(g, r, c, o),
-            |g, t, o| Q4_0.dot(g, t, o),
-        ),
-        (
-            WeightType::Q4_1,
-            |n, r, c| Q4_1.interleave(n, r, c),
-            |g, r, c, o| Q4_1.native_row(g, r, c, o),
-            |g, t, o| Q4_1.dot(g, t, o),
-        ),
-        (
-            WeightType::Q5_0,
-            |n, r, c| Q5_0.interleave(n, r, c),
-            |g, r, c, o| Q5_0.native_row(g, r, c, o),
-            |g, t, o| Q5_0.dot(g, t, o),
-        ),
-        (
-            WeightType::Q5_1,
-            |n, r, c| Q5_1.interleave(n, r, c),
-            |g, r, c, o| Q5_1.native_row(g, r, c, o),
-            |g, t, o| Q5_1.dot(g, t, o),
-        ),
-        (WeightType::Q8_0, interleave_q8_0, native_q8_0_row, dot_q8_0_group),
-        (WeightType::Q4K, interleave_q4_k, native_q4_k_row, dot_q4_k_group),
-        (WeightType::Q6K, interleave_q6_k, native_q6_k_row, dot_q6_k_group),
+    const TYPES: [WeightType; 7] = [
+        WeightType::Q4_0,
+        WeightType::Q4_1,
+        WeightType::Q5_0,
+        WeightType::Q5_1,
+        WeightType::Q8_0,
+        WeightType::Q4K,
+        WeightType::Q6K,
     ];
 
     #[test]
     fn grouping_moves_every_byte_and_back() {
         let mut random = Random(3);
-        for (weight_type, interleave, native_row, _) in TYPES {
+        for weight_type in TYPES {
             let (rows, columns) = (16, 512);
             let native: Vec<u8> =
                 (0..rows).flat_map(|_| random_row(weight_type, columns, &mut random)).collect();
-            let grouped = interleave(&native, rows, columns);
+            let grouped = interleave(weight_type, native.clone(), rows, columns);
             assert_ne!(grouped, native);
             let mut row = vec![0; weight_type.row_bytes(columns).unwrap()];
             for index in 0..rows {
-                native_row(&grouped, index, columns, &mut row);
+                native_row(weight_type, &grouped, index, columns, &mut row);
                 assert_eq!(
                     row,
                     native[index * row.len()..(index + 1) * row.len()],
@@ -509,12 +447,13 @@ mod tests {
     #[test]
     fn a_group_dot_is_the_dot_of_the_dequantized_rows() {
         let mut random = Random(11);
-        for (weight_type, interleave, _, dot) in TYPES {
+        for weight_type in TYPES {
+            let dot = Kernels::scalar().group_dot(weight_type).unwrap();
             let (rows, columns) = (16, 512);
             let row_bytes = weight_type.row_bytes(columns).unwrap();
             let native: Vec<u8> =
                 (0..rows).flat_map(|_| random_row(weight_type, columns, &mut random)).collect();
-            let grouped = interleave(&native, rows, columns);
+            let grouped = interleave(weight_type, native.clone(), rows, columns);
             let tokens: Vec<Vec<ActivationBlock>> =
                 (0..3).map(|_| random_activations(columns, &mut random)).collect();
             let tokens: Vec<&[ActivationBlock]> = tokens.iter().map(Vec::as_slice).collect();
