@@ -411,17 +411,7 @@ pub fn dot_q6_k_group(group: &[u8], tokens: &[&[ActivationBlock]], out: &mut [[f
 mod tests {
     use super::*;
     use crate::engine::kernels::Kernels;
-    use crate::engine::kernels::tests::{Random, random_activations, random_row};
-
-    const TYPES: [WeightType; 7] = [
-        WeightType::Q4_0,
-        WeightType::Q4_1,
-        WeightType::Q5_0,
-        WeightType::Q5_1,
-        WeightType::Q8_0,
-        WeightType::Q4K,
-        WeightType::Q6K,
-    ];
+    use crate::engine::kernels::tests::{Random, TYPES, random_activations, random_row};
 
     #[test]
     fn grouping_moves_every_byte_and_back() {

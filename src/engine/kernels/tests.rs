@@ -7,7 +7,8 @@ use candle_core::{Device, Tensor};
 
 use super::*;
 
-const TYPES: [WeightType; 7] = [
+/// Every quantized type, each kept as row groups when its height allows.
+pub(super) const TYPES: [WeightType; 7] = [
     WeightType::Q4_0,
     WeightType::Q4_1,
     WeightType::Q5_0,
