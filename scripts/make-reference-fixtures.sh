@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Write llama.cpp's answers on the demo models as test fixtures: for a few fixed prompts, the
 # prompt's token ids, greedy tokens and the top 5 logits of every step, in
-# tests/fixtures/reference/: MODEL.json on the file as it is (64 tokens), and
-# MODEL.dequantized.json on the same weights dequantized to f32 by llama-quantize (16 tokens: the
-# exact computation, where the two engines must agree closely and a few steps show it; see
+# tests/fixtures/reference/: MODEL.json on the file as it is (64 tokens, an f16 KV cache as both
+# engines keep by default), and MODEL.dequantized.json on the same weights dequantized to f32 by
+# llama-quantize (16 tokens, an f32 KV cache: the exact computation, where the two engines must
+# agree closely and a few steps show it; see
 # src/engine/models/reference_tests.rs, which `cargo test` runs).
 #
 # Builds llama.cpp with scripts/build-llamacpp.sh (cached under /var/tmp) plus its llama-quantize,
@@ -56,7 +57,8 @@ run() { # MODEL_FILE CHAT_PROMPT
     return
   fi
   echo "llama.cpp on $1, as stored and dequantized" >&2
-  "$program" --model "$file" --version "$version" --steps 64 --top 5 "${plain[@]}" "$2" >"$out/$name.json"
+  "$program" --model "$file" --version "$version" --steps 64 --top 5 --kv-cache f16 "${plain[@]}" "$2" \
+    >"$out/$name.json"
   "$bin/llama-quantize" --allow-requantize "$file" "$work/f32.gguf" F32 >"$work/quantize.log" 2>&1 ||
     { cat "$work/quantize.log" >&2; exit 1; }
   "$program" --model "$work/f32.gguf" --dequantized-from "$1" --version "$version" --steps 16 --top 5 \

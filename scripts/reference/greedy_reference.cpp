@@ -2,7 +2,7 @@
 // driven through libllama, greedy (argmax, no sampler) for a fixed number of steps, with the top
 // logits of every step. Built and run by scripts/make-reference-fixtures.sh; prints JSON.
 //
-//   greedy_reference --model FILE --version TEXT [--steps 64] [--top 5]
+//   greedy_reference --model FILE --version TEXT [--steps 64] [--top 5] [--kv-cache f32|f16]
 //                    [--dequantized-from NAME] [--prompt-token-by-token] PROMPT...
 //
 // A PROMPT is tokenized as llama-server tokenizes a rendered prompt: special tokens in the text
@@ -11,9 +11,11 @@
 // (llama_chat_apply_template), ending with the assistant's turn opened.
 //
 // The run is made as exact as llama.cpp allows, so that the fixtures measure the weights' and
-// activations' quantization rather than incidental choices: the KV cache is f32 (llama.cpp's
-// default is f16, which llmesh does not use) and flash attention is off. Every prompt runs in one
-// batch from an empty cache, then one token per step, as llmesh's prefill and decode do.
+// activations' quantization rather than incidental choices: the KV cache is f32 unless
+// --kv-cache f16 asks for llama.cpp's default (llmesh's on the CPU; the fixtures of the files as
+// stored use it, those of f32 weights keep the exact f32 computation), and flash attention is off.
+// Every prompt runs in one batch from an empty cache, then one token per step, as llmesh's prefill
+// and decode do.
 //
 // --dequantized-from NAME records that FILE is the model NAME with every weight dequantized to
 // f32 (llama-quantize F32): no activation is quantized then, so llama.cpp and llmesh compute the
@@ -162,6 +164,7 @@ int main(int argc, char ** argv) {
     int steps = 64;
     int top = 5;
     bool token_by_token = false;
+    std::string kv_cache = "f32";
     std::string dequantized_from;
     std::vector<std::string> prompts;
     for (int i = 1; i < argc; i++) {
@@ -180,6 +183,8 @@ int main(int argc, char ** argv) {
             steps = std::atoi(value().c_str());
         } else if (arg == "--dequantized-from") {
             dequantized_from = value();
+        } else if (arg == "--kv-cache") {
+            kv_cache = value();
         } else if (arg == "--prompt-token-by-token") {
             token_by_token = true;
         } else if (arg == "--top") {
@@ -188,8 +193,8 @@ int main(int argc, char ** argv) {
             prompts.push_back(arg);
         }
     }
-    if (model_path.empty() || prompts.empty() || steps <= 0 || top <= 0) {
-        fail("usage: greedy_reference --model FILE --version TEXT [--steps N] [--top K] PROMPT...");
+    if (model_path.empty() || prompts.empty() || steps <= 0 || top <= 0 || (kv_cache != "f32" && kv_cache != "f16")) {
+        fail("usage: greedy_reference --model FILE --version TEXT [--steps N] [--top K] [--kv-cache f32|f16] PROMPT...");
     }
 
     llama_log_set(quiet_log, nullptr);
@@ -209,8 +214,8 @@ int main(int argc, char ** argv) {
     ctx_params.n_ubatch = 1024;
     ctx_params.n_threads = 2;
     ctx_params.n_threads_batch = 2;
-    ctx_params.type_k = GGML_TYPE_F32;
-    ctx_params.type_v = GGML_TYPE_F32;
+    ctx_params.type_k = kv_cache == "f16" ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    ctx_params.type_v = ctx_params.type_k;
     ctx_params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     llama_context * ctx = llama_init_from_model(model, ctx_params);
     if (ctx == nullptr) {
@@ -222,8 +227,9 @@ int main(int argc, char ** argv) {
     std::printf("{\n  \"model\": %s,\n", json_string(name).c_str());
     std::printf("  \"dequantized\": %s,\n", dequantized_from.empty() ? "false" : "true");
     std::printf("  \"reference\": %s,\n", json_string(version).c_str());
-    std::printf("  \"settings\": \"greedy, %d steps, top %d logits, f32 KV cache, no flash attention, "
-                "prompt %s\",\n", steps, top, token_by_token ? "token by token" : "in one batch");
+    std::printf("  \"kv_cache\": \"%s\",\n", kv_cache.c_str());
+    std::printf("  \"settings\": \"greedy, %d steps, top %d logits, %s KV cache, no flash attention, "
+                "prompt %s\",\n", steps, top, kv_cache.c_str(), token_by_token ? "token by token" : "in one batch");
     std::printf("  \"add_bos\": %s,\n  \"cases\": [\n", llama_vocab_get_add_bos(vocab) ? "true" : "false");
     for (size_t p = 0; p < prompts.size(); p++) {
         const std::string & given = prompts[p];

@@ -10,10 +10,56 @@
 //! compute pool; which thread runs a row does not change its result either.
 //!
 //! Query heads that share a key/value head (grouped-query attention) read the same cached rows.
+//!
+//! The cache holds f16 (as llama.cpp's does by default: half the memory and half the bytes read
+//! per step) or f32. An f16 value widens to f32 exactly, so both are computed by the same f32
+//! arithmetic; the queries and the softmax weights stay f32.
 
 use std::ops::Range;
 
+use half::f16;
+
 use super::pool;
+
+/// What a cache stores keys and values as.
+pub trait CacheElement: Copy + Send + Sync + 'static {
+    fn widen(self) -> f32;
+
+    /// One query row against the cache (`attend_row_portable`, in SIMD where the CPU has it).
+    fn attend_row(shape: &AttentionShape, row: Row<'_, Self>, scores: &mut [f32], out: &mut [f32]);
+}
+
+impl CacheElement for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    fn attend_row(shape: &AttentionShape, row: Row<'_, Self>, scores: &mut [f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            // SAFETY: `available()` confirmed the CPU has the features.
+            return unsafe { simd::attend_row_f32(shape, row, scores, out) };
+        }
+        attend_row_portable(shape, row, scores, out);
+    }
+}
+
+impl CacheElement for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
+    fn attend_row(shape: &AttentionShape, row: Row<'_, Self>, scores: &mut [f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd::available_f16() {
+            // SAFETY: `available_f16()` confirmed the CPU has the features.
+            return unsafe { simd::attend_row_f16(shape, row, scores, out) };
+        }
+        attend_row_portable(shape, row, scores, out);
+    }
+}
 
 /// What one call attends.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,11 +99,11 @@ const THREADED_WORK: usize = 1 << 18;
 /// `queries` is `(heads, tokens, head_dim)`; `keys` and `values` hold key/value head `h`'s
 /// position `p` at `h · kv_stride + p · head_dim` (the cache's buffers, `positions()` filled);
 /// `out` is `(tokens, heads · head_dim)`. Panics on slices too short for the shape.
-pub fn attend(
+pub fn attend<T: CacheElement>(
     shape: &AttentionShape,
     queries: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     kv_stride: usize,
     out: &mut [f32],
 ) {
@@ -91,7 +137,7 @@ pub fn attend(
                 values: &values[cache_start..],
                 visible: shape.visible(token),
             };
-            attend_row(shape, inputs, &mut scores, out);
+            T::attend_row(shape, inputs, &mut scores, out);
         }
     };
     if rows * len * head_dim < THREADED_WORK {
@@ -102,27 +148,36 @@ pub fn attend(
 }
 
 /// One query row and what it attends: its key/value head's cached rows, the positions it sees.
-struct Row<'a> {
+pub struct Row<'a, T> {
     query: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
+    keys: &'a [T],
+    values: &'a [T],
     visible: Range<usize>,
 }
 
 /// One query row: scores over `visible`, softmax, the weighted sum of values into `out`.
-fn attend_row(shape: &AttentionShape, row: Row<'_>, scores: &mut [f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd::available() {
-        // SAFETY: `available()` confirmed the CPU has the features.
-        return unsafe { simd::attend_row(shape, row, scores, out) };
-    }
-    attend_row_portable(shape, row, scores, out);
+#[inline(always)]
+fn attend_row_portable<T: CacheElement>(
+    shape: &AttentionShape,
+    row: Row<'_, T>,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    attend_row_with(shape, row, scores, out, dot::<T>, add_scaled::<T>);
 }
 
-/// The row's arithmetic, written once. Lanes are summed in the same order whatever the compiler
-/// makes of them, so the AVX2 build of this function gives the portable one's bits.
+/// The row's arithmetic, written once, with the two loops over the cache passed in. Lanes are
+/// summed in the same order whatever the compiler makes of them, so the SIMD builds give the
+/// portable one's bits.
 #[inline(always)]
-fn attend_row_portable(shape: &AttentionShape, row: Row<'_>, scores: &mut [f32], out: &mut [f32]) {
+fn attend_row_with<T>(
+    shape: &AttentionShape,
+    row: Row<'_, T>,
+    scores: &mut [f32],
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[T]) -> f32,
+    add_scaled: impl Fn(&mut [f32], f32, &[T]),
+) {
     let Row { query, keys, values, visible } = row;
     let head_dim = shape.head_dim;
     let scores = &mut scores[visible.clone()];
@@ -150,17 +205,29 @@ fn attend_row_portable(shape: &AttentionShape, row: Row<'_>, scores: &mut [f32],
 
 /// Sixteen independent partial sums (two vector registers), added pairwise at the end.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: CacheElement>(a: &[f32], b: &[T]) -> f32 {
     let mut even = [0.0f32; 8];
     let mut odd = [0.0f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    let tail = dot_tail(a_chunks.remainder(), b_chunks.remainder());
     for (x, y) in a_chunks.zip(b_chunks) {
         for lane in 0..8 {
-            even[lane] += x[lane] * y[lane];
-            odd[lane] += x[lane + 8] * y[lane + 8];
+            even[lane] += x[lane] * y[lane].widen();
+            odd[lane] += x[lane + 8] * y[lane + 8].widen();
         }
     }
+    sum_lanes(&even, &odd, tail)
+}
+
+/// The last `len % 16` products of a dot, one after the other.
+#[inline(always)]
+fn dot_tail<T: CacheElement>(a: &[f32], b: &[T]) -> f32 {
+    a.iter().zip(b).fold(0.0, |sum, (x, y)| sum + x * y.widen())
+}
+
+/// A dot's two registers of partial sums and its tail, added pairwise.
+#[inline(always)]
+fn sum_lanes(even: &[f32; 8], odd: &[f32; 8], tail: f32) -> f32 {
     let mut lanes = [0.0f32; 8];
     for lane in 0..8 {
         lanes[lane] = even[lane] + odd[lane];
@@ -171,9 +238,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `out += weight · values`.
 #[inline(always)]
-fn add_scaled(out: &mut [f32], weight: f32, values: &[f32]) {
+fn add_scaled<T: CacheElement>(out: &mut [f32], weight: f32, values: &[T]) {
     for (out, value) in out.iter_mut().zip(values) {
-        *out += weight * value;
+        *out += weight * value.widen();
     }
 }
 
@@ -181,18 +248,104 @@ fn add_scaled(out: &mut [f32], weight: f32, values: &[f32]) {
 mod simd {
     use std::sync::OnceLock;
 
-    use super::{AttentionShape, Row};
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{AttentionShape, Row, dot_tail, sum_lanes};
 
     pub fn available() -> bool {
         static AVAILABLE: OnceLock<bool> = OnceLock::new();
         *AVAILABLE.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
     }
 
+    pub fn available_f16() -> bool {
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| available() && std::arch::is_x86_feature_detected!("f16c"))
+    }
+
     /// `attend_row_portable` compiled for AVX2 (no FMA: a fused multiply-add rounds once where
     /// the portable code rounds twice, and the two must agree).
     #[target_feature(enable = "avx2")]
-    pub(super) fn attend_row(shape: &AttentionShape, row: Row<'_>, scores: &mut [f32], out: &mut [f32]) {
+    pub(super) fn attend_row_f32(
+        shape: &AttentionShape,
+        row: Row<'_, f32>,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
         super::attend_row_portable(shape, row, scores, out);
+    }
+
+    /// The same for an f16 cache, its rows widened eight values at a time (`vcvtph2ps`), which
+    /// the compiler does not make of `f16::to_f32` on its own.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn attend_row_f16(
+        shape: &AttentionShape,
+        row: Row<'_, f16>,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        super::attend_row_with(
+            shape,
+            row,
+            scores,
+            out,
+            |a, b| dot_f16(a, b),
+            |out, weight, values| add_scaled_f16(out, weight, values),
+        );
+    }
+
+    /// Eight f16 values from `values[at..at + 8]`, widened.
+    #[target_feature(enable = "avx2,f16c")]
+    fn widen8(values: &[f16], at: usize) -> __m256 {
+        let eight = &values[at..at + 8];
+        // SAFETY: `eight` holds eight f16 (16 bytes); the load is unaligned.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(eight.as_ptr().cast()) })
+    }
+
+    /// `super::dot` on f16: the same lanes, multiplied then added (two roundings, as there).
+    #[target_feature(enable = "avx2,f16c")]
+    fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+        let len = a.len().min(b.len());
+        let whole = len - len % 16;
+        let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for start in (0..whole).step_by(16) {
+            let x = &a[start..start + 16];
+            // SAFETY: `x` holds sixteen f32; the loads are unaligned.
+            let (x_even, x_odd) =
+                unsafe { (_mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(x.as_ptr().add(8))) };
+            even = _mm256_add_ps(even, _mm256_mul_ps(x_even, widen8(b, start)));
+            odd = _mm256_add_ps(odd, _mm256_mul_ps(x_odd, widen8(b, start + 8)));
+        }
+        let (mut even_lanes, mut odd_lanes) = ([0.0f32; 8], [0.0f32; 8]);
+        // SAFETY: each array holds eight f32.
+        unsafe {
+            _mm256_storeu_ps(even_lanes.as_mut_ptr(), even);
+            _mm256_storeu_ps(odd_lanes.as_mut_ptr(), odd);
+        }
+        sum_lanes(&even_lanes, &odd_lanes, dot_tail(&a[whole..len], &b[whole..len]))
+    }
+
+    /// `out += weight · values` on f16 values.
+    #[target_feature(enable = "avx2,f16c")]
+    fn add_scaled_f16(out: &mut [f32], weight: f32, values: &[f16]) {
+        let len = out.len().min(values.len());
+        let whole = len - len % 8;
+        let weights = _mm256_set1_ps(weight);
+        for start in (0..whole).step_by(8) {
+            let out = &mut out[start..start + 8];
+            // SAFETY: `out` holds eight f32; the load and store are unaligned.
+            unsafe {
+                let sum = _mm256_add_ps(
+                    _mm256_loadu_ps(out.as_ptr()),
+                    _mm256_mul_ps(weights, widen8(values, start)),
+                );
+                _mm256_storeu_ps(out.as_mut_ptr(), sum);
+            }
+        }
+        for (out, value) in out[whole..len].iter_mut().zip(&values[whole..len]) {
+            *out += weight * value.to_f32();
+        }
     }
 }
 
@@ -290,6 +443,33 @@ mod tests {
             attend(shape, &self.queries, &self.keys, &self.values, self.kv_stride, &mut out);
             out
         }
+
+        /// The same case with its cache rounded to f16.
+        fn in_f16(&self) -> Self {
+            let round = |values: &[f32]| values.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+            Self {
+                keys: round(&self.keys),
+                values: round(&self.values),
+                queries: self.queries.clone(),
+                ..*self
+            }
+        }
+
+        /// Run on an f16 cache (the values must be f16 already: `in_f16`).
+        fn run_f16(&self) -> Vec<f32> {
+            let shape = &self.shape;
+            let narrow = |values: &[f32]| values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
+            let mut out = vec![f32::NAN; shape.tokens * shape.heads * shape.head_dim];
+            attend(
+                shape,
+                &self.queries,
+                &narrow(&self.keys),
+                &narrow(&self.values),
+                self.kv_stride,
+                &mut out,
+            );
+            out
+        }
     }
 
     #[test]
@@ -309,12 +489,27 @@ mod tests {
             cases.into_iter().enumerate()
         {
             let case = Case::new(seed as u64, heads, kv_heads, head_dim, tokens, position, window, softcap);
-            let out = case.run();
             let expected = reference(&case.shape, &case.queries, &case.keys, &case.values, case.kv_stride);
-            for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+            for (i, (got, want)) in case.run().iter().zip(&expected).enumerate() {
                 assert!((got - want).abs() <= 1e-5, "case {seed}, value {i}: {got} against {want}");
             }
+            // An f16 cache is computed as the f32 cache of the same (widened) values.
+            let rounded = case.in_f16();
+            let expected =
+                reference(&rounded.shape, &rounded.queries, &rounded.keys, &rounded.values, case.kv_stride);
+            for (i, (got, want)) in rounded.run_f16().iter().zip(&expected).enumerate() {
+                assert!((got - want).abs() <= 1e-5, "case {seed} in f16, value {i}: {got} against {want}");
+            }
+            assert_eq!(
+                bits(&rounded.run_f16()),
+                bits(&rounded.run()),
+                "case {seed}: f16 and f32 caches of the same values"
+            );
         }
+    }
+
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|v| v.to_bits()).collect()
     }
 
     /// A row's bits do not depend on the other rows of its call: the last rows of a prompt run
@@ -343,22 +538,38 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_simd_build_gives_the_portable_bits() {
-        if !simd::available() {
+    fn the_simd_builds_give_the_portable_bits() {
+        if !simd::available_f16() {
             return;
         }
+        // 72 is four and a half registers of sixteen: the tails run too.
         let case = Case::new(3, 4, 2, 72, 5, 30, None, Some(20.0));
+        let narrow = |values: &[f32]| values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
+        let (keys_f16, values_f16) = (narrow(&case.keys), narrow(&case.values));
         let shape = &case.shape;
         for token in 0..shape.tokens {
             let head_dim = shape.head_dim;
             let query = &case.queries[token * head_dim..][..head_dim];
-            let (mut scores, mut simd_out, mut portable_out) =
-                (vec![0.0; shape.positions()], vec![0.0; head_dim], vec![0.0; head_dim]);
-            let row = || Row { query, keys: &case.keys, values: &case.values, visible: shape.visible(token) };
-            // SAFETY: `available()` said yes.
-            unsafe { simd::attend_row(shape, row(), &mut scores, &mut simd_out) };
-            attend_row_portable(shape, row(), &mut scores, &mut portable_out);
-            assert!(simd_out.iter().zip(&portable_out).all(|(a, b)| a.to_bits() == b.to_bits()));
+            let visible = || shape.visible(token);
+            let mut scores = vec![0.0; shape.positions()];
+            let mut run = |f: &mut dyn FnMut(&mut [f32], &mut [f32])| {
+                let mut out = vec![0.0; head_dim];
+                f(&mut scores, &mut out);
+                out
+            };
+            let f32_row =
+                || Row { query, keys: &case.keys[..], values: &case.values[..], visible: visible() };
+            let f16_row = || Row { query, keys: &keys_f16[..], values: &values_f16[..], visible: visible() };
+            // SAFETY: `available_f16()` said yes (and it implies `available()`).
+            let simd_f32 =
+                run(&mut |scores, out| unsafe { simd::attend_row_f32(shape, f32_row(), scores, out) });
+            let portable_f32 = run(&mut |scores, out| attend_row_portable(shape, f32_row(), scores, out));
+            assert_eq!(bits(&simd_f32), bits(&portable_f32), "f32 cache, token {token}");
+            // SAFETY: as above.
+            let simd_f16 =
+                run(&mut |scores, out| unsafe { simd::attend_row_f16(shape, f16_row(), scores, out) });
+            let portable_f16 = run(&mut |scores, out| attend_row_portable(shape, f16_row(), scores, out));
+            assert_eq!(bits(&simd_f16), bits(&portable_f16), "f16 cache, token {token}");
         }
     }
 

@@ -12,8 +12,8 @@ impl CustomOp3 for CpuAttention {
         "llmesh-cpu-attention"
     }
 
-    /// `queries` `(1, heads, tokens, head_dim)` contiguous; `keys` and `values`
-    /// `(kv_heads, len, head_dim)` views whose rows are contiguous (the cache's buffers);
+    /// `queries` `(1, heads, tokens, head_dim)` contiguous, f32; `keys` and `values`
+    /// `(kv_heads, len, head_dim)` views whose rows are contiguous (the cache's buffers, f16 or f32);
     /// out `(tokens, heads · head_dim)`.
     fn cpu_fwd(
         &self,
@@ -25,11 +25,7 @@ impl CustomOp3 for CpuAttention {
         value_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = &self.0;
-        let (CpuStorage::F32(queries), CpuStorage::F32(keys), CpuStorage::F32(values)) =
-            (queries, keys, values)
-        else {
-            bail!("{}: f32 expected", self.name())
-        };
+        let CpuStorage::F32(queries) = queries else { bail!("{}: f32 queries expected", self.name()) };
         let Some((start, end)) = query_layout.contiguous_offsets() else {
             bail!("{}: the queries must be contiguous", self.name())
         };
@@ -49,9 +45,18 @@ impl CustomOp3 for CpuAttention {
         if key_stride != value_stride {
             bail!("{}: keys and values laid out differently", self.name());
         }
-        let (keys, values) = (&keys[key_layout.start_offset()..], &values[value_layout.start_offset()..]);
         let mut out = vec![0.0f32; shape.tokens * shape.heads * shape.head_dim];
-        attend(shape, &queries[start..end], keys, values, key_stride, &mut out);
+        let queries = &queries[start..end];
+        let (keys_at, values_at) = (key_layout.start_offset(), value_layout.start_offset());
+        match (keys, values) {
+            (CpuStorage::F16(keys), CpuStorage::F16(values)) => {
+                attend(shape, queries, &keys[keys_at..], &values[values_at..], key_stride, &mut out)
+            }
+            (CpuStorage::F32(keys), CpuStorage::F32(values)) => {
+                attend(shape, queries, &keys[keys_at..], &values[values_at..], key_stride, &mut out)
+            }
+            _ => bail!("{}: keys and values both f16 or both f32 expected", self.name()),
+        }
         Ok((CpuStorage::F32(out), Shape::from((shape.tokens, shape.heads * shape.head_dim))))
     }
 }

@@ -139,6 +139,14 @@ pub struct Decoder {
     output: Linear,
     ropes: Vec<Rope>,
     device: Device,
+    /// What each sequence's KV cache stores (`default_cache_type`).
+    cache_type: DType,
+}
+
+/// f16 on the CPU, whose attention kernel widens it as it reads; f32 on other devices, where
+/// candle's matmul runs attention and f16 has not been measured.
+pub fn default_cache_type(device: &Device) -> DType {
+    if device.is_cpu() { DType::F16 } else { DType::F32 }
 }
 
 impl Decoder {
@@ -234,7 +242,9 @@ impl Decoder {
         }
         let ropes =
             rope_bases.iter().map(|&base| Rope::new(&config, base, rope_factors.as_deref())).collect();
-        let decoder = Self { config, embedding, layers, norm, output, ropes, device: device.clone() };
+        let cache_type = default_cache_type(device);
+        let decoder =
+            Self { config, embedding, layers, norm, output, ropes, device: device.clone(), cache_type };
         tracing::debug!(native = decoder.runs_natively(), "decoder loaded");
         Ok(decoder)
     }
@@ -249,9 +259,14 @@ impl Decoder {
             })
     }
 
+    /// Store the KV cache as `dtype` (F16 or F32) instead of the device's default.
+    pub fn with_cache_type(self, dtype: DType) -> Self {
+        Self { cache_type: dtype, ..self }
+    }
+
     /// A fresh KV cache for every layer.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.layers, self.config.context_length)
+        KvCache::new(self.config.layers, self.config.context_length, self.cache_type)
     }
 
     /// Hidden states `(tokens, hidden)` of `tokens`.
@@ -427,6 +442,7 @@ impl Decoder {
 
         // Query heads that share a key/value head sit next to each other: group them as extra
         // rows of one matmul per key/value head instead of repeating the cache.
+        let (keys, values) = (keys.to_dtype(queries.dtype())?, values.to_dtype(queries.dtype())?);
         let group = heads / kv_heads;
         let queries = queries.reshape((kv_heads, group * tokens, head_dim))?;
         let mut scores = (queries.matmul(&keys.t()?)? * f64::from(config.query_scale))?;

@@ -1,6 +1,8 @@
 //! One sequence's keys and values, per layer, in buffers allocated ahead and grown in chunks: a
 //! step writes its new rows in place and attention reads a view of the filled part, so no step
 //! copies the cache (the candle-transformers models `cat` the whole cache onto every new token).
+//! Rows are stored as the cache's `dtype`: f16 on the CPU (half the memory of f32, as llama.cpp's
+//! default cache), rounded to the nearest as they are written.
 
 use candle_core::{DType, Result, Tensor, bail};
 
@@ -27,11 +29,12 @@ impl LayerCache {
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     max_len: usize,
+    dtype: DType,
 }
 
 impl KvCache {
-    pub fn new(layers: usize, max_len: usize) -> Self {
-        Self { layers: (0..layers).map(|_| None).collect(), max_len }
+    pub fn new(layers: usize, max_len: usize, dtype: DType) -> Self {
+        Self { layers: (0..layers).map(|_| None).collect(), max_len, dtype }
     }
 
     /// Positions held by `layer` (0 before its first use).
@@ -58,14 +61,14 @@ impl KvCache {
                 Ok(Some(LayerCache { keys: cache.keys.copy()?, values: cache.values.copy()?, len: kept }))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { layers, max_len: self.max_len })
+        Ok(Self { layers, max_len: self.max_len, dtype: self.dtype })
     }
 
     /// Append `keys` and `values` (`(kv_heads, new, head_dim)`, contiguous) to `layer` and return
     /// views of all its positions, `(kv_heads, len, head_dim)`.
     pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
         let (heads, new, head_dim) = keys.dims3()?;
-        let max_len = self.max_len;
+        let (max_len, dtype) = (self.max_len, self.dtype);
         let Some(slot) = self.layers.get_mut(layer) else { bail!("layer {layer} is out of range") };
         let len = slot.as_ref().map_or(0, |cache| cache.len);
         let needed = len + new;
@@ -76,8 +79,8 @@ impl KvCache {
         if needed > capacity {
             let grown = needed.next_multiple_of(GROWTH).max(capacity * 2).min(max_len);
             let (new_keys, new_values) = (
-                Tensor::zeros((heads, grown, head_dim), DType::F32, keys.device())?,
-                Tensor::zeros((heads, grown, head_dim), DType::F32, keys.device())?,
+                Tensor::zeros((heads, grown, head_dim), dtype, keys.device())?,
+                Tensor::zeros((heads, grown, head_dim), dtype, keys.device())?,
             );
             if let Some(old) = slot.as_ref().filter(|cache| cache.len > 0) {
                 new_keys.slice_set(&old.keys.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
@@ -86,8 +89,8 @@ impl KvCache {
             *slot = Some(LayerCache { keys: new_keys, values: new_values, len });
         }
         let Some(cache) = slot.as_mut() else { bail!("layer {layer} has no cache") };
-        cache.keys.slice_set(&keys.to_dtype(DType::F32)?.contiguous()?, 1, len)?;
-        cache.values.slice_set(&values.to_dtype(DType::F32)?.contiguous()?, 1, len)?;
+        cache.keys.slice_set(&keys.to_dtype(dtype)?.contiguous()?, 1, len)?;
+        cache.values.slice_set(&values.to_dtype(dtype)?.contiguous()?, 1, len)?;
         cache.len = needed;
         Ok((cache.keys.narrow(1, 0, needed)?, cache.values.narrow(1, 0, needed)?))
     }
@@ -110,7 +113,7 @@ mod tests {
 
     #[test]
     fn appends_grow_in_chunks_and_keep_every_position() {
-        let mut cache = KvCache::new(2, 10_000);
+        let mut cache = KvCache::new(2, 10_000, DType::F32);
         let (keys, _) = cache.append(1, &rows(0, 5), &rows(0, 5)).unwrap();
         assert_eq!(keys.dims(), &[1, 5, 2]);
         assert_eq!(cache.capacity(1), GROWTH);
@@ -127,7 +130,7 @@ mod tests {
 
     #[test]
     fn truncating_rewrites_from_the_cut() {
-        let mut cache = KvCache::new(1, 100);
+        let mut cache = KvCache::new(1, 100, DType::F32);
         cache.append(0, &rows(0, 4), &rows(0, 4)).unwrap();
         cache.truncate(2);
         let (keys, _) = cache.append(0, &rows(10, 1), &rows(10, 1)).unwrap();
@@ -137,7 +140,7 @@ mod tests {
 
     #[test]
     fn a_fork_is_a_copy_of_the_prefix() {
-        let mut cache = KvCache::new(1, 100);
+        let mut cache = KvCache::new(1, 100, DType::F32);
         cache.append(0, &rows(0, 4), &rows(0, 4)).unwrap();
         let mut fork = cache.fork(3).unwrap();
         let (forked, _) = fork.append(0, &rows(20, 1), &rows(20, 1)).unwrap();
@@ -150,8 +153,19 @@ mod tests {
     }
 
     #[test]
+    fn an_f16_cache_holds_the_rows_rounded() {
+        let mut cache = KvCache::new(1, 100, DType::F16);
+        let row = Tensor::from_vec(vec![1.0f32 / 3.0, 70_000.0], (1, 1, 2), &Device::Cpu).unwrap();
+        let (keys, values) = cache.append(0, &row, &row).unwrap();
+        assert_eq!((keys.dtype(), values.dtype()), (DType::F16, DType::F16));
+        let keys = keys.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // The nearest f16 to 1/3, and a value beyond f16's range (65504) as infinity.
+        assert_eq!(keys, [0.333_251_95, f32::INFINITY]);
+    }
+
+    #[test]
     fn the_window_is_a_hard_limit() {
-        let mut cache = KvCache::new(1, 3);
+        let mut cache = KvCache::new(1, 3, DType::F32);
         cache.append(0, &rows(0, 3), &rows(0, 3)).unwrap();
         assert!(cache.append(0, &rows(3, 1), &rows(3, 1)).is_err());
     }

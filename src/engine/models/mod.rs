@@ -21,10 +21,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub use config::DecoderConfig;
-pub use decoder::{Decoder, DecoderModel};
+pub use decoder::{Decoder, DecoderModel, default_cache_type};
 
 use super::EngineError;
 use super::loading::{CountingReader, LoadProgress, MemoryNeed, check_memory};
@@ -96,6 +96,8 @@ pub struct OpenedLanguageModel<'a> {
     quantization: String,
     declared_context: Option<usize>,
     file_bytes: u64,
+    /// What the KV cache stores; `None` for the device's default (`default_cache_type`).
+    cache_type: Option<DType>,
 }
 
 /// Open a GGUF chat model and read its metadata, counting the bytes read into `progress`; an
@@ -138,6 +140,7 @@ pub fn open_language_model<'a>(
         quantization,
         declared_context,
         file_bytes,
+        cache_type: None,
     })
 }
 
@@ -153,6 +156,13 @@ impl OpenedLanguageModel<'_> {
         self.content.metadata.retain(|key, _| !key.starts_with("tokenizer.ggml."));
     }
 
+    /// Store the KV cache as `dtype` (F16 or F32) rather than the device's default (the tests
+    /// hold llmesh to llama.cpp's answers made with either).
+    #[cfg(test)]
+    pub fn with_cache_type(self, dtype: DType) -> Self {
+        Self { cache_type: Some(dtype), ..self }
+    }
+
     /// Check the memory the model needs against what is available (`check_memory`), then read
     /// the weights.
     pub fn load(self, device: &Device) -> Result<LoadedLanguageModel, EngineError> {
@@ -165,16 +175,19 @@ impl OpenedLanguageModel<'_> {
             quantization,
             declared_context,
             file_bytes,
+            cache_type,
         } = self;
         let load_error = |error: &dyn std::fmt::Display| load_error(&path, error);
         let supported_context = config.context_length;
         let (parameters, weight_bytes) = tensor_sizes(&content);
-        let kv_cache = (config.layers * config.kv_heads * config.head_dim * 2 * std::mem::size_of::<f32>())
+        let cache_type = cache_type.unwrap_or_else(|| default_cache_type(device));
+        let kv_cache = (config.layers * config.kv_heads * config.head_dim * 2 * cache_type.size_in_bytes())
             as u64
             * supported_context as u64;
         check_memory(&path.display().to_string(), MemoryNeed { weights: weight_bytes, kv_cache })?;
-        let decoder =
-            Decoder::load(config, &content, &mut file, device).map_err(|e| load_error(&message(&e)))?;
+        let decoder = Decoder::load(config, &content, &mut file, device)
+            .map_err(|e| load_error(&message(&e)))?
+            .with_cache_type(cache_type);
         file.progress().finish();
         let model: Box<dyn LanguageModel> = Box::new(DecoderModel(Arc::new(decoder)));
         let context_length =

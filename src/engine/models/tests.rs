@@ -7,7 +7,7 @@ use std::io::Cursor;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama;
 
 use super::decoder::{Decoder, Span};
@@ -107,7 +107,8 @@ fn relative_difference(ours: &[f32], theirs: &[f32]) -> f32 {
 /// given) logits within `tolerance` of its spread.
 fn agrees_with_candle(matrix_type: GgmlDType, table_type: GgmlDType, tolerance: Option<f32>) {
     let mut file = tiny_llama(matrix_type, table_type);
-    let model = DecoderModel(std::sync::Arc::new(our_decoder(&mut file)));
+    // candle-transformers keeps its cache in f32.
+    let model = DecoderModel(std::sync::Arc::new(our_decoder(&mut file).with_cache_type(DType::F32)));
     let mut theirs = reference(&mut file);
     let mut sequence = model.new_sequence();
     let mut tokens: Vec<u32> = vec![3, 17, 42, 5, 88, 11, 60];
@@ -158,7 +159,8 @@ fn native_kernels_are_as_close_to_the_exact_model_as_candles() {
         let mut file = tiny_llama(matrix_type, GgmlDType::Q8_0);
         let mut exact_file = dequantized(&mut file);
         let run = |decoder: Decoder| {
-            let model = DecoderModel(std::sync::Arc::new(decoder));
+            // f32 caches, as candle-transformers': only the matmuls differ.
+            let model = DecoderModel(std::sync::Arc::new(decoder.with_cache_type(DType::F32)));
             model.forward_one(model.new_sequence().as_mut(), &tokens, 0).unwrap().to_vec1::<f32>().unwrap()
         };
         let exact = run(our_decoder(&mut exact_file));
