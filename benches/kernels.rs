@@ -1,6 +1,8 @@
 //! The CPU kernels alone: `cargo bench --bench kernels`. For each weight type, a matmul of a
 //! 2048 × 2048 matrix against 1 token (decode), 4 and 128 tokens (a prompt), on the engine's
-//! compute pool as a forward pass runs it; then the gated activation over 128 tokens of 2048.
+//! compute pool as a forward pass runs it; then the gated activation over 128 tokens of 2048; then
+//! attention over a KV cache of 1024 positions in f16 and f32 (one decode step, and a prompt chunk
+//! of 64 tokens), shaped as SmolLM2's and gemma-3-270m's.
 //! Prints the median time per call and the weight bytes read per second; asserts nothing.
 //! `LLMESH_KERNELS=scalar|avx2|vnni` picks a variant, `LLMESH_THREADS` the threads.
 
@@ -9,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use half::f16;
 use llmesh::engine::kernels::activation::{GatedActivation, gated};
+use llmesh::engine::kernels::attention::{AttentionShape, attend};
 use llmesh::engine::kernels::{Kernels, QuantizedMatrix, WeightType, matmul_fused};
 
 const SIZE: usize = 2048;
@@ -71,5 +75,38 @@ fn main() -> candle_core::Result<()> {
         let seconds = median_seconds(|| gated(activation, black_box(&fused), SIZE, &mut out));
         println!("{activation:?}, 128 tokens of {SIZE}: {:.1} µs", seconds * 1e6);
     }
+    attention();
     Ok(())
+}
+
+/// One layer's attention over a filled cache of `POSITIONS`.
+fn attention() {
+    const POSITIONS: usize = 1024;
+    // (model, heads, kv_heads, head_dim)
+    for (model, heads, kv_heads, head_dim) in [("SmolLM2", 9, 3, 64), ("gemma-3-270m", 4, 1, 256)] {
+        let cache = values(kv_heads * POSITIONS * head_dim, 4);
+        let halves: Vec<f16> = cache.iter().map(|&v| f16::from_f32(v)).collect();
+        let mut line = format!("attention, {model}:");
+        for tokens in [1, 64] {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+                tokens,
+                position: POSITIONS - tokens,
+                window: None,
+                scale: 0.125,
+                softcap: None,
+            };
+            let queries = values(heads * tokens * head_dim, 5);
+            let mut out = vec![0.0f32; tokens * heads * head_dim];
+            let stride = POSITIONS * head_dim;
+            let f16 =
+                median_seconds(|| attend(&shape, black_box(&queries), &halves, &halves, stride, &mut out));
+            let f32 =
+                median_seconds(|| attend(&shape, black_box(&queries), &cache, &cache, stride, &mut out));
+            line += &format!("  {tokens} tokens: f16 {:.1} µs, f32 {:.1} µs", f16 * 1e6, f32 * 1e6);
+        }
+        println!("{line}");
+    }
 }
