@@ -68,7 +68,11 @@ pub struct Figures {
     pub second_turn_tokens_reused: u64,
     /// The time to first token of the same conversation with nothing of it cached.
     pub second_turn_uncached_ttft_ms: f64,
-    /// Peak resident memory of the process (VmHWM); `null` where /proc has none.
+    /// Peak resident memory of the process (VmHWM) once the prompt and decode runs are done, one
+    /// request at a time: what `llama-bench` measures. `null` where /proc has none.
+    pub one_stream_peak_rss_mib: Option<f64>,
+    /// Peak resident memory of the whole bench: `concurrency` requests at once, the prompt cache
+    /// holding earlier answers. `null` where /proc has none.
     pub peak_rss_mib: Option<f64>,
 }
 
@@ -127,6 +131,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     say(format!("time to first token: {ttft_cold:.1} ms"));
     say(format!("decode: {} tokens, {decode_rate:.1} tokens/s", decode[0].completion_tokens));
+    let one_stream_peak = peak_memory_mib();
+    if let Some(peak) = one_stream_peak {
+        say(format!("peak memory so far, one request at a time (VmHWM): {peak:.0} MiB"));
+    }
 
     let mut totals = Vec::new();
     let mut first_tokens = Vec::new();
@@ -184,6 +192,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             second_turn_ttft_ms: second.ttft,
             second_turn_tokens_reused: second.reused,
             second_turn_uncached_ttft_ms: second.uncached_ttft,
+            one_stream_peak_rss_mib: one_stream_peak,
             peak_rss_mib: peak,
         };
         println!("{}", serde_json::to_string(&figures)?);
