@@ -1,6 +1,8 @@
 //! `response_format`, read from JSON into the engine's `ResponseFormat`:
 //! `{"type": "text"}`, `{"type": "json_object"}`, or
 //! `{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}`.
+//! Under `"strict": true` every object schema that names its properties takes no others unless it
+//! says so (`close_objects`), as OpenAI's strict mode has it.
 //!
 //! Only the shape is checked here, each error naming the field as OpenAI does
 //! (`response_format.json_schema.name`); what the schema asks for is checked when the host that
@@ -11,7 +13,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::extract::json_kind;
-use crate::engine::{ResponseFormat, excerpt, valid_name};
+use crate::engine::{ResponseFormat, close_objects, excerpt, valid_name};
 
 const TYPES: &str = "'text', 'json_object' or 'json_schema'";
 
@@ -71,6 +73,7 @@ fn parse_json_schema(value: Option<Value>) -> Result<ResponseFormat, ApiError> {
         }
     };
     check_name(json_schema.remove("name"))?;
+    let strict = json_schema.get("strict") == Some(&Value::Bool(true));
     optional(&mut json_schema, "strict", Value::is_boolean, "a boolean")?;
     optional(&mut json_schema, "description", Value::is_string, "a string")?;
     let schema = match json_schema.remove("schema") {
@@ -84,7 +87,11 @@ fn parse_json_schema(value: Option<Value>) -> Result<ResponseFormat, ApiError> {
             ));
         }
     };
-    Ok(ResponseFormat::JsonSchema { schema: Value::Object(schema).to_string() })
+    let mut schema = Value::Object(schema);
+    if strict {
+        close_objects(&mut schema);
+    }
+    Ok(ResponseFormat::JsonSchema { schema: schema.to_string() })
 }
 
 /// OpenAI's rule, the same as for function names: 1 to 64 letters, digits, underscores and dashes.
@@ -146,11 +153,20 @@ mod tests {
         let object = parse_response_format(Some(json!({"type": "json_object"}))).unwrap();
         assert_eq!(object, ResponseFormat::JsonObject);
         let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
-        let format = json!({"type": "json_schema", "json_schema": {"name": "a_b-1", "schema": schema, "strict": true}});
-        let ResponseFormat::JsonSchema { schema: text } = parse_response_format(Some(format)).unwrap() else {
-            panic!("not a schema");
+        let parsed = |strict: Value| {
+            let format = json!({"type": "json_schema", "json_schema": {"name": "a_b-1", "schema": schema, "strict": strict}});
+            let ResponseFormat::JsonSchema { schema: text } = parse_response_format(Some(format)).unwrap()
+            else {
+                panic!("not a schema");
+            };
+            serde_json::from_str::<Value>(&text).unwrap()
         };
-        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), schema);
+        assert_eq!(parsed(json!(false)), schema);
+        assert_eq!(parsed(Value::Null), schema);
+        // Strict: no keys but the named ones.
+        let mut closed = schema.clone();
+        closed["additionalProperties"] = json!(false);
+        assert_eq!(parsed(json!(true)), closed);
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub use chat_template::ChatTemplate;
 pub use gguf_tokenizer::{GgufTokenizer, tokenizer_from_gguf, tokenizer_from_metadata};
 #[doc(hidden)]
 pub use grammar::fuzz::walk as fuzz_grammar_walk;
-pub use grammar::{MAX_SCHEMA_BYTES, ResponseFormat};
+pub use grammar::{MAX_SCHEMA_BYTES, ResponseFormat, close_objects};
 
 pub use detokenize::{IncrementalDecoder, StopMatcher};
 pub use local::{LocalEngine, ModelSpec, ModelState, ModelStatus, default_device};

@@ -19,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::grammar::{ResponseFormat, json_layout, parse_schema_text};
+use super::grammar::{ResponseFormat, close_objects, json_layout, parse_schema_text};
 use super::validation::{InvalidParam, excerpt};
 use super::{ChatMessage, ToolCall};
 
@@ -251,8 +251,8 @@ pub fn grammar_plan(
 
 /// One call of any callable tool: `{"name": <const>, "arguments": <its schema>}`. Arguments
 /// are what the function declares: an object schema that does not say whether other properties
-/// may appear gets none (as in OpenAI's strict mode), or a small model fills its arguments with
-/// whatever keys come to it.
+/// may appear gets none (as in OpenAI's strict mode; nested objects too, `close_objects`), or a
+/// small model fills its arguments with whatever keys come to it.
 fn call_schema(tools: &ToolParams, format: ToolFormat) -> Result<Value, InvalidParam> {
     let key = format.arguments_key();
     let variants: Vec<Value> = tools
@@ -262,8 +262,11 @@ fn call_schema(tools: &ToolParams, format: ToolFormat) -> Result<Value, InvalidP
             if let Value::Object(schema) = &mut arguments
                 && schema.get("type").and_then(Value::as_str) == Some("object")
             {
+                // The arguments themselves even without `properties`: a function that declares
+                // none takes none.
                 schema.entry("additionalProperties").or_insert(Value::Bool(false));
             }
+            close_objects(&mut arguments);
             json!({
                 "type": "object",
                 "properties": {"name": {"const": tool.name}, key: arguments},

@@ -86,6 +86,45 @@ pub(super) fn json_layout() -> Value {
     })
 }
 
+/// Give every object schema within `schema` that names its `properties` and says nothing of
+/// `additionalProperties` an `additionalProperties: false`: no keys but those it names, as
+/// OpenAI's strict mode requires of every object (OpenAI refuses a schema without it; llmesh
+/// closes it), or a small model goes on adding keys of its own until it runs out of tokens. An
+/// object without `properties` (a free-form map) is left open. Subschemas are looked for only
+/// under the keywords that hold them, so a property called "properties" is not taken for one;
+/// serde_json bounds the nesting.
+pub fn close_objects(schema: &mut Value) {
+    let Value::Object(map) = schema else { return };
+    if map.contains_key("properties") {
+        map.entry("additionalProperties").or_insert(Value::Bool(false));
+    }
+    for (key, child) in map.iter_mut() {
+        match (key.as_str(), child) {
+            (
+                "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas",
+                Value::Object(named),
+            ) => named.values_mut().for_each(close_objects),
+            ("anyOf" | "oneOf" | "allOf" | "prefixItems" | "items", Value::Array(list)) => {
+                list.iter_mut().for_each(close_objects)
+            }
+            (
+                "items"
+                | "additionalProperties"
+                | "additionalItems"
+                | "not"
+                | "if"
+                | "then"
+                | "else"
+                | "contains"
+                | "unevaluatedProperties"
+                | "unevaluatedItems",
+                child,
+            ) => close_objects(child),
+            _ => {}
+        }
+    }
+}
+
 /// A schema given as JSON text: a JSON object of bounded size, or an error naming `param`.
 pub(super) fn parse_schema_text(
     schema: &str,

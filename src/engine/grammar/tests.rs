@@ -272,3 +272,49 @@ fn the_factory_is_built_by_the_first_grammar_and_spells_tokens_as_before() {
     assert!(!compiler.token_bytes(eos).is_empty());
     assert!(compiler.token_bytes(trie.vocab_size() as u32).is_empty());
 }
+
+#[test]
+fn closing_objects_reaches_every_subschema_and_only_schemas() {
+    let mut schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "address": {"$ref": "#/$defs/Address"},
+            "properties": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "object", "properties": {"t": {}}}},
+            "either": {"anyOf": [{"properties": {"a": {}}}, {"type": "null"}]},
+            "extra": {"type": "object", "properties": {"x": {}}, "additionalProperties": true},
+            "map": {"type": "object"}
+        },
+        "$defs": {"Address": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    });
+    close_objects(&mut schema);
+    let closed =
+        |pointer: &str| schema.pointer(pointer).and_then(|object| object.get("additionalProperties"));
+    assert_eq!(closed(""), Some(&Value::Bool(false)));
+    assert_eq!(closed("/$defs/Address"), Some(&Value::Bool(false)));
+    assert_eq!(closed("/properties/tags/items"), Some(&Value::Bool(false)));
+    assert_eq!(closed("/properties/either/anyOf/0"), Some(&Value::Bool(false)));
+    // What the schema says is kept; a free-form map stays open; a property's name is no keyword.
+    assert_eq!(closed("/properties/extra"), Some(&Value::Bool(true)));
+    assert_eq!(closed("/properties/map"), None);
+    assert_eq!(closed("/properties/properties"), None);
+    assert_eq!(closed("/properties/either/anyOf/1"), None);
+}
+
+/// Under a closed schema, once every named key is written the object can only end.
+#[test]
+fn a_closed_object_ends_after_its_keys() {
+    let (compiler, tokenizer, _) = compiler();
+    let size = tokenizer.get_vocab_size(true);
+    let mut open =
+        serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]});
+    let after_the_key = |json: &Value| {
+        let mut constraint = compile(&compiler, &schema(json.clone())).unwrap().expect("a constraint");
+        feed(&mut constraint, "{\"a\": 1");
+        allowed(&mut constraint, size)
+    };
+    assert!(after_the_key(&open).contains(&(b',' as u32)), "open: other keys may follow");
+    close_objects(&mut open);
+    let next = after_the_key(&open);
+    assert!(!next.contains(&(b',' as u32)) && next.contains(&(b'}' as u32)), "closed: {next:?}");
+}
