@@ -256,8 +256,12 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
             Delivery::Delivered | Delivery::Waiting => true,
             Delivery::Ended(ending) => {
                 stats.active.fetch_sub(1, Ordering::Relaxed);
-                if let Some((tokens, sequence)) = generation.release() {
-                    cache.put(tokens, sequence);
+                if let Some((tokens, mut sequence)) = generation.release() {
+                    // Kept at its length: the cache's bound in tokens is then its bound in bytes.
+                    match sequence.shrink_to_fit() {
+                        Ok(()) => cache.put(tokens, sequence),
+                        Err(error) => tracing::warn!(%error, "a finished sequence is not kept for reuse"),
+                    }
                 }
                 match ending {
                     Ending::Finished => stats.finished.fetch_add(1, Ordering::Relaxed),

@@ -546,4 +546,8 @@ impl Sequence for DecoderSequence {
     fn fork(&self, len: usize) -> Result<Box<dyn Sequence>> {
         Ok(Box::new(DecoderSequence { cache: self.cache.fork(len)? }))
     }
+
+    fn shrink_to_fit(&mut self) -> Result<()> {
+        self.cache.shrink_to_fit()
+    }
 }

@@ -64,6 +64,25 @@ impl KvCache {
         Ok(Self { layers, max_len: self.max_len, dtype: self.dtype })
     }
 
+    /// Give every layer's buffers room for exactly the positions they hold (a copy of those), so
+    /// that a sequence kept for later reuse (the prompt cache) costs its length rather than its
+    /// capacity, which may be twice that. Appending later grows it again.
+    pub fn shrink_to_fit(&mut self) -> Result<()> {
+        for cache in self.layers.iter_mut().flatten() {
+            if cache.capacity() == cache.len || cache.len == 0 {
+                continue;
+            }
+            let keep = |buffer: &Tensor| -> Result<Tensor> {
+                let (heads, _, head_dim) = buffer.dims3()?;
+                let kept = Tensor::zeros((heads, cache.len, head_dim), buffer.dtype(), buffer.device())?;
+                kept.slice_set(&buffer.narrow(1, 0, cache.len)?.contiguous()?, 1, 0)?;
+                Ok(kept)
+            };
+            (cache.keys, cache.values) = (keep(&cache.keys)?, keep(&cache.values)?);
+        }
+        Ok(())
+    }
+
     /// Append `keys` and `values` (`(kv_heads, new, head_dim)`, contiguous) to `layer` and return
     /// views of all its positions, `(kv_heads, len, head_dim)`.
     pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -150,6 +169,22 @@ mod tests {
         };
         assert_eq!(first(forked), [0.0, 1.0, 2.0, 20.0]);
         assert_eq!(first(original), [0.0, 1.0, 2.0, 3.0, 30.0]);
+    }
+
+    #[test]
+    fn shrinking_keeps_every_position_and_appending_grows_again() {
+        let mut cache = KvCache::new(2, 10_000, DType::F32);
+        for layer in 0..2 {
+            cache.append(layer, &rows(0, 3), &rows(0, 3)).unwrap();
+        }
+        cache.truncate(2);
+        cache.shrink_to_fit().unwrap();
+        assert_eq!((cache.capacity(0), cache.capacity(1), cache.len(1)), (2, 2, 2));
+        let (keys, values) = cache.append(1, &rows(7, 1), &rows(7, 1)).unwrap();
+        assert_eq!(cache.capacity(1), GROWTH);
+        let expected = vec![vec![0.0, -0.0], vec![1.0, -1.0], vec![7.0, -7.0]];
+        assert_eq!(keys.squeeze(0).unwrap().to_vec2::<f32>().unwrap(), expected);
+        assert_eq!(values.squeeze(0).unwrap().to_vec2::<f32>().unwrap(), expected);
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub trait Sequence: Send {
     /// A new sequence holding a copy of this one's first `len` positions (the choices of one
     /// request share their prompt's forward pass this way).
     fn fork(&self, len: usize) -> candle_core::Result<Box<dyn Sequence>>;
+
+    /// Release the room held beyond what the sequence holds (before it is kept for reuse).
+    fn shrink_to_fit(&mut self) -> candle_core::Result<()>;
 }
 
 /// A language model with what the engine needs to know about its file.

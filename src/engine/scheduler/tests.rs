@@ -44,6 +44,10 @@ impl Sequence for FakeSequence {
         let id = 1000 * FORKS.fetch_add(1, Ordering::Relaxed) + self.id;
         Ok(Box::new(FakeSequence { id, held: self.held.min(len) }))
     }
+
+    fn shrink_to_fit(&mut self) -> candle_core::Result<()> {
+        Ok(())
+    }
 }
 
 impl LanguageModel for RecordingModel {
