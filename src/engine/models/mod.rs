@@ -24,7 +24,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 pub use config::DecoderConfig;
-pub use decoder::{Decoder, DecoderModel, default_cache_type};
+use decoder::default_cache_type;
+pub use decoder::{Decoder, DecoderModel};
 
 use super::EngineError;
 use super::loading::{CountingReader, LoadProgress, MemoryNeed, check_memory};
@@ -99,8 +100,6 @@ pub struct OpenedLanguageModel<'a> {
     quantization: String,
     declared_context: Option<usize>,
     file_bytes: u64,
-    /// What the KV cache stores; `None` for the device's default (`default_cache_type`).
-    cache_type: Option<DType>,
 }
 
 /// Open a GGUF chat model and read its metadata, counting the bytes read into `progress`; an
@@ -143,7 +142,6 @@ pub fn open_language_model<'a>(
         quantization,
         declared_context,
         file_bytes,
-        cache_type: None,
     })
 }
 
@@ -159,16 +157,19 @@ impl OpenedLanguageModel<'_> {
         self.content.metadata.retain(|key, _| !key.starts_with("tokenizer.ggml."));
     }
 
-    /// Store the KV cache as `dtype` (F16 or F32) rather than the device's default (the tests
-    /// hold llmesh to llama.cpp's answers made with either).
-    #[cfg(test)]
-    pub fn with_cache_type(self, dtype: DType) -> Self {
-        Self { cache_type: Some(dtype), ..self }
+    /// Check the memory the model needs against what is available (`check_memory`), then read
+    /// the weights; the KV cache is the device's default (`default_cache_type`).
+    pub fn load(self, device: &Device) -> Result<LoadedLanguageModel, EngineError> {
+        self.load_with_cache_type(device, default_cache_type(device))
     }
 
-    /// Check the memory the model needs against what is available (`check_memory`), then read
-    /// the weights.
-    pub fn load(self, device: &Device) -> Result<LoadedLanguageModel, EngineError> {
+    /// `load`, the KV cache stored as `cache_type` (F16 or F32; the tests hold llmesh to
+    /// llama.cpp's answers made with either).
+    pub fn load_with_cache_type(
+        self,
+        device: &Device,
+        cache_type: DType,
+    ) -> Result<LoadedLanguageModel, EngineError> {
         let Self {
             path,
             content,
@@ -178,12 +179,10 @@ impl OpenedLanguageModel<'_> {
             quantization,
             declared_context,
             file_bytes,
-            cache_type,
         } = self;
         let load_error = |error: &dyn std::fmt::Display| load_error(&path, error);
         let supported_context = config.context_length;
         let (parameters, weight_bytes) = tensor_sizes(&content);
-        let cache_type = cache_type.unwrap_or_else(|| default_cache_type(device));
         let kv_cache = (config.layers * config.kv_heads * config.head_dim * 2 * cache_type.size_in_bytes())
             as u64
             * supported_context as u64;

@@ -195,9 +195,9 @@ fn agrees_with_llama_cpp(name: &str, bounds: Bounds) {
         (Box::new(dequantized_model(&content, &mut file, fixture.cache_type())), content.metadata)
     } else {
         let progress = Default::default();
-        let opened = open_language_model(&path, &progress).unwrap().with_cache_type(fixture.cache_type());
+        let opened = open_language_model(&path, &progress).unwrap();
         let metadata = opened.metadata().clone();
-        (opened.load(&Device::Cpu).unwrap().model, metadata)
+        (opened.load_with_cache_type(&Device::Cpu, fixture.cache_type()).unwrap().model, metadata)
     };
     let tokens = tokenizer_from_metadata(&metadata).unwrap();
     let bos = tokens.bos_token_id.filter(|_| tokens.add_bos_token);

@@ -1,0 +1,235 @@
+//! The attention kernel against the textbook definition in f64, its rows against themselves in
+//! other batches, and its SIMD builds against the portable code, on f32 and f16 caches.
+
+use super::*;
+use crate::engine::kernels::tests::Random;
+
+fn sample(len: usize, seed: u64) -> Vec<f32> {
+    Random(seed).floats(len, 1.0)
+}
+
+/// The textbook definition, in f64, one query head at a time.
+fn reference(
+    shape: &AttentionShape,
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    kv_stride: usize,
+) -> Vec<f32> {
+    let AttentionShape { heads, kv_heads, head_dim, tokens, position, .. } = *shape;
+    let mut out = vec![0.0f32; tokens * heads * head_dim];
+    for head in 0..heads {
+        let kv = head / (heads / kv_heads);
+        for token in 0..tokens {
+            let query = position + token;
+            let q = &queries[(head * tokens + token) * head_dim..][..head_dim];
+            let scores: Vec<Option<f64>> = (0..shape.positions())
+                .map(|key| {
+                    let hidden = key > query || shape.window.is_some_and(|size| query - key >= size);
+                    (!hidden).then(|| {
+                        let k = &keys[kv * kv_stride + key * head_dim..][..head_dim];
+                        let mut s = f64::from(shape.scale)
+                            * q.iter().zip(k).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>();
+                        if let Some(cap) = shape.softcap {
+                            s = f64::from(cap) * (s / f64::from(cap)).tanh();
+                        }
+                        s
+                    })
+                })
+                .collect();
+            let max = scores.iter().flatten().fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+            let total: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
+            for d in 0..head_dim {
+                let mut value = 0.0;
+                for (key, score) in scores.iter().enumerate() {
+                    if let Some(s) = score {
+                        value +=
+                            (s - max).exp() / total * f64::from(values[kv * kv_stride + key * head_dim + d]);
+                    }
+                }
+                out[(token * heads + head) * head_dim + d] = value as f32;
+            }
+        }
+    }
+    out
+}
+
+struct Case {
+    shape: AttentionShape,
+    kv_stride: usize,
+    queries: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl Case {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        seed: u64,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        tokens: usize,
+        position: usize,
+        window: Option<usize>,
+        softcap: Option<f32>,
+    ) -> Self {
+        let shape =
+            AttentionShape { heads, kv_heads, head_dim, tokens, position, window, scale: 0.3, softcap };
+        // A cache with room beyond what is filled, as the real one has.
+        let kv_stride = (shape.positions() + 5) * head_dim;
+        Self {
+            shape,
+            kv_stride,
+            queries: sample(heads * tokens * head_dim, seed),
+            keys: sample(kv_heads * kv_stride, 100 + seed),
+            values: sample(kv_heads * kv_stride, 200 + seed),
+        }
+    }
+
+    fn run(&self) -> Vec<f32> {
+        let shape = &self.shape;
+        let mut out = vec![f32::NAN; shape.tokens * shape.heads * shape.head_dim];
+        attend(shape, &self.queries, &self.keys, &self.values, self.kv_stride, &mut out);
+        out
+    }
+
+    /// The same case with its cache rounded to f16.
+    fn in_f16(&self) -> Self {
+        let round = |values: &[f32]| values.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        Self { keys: round(&self.keys), values: round(&self.values), queries: self.queries.clone(), ..*self }
+    }
+
+    /// Run on an f16 cache (the values must be f16 already: `in_f16`).
+    fn run_f16(&self) -> Vec<f32> {
+        let shape = &self.shape;
+        let narrow = |values: &[f32]| values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
+        let mut out = vec![f32::NAN; shape.tokens * shape.heads * shape.head_dim];
+        attend(shape, &self.queries, &narrow(&self.keys), &narrow(&self.values), self.kv_stride, &mut out);
+        out
+    }
+}
+
+#[test]
+fn agrees_with_the_definition() {
+    let cases = [
+        // heads, kv_heads, head_dim, tokens, position, window, softcap
+        (4, 4, 16, 1, 0, None, None),
+        (9, 3, 64, 1, 37, None, None),
+        (4, 1, 36, 3, 20, None, Some(50.0)),
+        (8, 2, 12, 2, 30, Some(8), None),
+        (2, 1, 8, 5, 0, Some(3), Some(30.0)),
+        // Enough work to be spread over the pool.
+        (8, 2, 64, 48, 100, None, None),
+        (4, 4, 40, 64, 0, Some(16), None),
+    ];
+    for (seed, (heads, kv_heads, head_dim, tokens, position, window, softcap)) in
+        cases.into_iter().enumerate()
+    {
+        let case = Case::new(seed as u64, heads, kv_heads, head_dim, tokens, position, window, softcap);
+        let expected = reference(&case.shape, &case.queries, &case.keys, &case.values, case.kv_stride);
+        for (i, (got, want)) in case.run().iter().zip(&expected).enumerate() {
+            assert!((got - want).abs() <= 1e-5, "case {seed}, value {i}: {got} against {want}");
+        }
+        // An f16 cache is computed as the f32 cache of the same (widened) values.
+        let rounded = case.in_f16();
+        let expected =
+            reference(&rounded.shape, &rounded.queries, &rounded.keys, &rounded.values, case.kv_stride);
+        for (i, (got, want)) in rounded.run_f16().iter().zip(&expected).enumerate() {
+            assert!((got - want).abs() <= 1e-5, "case {seed} in f16, value {i}: {got} against {want}");
+        }
+        assert_eq!(
+            bits(&rounded.run_f16()),
+            bits(&rounded.run()),
+            "case {seed}: f16 and f32 caches of the same values"
+        );
+    }
+}
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+/// A row's bits do not depend on the other rows of its call: the last rows of a prompt run
+/// whole equal those rows run as a step of their own over the same cache.
+#[test]
+fn a_row_is_the_same_whatever_rows_run_beside_it() {
+    let whole = Case::new(7, 8, 2, 64, 60, 0, None, None);
+    let (heads, head_dim) = (8, 64);
+    let all = whole.run();
+    for first in [1, 13, 59] {
+        let tokens = 60 - first;
+        let queries: Vec<f32> = (0..heads)
+            .flat_map(|head| {
+                whole.queries[(head * 60 + first) * head_dim..(head * 60 + 60) * head_dim].to_vec()
+            })
+            .collect();
+        let shape = AttentionShape { tokens, position: first, ..whole.shape };
+        let mut out = vec![0.0; tokens * heads * head_dim];
+        attend(&shape, &queries, &whole.keys, &whole.values, whole.kv_stride, &mut out);
+        assert!(
+            out.iter().zip(&all[first * heads * head_dim..]).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "rows from {first} on differ"
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_simd_builds_give_the_portable_bits() {
+    if !simd::available_f16() {
+        return;
+    }
+    // 72 is four and a half registers of sixteen, and a block of 64 and one register: the
+    // dot's tail runs too; 100 also runs every tail of the weighted sum.
+    for head_dim in [72, 100] {
+        simd_and_portable_agree(&Case::new(3, 4, 2, head_dim, 5, 30, None, Some(20.0)));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd_and_portable_agree(case: &Case) {
+    let narrow = |values: &[f32]| values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
+    let (keys_f16, values_f16) = (narrow(&case.keys), narrow(&case.values));
+    let shape = &case.shape;
+    for token in 0..shape.tokens {
+        let head_dim = shape.head_dim;
+        let query = &case.queries[token * head_dim..][..head_dim];
+        let visible = || shape.visible(token);
+        let mut scores = vec![0.0; shape.positions()];
+        let mut run = |f: &mut dyn FnMut(&mut [f32], &mut [f32])| {
+            let mut out = vec![0.0; head_dim];
+            f(&mut scores, &mut out);
+            out
+        };
+        let f32_row = || Row { query, keys: &case.keys[..], values: &case.values[..], visible: visible() };
+        let f16_row = || Row { query, keys: &keys_f16[..], values: &values_f16[..], visible: visible() };
+        // SAFETY: the caller checked `available_f16()` (which implies `available()`).
+        let simd_f32 = run(&mut |scores, out| unsafe { simd::attend_row_f32(shape, f32_row(), scores, out) });
+        let portable_f32 = run(&mut |scores, out| attend_row_portable(shape, f32_row(), scores, out));
+        assert_eq!(bits(&simd_f32), bits(&portable_f32), "f32 cache, token {token}");
+        // SAFETY: as above.
+        let simd_f16 = run(&mut |scores, out| unsafe { simd::attend_row_f16(shape, f16_row(), scores, out) });
+        let portable_f16 = run(&mut |scores, out| attend_row_portable(shape, f16_row(), scores, out));
+        assert_eq!(bits(&simd_f16), bits(&portable_f16), "f16 cache, token {token}");
+    }
+}
+
+#[test]
+fn a_window_of_one_sees_only_its_own_position() {
+    let shape = AttentionShape {
+        heads: 1,
+        kv_heads: 1,
+        head_dim: 2,
+        tokens: 1,
+        position: 3,
+        window: Some(1),
+        scale: 1.0,
+        softcap: None,
+    };
+    let keys = [9.0; 8];
+    let values = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, -4.0];
+    let mut out = [0.0; 2];
+    attend(&shape, &[1.0, 0.0], &keys, &values, 8, &mut out);
+    assert_eq!(out, [4.0, -4.0]);
+}
