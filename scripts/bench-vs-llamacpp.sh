@@ -166,6 +166,8 @@ rows = [
     ("load, s", ours_engine.get("load_seconds"), None, False),
     ("peak memory, one request at a time, MiB", ours_engine.get("one_stream_peak_rss_mib"),
      theirs_engine.get("peak_rss_mib"), False),
+    ("  of it the prompt cache's kept runs (llama-bench keeps none), MiB",
+     ours_engine.get("one_stream_prompt_cache_mib"), None, False),
     (f"  the whole bench ({clients} at once, prompt cache), MiB", ours_engine.get("peak_rss_mib"), None, False),
     (f"server: {clients} streaming clients x {requests} requests, /v1/chat/completions", None, None, None),
     ("prompt tokens per request (median)", ours_server.get("prompt_tokens"), theirs_server.get("prompt_tokens"), None),

@@ -71,6 +71,9 @@ pub struct Figures {
     /// Peak resident memory of the process (VmHWM) once the prompt and decode runs are done, one
     /// request at a time: what `llama-bench` measures. `null` where /proc has none.
     pub one_stream_peak_rss_mib: Option<f64>,
+    /// Of it, what the prompt cache held then: those runs' KV caches, kept for reuse
+    /// (`llama-bench` keeps none).
+    pub one_stream_prompt_cache_mib: f64,
     /// Peak resident memory of the whole bench: `concurrency` requests at once, the prompt cache
     /// holding earlier answers. `null` where /proc has none.
     pub peak_rss_mib: Option<f64>,
@@ -132,8 +135,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     say(format!("time to first token: {ttft_cold:.1} ms"));
     say(format!("decode: {} tokens, {decode_rate:.1} tokens/s", decode[0].completion_tokens));
     let one_stream_peak = peak_memory_mib();
+    let one_stream_prompt_cache = bench.prompt_cache_mib().await;
     if let Some(peak) = one_stream_peak {
-        say(format!("peak memory so far, one request at a time (VmHWM): {peak:.0} MiB"));
+        say(format!(
+            "peak memory so far, one request at a time (VmHWM): {peak:.0} MiB, \
+             {one_stream_prompt_cache:.0} MiB of it the prompt cache"
+        ));
     }
 
     let mut totals = Vec::new();
@@ -193,6 +200,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             second_turn_tokens_reused: second.reused,
             second_turn_uncached_ttft_ms: second.uncached_ttft,
             one_stream_peak_rss_mib: one_stream_peak,
+            one_stream_prompt_cache_mib: one_stream_prompt_cache,
             peak_rss_mib: peak,
         };
         println!("{}", serde_json::to_string(&figures)?);
@@ -246,6 +254,16 @@ impl Bench {
             reused,
             uncached_ttft: millis(uncached.first_token),
         })
+    }
+
+    /// What the prompt cache holds once the worker has put away the last generation (it counts
+    /// a generation out after keeping its KV cache).
+    async fn prompt_cache_mib(&self) -> f64 {
+        let started = Instant::now();
+        while self.engine.load().in_flight > 0 && started.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.engine.load().prompt_cache_bytes as f64 / (1024.0 * 1024.0)
     }
 
     async fn generate(&self, prompt: Prompt, max_tokens: usize, ignore_eos: bool) -> anyhow::Result<Timing> {

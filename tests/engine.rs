@@ -254,6 +254,13 @@ async fn a_prompt_that_extends_an_earlier_one_reuses_its_kv_cache_and_answers_th
     let first_turn = "in the in the in the in the in the in the";
     let first = run(&cached, first_turn, greedy(6)).await;
     assert_eq!(first.text, run(&uncached, first_turn, greedy(6)).await.text);
+    // The finished sequence is kept (once the worker has handed out its last event), and counted.
+    let started = std::time::Instant::now();
+    while cached.load().prompt_cache_bytes == 0 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(cached.load().prompt_cache_bytes > 0, "the first turn is held");
+    assert_eq!(uncached.load().prompt_cache_bytes, 0);
     // The next turn: the same text, the answer, and more; greedy, so both engines must agree.
     let second_turn = format!("{first_turn}{} in the in the", first.text);
     let reused = run(&cached, &second_turn, greedy(8)).await;

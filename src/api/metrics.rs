@@ -119,6 +119,11 @@ fn registry(snapshot: Snapshot) -> Registry {
         "Prompt tokens taken from the prompt cache instead of being run again",
         ConstCounter::new(load.prompt_tokens_reused),
     );
+    registry.register(
+        "llmesh_prompt_cache_bytes",
+        "Memory held by the KV caches kept for reuse",
+        ConstGauge::new(load.prompt_cache_bytes),
+    );
 
     // This machine's resources, once sampled; the GPU's only where there is one.
     if let Some((hardware, usage)) = resources {

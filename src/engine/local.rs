@@ -391,6 +391,7 @@ impl Engine for LocalEngine {
                 load.queued += worker.queued;
                 load.prompt_cache_hits += worker.prompt_cache_hits;
                 load.prompt_tokens_reused += worker.prompt_tokens_reused;
+                load.prompt_cache_bytes += worker.prompt_cache_bytes as u64;
             }
         }
         load

@@ -94,6 +94,8 @@ pub struct EngineLoad {
     pub prompt_cache_hits: u64,
     /// Prompt tokens those generations did not run again, since start.
     pub prompt_tokens_reused: u64,
+    /// Bytes of the KV caches the prompt caches hold now.
+    pub prompt_cache_bytes: u64,
 }
 
 /// One message of a chat conversation.

@@ -6,10 +6,12 @@
 //! generation takes the entry sharing the longest prefix with its prompt (the entry leaves the
 //! cache: a KV cache has one owner) and reruns from the first token that differs; the sequence
 //! drops whatever it held beyond that point. Bounded by the tokens held in all; the least
-//! recently used entries go first. Pure bookkeeping, generic over what it holds, so it is tested
-//! without a model.
+//! recently used entries go first. The bytes its entries hold are counted for `/metrics`. Pure
+//! bookkeeping, generic over what it holds, so it is tested without a model.
 
 use std::collections::VecDeque;
+
+use super::models::Sequence;
 
 /// Prefixes shorter than this are not worth an entry's reuse (a chat template's first tokens are
 /// shared by every prompt; a fresh sequence costs nothing to make).
@@ -21,17 +23,34 @@ pub struct Reused<S> {
     pub tokens: usize,
 }
 
+/// What an entry holds in memory.
+pub trait Held {
+    fn held_bytes(&self) -> usize;
+}
+
+impl Held for Box<dyn Sequence> {
+    fn held_bytes(&self) -> usize {
+        self.as_ref().held_bytes()
+    }
+}
+
 pub struct PromptCache<S> {
     /// Most recently used last.
     entries: VecDeque<(Vec<u32>, S)>,
     held_tokens: usize,
+    held_bytes: usize,
     max_tokens: usize,
 }
 
-impl<S> PromptCache<S> {
+impl<S: Held> PromptCache<S> {
     /// A cache holding KV caches of at most `max_tokens` tokens in all (0 turns it off).
     pub fn new(max_tokens: usize) -> Self {
-        Self { entries: VecDeque::new(), held_tokens: 0, max_tokens }
+        Self { entries: VecDeque::new(), held_tokens: 0, held_bytes: 0, max_tokens }
+    }
+
+    /// Bytes of memory the entries hold.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// The entry sharing the longest prefix with `prompt`, if that prefix is worth it. At least
@@ -49,6 +68,7 @@ impl<S> PromptCache<S> {
         }
         let (tokens, sequence) = self.entries.remove(index)?;
         self.held_tokens -= tokens.len();
+        self.held_bytes -= sequence.held_bytes();
         Some(Reused { sequence, tokens: reusable })
     }
 
@@ -59,10 +79,12 @@ impl<S> PromptCache<S> {
             return;
         }
         while self.held_tokens + tokens.len() > self.max_tokens {
-            let Some((evicted, _)) = self.entries.pop_front() else { break };
+            let Some((evicted, sequence)) = self.entries.pop_front() else { break };
             self.held_tokens -= evicted.len();
+            self.held_bytes -= sequence.held_bytes();
         }
         self.held_tokens += tokens.len();
+        self.held_bytes += sequence.held_bytes();
         self.entries.push_back((tokens, sequence));
     }
 
@@ -84,6 +106,13 @@ fn shared_prefix(a: &[u32], b: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An entry of the tests: its name, and as many bytes as the name has.
+    impl Held for &str {
+        fn held_bytes(&self) -> usize {
+            self.len()
+        }
+    }
 
     fn tokens(range: std::ops::Range<u32>) -> Vec<u32> {
         range.collect()
@@ -141,10 +170,12 @@ mod tests {
         cache.put(tokens(100..140), "middle");
         cache.put(tokens(200..240), "newest");
         assert_eq!((cache.len(), cache.held_tokens()), (2, 80));
+        assert_eq!(cache.held_bytes(), "middle".len() + "newest".len());
         assert!(cache.take(&tokens(0..50)).is_none(), "evicted");
         assert_eq!(cache.take(&tokens(100..150)).unwrap().sequence, "middle");
+        assert_eq!(cache.held_bytes(), "newest".len(), "a taken entry is no longer held");
         cache.put(tokens(0..101), "larger than the whole cache");
-        assert_eq!(cache.len(), 1);
+        assert_eq!((cache.len(), cache.held_bytes()), (1, "newest".len()));
         let mut off = PromptCache::new(0);
         off.put(tokens(0..40), "never kept");
         assert_eq!(off.len(), 0);

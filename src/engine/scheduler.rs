@@ -88,6 +88,7 @@ pub struct WorkerStats {
     cancelled: AtomicU64,
     prompt_cache_hits: AtomicU64,
     prompt_tokens_reused: AtomicU64,
+    prompt_cache_bytes: AtomicUsize,
     /// Set by `abort_all`: everything running or queued ends with an error.
     aborted: AtomicBool,
 }
@@ -107,6 +108,8 @@ pub struct WorkerLoad {
     pub prompt_cache_hits: u64,
     /// Prompt tokens those generations did not run again.
     pub prompt_tokens_reused: u64,
+    /// Bytes of the KV caches the prompt cache holds now.
+    pub prompt_cache_bytes: usize,
 }
 
 impl WorkerStats {
@@ -118,6 +121,7 @@ impl WorkerStats {
             cancelled: self.cancelled.load(Ordering::Relaxed),
             prompt_cache_hits: self.prompt_cache_hits.load(Ordering::Relaxed),
             prompt_tokens_reused: self.prompt_tokens_reused.load(Ordering::Relaxed),
+            prompt_cache_bytes: self.prompt_cache_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -218,6 +222,7 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
         stats.queued.fetch_sub(1, Ordering::Relaxed);
         stats.active.fetch_add(1, Ordering::Relaxed);
         let generation = Generation::new(&runtime, job, cache);
+        stats.prompt_cache_bytes.store(cache.held_bytes(), Ordering::Relaxed);
         if generation.prefilled > 0 {
             stats.prompt_cache_hits.fetch_add(1, Ordering::Relaxed);
             stats.prompt_tokens_reused.fetch_add(generation.prefilled as u64, Ordering::Relaxed);
@@ -255,14 +260,18 @@ fn run_worker(runtime: ModelRuntime, queue: Receiver<Job>, limits: QueueLimits, 
         active.retain_mut(|generation| match generation.deliver() {
             Delivery::Delivered | Delivery::Waiting => true,
             Delivery::Ended(ending) => {
-                stats.active.fetch_sub(1, Ordering::Relaxed);
                 if let Some((tokens, mut sequence)) = generation.release() {
                     // Kept at its length: the cache's bound in tokens is then its bound in bytes.
                     match sequence.shrink_to_fit() {
-                        Ok(()) => cache.put(tokens, sequence),
+                        Ok(()) => {
+                            cache.put(tokens, sequence);
+                            stats.prompt_cache_bytes.store(cache.held_bytes(), Ordering::Relaxed);
+                        }
                         Err(error) => tracing::warn!(%error, "a finished sequence is not kept for reuse"),
                     }
                 }
+                // Counted out once the cache holds what it leaves behind.
+                stats.active.fetch_sub(1, Ordering::Relaxed);
                 match ending {
                     Ending::Finished => stats.finished.fetch_add(1, Ordering::Relaxed),
                     Ending::Cancelled => stats.cancelled.fetch_add(1, Ordering::Relaxed),

@@ -15,7 +15,13 @@ fn snapshot(models: &[(&str, CountersSnapshot)], nodes: &[(&str, CountersSnapsho
     };
     Snapshot {
         stats: StatsSnapshot { models: owned(models), nodes: owned(nodes) },
-        load: EngineLoad { in_flight: 1, queued: 2, prompt_cache_hits: 3, prompt_tokens_reused: 4 },
+        load: EngineLoad {
+            in_flight: 1,
+            queued: 2,
+            prompt_cache_hits: 3,
+            prompt_tokens_reused: 4,
+            prompt_cache_bytes: 5,
+        },
         resources: None,
         nodes_online: 2,
         models: 1,
@@ -143,6 +149,7 @@ fn names_types_and_help_are_those_clients_know() {
             "llmesh_requests_queued gauge",
             "llmesh_prompt_cache_hits_total counter",
             "llmesh_prompt_cache_tokens_reused_total counter",
+            "llmesh_prompt_cache_bytes gauge",
             "llmesh_node_cpu_percent gauge",
             "llmesh_node_memory_used_bytes gauge",
             "llmesh_node_memory_total_bytes gauge",
@@ -161,6 +168,7 @@ fn names_types_and_help_are_those_clients_know() {
     ));
     assert!(text.contains("\nllmesh_requests_queued 2\n"), "{text}");
     assert!(text.contains("\nllmesh_prompt_cache_hits_total 3\n"), "{text}");
+    assert!(text.contains("\nllmesh_prompt_cache_bytes 5\n"), "{text}");
     assert!(text.contains("\nllmesh_cluster_nodes_online 2\n"), "{text}");
 }
 

@@ -550,4 +550,8 @@ impl Sequence for DecoderSequence {
     fn shrink_to_fit(&mut self) -> Result<()> {
         self.cache.shrink_to_fit()
     }
+
+    fn held_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
 }

@@ -83,6 +83,17 @@ impl KvCache {
         Ok(())
     }
 
+    /// Bytes of every layer's buffers (their capacity, not only the filled positions).
+    pub fn bytes(&self) -> usize {
+        let elements: usize = self
+            .layers
+            .iter()
+            .flatten()
+            .map(|cache| cache.keys.elem_count() + cache.values.elem_count())
+            .sum();
+        elements * self.dtype.size_in_bytes()
+    }
+
     /// Append `keys` and `values` (`(kv_heads, new, head_dim)`, contiguous) to `layer` and return
     /// views of all its positions, `(kv_heads, len, head_dim)`.
     pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -178,8 +189,11 @@ mod tests {
             cache.append(layer, &rows(0, 3), &rows(0, 3)).unwrap();
         }
         cache.truncate(2);
+        assert_eq!(cache.bytes(), 2 * 2 * GROWTH * 2 * 4, "room for a first chunk");
         cache.shrink_to_fit().unwrap();
         assert_eq!((cache.capacity(0), cache.capacity(1), cache.len(1)), (2, 2, 2));
+        // Two layers, keys and values, one head of two dimensions over two positions, f32.
+        assert_eq!(cache.bytes(), 2 * 2 * 2 * 2 * 4);
         let (keys, values) = cache.append(1, &rows(7, 1), &rows(7, 1)).unwrap();
         assert_eq!(cache.capacity(1), GROWTH);
         let expected = vec![vec![0.0, -0.0], vec![1.0, -1.0], vec![7.0, -7.0]];

@@ -74,6 +74,9 @@ pub trait Sequence: Send {
 
     /// Release the room held beyond what the sequence holds (before it is kept for reuse).
     fn shrink_to_fit(&mut self) -> candle_core::Result<()>;
+
+    /// Bytes of memory its KV cache holds.
+    fn held_bytes(&self) -> usize;
 }
 
 /// A language model with what the engine needs to know about its file.

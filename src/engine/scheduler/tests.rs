@@ -48,6 +48,10 @@ impl Sequence for FakeSequence {
     fn shrink_to_fit(&mut self) -> candle_core::Result<()> {
         Ok(())
     }
+
+    fn held_bytes(&self) -> usize {
+        self.held
+    }
 }
 
 impl LanguageModel for RecordingModel {
