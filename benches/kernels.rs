@@ -4,7 +4,8 @@
 //! attention over a KV cache of 1024 positions in f16 and f32 (one decode step, and a prompt chunk
 //! of 64 tokens), shaped as SmolLM2's and gemma-3-270m's.
 //! Prints the median time per call and the weight bytes read per second; asserts nothing.
-//! `LLMESH_KERNELS=scalar|avx2|vnni` picks a variant, `LLMESH_THREADS` the threads.
+//! `LLMESH_KERNELS=scalar|avx2|vnni` picks a variant, `LLMESH_THREADS` the threads;
+//! `cargo bench --bench kernels -- attention` (or `matmul`, `activation`) runs one part.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -44,8 +45,24 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
 }
 
 fn main() -> candle_core::Result<()> {
+    let only = std::env::args().skip(1).find(|arg| !arg.starts_with('-'));
+    let runs = |part: &str| only.as_deref().is_none_or(|only| only == part);
     let kernels = Kernels::detect();
     println!("kernels: {:?}", kernels.variant);
+    if runs("matmul") {
+        matmuls(&kernels)?;
+    }
+    if runs("activation") {
+        activations();
+    }
+    if runs("attention") {
+        attention();
+    }
+    Ok(())
+}
+
+/// Each weight type's matmul against 1, 4 and 128 tokens.
+fn matmuls(kernels: &Kernels) -> candle_core::Result<()> {
     let weights = Tensor::from_vec(values(SIZE * SIZE, 1), (SIZE, SIZE), &Device::Cpu)?;
     for dtype in
         [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K]
@@ -59,7 +76,7 @@ fn main() -> candle_core::Result<()> {
         for tokens in [1, 4, 128] {
             let input = values(tokens * SIZE, 2);
             let mut out = vec![0.0f32; tokens * SIZE];
-            let seconds = median_seconds(|| matmul_fused(&kernels, &[&matrix], black_box(&input), &mut out));
+            let seconds = median_seconds(|| matmul_fused(kernels, &[&matrix], black_box(&input), &mut out));
             line += &format!(
                 "  {tokens} tokens {:.1} µs ({:.1} GB/s of weights, {:.2} µs/token)",
                 seconds * 1e6,
@@ -69,14 +86,17 @@ fn main() -> candle_core::Result<()> {
         }
         println!("{line}");
     }
+    Ok(())
+}
+
+/// The gated activations over 128 tokens.
+fn activations() {
     let fused = values(128 * 2 * SIZE, 3);
     let mut out = vec![0.0f32; 128 * SIZE];
     for activation in [GatedActivation::Silu, GatedActivation::GeluTanh] {
         let seconds = median_seconds(|| gated(activation, black_box(&fused), SIZE, &mut out));
         println!("{activation:?}, 128 tokens of {SIZE}: {:.1} µs", seconds * 1e6);
     }
-    attention();
-    Ok(())
 }
 
 /// One layer's attention over a filled cache of `POSITIONS`.

@@ -180,38 +180,94 @@ fn the_simd_builds_give_the_portable_bits() {
     if !simd::available_f16() {
         return;
     }
-    // 72 is four and a half registers of sixteen, and a block of 64 and one register: the
-    // dot's tail runs too; 100 also runs every tail of the weighted sum.
-    for head_dim in [72, 100] {
-        simd_and_portable_agree(&Case::new(3, 4, 2, head_dim, 5, 30, None, Some(20.0)));
+    let cases = [
+        // heads, kv_heads, head_dim, tokens, position, window, softcap
+        // 72 is four and a half registers of sixteen: the dot's tail runs, and the weighted
+        // sum's eight-wide tail; 100 also runs its last four one at a time.
+        (4, 2, 72, 5, 30, None, Some(20.0)),
+        (4, 2, 100, 5, 30, None, None),
+        // A decode step: grouped-query heads share blocks of three and of four.
+        (9, 3, 64, 1, 37, None, None),
+        (8, 2, 64, 1, 200, None, None),
+        // A prompt chunk: neighbouring tokens share blocks; positions not a multiple of eight.
+        (4, 1, 256, 11, 61, None, None),
+        (2, 2, 16, 9, 0, None, None),
+        // Sliding windows: rows in a block start at different positions, or share none.
+        (4, 1, 32, 12, 40, Some(6), None),
+        (4, 2, 32, 7, 3, Some(2), Some(30.0)),
+        (2, 1, 8, 5, 0, Some(1), None),
+        // Enough work to be spread over the pool.
+        (8, 2, 64, 48, 100, None, None),
+    ];
+    for (seed, (heads, kv_heads, head_dim, tokens, position, window, softcap)) in
+        cases.into_iter().enumerate()
+    {
+        let case = Case::new(seed as u64, heads, kv_heads, head_dim, tokens, position, window, softcap);
+        simd_and_portable_agree(&case, seed);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn simd_and_portable_agree(case: &Case) {
+fn simd_and_portable_agree(case: &Case, seed: usize) {
     let narrow = |values: &[f32]| values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
     let (keys_f16, values_f16) = (narrow(&case.keys), narrow(&case.values));
     let shape = &case.shape;
-    for token in 0..shape.tokens {
-        let head_dim = shape.head_dim;
-        let query = &case.queries[token * head_dim..][..head_dim];
-        let visible = || shape.visible(token);
-        let mut scores = vec![0.0; shape.positions()];
-        let mut run = |f: &mut dyn FnMut(&mut [f32], &mut [f32])| {
-            let mut out = vec![0.0; head_dim];
-            f(&mut scores, &mut out);
-            out
+    let run = |keys: &[f16], values: &[f16], simd: bool| {
+        let mut out = vec![f32::NAN; shape.tokens * shape.heads * shape.head_dim];
+        let kernel =
+            |shape: &AttentionShape, rows: &Rows<'_, f16>, scores: &mut [f32], outs: &mut Outs<'_>| {
+                if simd {
+                    // SAFETY: the caller checked `available_f16()`.
+                    unsafe { simd::attend_rows_f16(shape, rows, scores, outs) }
+                } else {
+                    attend_rows_portable(shape, rows, scores, outs)
+                }
+            };
+        attend_with(shape, &case.queries, keys, values, case.kv_stride, &mut out, kernel);
+        out
+    };
+    let simd = run(&keys_f16, &values_f16, true);
+    assert!(simd.iter().all(|value| value.is_finite()), "case {seed}: every output written");
+    assert_eq!(bits(&simd), bits(&run(&keys_f16, &values_f16, false)), "case {seed}: f16 cache");
+    // The f32 cache's build (the portable code compiled for AVX2) against the portable code.
+    let mut out = vec![0.0; simd.len()];
+    let portable_f32 =
+        |shape: &AttentionShape, rows: &Rows<'_, f32>, scores: &mut [f32], outs: &mut Outs<'_>| {
+            attend_rows_portable(shape, rows, scores, outs)
         };
-        let f32_row = || Row { query, keys: &case.keys[..], values: &case.values[..], visible: visible() };
-        let f16_row = || Row { query, keys: &keys_f16[..], values: &values_f16[..], visible: visible() };
-        // SAFETY: the caller checked `available_f16()` (which implies `available()`).
-        let simd_f32 = run(&mut |scores, out| unsafe { simd::attend_row_f32(shape, f32_row(), scores, out) });
-        let portable_f32 = run(&mut |scores, out| attend_row_portable(shape, f32_row(), scores, out));
-        assert_eq!(bits(&simd_f32), bits(&portable_f32), "f32 cache, token {token}");
-        // SAFETY: as above.
-        let simd_f16 = run(&mut |scores, out| unsafe { simd::attend_row_f16(shape, f16_row(), scores, out) });
-        let portable_f16 = run(&mut |scores, out| attend_row_portable(shape, f16_row(), scores, out));
-        assert_eq!(bits(&simd_f16), bits(&portable_f16), "f16 cache, token {token}");
+    attend_with(shape, &case.queries, &case.keys, &case.values, case.kv_stride, &mut out, portable_f32);
+    assert_eq!(bits(&case.run()), bits(&out), "case {seed}: f32 cache");
+}
+
+/// `exp` within a few ulp of the exact value over the softmax's range, and its SIMD build
+/// giving its bits, NaN and the ends of the range included.
+#[test]
+fn exp_is_close_to_the_exact_value() {
+    let mut worst = 0.0f64;
+    for step in 0..=200_000 {
+        let x = -87.0 + 87.0 * step as f32 / 200_000.0;
+        let exact = f64::from(x).exp();
+        worst = worst.max(((f64::from(exp(x)) - exact) / exact).abs());
+    }
+    assert!(worst < 4.0 * f64::from(f32::EPSILON), "relative error {worst}");
+    assert_eq!(exp(0.0), 1.0);
+    assert_eq!(exp(-1000.0), exp(-87.0));
+    assert_eq!(exp(f32::NAN), exp(-87.0));
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        let inputs: Vec<f32> = Random(11)
+            .floats(4096, 90.0)
+            .into_iter()
+            .chain([0.0, -0.0, -87.0, 88.0, -1000.0, 1000.0, f32::NAN, f32::NEG_INFINITY])
+            .collect();
+        for eight in inputs.chunks_exact(8) {
+            let mut got = [0.0f32; 8];
+            // SAFETY: `available()` was checked; `eight` and `got` hold eight f32.
+            unsafe { simd::exp8_into(eight, &mut got) };
+            for (x, got) in eight.iter().zip(got) {
+                assert_eq!(got.to_bits(), exp(*x).to_bits(), "e^{x}");
+            }
+        }
     }
 }
 
