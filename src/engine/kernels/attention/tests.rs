@@ -186,9 +186,13 @@ fn the_simd_builds_give_the_portable_bits() {
         // sum's eight-wide tail; 100 also runs its last four one at a time.
         (4, 2, 72, 5, 30, None, Some(20.0)),
         (4, 2, 100, 5, 30, None, None),
-        // A decode step: grouped-query heads share blocks of three and of four.
+        // A decode step: grouped-query heads share blocks of three and of four, two, or none
+        // (one row: its sums sixty-four dimensions at a time).
         (9, 3, 64, 1, 37, None, None),
         (8, 2, 64, 1, 200, None, None),
+        (4, 2, 72, 1, 45, None, None),
+        (4, 4, 100, 1, 50, None, None),
+        (2, 2, 256, 1, 40, None, None),
         // A prompt chunk: neighbouring tokens share blocks; positions not a multiple of eight.
         (4, 1, 256, 11, 61, None, None),
         (2, 2, 16, 9, 0, None, None),
